@@ -1,0 +1,184 @@
+"""The `specplan` command: hardware and model catalogues, simulate, optimize, profile.
+
+Results go to stdout (a Rich table, or JSON with --json); progress and errors to stderr.
+Every error a user can fix is one line naming the file, field and expected form.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SpecplanError
+from .units import fmt_bytes, fmt_count, parse_bytes
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan, simulate and run offloaded speculative LLM inference on one small GPU.")
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+PcieOpt = Annotated[Optional[str], typer.Option("--pcie", help="Swap the host link: 3, 4, 5 or a link name in hwprofiles/parts.json.")]
+HostOpt = Annotated[Optional[str], typer.Option("--host", help="Swap the host part: 'workstation' or 'server'.")]
+HostMemOpt = Annotated[Optional[str], typer.Option("--host-mem", help="Host memory, e.g. 256GB.")]
+GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Cap usable GPU memory, e.g. 24GiB.")]
+
+
+def profile_from_flags(gpu: str, pcie: str | None = None, host: str | None = None,
+                       host_mem: str | None = None, gpu_mem: str | None = None):
+    from .hardware import load_profile
+
+    return load_profile(
+        gpu, pcie=pcie, host=host,
+        host_memory_bytes=parse_bytes(host_mem, "argument", "--host-mem") if host_mem else None,
+        gpu_memory_bytes=parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
+    )
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+@app.command()
+def hardware(
+    name: Annotated[Optional[str], typer.Argument(help="Shipped profile name or a profile JSON file; omit to list.")] = None,
+    pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the shipped hardware profiles, or show one (optionally composed with other parts)."""
+    from .hardware import load_profile, shipped_names
+
+    if name is None:
+        profiles = [load_profile(n) for n in shipped_names()]
+        if as_json:
+            return print_json([p.to_dict() for p in profiles])
+        t = Table(title="Shipped hardware profiles (datasheet unless measured)")
+        for col in ("name", "GPU", "memory", "bf16 TFLOP/s", "HBM GB/s", "link", "H2D pinned GB/s", "host", "kind"):
+            t.add_column(col)
+        for p in profiles:
+            t.add_row(p.name, p.gpu.name, fmt_bytes(p.gpu.memory_bytes), f"{p.gpu.flops_per_s('bfloat16') / 1e12:.1f}",
+                      f"{p.gpu.memory_bandwidth_bytes_per_s / 1e9:.0f}", p.link.name,
+                      f"{p.link.h2d_pinned.bytes_per_s / 1e9:.1f}", p.host.name, p.provenance.kind)
+        out.print(t)
+        return
+    p = profile_from_flags(name, pcie, host, host_mem, gpu_mem)
+    if as_json:
+        return print_json(p.to_dict())
+    t = Table(title=f"Hardware profile {p.name} ({p.provenance.kind})", show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    g, lk, h = p.gpu, p.link, p.host
+    rows = [
+        ("GPU", g.name), ("GPU memory", fmt_bytes(g.memory_bytes)),
+        *[(f"peak {k}", f"{v / 1e12:.1f} TFLOP/s") for k, v in g.peak_flops_per_s.items()],
+        ("GPU memory bandwidth", f"{g.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s"),
+        ("matmul / bandwidth efficiency", f"{g.matmul_efficiency:.2f} / {g.bandwidth_efficiency:.2f}"),
+        ("link", lk.name),
+        *[(k.replace("_", " "), f"{getattr(lk, k).bytes_per_s / 1e9:.1f} GB/s + {getattr(lk, k).latency_s * 1e6:.0f} us")
+          for k in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")],
+        ("duplex factor", f"{lk.duplex_factor:.2f}"), ("disk read", f"{lk.disk_read_bytes_per_s / 1e9:.1f} GB/s"),
+        ("host", h.name), ("host memory", fmt_bytes(h.memory_bytes)), ("host cores", str(h.cores)),
+        *[(f"host matmul {k}", f"{v / 1e12:.2f} TFLOP/s") for k, v in h.matmul_flops_per_s.items()],
+        ("host memory bandwidth", f"{h.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s"),
+        ("kernel tables", ", ".join(p.kernels) or "none (roofline from peaks)"),
+        ("sources", "\n".join(p.provenance.sources)), ("notes", p.provenance.notes),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+
+
+@app.command()
+def models(
+    name: Annotated[Optional[str], typer.Argument(help="Preset name, model directory or config.json; omit to list.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Override the dtype: bfloat16, float16, float32, int8, int4.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the model presets, or show one model's shapes and byte breakdown."""
+    from .models import ModelSpec, preset_names
+
+    if name is None:
+        specs = [ModelSpec.from_preset(n) for n in preset_names()]
+        if dtype:
+            specs = [s.with_dtype(dtype) for s in specs]
+        if as_json:
+            return print_json([s.to_dict() for s in specs])
+        t = Table(title="Model presets")
+        for col in ("name", "arch", "params", "layers", "hidden", "experts", "dtype", "weights", "KV / token"):
+            t.add_column(col)
+        for s in specs:
+            t.add_row(s.name, s.arch, fmt_count(s.total_params), str(s.layers), str(s.hidden),
+                      f"{s.experts} (top {s.top_k})" if s.is_moe else "dense", s.dtype, fmt_bytes(s.total_bytes),
+                      fmt_bytes(s.kv_bytes_per_token))
+        out.print(t)
+        return
+    s = ModelSpec.resolve(name)
+    if dtype:
+        s = s.with_dtype(dtype)
+    if as_json:
+        return print_json(s.to_dict())
+    t = Table(title=f"{s.name} ({s.arch}, {s.dtype})", show_header=False)
+    t.add_column("field")
+    t.add_column("value")
+    lb = s.layer_bytes
+    rows = [
+        ("parameters", f"{fmt_count(s.total_params)} ({s.total_params:,})"),
+        ("active parameters / token", fmt_count(s.active_params_per_token)),
+        ("layers / hidden / FFN inner", f"{s.layers} / {s.hidden} / {s.ffn_inner}"),
+        ("heads / KV heads / head dim", f"{s.heads} / {s.kv_heads} / {s.head_dim}"),
+        ("experts", f"{s.experts}, top {s.top_k}" if s.is_moe else "dense MLP"),
+        ("vocab", str(s.vocab)),
+        ("attention / layer", fmt_bytes(lb.attention)),
+        ("router / layer", fmt_bytes(lb.router)),
+        ("one expert" if s.is_moe else "MLP / layer", fmt_bytes(lb.expert)),
+        ("all experts / layer" if s.is_moe else "FFN / layer", fmt_bytes(lb.ffn)),
+        ("norms / layer", fmt_bytes(lb.norms)),
+        ("one layer", fmt_bytes(lb.total)),
+        ("attention, whole model", fmt_bytes(lb.attention * s.layers)),
+        ("embedding", fmt_bytes(s.embed_bytes)),
+        ("lm_head", fmt_bytes(s.lm_head_bytes) + (" (tied)" if s.tie_embeddings else "")),
+        ("total weights", fmt_bytes(s.total_bytes)),
+        ("KV cache / token", fmt_bytes(s.kv_bytes_per_token)),
+        ("FLOPs / token (no context)", fmt_count(s.flops_per_token(0))),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+
+
+def _register_subcommands() -> None:
+    """Commands whose code lives in the subpackages (imported lazily: torch is slow to import)."""
+    from .commands import register
+
+    register(app)
+
+
+def main() -> None:
+    _register_subcommands()
+    try:
+        app(standalone_mode=False)
+    except SpecplanError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Registers the commands implemented in the subpackages onto the `specplan` app."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,186 @@
+"""Cost primitives: the one source of truth for every formula the planner, the simulator
+and the runtime's report use. Times in seconds, sizes in bytes, rates per second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .hardware import CopyPath, HardwareProfile
+from .models import ModelSpec
+
+LOGITS_CHUNK_TOKENS = 1024  # the runtime computes the LM head over at most this many tokens at once
+
+# ---- speculative decoding --------------------------------------------------------------
+
+
+def expected_accepted_tokens(alpha: float, gamma: int) -> float:
+    """Expected tokens a row gains per verification round with gamma drafted tokens and
+    per-token acceptance alpha, counting the target's own correction/bonus token:
+    E = (1 - alpha^(gamma+1)) / (1 - alpha)   (Leviathan et al., 2023)."""
+    if gamma < 0 or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"need gamma >= 0 and alpha in [0, 1], got gamma={gamma}, alpha={alpha}")
+    if alpha == 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def expected_accepted_tokens_table(rates: Sequence[float]) -> float:
+    """Same as above with position-dependent acceptance a_1..a_gamma (each conditional on the
+    earlier ones): E = 1 + sum_i prod_{j<=i} a_j. Equals the closed form when all a_j = alpha."""
+    total, survive = 1.0, 1.0
+    for a in rates:
+        survive *= a
+        total += survive
+    return total
+
+
+# ---- mixture of experts ----------------------------------------------------------------------
+
+
+def expected_experts_touched(tokens: float, experts: int, top_k: int) -> float:
+    """Expected number of distinct experts hit when `tokens` tokens each route to top_k of
+    `experts` experts uniformly: n * (1 - (1 - k/n)^t)."""
+    if experts <= 1:
+        return float(experts)
+    return experts * (1.0 - (1.0 - top_k / experts) ** max(tokens, 0.0))
+
+
+# ---- data movement -----------------------------------------------------------------------------
+
+
+def transfer_time_s(nbytes: float, path: CopyPath, *, duplex_factor: float = 1.0) -> float:
+    """Copy time of one transfer: latency + bytes / bandwidth. `duplex_factor` < 1 when the
+    opposite direction is busy at the same time."""
+    if nbytes <= 0:
+        return 0.0
+    return path.latency_s + nbytes / (path.bytes_per_s * duplex_factor)
+
+
+def h2d_time_s(profile: HardwareProfile, nbytes: float, *, pinned: bool = True) -> float:
+    return transfer_time_s(nbytes, profile.link.path("h2d", pinned))
+
+
+def d2h_time_s(profile: HardwareProfile, nbytes: float, *, pinned: bool = True) -> float:
+    return transfer_time_s(nbytes, profile.link.path("d2h", pinned))
+
+
+def disk_read_time_s(profile: HardwareProfile, nbytes: float) -> float:
+    return nbytes / profile.link.disk_read_bytes_per_s if nbytes > 0 else 0.0
+
+
+# ---- compute ------------------------------------------------------------------------------------
+
+
+def roofline_time_s(flops: float, nbytes: float, flops_per_s: float, bytes_per_s: float) -> float:
+    """Lower bound of a kernel's time: limited by compute or by memory traffic."""
+    return max(flops / flops_per_s, nbytes / bytes_per_s)
+
+
+def gpu_kernel_time_s(profile: HardwareProfile, flops: float, nbytes: float, dtype: str) -> float:
+    g = profile.gpu
+    return g.kernel_launch_s + roofline_time_s(
+        flops, nbytes, g.flops_per_s(dtype) * g.matmul_efficiency, g.memory_bandwidth_bytes_per_s * g.bandwidth_efficiency)
+
+
+def cpu_kernel_time_s(profile: HardwareProfile, flops: float, nbytes: float, dtype: str) -> float:
+    h = profile.host
+    return roofline_time_s(flops, nbytes, h.flops_per_s(dtype), h.memory_bandwidth_bytes_per_s * h.attention_efficiency)
+
+
+def _table_or(profile: HardwareProfile, op: str, point: tuple[float, ...], fallback: float) -> float:
+    table = profile.kernel(op)
+    return table(*point) if table is not None else fallback
+
+
+def ffn_op_name(model: ModelSpec, device: str) -> str:
+    """Kernel-table key for one expert / dense MLP of this shape (the profiler writes the same key)."""
+    return f"{device}_ffn:h{model.hidden}:f{model.ffn_inner}:{model.dtype}"
+
+
+def attn_proj_op_name(model: ModelSpec, device: str) -> str:
+    return f"{device}_attn_proj:h{model.hidden}:q{model.heads * model.head_dim}:kv{model.kv_heads * model.head_dim}:{model.dtype}"
+
+
+def attention_op_name(model: ModelSpec, device: str) -> str:
+    return f"{device}_attention:q{model.heads}:kv{model.kv_heads}:d{model.head_dim}:{model.dtype}"
+
+
+def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
+    """One layer's FFN for `tokens` tokens: dense MLP, or each touched expert over its share."""
+    if tokens <= 0:
+        return 0.0
+    b = model.layer_bytes
+    if model.is_moe:
+        touched = expected_experts_touched(tokens, model.experts, model.top_k)
+        per_expert_tokens = tokens * model.top_k / touched
+        one = _ffn_one(profile, model, per_expert_tokens, device, b.expert)
+        return touched * one
+    return _ffn_one(profile, model, tokens, device, b.expert)
+
+
+def _ffn_one(profile: HardwareProfile, model: ModelSpec, tokens: float, device: str, weight_bytes: float) -> float:
+    flops = 2.0 * model.expert_params * tokens
+    act_bytes = tokens * (2 * model.hidden + 2 * model.ffn_inner) * model.dtype_bytes
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    fallback = kernel(profile, flops, weight_bytes + act_bytes, model.dtype)
+    return _table_or(profile, ffn_op_name(model, device), (tokens,), fallback)
+
+
+def attn_proj_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
+    """Q, K, V and O projections (plus router and norms, which are small) for `tokens` tokens."""
+    if tokens <= 0:
+        return 0.0
+    params = model.attention_params_per_layer + model.router_params_per_layer
+    flops = 2.0 * params * tokens
+    nbytes = params * model.dtype_bytes + tokens * 4 * model.hidden * model.dtype_bytes
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    return _table_or(profile, attn_proj_op_name(model, device), (tokens,), kernel(profile, flops, nbytes, model.dtype))
+
+
+def attention_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float,
+                     *, device: str = "cpu") -> float:
+    """Scaled dot-product attention of one layer: `rows` sequences, `q_len` new tokens each,
+    attending to `context` cached tokens. Decode attention is bound by reading the KV cache."""
+    if rows <= 0 or q_len <= 0:
+        return 0.0
+    flops = 4.0 * rows * q_len * context * model.heads * model.head_dim
+    kv_bytes = rows * context * model.kv_bytes_per_token_per_layer
+    io_bytes = kv_bytes + rows * q_len * 2 * model.heads * model.head_dim * model.dtype_bytes
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    fallback = kernel(profile, flops, io_bytes, model.dtype)
+    return _table_or(profile, attention_op_name(model, device), (rows, q_len, context), fallback)
+
+
+def lm_head_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
+    if tokens <= 0:
+        return 0.0
+    params = model.vocab * model.hidden
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    return kernel(profile, 2.0 * params * tokens, params * model.dtype_bytes, model.dtype)
+
+
+def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
+    """One forward step of a model held entirely on the GPU (the draft): every layer's
+    projections, attention against its GPU KV cache, FFN, then the LM head."""
+    tokens = rows * q_len
+    per_layer = (attn_proj_time_s(profile, model, tokens) + attention_time_s(profile, model, rows, q_len, context, device="gpu")
+                 + ffn_time_s(profile, model, tokens))
+    return model.layers * per_layer + lm_head_time_s(profile, model, tokens)
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(model: ModelSpec, rows: int, tokens: int) -> float:
+    """KV cache preallocated for `rows` sequences of up to `tokens` tokens each."""
+    return rows * tokens * model.kv_bytes_per_token
+
+
+def activation_bytes(model: ModelSpec, tokens: int) -> float:
+    """Peak working set of one layer's forward for `tokens` tokens: the hidden state, the
+    residual, Q/K/V/attention output and the FFN intermediate (gate and up) held at once."""
+    per_token = (3 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim
+                 + 2 * model.ffn_inner * (model.top_k if model.is_moe else 1))
+    logits = min(tokens, LOGITS_CHUNK_TOKENS) * model.vocab * 4  # fp32 logits, computed in chunks
+    return tokens * per_token * model.dtype_bytes + logits

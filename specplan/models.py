@@ -1,0 +1,270 @@
+"""ModelSpec: the shapes of a decoder-only transformer and the bytes and FLOPs they imply.
+
+Built from a Hugging Face ``config.json`` (read as plain JSON, so it works offline) or
+from a preset name; presets ship as config files in ``specplan/presets/models/``.
+Covers the Llama / Mistral / Qwen2 dense family and the Mixtral MoE family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, UnknownNameError, require
+from .fileio import read_json
+
+DTYPE_BYTES: dict[str, float] = {
+    "float32": 4, "fp32": 4,
+    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
+    "int8": 1, "fp8": 1,
+    "int4": 0.5,
+}
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes of one transformer layer's tensor groups at the spec's dtype."""
+
+    attention: float  # q, k, v, o projections (and their biases)
+    router: float  # MoE gate; 0 for dense layers
+    expert: float  # one expert, or the dense MLP
+    experts: int  # experts per layer (1 for dense)
+    norms: float
+
+    @property
+    def ffn(self) -> float:
+        return self.expert * self.experts
+
+    @property
+    def total(self) -> float:
+        return self.attention + self.router + self.ffn + self.norms
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_inner: int
+    vocab: int
+    experts: int = 1  # 1 = dense MLP
+    top_k: int = 1
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    dtype: str = "bfloat16"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_positions: int = 4096
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], name: str = "", source: str = "config.json") -> "ModelSpec":
+        arch = (cfg.get("architectures") or [None])[0] or _arch_from_model_type(cfg.get("model_type"), source)
+        require(arch in SUPPORTED_ARCHS, source, "architectures", f"'{arch}' is not supported", " or ".join(SUPPORTED_ARCHS))
+        get = lambda key, default=None: cfg.get(key, default)  # noqa: E731
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+            v = get(key)
+            require(isinstance(v, int) and v > 0, source, key, f"got {v!r}", "a positive integer")
+        heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // heads
+        experts = get("num_local_experts", 1) if arch == "MixtralForCausalLM" else 1
+        top_k = get("num_experts_per_tok", 2) if arch == "MixtralForCausalLM" else 1
+        dtype = str(get("torch_dtype") or get("dtype") or "bfloat16").replace("torch.", "")
+        spec = cls(
+            name=name or cfg.get("_name_or_path", "") or arch,
+            arch=arch,
+            layers=get("num_hidden_layers"),
+            hidden=get("hidden_size"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            ffn_inner=get("intermediate_size"),
+            vocab=get("vocab_size"),
+            experts=experts,
+            top_k=top_k,
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
+            dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            rope_theta=float(get("rope_theta", 10000.0)),
+            max_positions=int(get("max_position_embeddings", 4096)),
+            hf_config=dict(cfg),
+        )
+        spec.validate(source)
+        return spec
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str = "") -> "ModelSpec":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        cfg = read_json(path)
+        if not isinstance(cfg, dict):
+            raise InputError(str(path), "top level", "is not a JSON object", "a HF config.json")
+        return cls.from_hf_config(cfg, name=name or path.parent.name, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelSpec":
+        key = name.lower()
+        presets = preset_names()
+        if key not in presets:
+            raise UnknownNameError("model", name, presets)
+        text = resources.files("specplan").joinpath(f"presets/models/{key}.json").read_text()
+        return cls.from_hf_config(json.loads(text), name=key, source=f"preset {key}")
+
+    @classmethod
+    def resolve(cls, name_or_path: str) -> "ModelSpec":
+        """A preset name, a directory with config.json, or a config.json path."""
+        p = Path(name_or_path)
+        if p.exists():
+            return cls.from_file(p)
+        return cls.from_preset(name_or_path)
+
+    def with_dtype(self, dtype: str) -> "ModelSpec":
+        require(dtype in DTYPE_BYTES, "argument", "dtype", f"'{dtype}' is unknown", ", ".join(DTYPE_BYTES))
+        return replace(self, dtype=dtype)
+
+    def validate(self, source: str) -> None:
+        require(self.heads % self.kv_heads == 0, source, "num_key_value_heads",
+                f"{self.kv_heads} does not divide num_attention_heads={self.heads}", "a divisor of the head count")
+        require(1 <= self.top_k <= self.experts, source, "num_experts_per_tok",
+                f"{self.top_k} with {self.experts} experts", "1 <= top_k <= num_local_experts")
+
+    # ---- derived sizes ----------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def dtype_bytes(self) -> float:
+        return DTYPE_BYTES[self.dtype]
+
+    @cached_property
+    def attention_params_per_layer(self) -> int:
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return q + kv + o + bias
+
+    @property
+    def router_params_per_layer(self) -> int:
+        return self.hidden * self.experts if self.is_moe else 0
+
+    @property
+    def expert_params(self) -> int:
+        """One expert (gate, up, down projections), or the dense MLP."""
+        return 3 * self.hidden * self.ffn_inner
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * self.hidden
+
+    @property
+    def params_per_layer(self) -> int:
+        return (self.attention_params_per_layer + self.router_params_per_layer
+                + self.expert_params * self.experts + self.norm_params_per_layer)
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.layers * self.params_per_layer + self.embed_params + self.lm_head_params + self.hidden
+
+    @property
+    def active_params_per_token(self) -> int:
+        """Parameters one token multiplies through (top_k experts, not all), excluding the embedding lookup."""
+        per_layer = (self.attention_params_per_layer + self.router_params_per_layer
+                     + self.expert_params * self.top_k + self.norm_params_per_layer)
+        return self.layers * per_layer + self.vocab * self.hidden
+
+    @property
+    def layer_bytes(self) -> LayerBytes:
+        b = self.dtype_bytes
+        return LayerBytes(
+            attention=self.attention_params_per_layer * b,
+            router=self.router_params_per_layer * b,
+            expert=self.expert_params * b,
+            experts=self.experts,
+            norms=self.norm_params_per_layer * b,
+        )
+
+    @property
+    def embed_bytes(self) -> float:
+        return self.embed_params * self.dtype_bytes
+
+    @property
+    def lm_head_bytes(self) -> float:
+        return self.lm_head_params * self.dtype_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.total_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """K and V of one token across all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> float:
+        return self.kv_bytes_per_token / self.layers
+
+    def flops_per_token(self, context: int = 0) -> float:
+        """Forward FLOPs for one token attending to `context` earlier tokens (2 FLOPs per multiply-add)."""
+        matmul = 2 * self.active_params_per_token
+        attention = 4 * self.layers * self.heads * self.head_dim * context
+        return matmul + attention
+
+    def byte_breakdown(self) -> dict[str, float]:
+        lb = self.layer_bytes
+        return {
+            "attention_per_layer_bytes": lb.attention,
+            "router_per_layer_bytes": lb.router,
+            "expert_bytes": lb.expert,
+            "ffn_per_layer_bytes": lb.ffn,
+            "norms_per_layer_bytes": lb.norms,
+            "layer_bytes": lb.total,
+            "embed_bytes": self.embed_bytes,
+            "lm_head_bytes": self.lm_head_bytes,
+            "total_bytes": self.total_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("hf_config")
+        d["total_params"] = self.total_params
+        d["active_params_per_token"] = self.active_params_per_token
+        d["flops_per_token"] = self.flops_per_token(0)
+        d["bytes"] = self.byte_breakdown()
+        return d
+
+
+def _arch_from_model_type(model_type: str | None, source: str) -> str:
+    table = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+             "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    if model_type not in table:
+        raise InputError(source, "model_type", f"'{model_type}' is not supported", ", ".join(table))
+    return table[model_type]
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("specplan").joinpath("presets/models")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))

@@ -1,0 +1,50 @@
+"""Parsing and printing sizes. SI units everywhere: 1 GB = 1e9 bytes, 1 GiB = 2**30 bytes."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int | float, source: str = "argument", field: str = "size") -> int:
+    """'256GB' -> 256e9, '24GiB' -> 24*2**30, 1e9 -> 1e9. Negative or unknown units raise InputError."""
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InputError(source, field, f"'{text}' is not a size", "a number with an optional unit, e.g. 256GB or 24GiB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if value < 0:
+        raise InputError(source, field, f"negative size {text}", "a size >= 0")
+    return int(round(value * _UNITS[unit]))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,99 @@
+"""Workload: what the user wants generated, and how well the draft predicts the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError, require
+from .fileio import read_json
+
+SAMPLING_MODES = ("greedy", "sampling")
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_lens: tuple[int, ...]  # one entry, or one per prompt (cycled over num_prompts)
+    gen_len: int
+    num_prompts: int
+    # Probability that the target accepts a drafted token: one rate for every position,
+    # or a per-position table a_1..a_n (conditional on all earlier ones being accepted).
+    acceptance: float | tuple[float, ...] = 0.7
+    sampling: str = "greedy"
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate("workload")
+
+    @classmethod
+    def make(cls, prompt_len: int | list[int] = 512, gen_len: int = 128, num_prompts: int = 512,
+             acceptance: float | list[float] = 0.7, sampling: str = "greedy", temperature: float = 1.0,
+             seed: int = 0, source: str = "workload") -> "Workload":
+        lens = tuple(prompt_len) if isinstance(prompt_len, (list, tuple)) else (prompt_len,)
+        acc = tuple(_rate(a) for a in acceptance) if isinstance(acceptance, (list, tuple)) else _rate(acceptance)
+        try:
+            return cls(lens, gen_len, num_prompts, acc, sampling, temperature, seed)
+        except InputError as e:  # re-attribute to where the values came from
+            raise InputError(source, e.field, e.problem, e.expected) from None
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> "Workload":
+        if not isinstance(d, dict):
+            raise InputError(source, "workload", "is not an object", "a JSON object")
+        known = {"prompt_len", "prompt_lens", "gen_len", "num_prompts", "acceptance", "sampling", "temperature", "seed"}
+        unknown = set(d) - known
+        require(not unknown, source, ", ".join(sorted(unknown)), "unknown field", ", ".join(sorted(known)))
+        prompt = d.get("prompt_lens", d.get("prompt_len", 512))
+        return cls.make(prompt, d.get("gen_len", 128), d.get("num_prompts", 512), d.get("acceptance", 0.7),
+                        d.get("sampling", "greedy"), d.get("temperature", 1.0), d.get("seed", 0), source=source)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Workload":
+        return cls.from_dict(read_json(path), path)
+
+    def validate(self, source: str) -> None:
+        require(len(self.prompt_lens) > 0, source, "prompt_len", "is empty", "a positive integer or a list of them")
+        for n in self.prompt_lens:
+            require(isinstance(n, int) and not isinstance(n, bool) and n > 0, source, "prompt_len",
+                    f"got {n!r}", "positive integers")
+        for key in ("gen_len", "num_prompts"):
+            v = getattr(self, key)
+            require(isinstance(v, int) and not isinstance(v, bool) and v > 0, source, key, f"got {v!r}", "a positive integer")
+        rates = self.acceptance if isinstance(self.acceptance, tuple) else (self.acceptance,)
+        require(len(rates) > 0, source, "acceptance", "is empty", "a rate in [0, 1] or a list of them")
+        for a in rates:
+            require(isinstance(a, float) and 0.0 <= a <= 1.0, source, "acceptance", f"got {a!r}", "a rate in [0, 1]")
+        require(self.sampling in SAMPLING_MODES, source, "sampling", f"got {self.sampling!r}", " or ".join(SAMPLING_MODES))
+        require(self.temperature > 0, source, "temperature", f"got {self.temperature!r}", "a number > 0")
+
+    @property
+    def mean_prompt_len(self) -> float:
+        return sum(self.prompt_lens) / len(self.prompt_lens)
+
+    @property
+    def max_prompt_len(self) -> int:
+        return max(self.prompt_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_prompt_len + self.gen_len
+
+    def prompt_len_of(self, i: int) -> int:
+        return self.prompt_lens[i % len(self.prompt_lens)]
+
+    def acceptance_rates(self, gamma: int) -> tuple[float, ...]:
+        """Per-position acceptance a_1..a_gamma (the last table entry repeats past its end)."""
+        if isinstance(self.acceptance, float):
+            return (self.acceptance,) * gamma
+        t = self.acceptance
+        return tuple(t[min(i, len(t) - 1)] for i in range(gamma))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_lens": list(self.prompt_lens), "gen_len": self.gen_len, "num_prompts": self.num_prompts,
+                "acceptance": list(self.acceptance) if isinstance(self.acceptance, tuple) else self.acceptance,
+                "sampling": self.sampling, "temperature": self.temperature, "seed": self.seed}
+
+
+def _rate(a: Any) -> Any:
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
