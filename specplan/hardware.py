@@ -77,6 +77,7 @@ class GpuSpec:
     matmul_efficiency: float  # fraction of peak a large GEMM reaches (roofline fallback only)
     bandwidth_efficiency: float  # fraction of memory bandwidth a streaming kernel reaches
     kernel_launch_s: float  # fixed cost per kernel, dominates tiny decode steps
+    reserved_bytes: float  # CUDA context, allocator slack: memory a plan may not use
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "GpuSpec":
@@ -92,6 +93,7 @@ class GpuSpec:
             matmul_efficiency=_fraction(d, "matmul_efficiency", source, w),
             bandwidth_efficiency=_fraction(d, "bandwidth_efficiency", source, w),
             kernel_launch_s=_num(d, "kernel_launch_s", source, w, positive=False),
+            reserved_bytes=_num(d, "reserved_bytes", source, w, positive=False),
         )
 
     def flops_per_s(self, dtype: str) -> float:
@@ -146,6 +148,7 @@ class HostSpec:
     matmul_flops_per_s: dict  # dtype -> FLOP/s of a large GEMM on all cores
     memory_bandwidth_bytes_per_s: float
     attention_efficiency: float  # fraction of memory bandwidth CPU decode attention reaches
+    pinned_fraction: float  # share of memory_bytes that may be page-locked
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "HostSpec":
@@ -160,6 +163,7 @@ class HostSpec:
             matmul_flops_per_s=dict(flops),
             memory_bandwidth_bytes_per_s=_num(d, "memory_bandwidth_bytes_per_s", source, w),
             attention_efficiency=_fraction(d, "attention_efficiency", source, w),
+            pinned_fraction=_fraction(d, "pinned_fraction", source, w),
         )
 
     def flops_per_s(self, dtype: str) -> float:

@@ -1,0 +1,123 @@
+"""Memory a plan needs on the GPU and on the host: one formula shared by the planner's
+constraints, the simulator's memory containers and the runtime's refusal check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cost import activation_bytes, kv_cache_bytes
+from .hardware import HardwareProfile
+from .models import ModelSpec
+from .plan import Placement, Schedule
+from .units import fmt_bytes
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    gpu: dict  # component -> bytes
+    host: dict  # component -> bytes (pinned and pageable)
+    pinned: dict  # the page-locked subset of host
+
+    @property
+    def gpu_bytes(self) -> float:
+        return sum(self.gpu.values())
+
+    @property
+    def host_bytes(self) -> float:
+        return sum(self.host.values())
+
+    @property
+    def pinned_bytes(self) -> float:
+        return sum(self.pinned.values())
+
+    def violations(self, profile: HardwareProfile) -> list[str]:
+        """Each limit the plan exceeds, as 'what: needs X, has Y' (empty when it fits)."""
+        out = []
+        gpu_cap = profile.gpu.memory_bytes - profile.gpu.reserved_bytes
+        if self.gpu_bytes > gpu_cap:
+            top = max(self.gpu, key=self.gpu.get)
+            out.append(f"GPU memory: needs {fmt_bytes(self.gpu_bytes)}, has {fmt_bytes(gpu_cap)} "
+                       f"after {fmt_bytes(profile.gpu.reserved_bytes)} reserved (largest part: {top} {fmt_bytes(self.gpu[top])})")
+        if self.host_bytes > profile.host.memory_bytes:
+            top = max(self.host, key=self.host.get)
+            out.append(f"host memory: needs {fmt_bytes(self.host_bytes)}, has {fmt_bytes(profile.host.memory_bytes)} "
+                       f"(largest part: {top} {fmt_bytes(self.host[top])})")
+        pin_cap = profile.host.memory_bytes * profile.host.pinned_fraction
+        if self.pinned_bytes > pin_cap:
+            out.append(f"pinned host memory: needs {fmt_bytes(self.pinned_bytes)}, may pin {fmt_bytes(pin_cap)} "
+                       f"({profile.host.pinned_fraction:.0%} of host memory)")
+        return out
+
+
+def streamed_layer_bytes(target: ModelSpec, placement: Placement, layer: int) -> float:
+    """Bytes of layer `layer` that live off the GPU and are copied in for every pass."""
+    b = target.layer_bytes
+    total = 0.0
+    if placement.attention != "gpu":
+        total += b.attention
+    if placement.ffn_home(layer) != "gpu":
+        total += b.ffn
+    return total
+
+
+def max_pass_tokens(schedule: Schedule, workload: Workload) -> int:
+    """Largest number of tokens one target pass computes: a prefill chunk or a verify batch."""
+    prefill = schedule.prefill_chunk * workload.max_prompt_len
+    decode = schedule.target_batch * (schedule.gamma + 1 if schedule.speculative else 1)
+    if schedule.policy == "flexgen":
+        decode *= schedule.num_batches
+    return max(prefill, decode)
+
+
+def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
+                workload: Workload) -> MemoryNeed:
+    b = target.layer_bytes
+    L = target.layers
+    rows = schedule.rows
+    seq = workload.max_seq_len + schedule.gamma  # room for the drafted tokens being verified
+    gpu: dict[str, float] = {}
+    host: dict[str, float] = {}
+    pinned: dict[str, float] = {}
+
+    def home(name: str, where: str, nbytes: float) -> None:
+        if nbytes <= 0:
+            return
+        if where == "gpu":
+            gpu[name] = gpu.get(name, 0.0) + nbytes
+        elif where in ("cpu_pinned", "cpu_pageable"):
+            host[name] = host.get(name, 0.0) + nbytes
+            if where == "cpu_pinned":
+                pinned[name] = pinned.get(name, 0.0) + nbytes
+
+    home("target attention weights", placement.attention, b.attention * L)
+    home("target FFN weights (resident)", "gpu", b.ffn * placement.ffn_gpu_layers)
+    home("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers))
+    home("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes)
+    home("embedding", placement.embed, target.embed_bytes)
+    home("lm_head", placement.lm_head, target.lm_head_bytes)
+
+    streamed = max(streamed_layer_bytes(target, placement, i) for i in range(L))
+    if streamed > 0:
+        slots = schedule.prefetch_depth + 1
+        gpu["weight stream buffers"] = slots * streamed
+        if "disk" in (placement.attention, placement.ffn):
+            home("disk staging buffers", "cpu_pinned", slots * streamed)
+
+    target_kv = kv_cache_bytes(target, rows, seq)
+    if schedule.attention_device == "gpu":
+        gpu["target KV cache"] = target_kv
+    else:
+        home("target KV cache", "cpu_pinned", target_kv)
+
+    gpu["activations (target)"] = activation_bytes(target, max_pass_tokens(schedule, workload))
+    if draft is not None and schedule.speculative:
+        gpu["draft weights"] = draft.total_bytes
+        draft_kv_all = kv_cache_bytes(draft, rows, seq)
+        if placement.draft_kv == "gpu":
+            gpu["draft KV cache"] = draft_kv_all
+        else:
+            gpu["draft KV swap buffer"] = kv_cache_bytes(draft, schedule.draft_batch, seq)
+            home("draft KV cache", "cpu_pinned", draft_kv_all)
+        gpu["activations (draft)"] = activation_bytes(draft, max(schedule.draft_batch, schedule.prefill_chunk * workload.max_prompt_len))
+    return MemoryNeed(gpu, host, pinned)
