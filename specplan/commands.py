@@ -6,4 +6,6 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    from specplan.simulator.cli import simulate_cmd
+
+    app.command("simulate")(simulate_cmd)

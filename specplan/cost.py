@@ -10,6 +10,9 @@ from .hardware import CopyPath, HardwareProfile
 from .models import ModelSpec
 
 LOGITS_CHUNK_TOKENS = 1024  # the runtime computes the LM head over at most this many tokens at once
+# The runtime runs a layer over at most this many tokens at a time (prefill chunks are
+# sliced), which bounds activation memory without changing the bytes streamed per pass.
+ACTIVATION_SLICE_TOKENS = 4096
 
 # ---- speculative decoding --------------------------------------------------------------
 
@@ -178,8 +181,10 @@ def kv_cache_bytes(model: ModelSpec, rows: int, tokens: int) -> float:
 
 
 def activation_bytes(model: ModelSpec, tokens: int) -> float:
-    """Peak working set of one layer's forward for `tokens` tokens: the hidden state, the
-    residual, Q/K/V/attention output and the FFN intermediate (gate and up) held at once."""
+    """Peak working set of one layer's forward for `tokens` tokens (in slices of at most
+    ACTIVATION_SLICE_TOKENS): the hidden state, the residual, Q/K/V/attention output and
+    the FFN intermediate (gate and up) held at once."""
+    tokens = min(tokens, ACTIVATION_SLICE_TOKENS)
     # Experts run one after another, so only one expert's share of the tokens holds an
     # intermediate at a time (top_k / experts of them under uniform routing).
     ffn_share = model.top_k / model.experts if model.is_moe else 1.0

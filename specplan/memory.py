@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost import activation_bytes, kv_cache_bytes
+from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
 from .hardware import HardwareProfile
 from .models import ModelSpec
 from .plan import Placement, Schedule
@@ -50,15 +50,32 @@ class MemoryNeed:
         return out
 
 
-def streamed_layer_bytes(target: ModelSpec, placement: Placement, layer: int) -> float:
-    """Bytes of layer `layer` that live off the GPU and are copied in for every pass."""
+def streamed_layer_bytes(target: ModelSpec, placement: Placement, layer: int, tokens: float | None = None) -> float:
+    """Bytes of layer `layer` that live off the GPU and are copied in for a pass.
+
+    With `tokens` given, an MoE layer copies only the experts those tokens are expected to
+    route to; without it, all experts (the size a stream buffer must have)."""
+    return sum(nbytes for _, _, nbytes in streamed_chunks(target, placement, layer, tokens))
+
+
+def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
+                    tokens: float | None = None) -> list[tuple[str, str, float]]:
+    """The copies one streamed layer takes, as (group, home, bytes): the attention block,
+    then each expert (or the dense MLP). The runtime copies at the same granularity."""
     b = target.layer_bytes
-    total = 0.0
+    chunks = []
     if placement.attention != "gpu":
-        total += b.attention
+        chunks.append(("attention", placement.attention, b.attention))
     if placement.ffn_home(layer) != "gpu":
-        total += b.ffn
-    return total
+        if target.is_moe:
+            n = target.experts if tokens is None else expected_experts_touched(tokens, target.experts, target.top_k)
+            whole, frac = int(n), n - int(n)
+            chunks += [("expert", placement.ffn, b.expert)] * whole
+            if frac > 1e-9:
+                chunks.append(("expert", placement.ffn, b.expert * frac))
+        else:
+            chunks.append(("mlp", placement.ffn, b.expert))
+    return chunks
 
 
 def max_pass_tokens(schedule: Schedule, workload: Workload) -> int:

@@ -1,0 +1,100 @@
+"""The simulated machine: SimPy resources for GPU compute, the two PCIe directions and the
+CPU, memory containers for GPU and pinned host memory, and the bookkeeping of who used what
+and when (stage busy times, utilisation, an optional timeline of spans)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import simpy
+
+from specplan.errors import InfeasibleError
+from specplan.hardware import HardwareProfile
+
+RESOURCES = ("gpu", "h2d", "d2h", "cpu", "disk")
+
+
+@dataclass(frozen=True)
+class Span:
+    resource: str
+    stage: str
+    who: str
+    start_s: float
+    end_s: float
+
+
+class Machine:
+    def __init__(self, env: simpy.Environment, profile: HardwareProfile, *, record_spans: bool = False):
+        self.env = env
+        self.profile = profile
+        self.res = {name: simpy.Resource(env, capacity=1) for name in RESOURCES}
+        gpu_cap = profile.gpu.memory_bytes - profile.gpu.reserved_bytes
+        pinned_cap = profile.host.memory_bytes * profile.host.pinned_fraction
+        self.gpu_mem = simpy.Container(env, capacity=gpu_cap, init=gpu_cap)
+        self.pinned_mem = simpy.Container(env, capacity=pinned_cap, init=pinned_cap)
+        self.peak_gpu_bytes = 0.0
+        self.peak_pinned_bytes = 0.0
+        self.stage_s: dict[str, float] = defaultdict(float)
+        self.resource_busy_s: dict[str, float] = defaultdict(float)
+        self.spans: list[Span] | None = [] if record_spans else None
+        self.events = 0
+
+    def use(self, resource: str, stage: str, seconds: float, who: str = ""):
+        """Hold `resource` for `seconds` (after queueing for it). A generator: `yield from`."""
+        if seconds <= 0:
+            return
+        res = self.res[resource]
+        with res.request() as req:
+            yield req
+            if resource == "h2d" and self.res["d2h"].count:
+                seconds /= self.profile.link.duplex_factor  # both directions at once share the link
+            elif resource == "d2h" and self.res["h2d"].count:
+                seconds /= self.profile.link.duplex_factor
+            start = self.env.now
+            yield self.env.timeout(seconds)
+        self.events += 2
+        self.stage_s[stage] += seconds
+        self.resource_busy_s[resource] += seconds
+        if self.spans is not None:
+            self.spans.append(Span(resource, stage, who, start, start + seconds))
+
+    def delay(self, stage: str, seconds: float, who: str = "", resource: str = ""):
+        """Spend `seconds` on the caller's critical path without queueing for a resource: used
+        for small activation copies, which the runtime slips between per-tensor weight copies.
+        Their time still counts towards `resource`'s busy time."""
+        if seconds <= 0:
+            return
+        start = self.env.now
+        yield self.env.timeout(seconds)
+        self.events += 1
+        self.stage_s[stage] += seconds
+        if resource:
+            self.resource_busy_s[resource] += seconds
+        if self.spans is not None:
+            self.spans.append(Span(resource or "critical path", stage, who, start, start + seconds))
+
+    # ---- memory ------------------------------------------------------------------------
+    def allocate(self, where: str, nbytes: float, what: str) -> None:
+        """Take memory now; a plan that needs more than the device has is infeasible."""
+        box = self.gpu_mem if where == "gpu" else self.pinned_mem
+        if nbytes <= 0:
+            return
+        if nbytes > box.level + 1e-6:
+            used = box.capacity - box.level
+            raise InfeasibleError(f"{where} memory: {what} needs {nbytes / 1e9:.2f} GB more with "
+                                  f"{used / 1e9:.2f} GB in use, capacity {box.capacity / 1e9:.2f} GB")
+        box.get(nbytes)  # completes at once: the level was checked above
+        self._note_peak()
+
+    def free(self, where: str, nbytes: float) -> None:
+        if nbytes > 0:
+            (self.gpu_mem if where == "gpu" else self.pinned_mem).put(nbytes)
+
+    def _note_peak(self) -> None:
+        self.peak_gpu_bytes = max(self.peak_gpu_bytes, self.gpu_mem.capacity - self.gpu_mem.level)
+        self.peak_pinned_bytes = max(self.peak_pinned_bytes, self.pinned_mem.capacity - self.pinned_mem.level)
+
+    def utilisation(self) -> dict[str, float]:
+        total = self.env.now or 1.0
+        return {r: self.resource_busy_s.get(r, 0.0) / total for r in RESOURCES}

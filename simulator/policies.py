@@ -1,0 +1,250 @@
+"""The four schedules as SimPy scenarios on one simulated machine.
+
+Scenario (specoffload). Two batches of rows, A and B. The target model's weights live in
+host memory; for every pass the loader copies them layer by layer over PCIe into a ring
+of `prefetch_depth + 1` GPU buffers, running ahead of the layer that computes. A target
+layer projects Q/K/V on the GPU, sends them to the CPU, where attention runs against the
+CPU-resident KV cache, brings the result back, and runs the experts on the GPU. While
+batch A is verified that way, the draft model, resident on the GPU, drafts gamma tokens
+for each row of batch B. Both want the GPU: their kernels queue on one GPU resource, so
+a round costs max(T_target, T_draft) only when they do not collide, and up to
+T_draft + T_target_gpu when they do. Then A and B swap.
+
+flexgen: no draft; every step streams each layer once and computes it for all of the
+block's micro-batches (their CPU attention overlaps each other's GPU work).
+sequential: no draft, no overlap: copy a layer, compute it, copy the next.
+spec-serial: speculative decoding on one batch: draft, then verify, then draft again.
+
+Prefill is simulated for every policy: prompts in chunks of `prefill_chunk` rows, each
+chunk one streamed pass with attention on the GPU and its KV copied to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from specplan.cost import (
+    activation_bytes,
+    attention_time_s,
+    attn_proj_time_s,
+    d2h_time_s,
+    disk_read_time_s,
+    expected_accepted_tokens_table,
+    ffn_time_s,
+    h2d_time_s,
+    lm_head_time_s,
+    resident_step_time_s,
+)
+from specplan.memory import streamed_chunks
+
+from .machine import Machine
+
+
+@dataclass
+class Rows:
+    """One batch of sequences and how far each has got."""
+
+    name: str
+    prompt: np.ndarray  # tokens per row
+    generated: np.ndarray  # tokens generated per row (float in expected-value mode)
+    gen_len: int
+
+    @property
+    def active(self) -> np.ndarray:
+        return np.flatnonzero(self.generated < self.gen_len - 1e-9)
+
+    def context(self, idx: np.ndarray) -> np.ndarray:
+        return self.prompt[idx] + self.generated[idx]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows computed together in one layer: how many, new tokens each, mean context."""
+
+    rows: int
+    q_len: float
+    ctx: float
+
+    @property
+    def tokens(self) -> float:
+        return self.rows * self.q_len
+
+
+class Scenario:
+    def __init__(self, machine: Machine, cfg, rng: np.random.Generator):
+        self.m, self.env, self.cfg, self.rng = machine, machine.env, cfg, rng
+        self.T, self.D, self.P = cfg.target, cfg.draft, cfg.profile
+        self.sch, self.pl, self.wl = cfg.schedule, cfg.placement, cfg.workload
+        self.verify_rounds = 0
+        self.tokens_per_round: list[float] = []  # tokens gained per active row, per verification
+        self.prefill_done_s = 0.0
+
+    # ---- one pass of the target over all its layers ----------------------------------------
+    def target_pass(self, who: str, groups: list[Group], kind: str, concurrent: bool = True):
+        env, m, T, sch = self.env, self.m, self.T, self.sch
+        tokens = sum(g.tokens for g in groups)
+        nslots = sch.prefetch_depth + 1
+        slots = simpy.Container(env, capacity=nslots, init=nslots)
+        loaded = [env.event() for _ in range(T.layers)]
+        env.process(self._load_layers(who, kind, tokens, slots, loaded))
+        act = activation_bytes(T, int(tokens))
+        m.allocate("gpu", act, f"{kind} activations")
+        costs = [self._layer_costs(g, kind) for g in groups]
+        for layer in range(T.layers):
+            yield loaded[layer]
+            if len(costs) == 1 or not concurrent:
+                for c in costs:
+                    yield from self._layer(who, kind, c)
+            else:
+                yield env.all_of([env.process(self._layer(who, kind, c)) for c in costs])
+            if loaded[layer].value:
+                slots.put(1)
+        head_tokens = sum(g.rows for g in groups) if kind == "prefill" else tokens
+        yield from m.use("gpu", self._stage(kind, "lm_head"), lm_head_time_s(self.P, T, head_tokens), who)
+        m.free("gpu", act)
+
+    def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
+        """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
+        for layer in range(self.T.layers):
+            chunks = streamed_chunks(self.T, self.pl, layer, tokens)
+            if not chunks:
+                loaded[layer].succeed(False)
+                continue
+            yield slots.get(1)
+            disk_bytes = sum(n for _, home, n in chunks if home == "disk")
+            if disk_bytes:
+                yield from self.m.use("disk", self._stage(kind, "weights_disk"), disk_read_time_s(self.P, disk_bytes), who)
+            pinned = sum(n for _, home, n in chunks if home == "cpu_pinned")
+            t = h2d_time_s(self.P, pinned, pinned=True) + h2d_time_s(self.P, sum(n for *_, n in chunks) - pinned, pinned=False)
+            yield from self.m.use("h2d", self._stage(kind, "weights_h2d"), t, who)
+            loaded[layer].succeed(True)
+
+    def _layer_costs(self, g: Group, kind: str) -> dict:
+        P, T = self.P, self.T
+        bytes_ = T.dtype_bytes
+        c = {"attn_proj": attn_proj_time_s(P, T, g.tokens), "ffn": ffn_time_s(P, T, g.tokens),
+             "cpu_attention": 0.0, "gpu_attention": 0.0, "act_d2h": 0.0, "act_h2d": 0.0, "kv_d2h": 0.0}
+        if kind == "prefill" or self.sch.attention_device == "gpu":
+            c["gpu_attention"] = attention_time_s(P, T, g.rows, g.q_len, g.ctx, device="gpu")
+            if kind == "prefill" and self.sch.attention_device == "cpu":
+                c["kv_d2h"] = d2h_time_s(P, g.tokens * T.kv_bytes_per_token_per_layer)
+        else:
+            qkv = g.tokens * (T.heads + 2 * T.kv_heads) * T.head_dim * bytes_
+            c["act_d2h"] = d2h_time_s(P, qkv)
+            c["cpu_attention"] = attention_time_s(P, T, g.rows, g.q_len, g.ctx, device="cpu")
+            c["act_h2d"] = h2d_time_s(P, g.tokens * T.heads * T.head_dim * bytes_)
+        return c
+
+    def _layer(self, who: str, kind: str, c: dict):
+        m, st = self.m, self._stage
+        yield from m.use("gpu", st(kind, "attn_proj"), c["attn_proj"], who)
+        if c["cpu_attention"]:
+            yield from m.delay(st(kind, "act_d2h"), c["act_d2h"], who, "d2h")
+            yield from m.use("cpu", st(kind, "cpu_attention"), c["cpu_attention"], who)
+            yield from m.delay(st(kind, "act_h2d"), c["act_h2d"], who, "h2d")
+        else:
+            yield from m.use("gpu", st(kind, "gpu_attention"), c["gpu_attention"], who)
+        if c["kv_d2h"]:
+            self.env.process(m.use("d2h", st(kind, "kv_d2h"), c["kv_d2h"], who))
+        yield from m.use("gpu", st(kind, "ffn"), c["ffn"], who)
+
+    @staticmethod
+    def _stage(kind: str, name: str) -> str:
+        return f"prefill.{name}" if kind == "prefill" else name
+
+    # ---- prefill ------------------------------------------------------------------------------
+    def prefill(self, batches: list[Rows]):
+        chunk = self.sch.prefill_chunk
+        drafts = []  # the resident draft prefills each chunk on the side; it need not wait
+        for rows in batches:
+            for start in range(0, len(rows.prompt), chunk):
+                p = rows.prompt[start:start + chunk]
+                g = Group(len(p), float(p.mean()), float(p.mean()) / 2)
+                if self.sch.speculative:
+                    t = resident_step_time_s(self.P, self.D, g.rows, g.q_len, g.ctx)
+                    drafts.append(self.env.process(self.m.use("gpu", "prefill.draft", t, f"{rows.name}.prefill")))
+                yield from self.target_pass(f"{rows.name}.prefill", [g], "prefill")
+            rows.generated[:] = 1  # the prefill's last logits give each row its first token
+        yield self.env.all_of(drafts)
+        self.prefill_done_s = self.env.now
+
+    # ---- speculative rounds -------------------------------------------------------------------
+    def draft_phase(self, rows: Rows):
+        idx = rows.active
+        P, D, sch, m = self.P, self.D, self.sch, self.m
+        for start in range(0, len(idx), sch.draft_batch):
+            mb = idx[start:start + sch.draft_batch]
+            ctx = float(rows.context(mb).mean())
+            if self.pl.draft_kv == "cpu":
+                yield from m.use("h2d", "draft_kv_h2d", h2d_time_s(P, len(mb) * ctx * D.kv_bytes_per_token), rows.name)
+            step = resident_step_time_s(P, D, len(mb), 1, ctx)
+            for _ in range(sch.gamma):
+                yield from m.use("gpu", "draft", step, rows.name)
+            if self.pl.draft_kv == "cpu":
+                yield from m.use("d2h", "draft_kv_d2h", d2h_time_s(P, len(mb) * sch.gamma * D.kv_bytes_per_token), rows.name)
+
+    def verify(self, rows: Rows):
+        idx = rows.active
+        if len(idx) == 0:
+            return
+        q = self.sch.gamma + 1
+        g = Group(len(idx), q, float(rows.context(idx).mean()))
+        yield from self.target_pass(rows.name, [g], "verify")
+        gained = self._accepted(len(idx))
+        remaining = rows.gen_len - rows.generated[idx]
+        gained = np.minimum(gained, remaining)
+        rows.generated[idx] += gained
+        self.verify_rounds += 1
+        self.tokens_per_round.append(float(gained.mean()))
+
+    def _accepted(self, n: int) -> np.ndarray:
+        """Tokens each row gains from one verification: its accepted prefix plus the target's token."""
+        rates = np.asarray(self.wl.acceptance_rates(self.sch.gamma))
+        if self.cfg.mode == "expected":
+            return np.full(n, expected_accepted_tokens_table(rates))
+        ok = self.rng.random((n, len(rates))) < rates
+        return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
+
+    # ---- policies --------------------------------------------------------------------------------
+    def specoffload(self, batches: list[Rows]):
+        yield from self.prefill(batches)
+        x, y = batches if len(batches) == 2 else (batches[0], Rows("empty", np.zeros(0, int), np.zeros(0), 0))
+        yield from self.draft_phase(x)
+        while len(x.active) or len(y.active):
+            procs = []
+            if len(x.active):
+                procs.append(self.env.process(self.verify(x)))
+            if len(y.active):
+                procs.append(self.env.process(self.draft_phase(y)))
+            yield self.env.all_of(procs)
+            x, y = y, x
+
+    def spec_serial(self, batches: list[Rows]):
+        yield from self.prefill(batches)
+        for rows in batches:
+            while len(rows.active):
+                yield from self.draft_phase(rows)
+                yield from self.verify(rows)
+
+    def plain_decode(self, batches: list[Rows], concurrent: bool):
+        """flexgen (micro-batches overlap) and sequential (one after another): one token per step."""
+        yield from self.prefill(batches)
+        while any(len(b.active) for b in batches):
+            live = [(b, b.active) for b in batches if len(b.active)]
+            groups = [Group(len(i), 1.0, float(b.context(i).mean())) for b, i in live]
+            yield from self.target_pass("block", groups, "decode", concurrent=concurrent)
+            for b, i in live:
+                b.generated[i] += 1
+            self.verify_rounds += 1
+            self.tokens_per_round.append(1.0)
+
+    def run(self, batches: list[Rows]):
+        policy = self.sch.policy
+        if policy == "specoffload":
+            return self.specoffload(batches)
+        if policy == "spec-serial":
+            return self.spec_serial(batches)
+        return self.plain_decode(batches, concurrent=policy == "flexgen")

@@ -1,0 +1,127 @@
+"""simulate(): replay a plan on the simulated machine and summarise what happened."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from specplan.errors import InfeasibleError
+from specplan.hardware import HardwareProfile
+from specplan.memory import plan_memory
+from specplan.models import ModelSpec
+from specplan.plan import Placement, Schedule
+from specplan.workload import Workload
+
+from .machine import Machine, Span
+from .policies import Rows, Scenario
+
+MODES = ("sampled", "expected")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    target: ModelSpec
+    draft: ModelSpec | None
+    profile: HardwareProfile
+    workload: Workload
+    schedule: Schedule
+    placement: Placement
+    mode: str = "sampled"  # per-row acceptance drawn with `seed`, or every row gains E tokens
+    check_memory: bool = True  # False: simulate even if the plan does not fit (for comparisons)
+
+    def __post_init__(self) -> None:
+        self.schedule.validate("simulate")
+        self.placement.validate("simulate", self.target.layers)
+        if self.schedule.speculative and self.draft is None:
+            raise InfeasibleError(f"policy {self.schedule.policy} needs a draft model")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+
+
+@dataclass
+class SimResult:
+    throughput_tok_s: float
+    total_s: float  # one wave of rows in flight
+    prefill_s: float
+    decode_s: float
+    generated_tokens: float
+    rows: int
+    waves: int  # num_prompts / rows in flight, rounded up
+    workload_s: float  # all prompts: waves * total_s
+    rounds: int
+    tokens_per_round: float  # mean tokens a row gains per verification (1 without a draft)
+    stage_s: dict
+    utilisation: dict
+    peak_gpu_bytes: float
+    peak_pinned_bytes: float
+    memory: dict  # the plan's memory need, GPU and host, by component
+    events: int
+    wall_s: float
+    spans: list[Span] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "spans"}
+        return d
+
+
+def make_batches(cfg: SimConfig) -> list[Rows]:
+    sch, wl = cfg.schedule, cfg.workload
+    rows = min(sch.rows, wl.num_prompts)
+    nb = sch.num_batches
+    sizes = [rows // nb + (1 if i < rows % nb else 0) for i in range(nb)]
+    batches, start = [], 0
+    for i, n in enumerate(sizes):
+        if n == 0:
+            continue
+        prompt = np.array([wl.prompt_len_of(start + j) for j in range(n)], dtype=np.int64)
+        batches.append(Rows(chr(ord("A") + i), prompt, np.zeros(n), wl.gen_len))
+        start += n
+    return batches
+
+
+def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = None) -> SimResult:
+    t0 = time.perf_counter()
+    need = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload)
+    if cfg.check_memory:
+        problems = need.violations(cfg.profile)
+        if problems:
+            raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+    env = simpy.Environment()
+    machine = Machine(env, cfg.profile, record_spans=record_spans)
+    if cfg.check_memory:
+        static = need.gpu_bytes - sum(v for k, v in need.gpu.items() if k.startswith("activations"))
+        machine.allocate("gpu", static, "resident weights, buffers and caches")
+        machine.allocate("pinned", need.pinned_bytes, "pinned weights and caches")
+    rng = np.random.default_rng(cfg.workload.seed if seed is None else seed)
+    scenario = Scenario(machine, cfg, rng)
+    batches = make_batches(cfg)
+    env.process(scenario.run(batches))
+    env.run()
+    total = env.now
+    generated = float(sum(b.generated.sum() for b in batches))
+    rows = sum(len(b.prompt) for b in batches)
+    waves = -(-cfg.workload.num_prompts // rows)
+    tpr = scenario.tokens_per_round
+    return SimResult(
+        throughput_tok_s=generated / total if total > 0 else 0.0,
+        total_s=total,
+        prefill_s=scenario.prefill_done_s,
+        decode_s=total - scenario.prefill_done_s,
+        generated_tokens=generated,
+        rows=rows,
+        waves=waves,
+        workload_s=waves * total,
+        rounds=scenario.verify_rounds,
+        tokens_per_round=float(np.mean(tpr)) if tpr else 0.0,
+        stage_s=dict(sorted(machine.stage_s.items())),
+        utilisation=machine.utilisation(),
+        peak_gpu_bytes=machine.peak_gpu_bytes if cfg.check_memory else need.gpu_bytes,
+        peak_pinned_bytes=machine.peak_pinned_bytes if cfg.check_memory else need.pinned_bytes,
+        memory={"gpu": need.gpu, "host": need.host, "pinned": need.pinned},
+        events=machine.events,
+        wall_s=time.perf_counter() - t0,
+        spans=machine.spans,
+    )
