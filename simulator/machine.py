@@ -59,20 +59,18 @@ class Machine:
         if self.spans is not None:
             self.spans.append(Span(resource, stage, who, start, start + seconds))
 
-    def delay(self, stage: str, seconds: float, who: str = "", resource: str = ""):
+    def delay(self, stage: str, seconds: float, who: str = ""):
         """Spend `seconds` on the caller's critical path without queueing for a resource: used
         for small activation copies, which the runtime slips between per-tensor weight copies.
-        Their time still counts towards `resource`'s busy time."""
+        They count as stage time, not as link utilisation."""
         if seconds <= 0:
             return
         start = self.env.now
         yield self.env.timeout(seconds)
         self.events += 1
         self.stage_s[stage] += seconds
-        if resource:
-            self.resource_busy_s[resource] += seconds
         if self.spans is not None:
-            self.spans.append(Span(resource or "critical path", stage, who, start, start + seconds))
+            self.spans.append(Span("critical path", stage, who, start, start + seconds))
 
     # ---- memory ------------------------------------------------------------------------
     def allocate(self, where: str, nbytes: float, what: str) -> None:

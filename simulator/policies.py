@@ -79,7 +79,9 @@ class Scenario:
         self.T, self.D, self.P = cfg.target, cfg.draft, cfg.profile
         self.sch, self.pl, self.wl = cfg.schedule, cfg.placement, cfg.workload
         self.verify_rounds = 0
-        self.tokens_per_round: list[float] = []  # tokens gained per active row, per verification
+        self.row_rounds = 0  # sum over verifications of the rows verified
+        self.gained_tokens = 0.0  # tokens those rows gained (capped at gen_len)
+        self.drawn_tokens = 0.0  # the same before the cap (its mean estimates E)
         self.prefill_done_s = 0.0
 
     # ---- one pass of the target over all its layers ----------------------------------------
@@ -142,13 +144,17 @@ class Scenario:
         m, st = self.m, self._stage
         yield from m.use("gpu", st(kind, "attn_proj"), c["attn_proj"], who)
         if c["cpu_attention"]:
-            yield from m.delay(st(kind, "act_d2h"), c["act_d2h"], who, "d2h")
+            yield from m.delay(st(kind, "act_d2h"), c["act_d2h"], who)
             yield from m.use("cpu", st(kind, "cpu_attention"), c["cpu_attention"], who)
-            yield from m.delay(st(kind, "act_h2d"), c["act_h2d"], who, "h2d")
+            yield from m.delay(st(kind, "act_h2d"), c["act_h2d"], who)
         else:
             yield from m.use("gpu", st(kind, "gpu_attention"), c["gpu_attention"], who)
         if c["kv_d2h"]:
-            self.env.process(m.use("d2h", st(kind, "kv_d2h"), c["kv_d2h"], who))
+            copy = m.use("d2h", st(kind, "kv_d2h"), c["kv_d2h"], who)
+            if self.sch.policy == "sequential":  # nothing overlaps, the copy included
+                yield from copy
+            else:
+                self.env.process(copy)
         yield from m.use("gpu", st(kind, "ffn"), c["ffn"], who)
 
     @staticmethod
@@ -193,12 +199,16 @@ class Scenario:
         q = self.sch.gamma + 1
         g = Group(len(idx), q, float(rows.context(idx).mean()))
         yield from self.target_pass(rows.name, [g], "verify")
-        gained = self._accepted(len(idx))
-        remaining = rows.gen_len - rows.generated[idx]
-        gained = np.minimum(gained, remaining)
+        drawn = self._accepted(len(idx))
+        gained = np.minimum(drawn, rows.gen_len - rows.generated[idx])
         rows.generated[idx] += gained
+        self._count_round(len(idx), float(gained.sum()), float(drawn.sum()))
+
+    def _count_round(self, rows: int, gained: float, drawn: float) -> None:
         self.verify_rounds += 1
-        self.tokens_per_round.append(float(gained.mean()))
+        self.row_rounds += rows
+        self.gained_tokens += gained
+        self.drawn_tokens += drawn
 
     def _accepted(self, n: int) -> np.ndarray:
         """Tokens each row gains from one verification: its accepted prefix plus the target's token."""
@@ -238,8 +248,8 @@ class Scenario:
             yield from self.target_pass("block", groups, "decode", concurrent=concurrent)
             for b, i in live:
                 b.generated[i] += 1
-            self.verify_rounds += 1
-            self.tokens_per_round.append(1.0)
+            n = sum(len(i) for _, i in live)
+            self._count_round(n, n, n)
 
     def run(self, batches: list[Rows]):
         policy = self.sch.policy

@@ -53,6 +53,7 @@ class SimResult:
     workload_s: float  # all prompts: waves * total_s
     rounds: int
     tokens_per_round: float  # mean tokens a row gains per verification (1 without a draft)
+    accepted_per_round: float  # the same before the last round's cap at gen_len (estimates E)
     stage_s: dict
     utilisation: dict
     peak_gpu_bytes: float
@@ -104,7 +105,7 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
     generated = float(sum(b.generated.sum() for b in batches))
     rows = sum(len(b.prompt) for b in batches)
     waves = -(-cfg.workload.num_prompts // rows)
-    tpr = scenario.tokens_per_round
+    row_rounds = max(scenario.row_rounds, 1)
     return SimResult(
         throughput_tok_s=generated / total if total > 0 else 0.0,
         total_s=total,
@@ -115,7 +116,8 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
         waves=waves,
         workload_s=waves * total,
         rounds=scenario.verify_rounds,
-        tokens_per_round=float(np.mean(tpr)) if tpr else 0.0,
+        tokens_per_round=scenario.gained_tokens / row_rounds,
+        accepted_per_round=scenario.drawn_tokens / row_rounds,
         stage_s=dict(sorted(machine.stage_s.items())),
         utilisation=machine.utilisation(),
         peak_gpu_bytes=machine.peak_gpu_bytes if cfg.check_memory else need.gpu_bytes,
