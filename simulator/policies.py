@@ -105,6 +105,9 @@ class Scenario:
             if loaded[layer].value:
                 slots.put(1)
         head_tokens = sum(g.rows for g in groups) if kind == "prefill" else tokens
+        if self.pl.lm_head != "gpu":
+            t = h2d_time_s(self.P, T.head_bytes, pinned=self.pl.lm_head == "cpu_pinned")
+            yield from m.use("h2d", self._stage(kind, "weights_h2d"), t, who)
         yield from m.use("gpu", self._stage(kind, "lm_head"), lm_head_time_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
@@ -119,7 +122,8 @@ class Scenario:
             disk_bytes = sum(n for _, home, n in chunks if home == "disk")
             if disk_bytes:
                 yield from self.m.use("disk", self._stage(kind, "weights_disk"), disk_read_time_s(self.P, disk_bytes), who)
-            pinned = sum(n for _, home, n in chunks if home == "cpu_pinned")
+            # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
+            pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
             t = h2d_time_s(self.P, pinned, pinned=True) + h2d_time_s(self.P, sum(n for *_, n in chunks) - pinned, pinned=False)
             yield from self.m.use("h2d", self._stage(kind, "weights_h2d"), t, who)
             loaded[layer].succeed(True)

@@ -5,6 +5,7 @@ and the runtime's report use. Times in seconds, sizes in bytes, rates per second
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from .hardware import CopyPath, HardwareProfile
 from .models import ModelSpec
@@ -36,6 +37,52 @@ def expected_accepted_tokens_table(rates: Sequence[float]) -> float:
         survive *= a
         total += survive
     return total
+
+
+def tokens_per_round_pmf(rates: Sequence[float]) -> list[float]:
+    """P(a row gains j tokens in one round), j = 1..gamma+1: j-1 drafts accepted, then the
+    target's own token (a correction, or the bonus when all gamma were accepted)."""
+    pmf, survive = [], 1.0
+    for a in rates:
+        pmf.append(survive * (1.0 - a))
+        survive *= a
+    pmf.append(survive)
+    return pmf
+
+
+def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int) -> float:
+    return _rounds_slowest(tuple(float(a) for a in rates), int(tokens), int(rows))
+
+
+@lru_cache(maxsize=4096)
+def _rounds_slowest(rates: tuple[float, ...], tokens: int, rows: int) -> float:
+    """Expected verification rounds until the slowest of `rows` independent rows has gained
+    `tokens` tokens: E[max_i N_i] = sum_n (1 - P(N <= n)^rows), where P(N <= n) is the chance
+    that n rounds' gains reach `tokens`. A static batch runs until its slowest row is done."""
+    import numpy as np
+
+    if tokens <= 0 or rows <= 0:
+        return 0.0
+    pmf = np.asarray(tokens_per_round_pmf(rates))
+    dist = np.zeros(tokens + 1)  # P(gained so far = i), with i = tokens meaning "done"
+    dist[0] = 1.0
+    expected, n = 0.0, 0
+    while True:
+        done = dist[tokens]
+        tail = 1.0 - done ** rows
+        if tail < 1e-12 or n > 4 * tokens + 100:
+            return expected
+        expected += tail
+        nxt = np.zeros_like(dist)
+        nxt[tokens] = done
+        for j, pj in enumerate(pmf, start=1):
+            if pj == 0.0:
+                continue
+            moved = dist[:tokens] * pj
+            cut = max(tokens - j, 0)
+            nxt[j:tokens] += moved[:cut]
+            nxt[tokens] += moved[cut:].sum()
+        dist, n = nxt, n + 1
 
 
 # ---- mixture of experts ----------------------------------------------------------------------

@@ -112,9 +112,10 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     home("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers))
     home("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes)
     home("embedding", placement.embed, target.embed_bytes)
-    home("lm_head", placement.lm_head, target.lm_head_bytes)
+    home("lm_head", placement.lm_head, target.head_bytes)
 
-    streamed = max(streamed_layer_bytes(target, placement, i) for i in range(L))
+    # the largest layer that streams: its FFN unless every FFN is resident, plus attention unless resident
+    streamed = (b.ffn if placement.ffn_gpu_layers < L else 0.0) + (b.attention if placement.attention != "gpu" else 0.0)
     if streamed > 0:
         slots = schedule.prefetch_depth + 1
         gpu["weight stream buffers"] = slots * streamed

@@ -60,6 +60,8 @@ class ModelSpec:
     top_k: int = 1
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
     dtype: str = "bfloat16"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -74,10 +76,13 @@ class ModelSpec:
         get = lambda key, default=None: cfg.get(key, default)  # noqa: E731
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
             v = get(key)
-            require(isinstance(v, int) and v > 0, source, key, f"got {v!r}", "a positive integer")
+            require(_positive_int(v), source, key, f"got {v!r}", "a positive integer")
+        for key in ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok"):
+            v = get(key)
+            require(v is None or _positive_int(v), source, key, f"got {v!r}", "a positive integer")
         heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // heads
-        experts = get("num_local_experts", 1) if arch == "MixtralForCausalLM" else 1
+        experts = get("num_local_experts", 8) if arch == "MixtralForCausalLM" else 1
         top_k = get("num_experts_per_tok", 2) if arch == "MixtralForCausalLM" else 1
         dtype = str(get("torch_dtype") or get("dtype") or "bfloat16").replace("torch.", "")
         spec = cls(
@@ -93,7 +98,11 @@ class ModelSpec:
             experts=experts,
             top_k=top_k,
             tie_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
+            # transformers: Qwen2 always biases q/k/v; Llama's attention_bias biases q/k/v and o,
+            # and its mlp_bias the MLP; Mistral and Mixtral have neither.
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "LlamaForCausalLM" and bool(get("attention_bias", False))),
+            o_bias=arch == "LlamaForCausalLM" and bool(get("attention_bias", False)),
+            mlp_bias=arch == "LlamaForCausalLM" and bool(get("mlp_bias", False)),
             dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
             rope_theta=float(get("rope_theta", 10000.0)),
@@ -155,6 +164,7 @@ class ModelSpec:
         kv = 2 * self.hidden * self.kv_heads * self.head_dim
         o = self.heads * self.head_dim * self.hidden
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        bias += self.hidden if self.o_bias else 0
         return q + kv + o + bias
 
     @property
@@ -164,7 +174,8 @@ class ModelSpec:
     @property
     def expert_params(self) -> int:
         """One expert (gate, up, down projections), or the dense MLP."""
-        return 3 * self.hidden * self.ffn_inner
+        bias = 2 * self.ffn_inner + self.hidden if self.mlp_bias else 0
+        return 3 * self.hidden * self.ffn_inner + bias
 
     @property
     def norm_params_per_layer(self) -> int:
@@ -194,7 +205,7 @@ class ModelSpec:
                      + self.expert_params * self.top_k + self.norm_params_per_layer)
         return self.layers * per_layer + self.vocab * self.hidden
 
-    @property
+    @cached_property
     def layer_bytes(self) -> LayerBytes:
         b = self.dtype_bytes
         return LayerBytes(
@@ -212,6 +223,12 @@ class ModelSpec:
     @property
     def lm_head_bytes(self) -> float:
         return self.lm_head_params * self.dtype_bytes
+
+    @property
+    def head_bytes(self) -> float:
+        """The LM head's weights; with tied embeddings the runtime keeps its own copy of the
+        embedding matrix for the head (the host copy serves token lookups)."""
+        return self.vocab * self.hidden * self.dtype_bytes
 
     @property
     def total_bytes(self) -> float:
@@ -255,6 +272,10 @@ class ModelSpec:
         d["flops_per_token"] = self.flops_per_token(0)
         d["bytes"] = self.byte_breakdown()
         return d
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _arch_from_model_type(model_type: str | None, source: str) -> str:

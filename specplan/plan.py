@@ -71,11 +71,12 @@ class Placement:
     draft_kv: str = "gpu"  # "cpu": each draft micro-batch's KV is swapped in and out per round
 
     def validate(self, source: str = "plan", layers: int | None = None) -> "Placement":
-        for key in ("attention", "ffn", "lm_head"):
+        for key in ("attention", "ffn"):
             v = getattr(self, key)
             require(v in WEIGHT_HOMES, source, f"placement.{key}", f"got {v!r}", " | ".join(WEIGHT_HOMES))
-        require(self.embed in ("gpu", "cpu_pinned", "cpu_pageable"), source, "placement.embed", f"got {self.embed!r}",
-                "gpu | cpu_pinned | cpu_pageable")
+        for key in ("embed", "lm_head"):
+            v = getattr(self, key)
+            require(v in WEIGHT_HOMES[:3], source, f"placement.{key}", f"got {v!r}", " | ".join(WEIGHT_HOMES[:3]))
         require(self.draft_kv in DRAFT_KV, source, "placement.draft_kv", f"got {self.draft_kv!r}", "gpu | cpu")
         hi = layers if layers is not None else 10**6
         require(isinstance(self.ffn_gpu_layers, int) and 0 <= self.ffn_gpu_layers <= hi, source,

@@ -76,7 +76,9 @@ def _interp_axis(values: np.ndarray, g: np.ndarray, x: float, axis: int) -> np.n
         return values[0]
     i = int(min(np.searchsorted(g, x) - 1, len(g) - 2))
     t = (x - g[i]) / (g[i + 1] - g[i])
-    return values[i] * (1 - t) + values[i + 1] * t
+    lo, hi = values[i], values[i + 1]
+    # anchor at the nearer end so a flat segment stays exactly flat (monotone to the last bit)
+    return lo + t * (hi - lo) if t < 0.5 else hi - (1 - t) * (hi - lo)
 
 
 def _to_tuple(a: np.ndarray):

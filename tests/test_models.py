@@ -98,9 +98,11 @@ def test_param_count_matches_transformers_mixtral_top1_of_8():
     assert spec.total_params == n_hf
 
 
-def test_param_count_matches_transformers_llama_attention_bias():
-    # LlamaConfig.attention_bias puts a bias on q, k, v AND o projections in transformers.
-    cfg = _shrunk("llama-3.1-8b", attention_bias=True)
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "mistral-7b-v0.2", "mixtral-8x7b", "qwen2.5-7b"])
+def test_param_count_matches_transformers_attention_bias(preset):
+    # transformers: Llama's attention_bias puts a bias on q, k, v AND o; Mistral and Mixtral
+    # ignore the key (no attention biases); Qwen2 always has q/k/v biases and no o bias.
+    cfg = _shrunk(preset, attention_bias=True)
     n_hf, _ = _hf_param_count(cfg)
     assert ModelSpec.from_hf_config(cfg).total_params == n_hf
 

@@ -1,0 +1,291 @@
+"""The placement-and-shape program (PuLP), solved by Dinkelbach's method.
+
+Throughput is a ratio, tokens / time, so the program maximises tokens - lambda * time and
+updates lambda to the ratio of the solution until it stops improving (Dinkelbach, 1967).
+Each solve is a mixed-integer linear program:
+
+  one-hot x_c over candidate shapes c (policy, batch, gamma, draft batch, prefill chunk,
+  attention device); integer n_gpu (FFN layers resident on the GPU); one-hot homes for the
+  streamed FFN, the attention weights and the LM head; binaries for the draft KV cache on
+  the host (dk) and for prefetching one layer ahead (k);
+  round time t_c >= each resource's busy time in a round of shape c (big-M switched by x_c),
+  with draft and target sharing one GPU; prefill time p_c likewise;
+  GPU, host and pinned memory <= capacity, the same terms as specplan.memory.plan_memory.
+
+docs/planner.md writes it out in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pulp
+
+from specplan.hardware import HardwareProfile
+from specplan.memory import plan_memory
+from specplan.models import ModelSpec
+from specplan.plan import Placement
+from specplan.workload import Workload
+
+from .shapes import Coeffs, Shape, coefficients
+
+STREAM_HOMES = ("cpu_pinned", "cpu_pageable", "disk")
+HEAD_HOMES = ("gpu", "cpu_pinned", "cpu_pageable")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    shape: Shape
+    placement: Placement
+    prefetch_depth: int
+    estimate_tok_s: float  # the program's own estimate
+    round_s: float
+    prefill_s: float
+
+
+def _solver(time_limit_s: float = 20.0):
+    try:
+        import highspy  # noqa: F401
+
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
+    except Exception:  # noqa: BLE001 - fall back to the CBC binary that ships with PuLP
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
+
+
+def solver_name() -> str:
+    return type(_solver()).__name__
+
+
+def link_s(profile: HardwareProfile, home: str, nbytes: float) -> float:
+    """Seconds to bring `nbytes` from `home` to the GPU (the simulator's loader rule: disk
+    reads land in pinned staging buffers)."""
+    if nbytes <= 0:
+        return 0.0
+    lk = profile.link
+    if home == "cpu_pageable":
+        return lk.h2d_pageable.latency_s + nbytes / lk.h2d_pageable.bytes_per_s
+    t = lk.h2d_pinned.latency_s + nbytes / lk.h2d_pinned.bytes_per_s
+    return t + (nbytes / lk.disk_read_bytes_per_s if home == "disk" else 0.0)
+
+
+def stream_s(profile: HardwareProfile, target: ModelSpec, placement: Placement, expert_frac: float) -> float:
+    """Weight-stream time of one pass for a fixed placement (the program's linear form, evaluated)."""
+    b, L = target.layer_bytes, target.layers
+    streamed = L - placement.ffn_gpu_layers
+    t = expert_frac * streamed * link_s(profile, placement.ffn, b.ffn) if streamed else 0.0
+    if placement.attention != "gpu":
+        t += L * link_s(profile, placement.attention, b.attention)
+    if placement.lm_head != "gpu":
+        t += link_s(profile, placement.lm_head, target.head_bytes)
+    return t
+
+
+def worst_stream_s(profile: HardwareProfile, target: ModelSpec) -> float:
+    b = target.layer_bytes
+    return target.layers * link_s(profile, "disk", b.ffn + b.attention) + link_s(profile, "cpu_pageable", target.head_bytes)
+
+
+def big_m(co: Coeffs, worst_stream: float) -> float:
+    return worst_stream + co.gpu_s + co.cpu_s + co.chain_s + co.draft_s + co.kv_swap_s + co.serial_s
+
+
+def big_m_prefill(co: Coeffs, worst_stream: float) -> float:
+    return co.prefill_passes * worst_stream + co.prefill_gpu_s + co.prefill_chain_s
+
+
+def round_bounds(policy: str, co: Coeffs, stream, dk, k, M: float) -> list:
+    """Lower bounds on one round's time. `stream`, `dk` (draft KV on the host) and `k`
+    (prefetch) may be numbers or program variables: the same formula serves both."""
+    swap = co.kv_swap_s * dk
+    if policy == "specoffload":
+        return [stream + swap,  # the H2D link carries the weights and the draft's KV
+                co.gpu_s,  # target and draft kernels share the GPU
+                co.cpu_s, co.chain_s, co.draft_s + swap,
+                stream + co.chain_s - M * k]  # without prefetch: copy, then compute
+    if policy == "spec-serial":
+        return [co.serial_s + swap + stream, co.serial_s + swap + co.chain_s,
+                co.serial_s + swap + stream + co.chain_s - M * k]
+    if policy == "flexgen":
+        return [stream, co.gpu_s, co.cpu_s, co.chain_s, stream + co.chain_s - M * k]
+    return [stream + co.chain_s]  # sequential: nothing overlaps
+
+
+def prefill_bounds(policy: str, co: Coeffs, pre_stream, k, Mp: float) -> list:
+    if policy == "sequential":
+        return [pre_stream + co.prefill_gpu_s]
+    return [pre_stream, co.prefill_gpu_s, pre_stream + co.prefill_chain_s - Mp * k]
+
+
+def estimate(shape: Shape, co: Coeffs, profile: HardwareProfile, target: ModelSpec, placement: Placement,
+             prefetch_depth: int) -> tuple[float, float, float]:
+    """(tokens/s, round s, prefill s) of a fixed shape and placement under the program's model."""
+    worst = worst_stream_s(profile, target)
+    k = 1 if prefetch_depth > 0 else 0
+    dk = 1 if placement.draft_kv == "cpu" else 0
+    rs = max(round_bounds(shape.policy, co, stream_s(profile, target, placement, co.decode_expert_frac), dk, k,
+                          big_m(co, worst)))
+    pre = stream_s(profile, target, placement, co.prefill_expert_frac) * co.prefill_passes
+    ps = max(prefill_bounds(shape.policy, co, pre, k, big_m_prefill(co, worst)))
+    total = co.phases * rs + ps
+    return (co.tokens / total if total > 0 else 0.0), rs, ps
+
+
+class ShapeProgram:
+    """One program over a set of shapes of one policy; solve() returns the best candidate."""
+
+    def __init__(self, shapes: list[Shape], target: ModelSpec, draft: ModelSpec | None,
+                 profile: HardwareProfile, workload: Workload):
+        self.shapes, self.T, self.D, self.P, self.W = shapes, target, draft, profile, workload
+        self.coeffs: list[Coeffs] = [coefficients(s, target, draft, profile, workload) for s in shapes]
+        self._build()
+
+    # ---- construction ------------------------------------------------------------------------
+    def _memory_coeffs(self, shape: Shape):
+        """Placement-independent memory of a shape, from plan_memory by subtraction, so the
+        program and the checker share one formula."""
+        T = self.T
+        b = T.layer_bytes
+        p0 = Placement(attention="cpu_pinned", ffn="cpu_pinned", ffn_gpu_layers=0, embed="cpu_pageable",
+                       lm_head="cpu_pinned", draft_kv="gpu")
+        sch = shape.schedule(prefetch_depth=0)
+        m_gpu_kv = plan_memory(T, self.D, sch, p0, self.W)
+        m_cpu_kv = plan_memory(T, self.D, sch, replace(p0, draft_kv="cpu"), self.W)
+        weights_host = T.layers * (b.attention + b.ffn) + T.head_bytes
+        buffer = b.ffn + b.attention
+        g0 = m_gpu_kv.gpu_bytes - buffer
+        h0 = m_gpu_kv.host_bytes - weights_host - T.embed_bytes
+        pin0 = m_gpu_kv.pinned_bytes - weights_host
+        return (g0, h0, pin0, m_cpu_kv.gpu_bytes - m_gpu_kv.gpu_bytes, m_cpu_kv.host_bytes - m_gpu_kv.host_bytes,
+                m_cpu_kv.pinned_bytes - m_gpu_kv.pinned_bytes)
+
+    def _build(self) -> None:
+        T, P = self.T, self.P
+        L = T.layers
+        b = T.layer_bytes
+        F, A, H = b.ffn, b.attention, T.head_bytes
+        prob = pulp.LpProblem("specplan", pulp.LpMaximize)
+        C = range(len(self.shapes))
+        x = [pulp.LpVariable(f"x_{c}", cat="Binary") for c in C]
+        v = [pulp.LpVariable(f"v_{c}", lowBound=0, upBound=1) for c in C]  # x_c * dk
+        t = [pulp.LpVariable(f"t_{c}", lowBound=0) for c in C]
+        p = [pulp.LpVariable(f"p_{c}", lowBound=0) for c in C]
+        n_gpu = pulp.LpVariable("n_gpu", lowBound=0, upBound=L, cat="Integer")
+        f = {h: pulp.LpVariable(f"ffn_{h}", cat="Binary") for h in STREAM_HOMES}
+        y = {h: pulp.LpVariable(f"y_{h}", lowBound=0, upBound=L) for h in STREAM_HOMES}  # f_h * (L - n_gpu)
+        a = {h: pulp.LpVariable(f"attn_{h}", cat="Binary") for h in ("gpu", *STREAM_HOMES)}
+        hd = {h: pulp.LpVariable(f"head_{h}", cat="Binary") for h in HEAD_HOMES}
+        dk = pulp.LpVariable("draft_kv_host", cat="Binary")
+        k = pulp.LpVariable("prefetch", cat="Binary")
+        s_ffn = pulp.LpVariable("any_ffn_streamed", cat="Binary")
+        s_disk = pulp.LpVariable("any_disk", cat="Binary")
+        k_ffn = pulp.LpVariable("prefetch_x_ffn", lowBound=0, upBound=1)
+        k_att = pulp.LpVariable("prefetch_x_attn", lowBound=0, upBound=1)
+
+        prob += pulp.lpSum(x) == 1
+        prob += pulp.lpSum(f.values()) == 1
+        prob += pulp.lpSum(a.values()) == 1
+        prob += pulp.lpSum(hd.values()) == 1
+        prob += pulp.lpSum(y.values()) == L - n_gpu
+        for h in STREAM_HOMES:
+            prob += y[h] <= L * f[h]
+        prob += L * s_ffn >= L - n_gpu
+        prob += L * s_disk >= y["disk"]
+        prob += s_disk >= a["disk"]
+        prob += k_ffn >= k + s_ffn - 1
+        prob += k_att >= k - a["gpu"]
+        for c in C:
+            prob += v[c] <= x[c]
+            prob += v[c] <= dk
+            prob += v[c] >= x[c] + dk - 1
+        if not any(s.policy in ("specoffload", "spec-serial") for s in self.shapes):
+            prob += dk == 0
+        if all(s.policy == "sequential" for s in self.shapes):
+            prob += k == 0
+
+        # weight-stream time of one pass: FFN (scaled by the share of experts a pass touches), attention, head
+        ffn_s = pulp.lpSum(y[h] * link_s(P, h, F) for h in STREAM_HOMES)
+        att_s = pulp.lpSum(a[h] * L * link_s(P, h, A) for h in STREAM_HOMES)
+        head_s = pulp.lpSum(hd[h] * link_s(P, h, H) for h in HEAD_HOMES if h != "gpu")
+        self.round_bounds: list[list] = []  # per shape: expressions t_c must exceed when x_c = 1
+        self.prefill_bounds: list[list] = []
+        worst = worst_stream_s(self.P, T)
+        for c, (shape, co) in enumerate(zip(self.shapes, self.coeffs)):
+            M = big_m(co, worst)
+            Mp = big_m_prefill(co, worst)
+            bounds = round_bounds(shape.policy, co, co.decode_expert_frac * ffn_s + att_s + head_s, dk, k, M)
+            pre = prefill_bounds(shape.policy, co, co.prefill_passes * (co.prefill_expert_frac * ffn_s + att_s + head_s), k, Mp)
+            for e in bounds:
+                prob += t[c] >= e - M * (1 - x[c])
+            for e in pre:
+                prob += p[c] >= e - Mp * (1 - x[c])
+            self.round_bounds.append(bounds)
+            self.prefill_bounds.append(pre)
+
+        # memory: the terms of plan_memory, split into shape constants and placement terms
+        mem = [self._memory_coeffs(s) for s in self.shapes]
+        gpu_cap = P.gpu.memory_bytes - P.gpu.reserved_bytes
+        weights_gpu = F * n_gpu + L * A * a["gpu"] + H * hd["gpu"] + F * (s_ffn + k_ffn) + A * (1 - a["gpu"] + k_att)
+        prob += (pulp.lpSum(x[c] * mem[c][0] + v[c] * mem[c][3] for c in C) + weights_gpu <= gpu_cap), "gpu_memory"
+        staging = 2 * (F + A) * s_disk
+        host_w = F * (y["cpu_pinned"] + y["cpu_pageable"]) + L * A * (a["cpu_pinned"] + a["cpu_pageable"]) \
+            + H * (hd["cpu_pinned"] + hd["cpu_pageable"]) + T.embed_bytes + staging
+        prob += (pulp.lpSum(x[c] * mem[c][1] + v[c] * mem[c][4] for c in C) + host_w <= P.host.memory_bytes), "host_memory"
+        pinned_w = F * y["cpu_pinned"] + L * A * a["cpu_pinned"] + H * hd["cpu_pinned"] + staging
+        prob += (pulp.lpSum(x[c] * mem[c][2] + v[c] * mem[c][5] for c in C) + pinned_w
+                 <= P.host.memory_bytes * P.host.pinned_fraction), "pinned_memory"
+
+        self.prob, self.x, self.t, self.p = prob, x, t, p
+        self.n_gpu, self.f, self.a, self.hd, self.dk, self.k = n_gpu, f, a, hd, dk, k
+        self.excluded: set[int] = set()
+
+    # ---- solving --------------------------------------------------------------------------------
+    def _objective(self, lam: float):
+        C = range(len(self.shapes))
+        tokens = pulp.lpSum(self.x[c] * self.coeffs[c].tokens for c in C)
+        time = pulp.lpSum(self.coeffs[c].phases * self.t[c] + self.p[c] for c in C)
+        return tokens - lam * time
+
+    def exclude_like(self, shape: Shape) -> bool:
+        """Forbid `shape` and every shape that differs from it only in the prefill chunk.
+        Returns False when no shape is left."""
+        key = lambda s: (s.policy, s.target_batch, s.gamma, s.draft_batch, s.attention_device)  # noqa: E731
+        for i, s in enumerate(self.shapes):
+            if key(s) == key(shape) and i not in self.excluded:
+                self.prob += self.x[i] == 0, f"exclude_{i}"
+                self.excluded.add(i)
+        return len(self.excluded) < len(self.shapes)
+
+    def solve(self, lam0: float = 0.0, max_iter: int = 12, tol: float = 1e-4) -> Candidate | None:
+        """Dinkelbach: maximise tokens - lam * time, set lam to the solution's ratio, repeat
+        until lam stops moving. Converges from any start; a start near the optimum saves solves."""
+        lam, best = lam0, None
+        self.solves = 0
+        for _ in range(max_iter):
+            self.prob.setObjective(self._objective(lam))
+            status = self.prob.solve(_solver())
+            self.solves += 1
+            if pulp.LpStatus[status] != "Optimal":
+                return best
+            cand = self._read()
+            if best is None or cand.estimate_tok_s > best.estimate_tok_s:
+                best = cand
+            if abs(cand.estimate_tok_s - lam) <= tol * max(lam, 1e-9):
+                break
+            lam = cand.estimate_tok_s
+        return best
+
+    def _read(self) -> Candidate:
+        val = lambda var: round(var.value() or 0.0)  # noqa: E731
+        c = max(range(len(self.shapes)), key=lambda i: self.x[i].value() or 0.0)
+        co = self.coeffs[c]
+        pick = lambda d: next(h for h, var in d.items() if val(var) == 1)  # noqa: E731
+        placement = Placement(attention=pick(self.a), ffn=pick(self.f), ffn_gpu_layers=int(val(self.n_gpu)),
+                              embed="cpu_pageable", lm_head=pick(self.hd),
+                              draft_kv="cpu" if val(self.dk) else "gpu")
+        # evaluate the bounds rather than read t_c: at small lambda the solver need not push t_c down
+        round_s = max(pulp.value(e) if not isinstance(e, (int, float)) else e for e in self.round_bounds[c])
+        prefill_s = max(pulp.value(e) if not isinstance(e, (int, float)) else e for e in self.prefill_bounds[c])
+        total = co.phases * round_s + prefill_s
+        return Candidate(self.shapes[c], placement, int(val(self.k)), co.tokens / total if total > 0 else 0.0,
+                         round_s, prefill_s)
+
