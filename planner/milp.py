@@ -17,6 +17,9 @@ docs/planner.md writes it out in full.
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pulp
@@ -50,6 +53,21 @@ def _solver(time_limit_s: float = 20.0):
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
     except Exception:  # noqa: BLE001 - fall back to the CBC binary that ships with PuLP
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
+
+
+@contextmanager
+def _quiet_stdout():
+    """HiGHS prints a banner from C++ straight to file descriptor 1; keep stdout for results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def solver_name() -> str:
@@ -100,11 +118,13 @@ def round_bounds(policy: str, co: Coeffs, stream, dk, k, M: float) -> list:
     if policy == "specoffload":
         return [stream + swap,  # the H2D link carries the weights and the draft's KV
                 co.gpu_s,  # target and draft kernels share the GPU
-                co.cpu_s, co.chain_s, co.draft_s + swap,
+                co.cpu_s, co.chain_s, co.draft_s, swap,  # KV swaps overlap the drafting
                 stream + co.chain_s - M * k]  # without prefetch: copy, then compute
-    if policy == "spec-serial":
-        return [co.serial_s + swap + stream, co.serial_s + swap + co.chain_s,
-                co.serial_s + swap + stream + co.chain_s - M * k]
+    if policy == "spec-serial":  # draft (its KV swaps overlapping it), then verify
+        out = []
+        for verify in (stream, co.chain_s, stream + co.chain_s - M * k):
+            out += [co.serial_s + verify, swap + verify]
+        return out
     if policy == "flexgen":
         return [stream, co.gpu_s, co.cpu_s, co.chain_s, stream + co.chain_s - M * k]
     return [stream + co.chain_s]  # sequential: nothing overlaps
@@ -262,7 +282,8 @@ class ShapeProgram:
         self.solves = 0
         for _ in range(max_iter):
             self.prob.setObjective(self._objective(lam))
-            status = self.prob.solve(_solver())
+            with _quiet_stdout():
+                status = self.prob.solve(_solver())
             self.solves += 1
             if pulp.LpStatus[status] != "Optimal":
                 return best

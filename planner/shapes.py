@@ -100,8 +100,16 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     q = g + 1 if spec else 1
     gen = workload.gen_len
     ctx = workload.mean_prompt_len + gen / 2  # mean context over the decode
-    # the prefill yields the first token; a static batch runs until its slowest row is done
-    rounds = expected_rounds_slowest_row(workload.acceptance_rates(g), gen - 1, b) if spec else gen - 1
+    # The prefill yields the first token; a static batch runs until its slowest row is done,
+    # so rounds = E[slowest row's rounds], while row-proportional work (draft, KV swaps,
+    # attention, FFN tokens) is done on average by `active` of the rows: E[one row's] / E[slowest].
+    if spec:
+        rates = workload.acceptance_rates(g)
+        rounds = expected_rounds_slowest_row(rates, gen - 1, b)
+        active = expected_rounds_slowest_row(rates, gen - 1, 1) / rounds if rounds else 1.0
+    else:
+        rounds, active = gen - 1, 1.0
+    b_act = max(1.0, b * active)
 
     def pass_costs(rows: int, q_len: float, context: float, device: str):
         tokens = rows * q_len
@@ -121,14 +129,14 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         gpu1, cpu1, chain1 = pass_costs(b, 1, ctx, shape.attention_device)
         gpu_s, cpu_s, chain_s = nb * gpu1, nb * cpu1, chain1 + (nb - 1) * max(gpu1, cpu1)
     else:
-        gpu_s, cpu_s, chain_s = pass_costs(b, q, ctx, shape.attention_device)
+        gpu_s, cpu_s, chain_s = pass_costs(b_act, q, ctx, shape.attention_device)
 
     draft_s = kv_swap_s = 0.0
     if spec:
-        n_mb = math.ceil(b / shape.draft_batch)
-        draft_s = n_mb * g * resident_step_time_s(P, D, shape.draft_batch, 1, ctx)
-        kv_swap_s = (h2d_time_s(P, b * ctx * D.kv_bytes_per_token)
-                     + d2h_time_s(P, b * g * D.kv_bytes_per_token))
+        n_mb = math.ceil(b_act / shape.draft_batch)
+        draft_s = n_mb * g * resident_step_time_s(P, D, min(shape.draft_batch, b_act), 1, ctx)
+        kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
+                     + d2h_time_s(P, b_act * g * D.kv_bytes_per_token))
 
     if shape.policy == "specoffload":
         phases, serial_s, gpu_total = 2 * rounds, 0.0, gpu_s + draft_s
@@ -148,7 +156,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     draft_pre = resident_step_time_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
     experts_frac = lambda tokens: (expected_experts_touched(tokens, T.experts, T.top_k) / T.experts  # noqa: E731
                                    if T.is_moe else 1.0)
-    decode_tokens = b * q * (nb if shape.policy == "flexgen" else 1)
+    decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1)
     return Coeffs(
         tokens=rows * gen, phases=phases, gpu_s=gpu_total, cpu_s=cpu_s, chain_s=chain_s, draft_s=draft_s,
         serial_s=serial_s, kv_swap_s=kv_swap_s, decode_expert_frac=experts_frac(decode_tokens),

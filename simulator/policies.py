@@ -183,18 +183,27 @@ class Scenario:
 
     # ---- speculative rounds -------------------------------------------------------------------
     def draft_phase(self, rows: Rows):
+        """gamma draft steps for each micro-batch of `rows`. With the draft KV on the host, the
+        next micro-batch's KV is swapped in while the current one drafts (double buffering)."""
         idx = rows.active
-        P, D, sch, m = self.P, self.D, self.sch, self.m
-        for start in range(0, len(idx), sch.draft_batch):
-            mb = idx[start:start + sch.draft_batch]
-            ctx = float(rows.context(mb).mean())
-            if self.pl.draft_kv == "cpu":
-                yield from m.use("h2d", "draft_kv_h2d", h2d_time_s(P, len(mb) * ctx * D.kv_bytes_per_token), rows.name)
-            step = resident_step_time_s(P, D, len(mb), 1, ctx)
+        P, D, sch, m, env = self.P, self.D, self.sch, self.m, self.env
+        mbs = [idx[i:i + sch.draft_batch] for i in range(0, len(idx), sch.draft_batch)]
+        swap = self.pl.draft_kv == "cpu"
+
+        def swap_in(mb):
+            nbytes = float(rows.context(mb).sum()) * D.kv_bytes_per_token
+            yield from m.use("h2d", "draft_kv_h2d", h2d_time_s(P, nbytes), rows.name)
+
+        pending = env.process(swap_in(mbs[0])) if swap and mbs else None
+        for i, mb in enumerate(mbs):
+            if pending is not None:
+                yield pending
+                pending = env.process(swap_in(mbs[i + 1])) if i + 1 < len(mbs) else None
+            step = resident_step_time_s(P, D, len(mb), 1, float(rows.context(mb).mean()))
             for _ in range(sch.gamma):
                 yield from m.use("gpu", "draft", step, rows.name)
-            if self.pl.draft_kv == "cpu":
-                yield from m.use("d2h", "draft_kv_d2h", d2h_time_s(P, len(mb) * sch.gamma * D.kv_bytes_per_token), rows.name)
+            if swap:  # write back the new entries; nothing waits for it
+                env.process(m.use("d2h", "draft_kv_d2h", d2h_time_s(P, len(mb) * sch.gamma * D.kv_bytes_per_token), rows.name))
 
     def verify(self, rows: Rows):
         idx = rows.active

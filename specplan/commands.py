@@ -6,6 +6,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from specplan.planner.cli import optimize_cmd
     from specplan.simulator.cli import simulate_cmd
 
+    app.command("optimize")(optimize_cmd)
     app.command("simulate")(simulate_cmd)

@@ -135,7 +135,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
         if placement.draft_kv == "gpu":
             gpu["draft KV cache"] = draft_kv_all
         else:
-            gpu["draft KV swap buffer"] = kv_cache_bytes(draft, schedule.draft_batch, seq)
+            # two micro-batches' worth: one drafts while the next is swapped in
+            gpu["draft KV swap buffers"] = 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)
             home("draft KV cache", "cpu_pinned", draft_kv_all)
         gpu["activations (draft)"] = activation_bytes(draft, max(schedule.draft_batch, schedule.prefill_chunk * workload.max_prompt_len))
     return MemoryNeed(gpu, host, pinned)

@@ -37,7 +37,7 @@ def big_cfg(policy, profile=None, mode="expected", **kw):
     profile = profile or load_profile("rtx4090")
     wl = Workload.make(prompt_len=512, gen_len=32, num_prompts=128, acceptance=0.7)
     sched = dict(policy=policy, target_batch=64, num_batches=2 if policy in ("specoffload", "flexgen") else 1,
-                 prefill_chunk=16, draft_batch=32, gamma=4 if policy in ("specoffload", "spec-serial") else 0,
+                 prefill_chunk=16, draft_batch=16, gamma=4 if policy in ("specoffload", "spec-serial") else 0,
                  prefetch_depth=0 if policy == "sequential" else 1)
     sched.update(kw)
     return SimConfig(ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2"), profile, wl,

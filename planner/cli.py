@@ -1,0 +1,185 @@
+"""`specplan optimize`: find the best plan for a model pair, a machine and a workload."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
+from specplan.errors import InfeasibleError, InputError
+from specplan.models import ModelSpec
+from specplan.plan import POLICIES, Plan
+from specplan.units import fmt_bytes, fmt_seconds
+from specplan.workload import Workload
+
+from .optimize import OptimizeResult, Ranked, make_plan, optimize, to_sim_config
+
+
+def _describe(r: Ranked) -> str:
+    s, pl = r.candidate.shape, r.candidate.placement
+    spec = f" gamma {s.gamma}, draft batch {s.draft_batch}," if s.policy in ("specoffload", "spec-serial") else ""
+    return (f"{s.policy}: {s.num_batches} x {s.target_batch} rows,{spec} prefill chunk {s.prefill_chunk}, "
+            f"attention on {s.attention_device}, FFN on GPU {pl.ffn_gpu_layers} layers")
+
+
+def placement_table(plan: Plan, target: ModelSpec) -> Table:
+    pl, sch = plan.placement, plan.schedule
+    t = Table(title="Placement", show_header=True)
+    for col in ("tensor group", "where", "bytes"):
+        t.add_column(col)
+    b = target.layer_bytes
+    L = target.layers
+    t.add_row("target attention weights", pl.attention, fmt_bytes(b.attention * L))
+    t.add_row("target experts / MLP", f"GPU: {pl.ffn_gpu_layers} layers, rest: {pl.ffn}", fmt_bytes(b.ffn * L))
+    t.add_row("router and norms", "gpu", fmt_bytes((b.router + b.norms) * L))
+    t.add_row("embedding", pl.embed, fmt_bytes(target.embed_bytes))
+    t.add_row("lm_head", pl.lm_head, fmt_bytes(target.head_bytes))
+    t.add_row("target KV cache", "gpu" if sch.attention_device == "gpu" else "cpu_pinned",
+              fmt_bytes(plan.prediction["memory"]["gpu"].get("target KV cache") or plan.prediction["memory"]["host"].get("target KV cache", 0)))
+    if plan.draft:
+        mem = plan.prediction["memory"]
+        t.add_row("draft weights", "gpu", fmt_bytes(mem["gpu"].get("draft weights", 0)))
+        t.add_row("draft KV cache", "gpu" if pl.draft_kv == "gpu" else "cpu_pinned (swapped in per micro-batch)",
+                  fmt_bytes(mem["gpu"].get("draft KV cache") or mem["host"].get("draft KV cache", 0)))
+    return t
+
+
+def summary_table(plan: Plan, res: OptimizeResult) -> Table:
+    pred, sch = plan.prediction, plan.schedule
+    t = Table(title=f"Best plan: {plan.target} + {plan.draft or 'no draft'} on {plan.hardware}", show_header=False)
+    t.add_column("")
+    t.add_column("")
+    t.add_row("policy", f"[bold]{sch.policy}[/]")
+    t.add_row("rows", f"{sch.num_batches} x {sch.target_batch}")
+    if sch.speculative:
+        t.add_row("gamma / draft batch", f"{sch.gamma} / {sch.draft_batch}")
+    t.add_row("prefill chunk (rows)", str(sch.prefill_chunk))
+    t.add_row("attention device / prefetch depth", f"{sch.attention_device} / {sch.prefetch_depth}")
+    t.add_row("throughput (simulated)", f"[bold green]{pred['throughput_tok_s']:.2f} tok/s[/]")
+    t.add_row("throughput (program estimate)", f"{pred['program_estimate_tok_s']:.2f} tok/s")
+    t.add_row("time per wave / all prompts", f"{fmt_seconds(pred['total_s'])} / {fmt_seconds(pred['workload_s'])}")
+    t.add_row("prefill / decode", f"{fmt_seconds(pred['prefill_s'])} / {fmt_seconds(pred['decode_s'])}")
+    t.add_row("tokens per row per round", f"{pred['tokens_per_round']:.2f}")
+    t.add_row("peak GPU / pinned host memory", f"{fmt_bytes(pred['peak_gpu_bytes'])} / {fmt_bytes(pred['peak_pinned_bytes'])}")
+    t.add_row("utilisation", ", ".join(f"{k} {v:.0%}" for k, v in pred["utilisation"].items() if v > 0))
+    top = sorted(pred["stage_s"].items(), key=lambda kv: -kv[1])[:6]
+    t.add_row("largest stage times", ", ".join(f"{k} {fmt_seconds(v)}" for k, v in top))
+    t.add_row("search", f"{res.shapes_considered} shapes, {len(res.ranked)} simulated, solver {res.solver}")
+    return t
+
+
+def candidates_table(res: OptimizeResult) -> Table:
+    t = Table(title="Candidates (program estimate vs simulator, best simulated first)")
+    for col in ("#", "plan", "program tok/s", "simulated tok/s", "vs best"):
+        t.add_column(col)
+    best = res.best.tok_s
+    for i, r in enumerate(res.ranked, 1):
+        t.add_row(str(i), _describe(r), f"{r.candidate.estimate_tok_s:.2f}", f"{r.tok_s:.2f}", f"{r.tok_s / best:.2f}x")
+    return t
+
+
+def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[str, str, float]]:
+    """How the best plan's simulated throughput moves with gamma, batch, acceptance and link."""
+    from specplan.simulator.cli import default_placement
+    from specplan.simulator.run import simulate
+
+    from .optimize import minimal_placement
+
+    rows: list[tuple[str, str, float]] = []
+    cfg = to_sim_config(best.candidate, target, draft, profile, workload)
+    sch = cfg.schedule
+
+    def run(label: str, value: str, c) -> None:
+        try:
+            rows.append((label, value, simulate(c).throughput_tok_s))
+        except InfeasibleError:
+            rows.append((label, value, float("nan")))
+
+    if sch.speculative:
+        for g in sorted({max(1, sch.gamma + d) for d in (-2, -1, 1, 2)} - {sch.gamma}):
+            run("gamma", str(g), replace(cfg, schedule=replace(sch, gamma=g)))
+    for factor in (0.5, 2.0):
+        b = max(1, int(sch.target_batch * factor))
+        s2 = replace(sch, target_batch=b, prefill_chunk=min(sch.prefill_chunk, b * sch.num_batches))
+        shape = replace(best.candidate.shape, target_batch=b, prefill_chunk=s2.prefill_chunk)
+        pl, _ = minimal_placement(target, draft, shape, workload, profile)
+        if pl is None:
+            rows.append(("rows per batch", str(b), float("nan")))
+            continue
+        run("rows per batch", str(b), replace(cfg, schedule=s2, placement=default_placement(target, draft, s2, workload, profile)))
+    if sch.speculative:
+        for a in (0.5, 0.6, 0.8, 0.9):
+            if abs(a - (workload.acceptance if isinstance(workload.acceptance, float) else -1)) > 1e-9:
+                run("acceptance", f"{a:g}", replace(cfg, workload=replace(workload, acceptance=a)))
+    for gen in ("3", "4", "5"):
+        try:
+            p2 = profile.compose(pcie=gen)
+        except Exception:  # noqa: BLE001
+            continue
+        if p2.link.h2d_pinned.bytes_per_s != profile.link.h2d_pinned.bytes_per_s:
+            run("link", p2.link.name, replace(cfg, profile=p2))
+    return rows
+
+
+def optimize_cmd(
+    gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name (specplan hardware) or a JSON file.")] = "rtx4090",
+    target: Annotated[str, typer.Option(help="Target model: preset, directory or config.json.")] = "mixtral-8x7b",
+    draft: Annotated[str, typer.Option(help="Draft model, or 'none' for non-speculative plans only.")] = "mistral-7b-v0.2",
+    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 512,
+    gen_len: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
+    num_prompts: Annotated[int, typer.Option(help="Prompts in the workload (caps the rows in flight).")] = 512,
+    acceptance: Annotated[float, typer.Option(help="Per-token acceptance rate of the draft, in [0, 1].")] = 0.7,
+    workload_file: Annotated[Optional[str], typer.Option("--workload", help="Workload JSON (overrides the four flags above).")] = None,
+    policy: Annotated[list[str], typer.Option(help="Restrict to these policies (repeatable).")] = [],  # noqa: B006
+    out_path: Annotated[str, typer.Option("--out", help="Where to write the plan.")] = "plan.json",
+    explain: Annotated[bool, typer.Option("--explain", help="Show how throughput moves with gamma, batch, acceptance and link.")] = False,
+    pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the best plan: placement, batch sizes, gamma and schedule, checked by the simulator."""
+    profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
+    tgt = ModelSpec.resolve(target)
+    drf = None if draft.lower() == "none" else ModelSpec.resolve(draft)
+    if drf is not None and drf.vocab != tgt.vocab:
+        err.print(f"[yellow]warning:[/] draft vocab {drf.vocab} != target vocab {tgt.vocab}; speculative decoding needs a shared tokenizer")
+    workload = (Workload.from_file(workload_file) if workload_file
+                else Workload.make(prompt_len, gen_len, num_prompts, acceptance, source="argument"))
+    bad = [p for p in policy if p not in POLICIES]
+    if bad:
+        raise InputError("argument", "--policy", f"unknown {', '.join(bad)}", " | ".join(POLICIES))
+    with err.status("optimizing ...") as status:
+        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=lambda m: status.update(m))
+    plan = make_plan(res.best, target, draft if drf else None, tgt, drf, profile, workload)
+    plan.save(out_path)
+    non_spec = res.best_of(("flexgen", "sequential"))
+    sens = sensitivity(res.best, tgt, drf, profile, workload) if explain else []
+    if as_json:
+        return print_json({"plan": plan.to_dict(), "plan_path": out_path,
+                           "candidates": [{"shape": r.candidate.shape.__dict__, "placement": r.candidate.placement.__dict__,
+                                           "program_tok_s": r.candidate.estimate_tok_s, "simulated_tok_s": r.tok_s}
+                                          for r in res.ranked],
+                           "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
+                           "infeasible": res.infeasible,
+                           "sensitivity": [{"vary": a, "value": b, "simulated_tok_s": c} for a, b, c in sens]})
+    out.print(summary_table(plan, res))
+    out.print(placement_table(plan, tgt))
+    out.print(candidates_table(res))
+    if non_spec is not None and res.best.candidate.shape.policy not in ("flexgen", "sequential"):
+        out.print(f"Best non-speculative plan: {_describe(non_spec)} at {non_spec.tok_s:.2f} tok/s; "
+                  f"the chosen plan is {res.best.tok_s / non_spec.tok_s:.2f}x that.")
+    for p, why in res.infeasible.items():
+        out.print(f"[yellow]{p}: no shape fits[/] ({why})")
+    if sens:
+        t = Table(title="Sensitivity around the best plan (simulated)")
+        for col in ("vary", "value", "tok/s", "vs best"):
+            t.add_column(col)
+        for a, b, c in sens:
+            t.add_row(a, b, "does not fit" if c != c else f"{c:.2f}", "" if c != c else f"{c / res.best.tok_s - 1:+.0%}")
+        out.print(t)
+        util = res.best.sim.utilisation
+        top = max(util, key=util.get)
+        out.print(f"Busiest resource: {top} at {util[top]:.0%} of the wall time.")
+    err.print(f"wrote {out_path}")

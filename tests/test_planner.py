@@ -1,0 +1,205 @@
+"""Planner: memory safety, brute-force agreement, infeasibility messages, plan files."""
+
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from specplan.errors import InfeasibleError
+from specplan.hardware import HardwareProfile, load_profile
+from specplan.memory import plan_memory
+from specplan.models import ModelSpec
+from specplan.plan import Placement, Plan, Schedule
+from specplan.planner import shapes as shapes_mod
+from specplan.planner.milp import ShapeProgram
+from specplan.planner.optimize import make_plan, optimize
+from specplan.simulator.run import SimConfig, simulate
+from specplan.workload import Workload
+
+from conftest import toy_profile_dict
+
+TINY_T = ModelSpec.from_preset("tiny-mixtral")
+TINY_D = ModelSpec.from_preset("tiny-draft")
+
+
+@pytest.fixture
+def small_space(monkeypatch):
+    """Shrink the candidate sets so brute force can enumerate them."""
+    monkeypatch.setattr(shapes_mod, "BATCHES", (2, 4))
+    monkeypatch.setattr(shapes_mod, "GAMMAS", (1, 3))
+    monkeypatch.setattr(shapes_mod, "DRAFT_BATCHES", (2, 4))
+    monkeypatch.setattr(shapes_mod, "PREFILL_CHUNKS", (8,))
+
+
+def tight_profile(gpu_bytes: float) -> HardwareProfile:
+    """A toy machine whose GPU holds only part of the tiny target, so placement matters."""
+    return HardwareProfile.from_dict(toy_profile_dict(memory_bytes=gpu_bytes), "toy-tight")
+
+
+def brute_force(target, draft, profile, workload, seed=0):
+    """Every shape x placement x prefetch depth in the small space, scored by the simulator."""
+    best = (0.0, None)
+    policies = ("specoffload", "spec-serial", "flexgen", "sequential")
+    for policy in policies:
+        for shape in shapes_mod.enumerate_shapes(policy, workload):
+            for att, ffn, n_gpu, dkv, k in itertools.product(("gpu", "cpu_pinned"), ("cpu_pinned", "cpu_pageable"),
+                                                             range(target.layers + 1), ("gpu", "cpu"), (0, 1)):
+                if not shape.schedule(k).speculative and dkv == "cpu":
+                    continue
+                pl = Placement(attention=att, ffn=ffn, ffn_gpu_layers=n_gpu, embed="cpu_pageable", lm_head="gpu", draft_kv=dkv)
+                sch = shape.schedule(k)
+                if plan_memory(target, draft, sch, pl, workload).violations(profile):
+                    continue
+                r = simulate(SimConfig(target, draft if sch.speculative else None, profile, workload, sch, pl), seed=seed)
+                if r.throughput_tok_s > best[0]:
+                    best = (r.throughput_tok_s, (sch, pl))
+    return best
+
+
+@pytest.mark.parametrize("gpu_bytes", [2.2e6, 3.5e6])
+def test_planner_matches_brute_force(small_space, gpu_bytes):
+    profile = tight_profile(gpu_bytes)
+    wl = Workload.make(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)
+    bf_tok_s, bf_plan = brute_force(TINY_T, TINY_D, profile, wl)
+    assert bf_plan is not None
+    res = optimize(TINY_T, TINY_D, profile, wl)
+    assert res.best.tok_s >= 0.98 * bf_tok_s, (res.best.candidate, bf_plan)
+
+
+def test_no_plan_violates_memory():
+    profile = load_profile("rtx4090")
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    wl = Workload.make(prompt_len=512, gen_len=64, num_prompts=256, acceptance=0.7)
+    res = optimize(t, d, profile, wl)
+    assert len({(r.candidate.shape, r.candidate.placement) for r in res.ranked}) >= 5
+    for r in res.ranked:
+        sch = r.candidate.shape.schedule(r.candidate.prefetch_depth)
+        need = plan_memory(t, d, sch, r.candidate.placement, wl)
+        assert need.violations(profile) == []
+        # and by hand: what the GPU holds never exceeds what it has
+        assert need.gpu_bytes <= profile.gpu.memory_bytes - profile.gpu.reserved_bytes
+        assert r.sim.peak_gpu_bytes <= profile.gpu.memory_bytes
+        assert need.host_bytes <= profile.host.memory_bytes
+
+
+def test_program_memory_terms_equal_plan_memory():
+    """The program's linear memory rows and plan_memory are one formula, checked on many points."""
+    import pulp
+
+    profile = load_profile("rtx4090")
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    wl = Workload.make(prompt_len=256, gen_len=64, num_prompts=128)
+    shapes = shapes_mod.enumerate_shapes("specoffload", wl)[::97][:6]
+    prog = ShapeProgram(shapes, t, d, profile, wl)
+    for c, shape in enumerate(shapes):
+        for att, n_gpu, dk, k, head in itertools.product(("gpu", "cpu_pinned", "cpu_pageable"), (0, 3), (0, 1), (0, 1),
+                                                         ("gpu", "cpu_pinned")):
+            fixed = {prog.x[i]: int(i == c) for i in range(len(shapes))}
+            values = {"n_gpu": n_gpu, "draft_kv_host": dk, "prefetch": k}
+            pl = Placement(attention=att, ffn="cpu_pinned", ffn_gpu_layers=n_gpu, embed="cpu_pageable",
+                           lm_head=head, draft_kv="cpu" if dk else "gpu")
+            need = plan_memory(t, d, shape.schedule(k), pl, wl)
+            for var in prog.prob.variables():
+                name = var.name
+                if var in fixed:
+                    var.varValue = fixed[var]
+                elif name in values:
+                    var.varValue = values[name]
+                elif name.startswith("v_"):
+                    var.varValue = fixed[prog.x[int(name[2:])]] * dk
+                elif name.startswith("attn_"):
+                    var.varValue = int(name[5:] == att)
+                elif name.startswith("head_"):
+                    var.varValue = int(name[5:] == head)
+                elif name.startswith("ffn_"):
+                    var.varValue = int(name[4:] == "cpu_pinned")
+                elif name.startswith("y_"):
+                    var.varValue = (t.layers - n_gpu) if name[2:] == "cpu_pinned" else 0
+                elif name == "any_ffn_streamed":
+                    var.varValue = int(n_gpu < t.layers)
+                elif name == "any_disk":
+                    var.varValue = 0
+                elif name == "prefetch_x_ffn":
+                    var.varValue = k * int(n_gpu < t.layers)
+                elif name == "prefetch_x_attn":
+                    var.varValue = k * int(att != "gpu")
+            cons = prog.prob.constraints
+            gpu_lhs = pulp.value(cons["gpu_memory"]) - cons["gpu_memory"].constant
+            assert gpu_lhs + cons["gpu_memory"].constant == pytest.approx(
+                need.gpu_bytes - (profile.gpu.memory_bytes - profile.gpu.reserved_bytes), rel=1e-9, abs=1.0)
+            assert pulp.value(cons["host_memory"]) == pytest.approx(need.host_bytes - profile.host.memory_bytes, abs=1.0)
+            assert pulp.value(cons["pinned_memory"]) == pytest.approx(
+                need.pinned_bytes - profile.host.memory_bytes * profile.host.pinned_fraction, abs=1.0)
+
+
+def test_infeasible_names_binding_constraint():
+    # 2 GB of GPU (0.5 GB after the reserve) cannot hold even one streamed Mixtral layer
+    profile = load_profile("rtx4090", gpu_memory_bytes=2e9)
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    with pytest.raises(InfeasibleError, match=r"flexgen: GPU memory: needs [0-9.]+ GB, has 500.00 MB"):
+        optimize(t, d, profile, Workload.make())
+
+
+def test_host_memory_binds_when_disk_is_no_help():
+    """Even with every weight on disk, the KV cache must live in host memory."""
+    profile = load_profile("rtx4090", host_memory_bytes=1e9)
+    t = ModelSpec.from_preset("mixtral-8x7b")
+    with pytest.raises(InfeasibleError, match=r"host memory: needs [0-9.]+ GB, has 1.00 GB"):
+        optimize(t, None, profile, Workload.make(prompt_len=4096, num_prompts=64))
+
+
+def test_beats_published_hand_set_parameters():
+    """Quality: the chosen plan is no worse than SpecOffload's published parameters
+    (2 x 256 rows, prefill chunk 80, draft batch 10, gamma 6) under the same simulator."""
+    profile = load_profile("rtx4090")
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    wl = Workload.make()
+    hand = Schedule("specoffload", 256, 2, 80, 10, 6, "cpu", 1)
+    hand_res = simulate(SimConfig(t, d, profile, wl, hand, Placement(draft_kv="cpu"), check_memory=False))
+    best = optimize(t, d, profile, wl).best
+    assert best.tok_s >= hand_res.throughput_tok_s
+
+
+def test_plan_file_round_trip(tmp_path, small_space):
+    profile = tight_profile(3.5e6)
+    wl = Workload.make(prompt_len=8, gen_len=8, num_prompts=8)
+    res = optimize(TINY_T, TINY_D, profile, wl)
+    plan = make_plan(res.best, "tiny-mixtral", "tiny-draft", TINY_T, TINY_D, profile, wl)
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    again = Plan.load(str(path))
+    assert again == plan
+    assert again.inputs["target"] and again.versions["specplan"]
+    assert again.prediction["throughput_tok_s"] == pytest.approx(res.best.tok_s)
+
+
+def test_bad_plan_file_is_rejected(tmp_path):
+    from specplan.errors import InputError
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": 1, "target": "x", "hardware": "rtx4090", "workload": {},
+                                "schedule": {"policy": "warp"}, "placement": {}}))
+    with pytest.raises(InputError, match="schedule.policy"):
+        Plan.load(str(path))
+
+
+def test_optimize_cli_writes_plan(tmp_path):
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "specplan.cli", "optimize", "--gpu", "rtx4090", "--target", "tiny-mixtral",
+                        "--draft", "tiny-draft", "--prompt-len", "16", "--gen-len", "8", "--num-prompts", "16",
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    payload = json.loads(r.stdout)
+    assert out.exists() and payload["plan"]["schedule"]["policy"]
+    assert len(payload["candidates"]) >= 5
+
+
+def test_optimize_cli_infeasible_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "specplan.cli", "optimize", "--gpu-mem", "2GB", "--out", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3
+    assert "GPU memory: needs" in r.stderr
+    assert not (tmp_path / "p.json").exists()
