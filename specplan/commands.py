@@ -6,8 +6,10 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from specplan.hwprofiles.cli import profile_cmd
     from specplan.planner.cli import optimize_cmd
     from specplan.simulator.cli import simulate_cmd
 
     app.command("optimize")(optimize_cmd)
+    app.command("profile")(profile_cmd)
     app.command("simulate")(simulate_cmd)

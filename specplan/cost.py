@@ -156,6 +156,11 @@ def attention_op_name(model: ModelSpec, device: str) -> str:
     return f"{device}_attention:q{model.heads}:kv{model.kv_heads}:d{model.head_dim}:{model.dtype}"
 
 
+def step_op_name(model: ModelSpec, device: str) -> str:
+    """Kernel-table key for a resident model's whole decode step (rows x context)."""
+    return f"{device}_step:{model.name}:L{model.layers}:h{model.hidden}:{model.dtype}"
+
+
 def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
     """One layer's FFN for `tokens` tokens: dense MLP, or each touched expert over its share."""
     if tokens <= 0:
@@ -212,7 +217,11 @@ def lm_head_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *,
 
 def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
     """One forward step of a model held entirely on the GPU (the draft): every layer's
-    projections, attention against its GPU KV cache, FFN, then the LM head."""
+    projections, attention against its GPU KV cache, FFN, then the LM head. A measured
+    whole-step table, when the profile has one, is used for single-token steps."""
+    table = profile.kernel(step_op_name(model, "gpu"))
+    if table is not None and q_len == 1:
+        return table(rows, context)
     tokens = rows * q_len
     per_layer = (attn_proj_time_s(profile, model, tokens) + attention_time_s(profile, model, rows, q_len, context, device="gpu")
                  + ffn_time_s(profile, model, tokens))

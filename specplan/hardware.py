@@ -298,6 +298,9 @@ def load_profile(name_or_path: str | Path, **compose_kw: Any) -> HardwareProfile
     else:
         key = str(name_or_path).lower()
         names = shipped_names()
+        measured = Path("hwprofiles") / "measured" / f"{name_or_path}.json"
+        if key not in names and measured.exists():  # `specplan profile` writes here by default
+            return load_profile(measured, **compose_kw)
         if key not in names:
             raise UnknownNameError("GPU profile", str(name_or_path), names)
         text = _shipped_dir().joinpath(f"{key}.json").read_text()

@@ -1,0 +1,373 @@
+"""`specplan profile`: measure this machine into a HardwareProfile.
+
+What is timed is what runs: the runtime's own SwiGLU expert/MLP, attention projections and
+attention (`specplan.runtime.model` / `.attention`), the copies its weight store makes, and
+the draft model's whole decode step. Each measurement is the median of repeated runs after
+warm-up, with CUDA events (GPU) or perf_counter (CPU).
+
+Without a GPU the CPU is profiled as the compute device and memory-to-memory copies stand
+in for the link, so profile -> optimize -> specrun -> compare runs end to end anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specplan import __version__
+from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, step_op_name
+from specplan.hardware import SCHEMA_VERSION, HardwareProfile
+from specplan.models import ModelSpec
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Grid:
+    link_bytes: tuple[int, ...]
+    ffn_tokens: tuple[int, ...]
+    attn_rows: tuple[int, ...]
+    attn_q: tuple[int, ...]
+    attn_ctx: tuple[int, ...]
+    step_rows: tuple[int, ...]
+    step_ctx: tuple[int, ...]
+    repeat: int
+    gemm_n: int
+
+
+QUICK = Grid(link_bytes=(64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB), ffn_tokens=(1, 8, 64, 512),
+             attn_rows=(1, 8, 32), attn_q=(1, 4), attn_ctx=(64, 512), step_rows=(1, 8, 32), step_ctx=(64, 512),
+             repeat=5, gemm_n=1024)
+FULL = Grid(link_bytes=tuple(64 * KiB * 4**i for i in range(8)),  # 64 KiB .. 1 GiB
+            ffn_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            attn_rows=(1, 4, 16, 64, 256), attn_q=(1, 4, 8), attn_ctx=(128, 512, 2048, 4096),
+            step_rows=(1, 4, 16, 64, 256), step_ctx=(128, 512, 2048), repeat=7, gemm_n=4096)
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time_s(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fit_latency_bandwidth(sizes: list[float], seconds: list[float]) -> tuple[float, float, float]:
+    """Least squares of t = latency + bytes / bandwidth, weighted by 1/t so small and large
+    copies count alike. Returns (latency_s, bytes_per_s, median relative error)."""
+    from scipy.optimize import nnls
+
+    x, t = np.asarray(sizes, float), np.asarray(seconds, float)
+    w = 1.0 / t
+    scale = x.max()  # keep the two columns of comparable size
+    a = np.stack([np.ones_like(x), x / scale], axis=1) * w[:, None]
+    (lat, inv_bw), _ = nnls(a, t * w)  # latency and 1/bandwidth are never negative
+    inv_bw /= scale
+    if inv_bw <= 0:  # degenerate sweep: fall back to the largest copy's rate
+        inv_bw = t[-1] / x[-1]
+    lat = float(lat)
+    pred = lat + x * inv_bw
+    err = float(np.median(np.abs(pred - t) / t))
+    return lat, float(1.0 / inv_bw), err
+
+
+# ---- link -------------------------------------------------------------------------------------------
+
+
+def _buffers(nbytes: int, device: torch.device, pinned: bool, direction: str):
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned and device.type == "cuda")
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return (host, dev) if direction == "h2d" else (dev, host)
+
+
+def measure_copies(device: torch.device, grid: Grid, on_progress=None) -> dict:
+    """Copy time over sizes, per direction and memory kind, fitted; plus the duplex slowdown."""
+    out = {}
+    for direction in ("h2d", "d2h"):
+        for pinned in (True, False):
+            sizes, times = [], []
+            for n in grid.link_bytes:
+                src, dst = _buffers(n, device, pinned, direction)
+                t = median_time_s(lambda: dst.copy_(src, non_blocking=pinned), device, grid.repeat)
+                sizes.append(n)
+                times.append(t)
+                if on_progress:
+                    on_progress(f"{direction} {'pinned' if pinned else 'pageable'} {n / MiB:.2f} MiB", n / t)
+                del src, dst
+            lat, bw, err = fit_latency_bandwidth(sizes, times)
+            out[f"{direction}_{'pinned' if pinned else 'pageable'}"] = {
+                "latency_s": lat, "bytes_per_s": bw, "fit_rel_error": err,
+                "table": {"bytes": sizes, "seconds": times}}
+    out["duplex_factor"] = measure_duplex(device, grid.link_bytes[-1], grid.repeat)
+    return out
+
+
+def measure_duplex(device: torch.device, nbytes: int, repeat: int) -> float:
+    """Each direction's rate with the other running at the same time, over its rate alone."""
+    h_src, h_dst = _buffers(nbytes, device, True, "h2d")
+    d_src, d_dst = _buffers(nbytes, device, True, "d2h")
+    alone = median_time_s(lambda: h_dst.copy_(h_src, non_blocking=True), device, repeat)
+    if device.type == "cuda":
+        s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+        def both():
+            with torch.cuda.stream(s1):
+                h_dst.copy_(h_src, non_blocking=True)
+            with torch.cuda.stream(s2):
+                d_dst.copy_(d_src, non_blocking=True)
+            torch.cuda.synchronize(device)
+    else:
+        def both():
+            th = threading.Thread(target=lambda: d_dst.copy_(d_src))
+            th.start()
+            h_dst.copy_(h_src)
+            th.join()
+    together = median_time_s(both, torch.device("cpu"), repeat)
+    # both copies moved in `together`; alone, one copy took `alone`
+    return float(min(1.0, max(0.05, alone / together)))
+
+
+# ---- compute ------------------------------------------------------------------------------------
+
+
+def measure_gemm_flops(device: torch.device, dtype: torch.dtype, n: int, repeat: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median_time_s(lambda: a @ b, device, repeat)
+    return 2 * n**3 / t
+
+
+def measure_memory_bandwidth(device: torch.device, nbytes: int, repeat: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = median_time_s(lambda: dst.copy_(src), device, repeat)
+    return 2 * nbytes / t  # read + write
+
+
+def measure_disk_read(nbytes: int = 256 * MiB) -> float:
+    """Sequential read of a fresh file, evicted from the page cache first where the OS allows."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("SPECPLAN_DISK_DIR"), delete=True) as f:
+        f.write(os.urandom(MiB) * (nbytes // MiB))
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with open(f.name, "rb", buffering=0) as g:
+            while g.read(16 * MiB):
+                pass
+        return nbytes / (time.perf_counter() - t0)
+
+
+def measure_launch_s(device: torch.device) -> float:
+    x = torch.zeros(1, device=device)
+    return median_time_s(lambda: x.add_(1), device, 20, warmup=3)
+
+
+def _rand(shape, device, dtype, std=0.02):
+    return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
+
+
+def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    from specplan.runtime.model import swiglu
+
+    dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
+    h, f = model.hidden, model.ffn_inner
+    gate, up, down = _rand((f, h), device, dt), _rand((f, h), device, dt), _rand((h, f), device, dt)
+    secs = []
+    for t in grid.ffn_tokens:
+        x = _rand((t, h), device, dt, 1.0)
+        secs.append(median_time_s(lambda: swiglu(x, gate, up, down), device, grid.repeat))
+    return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
+
+
+def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    import torch.nn.functional as F
+
+    dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
+    h, qd, kvd = model.hidden, model.heads * model.head_dim, model.kv_heads * model.head_dim
+    wq, wk, wv, wo = _rand((qd, h), device, dt), _rand((kvd, h), device, dt), _rand((kvd, h), device, dt), _rand((h, qd), device, dt)
+    secs = []
+    for t in grid.ffn_tokens:
+        x = _rand((t, h), device, dt, 1.0)
+
+        def run():
+            F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
+            return F.linear(F.linear(x, wq), wo)
+        secs.append(median_time_s(run, device, grid.repeat))
+    return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
+
+
+def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    from specplan.runtime.attention import attend
+
+    dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
+    if device.type == "cpu" and dt == torch.float16:
+        dt = torch.float32
+    secs = np.zeros((len(grid.attn_rows), len(grid.attn_q), len(grid.attn_ctx)))
+    for i, rows in enumerate(grid.attn_rows):
+        for j, q_len in enumerate(grid.attn_q):
+            for k, ctx in enumerate(grid.attn_ctx):
+                q = _rand((rows, q_len, model.heads, model.head_dim), device, dt, 1.0)
+                kc = _rand((rows, ctx + q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
+                vc = _rand((rows, ctx + q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
+                start = torch.full((rows,), ctx, dtype=torch.long)
+                secs[i, j, k] = median_time_s(lambda: attend(q, kc, vc, start), device, grid.repeat)
+    return {"axes": ["rows", "q_len", "context"],
+            "grid": [list(grid.attn_rows), list(grid.attn_q), list(grid.attn_ctx)], "seconds": secs.tolist()}
+
+
+def step_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    """The whole decode step of a resident model (the draft) over rows x context."""
+    from specplan.runtime.profiling import decode_step_timer
+
+    secs = np.zeros((len(grid.step_rows), len(grid.step_ctx)))
+    for i, rows in enumerate(grid.step_rows):
+        for j, ctx in enumerate(grid.step_ctx):
+            step = decode_step_timer(model, device, rows, ctx)
+            secs[i, j] = median_time_s(step, device, grid.repeat)
+    return {"axes": ["rows", "context"], "grid": [list(grid.step_rows), list(grid.step_ctx)], "seconds": secs.tolist()}
+
+
+# ---- the whole profile -------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_ram_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16e9
+
+
+def _driver_version() -> str | None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
+                    gpu_memory_bytes: float | None = None, name: str | None = None,
+                    on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
+    grid = QUICK if quick else FULL
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    say = on_progress or (lambda msg, rate=None: None)
+    cpu = torch.device("cpu")
+    ram = _total_ram_bytes()
+
+    say("link: copy sweep")
+    link = measure_copies(dev, grid, on_progress=say)
+    say("disk: sequential read")
+    disk_bw = measure_disk_read(64 * MiB if quick else 1 * GiB)
+    say("compute: GEMM peak")
+    dev_flops = {k: measure_gemm_flops(dev, dt, grid.gemm_n, grid.repeat) for k, dt in
+                 (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    dev_bw = measure_memory_bandwidth(dev, 256 * MiB, grid.repeat)
+    host_flops = dev_flops if dev.type == "cpu" else {
+        k: measure_gemm_flops(cpu, dt, 1024, 3) for k, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    host_bw = dev_bw if dev.type == "cpu" else measure_memory_bandwidth(cpu, 256 * MiB, 3)
+
+    kernels: dict[str, dict] = {}
+    seen = set()
+    for m in models:
+        if (m.hidden, m.ffn_inner, m.dtype) not in seen:
+            say(f"kernels: {m.name} FFN")
+            kernels[ffn_op_name(m, "gpu")] = ffn_table(m, dev, grid)
+            say(f"kernels: {m.name} attention projections")
+            kernels[attn_proj_op_name(m, "gpu")] = attn_proj_table(m, dev, grid)
+            seen.add((m.hidden, m.ffn_inner, m.dtype))
+        say(f"kernels: {m.name} attention")
+        kernels[attention_op_name(m, "gpu")] = attention_table(m, dev, grid)
+        kernels[attention_op_name(m, "cpu")] = (kernels[attention_op_name(m, "gpu")] if dev.type == "cpu"
+                                                 else attention_table(m, cpu, grid))
+    if len(models) > 1:
+        say(f"kernels: {models[-1].name} whole decode step")
+        kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)
+
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        gpu_name = torch.cuda.get_device_name(dev)
+        reserved = float(total - free)
+        mem = float(total)
+    else:
+        gpu_name = f"CPU as device ({_cpu_model()})"
+        mem = float(gpu_memory_bytes or ram / 2)
+        reserved = 0.0
+    if gpu_memory_bytes:
+        mem = float(gpu_memory_bytes)
+
+    paths = {k: {kk: v[kk] for kk in ("latency_s", "bytes_per_s", "fit_rel_error")} for k, v in link.items() if k != "duplex_factor"}
+    ranges = {"link_bytes": [grid.link_bytes[0], grid.link_bytes[-1]], "ffn_tokens": [grid.ffn_tokens[0], grid.ffn_tokens[-1]],
+              "attention_rows": list(grid.attn_rows), "attention_q_len": list(grid.attn_q),
+              "attention_context": list(grid.attn_ctx), "models": [m.name for m in models],
+              "link_tables": {k: v["table"] for k, v in link.items() if k != "duplex_factor"}}
+    d = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name or ("cpu-" + platform.node() if dev.type == "cpu" else gpu_name.lower().replace(" ", "-")),
+        "provenance": {
+            "kind": "measured", "sources": [f"specplan profile{' --quick' if quick else ''} on {platform.node()}"],
+            "notes": ("CPU profiled as the compute device; memory-to-memory copies stand in for the link."
+                      if dev.type == "cpu" else ""),
+            "date": _dt.date.today().isoformat(), "tool_version": __version__, "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda, "driver_version": _driver_version() if dev.type == "cuda" else None,
+            "device_name": gpu_name, "cpu_model": _cpu_model(), "profiled_ranges": ranges},
+        "gpu": {"name": gpu_name, "memory_bytes": mem, "peak_flops_per_s": {**dev_flops, "float16": dev_flops["bfloat16"]},
+                "memory_bandwidth_bytes_per_s": dev_bw, "matmul_efficiency": 1.0, "bandwidth_efficiency": 1.0,
+                "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved},
+        "link": {"name": "measured", **paths, "duplex_factor": link["duplex_factor"],
+                 "disk_read_bytes_per_s": disk_bw},
+        "host": {"name": _cpu_model(), "memory_bytes": ram, "cores": os.cpu_count() or 1,
+                 "matmul_flops_per_s": host_flops, "memory_bandwidth_bytes_per_s": host_bw,
+                 "attention_efficiency": 1.0, "pinned_fraction": 0.9},
+        "kernels": kernels,
+    }
+    return HardwareProfile.from_dict(d, "specplan profile")

@@ -1,0 +1,39 @@
+"""Scaled dot-product attention with per-row positions, on the GPU or the CPU.
+
+Row b's queries sit at absolute positions start[b] .. start[b] + q_len - 1 and its keys at
+0 .. kv_len - 1. Query j of row b sees key t iff t <= start[b] + j (causal; this also hides
+whatever lies past the row's length: padding, rejected draft tokens) and, with a sliding
+window W, t > start[b] + j - W (Mistral's rule, as transformers applies it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def visible(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask [B, 1, q_len, kv_len]: True where query j may attend to key t."""
+    q_pos = start.to(device)[:, None] + torch.arange(q_len, device=device)  # [B, q]
+    t = torch.arange(kv_len, device=device)
+    mask = t <= q_pos[..., None]
+    if window is not None:
+        mask &= t > q_pos[..., None] - window
+    return mask[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+           window: int | None = None) -> torch.Tensor:
+    """q [B, q_len, H, D]; k, v [B, kv_len, KV, D] (cache views, any strides); -> [B, q_len, H, D].
+
+    Runs on k's device in k's dtype. Grouped-query attention without copying the cache:
+    the H / KV query heads that share a KV head are folded into the query axis
+    ([B, KV, G * q_len, D]), so SDPA sees one KV head per group and any backend applies.
+    """
+    B, q_len, H, D = q.shape
+    kv_heads = k.shape[2]
+    g = H // kv_heads
+    q = q.to(k.device, k.dtype).transpose(1, 2).reshape(B, kv_heads, g * q_len, D)
+    mask = visible(start, q_len, k.shape[1], window, k.device).repeat(1, 1, g, 1)
+    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.reshape(B, H, q_len, D).transpose(1, 2)

@@ -1,0 +1,187 @@
+"""Model weights by Hugging Face checkpoint name, read one layer at a time.
+
+A Checkpoint hands out the tensors of one layer as a plain dict keyed by the name the
+tensor has inside the layer in a HF checkpoint ("self_attn.q_proj.weight",
+"block_sparse_moe.experts.3.w1.weight"; the full name is "model.layers.{i}." + key),
+so a 90 GB model is never held twice: the weight store packs each layer as it is read.
+
+Sources: a local HF directory (config.json + *.safetensors, memory-mapped), random
+weights drawn from a ModelSpec (seeded per tensor name, so any read order gives the same
+model), or an in-memory state dict (tests). transformers >= 5 keeps Mixtral experts fused
+in memory (mlp.experts.gate_up_proj [E, 2F, H], mlp.experts.down_proj [E, H, F],
+mlp.gate.weight) and writes the per-expert names to disk; both spellings are read.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from specplan.errors import InputError
+from specplan.models import ModelSpec
+
+GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def layer_tensor_names(spec: ModelSpec) -> list[str]:
+    """Names of one layer's tensors, relative to "model.layers.{i}."."""
+    names = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    names += [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    if spec.qkv_bias:
+        names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    if _o_bias(spec):
+        names.append("self_attn.o_proj.bias")
+    if spec.is_moe:
+        names.append("block_sparse_moe.gate.weight")
+        names += [f"block_sparse_moe.experts.{e}.w{j}.weight" for e in range(spec.experts) for j in (1, 2, 3)]
+    else:
+        names += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    return names
+
+
+def tensor_group(name: str) -> str:
+    """The Placement group a layer tensor belongs to: attention, ffn, router or norm."""
+    if name.startswith("self_attn."):
+        return "attention"
+    if name.endswith("layernorm.weight"):
+        return "norm"
+    if name == "block_sparse_moe.gate.weight":
+        return "router"
+    return "ffn"
+
+
+def _o_bias(spec: ModelSpec) -> bool:
+    # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v biases only.
+    return spec.arch != "Qwen2ForCausalLM" and bool(spec.hf_config.get("attention_bias", False))
+
+
+def _shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
+    h, f = spec.hidden, spec.ffn_inner
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    if name.endswith("norm.weight"):
+        return (h,)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (spec.vocab, h)
+    proj = name.split(".")[-2]
+    return {
+        "q_proj": (q, h) if name.endswith("weight") else (q,),
+        "k_proj": (kv, h) if name.endswith("weight") else (kv,),
+        "v_proj": (kv, h) if name.endswith("weight") else (kv,),
+        "o_proj": (h, q) if name.endswith("weight") else (h,),
+        "gate": (spec.experts, h),
+        "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
+        "w1": (f, h), "w3": (f, h), "w2": (h, f),
+    }[proj]
+
+
+class Checkpoint:
+    """Tensors by full HF name through `get(name)`, converted to `dtype` on read."""
+
+    def __init__(self, spec: ModelSpec, get: Callable[[str], torch.Tensor], dtype: torch.dtype, source: str):
+        self.spec, self._get, self.dtype, self.source = spec, get, dtype, source
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._get(name).to(self.dtype)
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        return {n: self.tensor(f"model.layers.{i}.{n}") for n in layer_tensor_names(self.spec)}
+
+    def globals(self) -> dict[str, torch.Tensor]:
+        """Embedding, final norm and LM head (the embedding itself when they are tied)."""
+        out = {n: self.tensor(n) for n in GLOBAL_NAMES[:2]}
+        out["lm_head.weight"] = out["model.embed_tokens.weight"] if self.spec.tie_embeddings else self.tensor("lm_head.weight")
+        return out
+
+
+def random_checkpoint(spec: ModelSpec, dtype: torch.dtype, seed: int = 0) -> Checkpoint:
+    """Normal(0, initializer_range) weights, unit norms. Each tensor is drawn from its own
+    generator seeded by (seed, name), so the model does not depend on the order of reads."""
+    std = float(spec.hf_config.get("initializer_range", 0.02))
+
+    def get(name: str) -> torch.Tensor:
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        shape = _shape(spec, short)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=g) * std
+
+    return Checkpoint(spec, get, dtype, f"random weights (seed {seed})")
+
+
+def state_dict_checkpoint(spec: ModelSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Checkpoint:
+    """An in-memory state dict, e.g. a transformers model's (fused expert names included)."""
+    return Checkpoint(spec, _resolver(spec, tensors.__contains__, tensors.__getitem__, "state dict"), dtype, "state dict")
+
+
+def load_checkpoint(path: str | Path, spec: ModelSpec, dtype: torch.dtype) -> Checkpoint:
+    """A HF model directory: every *.safetensors file in it, memory-mapped."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(str(path), "weights", "no *.safetensors files", "a HF model directory (or pass --random-weights)")
+    where: dict[str, object] = {}
+    for f in files:
+        handle = safe_open(str(f), framework="pt")
+        for name in handle.keys():
+            where[name] = handle
+    resolve = _resolver(spec, where.__contains__, lambda n: where[n].get_tensor(n), str(path))
+    return Checkpoint(spec, resolve, dtype, str(path))
+
+
+def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str], torch.Tensor],
+              source: str) -> Callable[[str], torch.Tensor]:
+    """Reads a name in checkpoint spelling, falling back to transformers' fused expert tensors."""
+    fused_cache: dict[str, torch.Tensor] = {}
+
+    def fused(name: str) -> torch.Tensor:
+        if name not in fused_cache:
+            fused_cache.clear()  # keep one fused tensor alive at a time: layers are read in order
+            fused_cache[name] = read(name)
+        return fused_cache[name]
+
+    def get(name: str) -> torch.Tensor:
+        if has(name):
+            return read(name)
+        if name == "lm_head.weight" and spec.tie_embeddings:
+            return read("model.embed_tokens.weight")
+        parts = name.split(".")
+        if "block_sparse_moe" in parts:
+            prefix = ".".join(parts[:3])  # model.layers.{i}
+            if parts[4] == "gate" and has(f"{prefix}.mlp.gate.weight"):
+                return read(f"{prefix}.mlp.gate.weight")
+            if parts[4] == "experts" and has(f"{prefix}.mlp.experts.down_proj"):
+                e, w = int(parts[5]), parts[6]
+                if w == "w2":
+                    return fused(f"{prefix}.mlp.experts.down_proj")[e]
+                gate_up = fused(f"{prefix}.mlp.experts.gate_up_proj")[e]
+                f = gate_up.shape[0] // 2
+                return gate_up[:f] if w == "w1" else gate_up[f:]
+        raise InputError(source, name, "is missing from the checkpoint", f"a {spec.arch} checkpoint matching config.json")
+
+    return get
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(spec: ModelSpec, source: str = "model") -> torch.dtype:
+    if spec.dtype not in TORCH_DTYPES:
+        raise InputError(source, "dtype", f"'{spec.dtype}' weights are not implemented by specrun", " | ".join(TORCH_DTYPES))
+    return TORCH_DTYPES[spec.dtype]
+
+
+def open_checkpoint(spec: ModelSpec, weights_dir: Path | None, random_weights: bool, seed: int = 0) -> Checkpoint:
+    """The weights `specrun` runs: a model directory's safetensors, or random ones when asked for."""
+    dtype = torch_dtype(spec, spec.name)
+    if random_weights:
+        return random_checkpoint(spec, dtype, seed)
+    if weights_dir is None:
+        raise InputError(spec.name, "weights", "none to load (a preset, or a directory without *.safetensors)",
+                         "a HF model directory with *.safetensors, or --random-weights")
+    return load_checkpoint(weights_dir, spec, dtype)

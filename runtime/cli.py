@@ -1,0 +1,162 @@
+"""The `specrun` command: execute a plan with torch and report measured against predicted.
+
+    specrun --plan plan.json --target DIR_OR_PRESET --draft DIR_OR_PRESET [--prompts FILE]
+            [--random-weights] [--device auto|cpu|cuda] [--report report.json] [--json] [--max-rows N]
+
+Progress goes to stderr, the result table (or --json) to stdout, the full report (token ids
+included) to --report, written atomically. A plan that cannot run here is refused with one
+line saying why, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from specplan.errors import InputError, SpecplanError
+from specplan.fileio import write_json
+from specplan.units import fmt_bytes, fmt_seconds
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Execute a specplan plan with torch and compare what it measures with what the plan predicted.")
+out = Console()
+err = Console(stderr=True)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def read_prompts(path: Path, model_dir: Path | None, vocab: int, seed: int = 0) -> list[list[int]]:
+    """One prompt per line: whitespace-separated token ids, else text through the model
+    directory's tokenizer, else (no tokenizer) seeded random ids, one per word."""
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise InputError(str(path), "file", f"cannot be read ({e.strerror})", "a text file, one prompt per line") from None
+    tokenizer = None
+    if model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    prompts = []
+    for i, line in enumerate(lines):
+        words = line.split()
+        if all(w.isdigit() for w in words):
+            ids = [int(w) for w in words]
+        elif tokenizer is not None:
+            ids = tokenizer.encode(line)
+        else:
+            rng = random.Random(seed * 1_000_003 + i)
+            ids = [rng.randrange(vocab) for _ in words]
+        if not ids or max(ids) >= vocab:
+            raise InputError(str(path), f"line {i + 1}", "is empty or has token ids outside the vocabulary",
+                             f"ids in [0, {vocab})")
+        prompts.append(ids)
+    if not prompts:
+        raise InputError(str(path), "file", "has no prompts", "one prompt per line")
+    return prompts
+
+
+def _fmt(metric: str, v) -> str:
+    if v is None:
+        return "-"
+    if metric.startswith("stage_s."):
+        return fmt_seconds(v)
+    if "bytes" in metric:
+        return fmt_bytes(v)
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def print_table(report: dict) -> None:
+    m = report["measured"]
+    s = report["plan"]["schedule"]
+    title = (f"specrun {s['policy']} on {report['device']['name']}: {m['rows']} rows, "
+             f"{m['generated_tokens']} tokens in {fmt_seconds(m['wall_s'])}")
+    t = Table(title=title)
+    for col in ("metric", "measured", "predicted", "error %"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    predicted = {row["metric"]: row for row in report["comparison"]}
+    rows = [("throughput_tok_s", m["throughput_tok_s"]), ("decode_tok_s", m["decode_tok_s"]),
+            ("tokens_per_round", m["tokens_per_round"]), ("acceptance_rate", m["acceptance_rate"]),
+            ("h2d_bytes_per_s", m["h2d_bytes_per_s"]), ("h2d_bytes", m["h2d_bytes"]),
+            ("peak_gpu_bytes", m["peak_gpu_bytes"])]
+    stages = set(m["stage_s"]) | {k.split(".", 1)[1] for k in predicted if k.startswith("stage_s.")}
+    rows += [(f"stage_s.{k}", m["stage_s"].get(k)) for k in sorted(stages)]
+    for metric, value in rows:
+        p = predicted.get(metric, {})
+        e = p.get("error_pct")
+        shown = f"{value / 1e9:.2f} GB/s" if metric == "h2d_bytes_per_s" and value else _fmt(metric, value)
+        t.add_row(metric, shown, _fmt(metric, p.get("predicted")), "-" if e is None else f"{e:+.1f}")
+    out.print(t)
+
+
+@app.command()
+def run(
+    plan: Annotated[Path, typer.Option("--plan", help="plan.json written by `specplan optimize`.")],
+    target: Annotated[str, typer.Option("--target", help="Target model: HF directory (config.json + *.safetensors) or preset.")],
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft model (speculative policies): directory or preset.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="One prompt per line; default: random ids of the plan's prompt lengths.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights instead of a checkpoint.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    report: Annotated[Path, typer.Option("--report", help="Where to write the full report (JSON).")] = Path("specrun-report.json"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a table.")] = False,
+    max_rows: Annotated[Optional[int], typer.Option("--max-rows", min=1, help="Run at most this many prompts.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Override the weights' dtype: float32 | bfloat16 | float16.")] = None,
+    ignore_eos: Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Default: ignore EOS with random weights.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")] = 0,
+) -> None:
+    """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
+    from specplan.plan import Plan
+
+    from .run import resolve_model, run_plan
+
+    the_plan = Plan.load(str(plan))
+    token_ids = None
+    if prompts is not None:
+        spec, weights_dir = resolve_model(target)
+        folder = Path(target) if Path(target).is_dir() else weights_dir
+        token_ids = read_prompts(prompts, folder, spec.vocab, seed)
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"{the_plan.schedule.policy}: tokens", total=None)
+        result = run_plan(the_plan, target, draft, device=device, prompts=token_ids, random_weights=random_weights,
+                          max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    write_json(report, result)
+    err.print(f"report written to {report}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2) + "\n")
+    else:
+        print_table(result)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SpecplanError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

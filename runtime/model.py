@@ -1,0 +1,219 @@
+"""Forward pass of the Llama / Mistral / Qwen2 (dense) and Mixtral (MoE) families, one
+layer at a time so that layers can be streamed.
+
+The arithmetic follows transformers operation for operation (RMSNorm in fp32, RoPE with
+cos/sin cast to the activation dtype, softmax routing in fp32 renormalised over the top-k
+experts), so logits agree with it to rounding. A pass walks the layers once and computes
+every micro-batch ("Step") at each layer before moving on: the weight store hands out a
+layer, the pass uses it for all steps, then releases it so its buffer can be refilled.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specplan.cost import LOGITS_CHUNK_TOKENS
+from specplan.errors import InputError
+from specplan.models import ModelSpec
+
+from .attention import attend
+from .kvcache import KVCache
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# ---- what we run -----------------------------------------------------------------------------
+
+
+def rope_parameters(spec: ModelSpec) -> dict:
+    """rope_theta and scaling, from a transformers 5 ("rope_parameters") or 4 ("rope_scaling") config."""
+    cfg = spec.hf_config
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", spec.rope_theta))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def sliding_window(spec: ModelSpec) -> int | None:
+    if spec.arch == "MistralForCausalLM":
+        return spec.hf_config.get("sliding_window")
+    return None
+
+
+def check_supported(spec: ModelSpec, source: str = "model") -> None:
+    """Refuse, before any weight is read, a config whose arithmetic this runtime does not implement."""
+    cfg = spec.hf_config
+    rope = rope_parameters(spec)
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise InputError(source, "rope_scaling.rope_type", f"'{rope['rope_type']}' is not implemented by specrun",
+                         " | ".join(ROPE_TYPES))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise InputError(source, "partial_rotary_factor", f"got {rope['partial_rotary_factor']}", "1.0")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise InputError(source, "hidden_act", f"got {cfg.get('hidden_act')!r}", "silu")
+    if cfg.get("mlp_bias"):
+        raise InputError(source, "mlp_bias", "MLP biases are not implemented by specrun", "false")
+    if spec.arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window"):
+        raise InputError(source, "use_sliding_window", "Qwen2 per-layer sliding windows are not implemented", "false")
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], fp32, with linear or llama3 scaling (as transformers computes them)."""
+    p = rope_parameters(spec)
+    dim = spec.head_dim
+    inv_freq = 1.0 / (float(p["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if p["rope_type"] == "linear":
+        return inv_freq / p["factor"]
+    if p["rope_type"] == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+# ---- layer arithmetic --------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, q_len, 1, head_dim] for absolute positions [B, q_len]."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    if not spec.is_moe:
+        return swiglu(x, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+    return moe(x, w, spec)
+
+
+def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
+    """Top-k softmax routing, weights renormalised over the chosen experts (Mixtral)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    probs = F.softmax(F.linear(x, w["block_sparse_moe.gate.weight"]).float(), dim=-1)
+    top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    # One expert at a time over the tokens routed to it; the set of experts hit is known
+    # only after routing, hence the one host sync per layer.
+    for e in top_i.unique().tolist():
+        token, slot = torch.where(top_i == e)
+        p = f"block_sparse_moe.experts.{e}."
+        y = swiglu(x[token], w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"])
+        out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
+    return out.view(shape)
+
+
+# ---- a pass over the layers -----------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One micro-batch of a pass: `tokens` [B, q_len] for cache rows `rows`, written at the
+    rows' current cache lengths (which the pass leaves unchanged: the caller decides what to keep)."""
+
+    rows: slice
+    tokens: torch.Tensor  # int64, on the CPU
+    pick: torch.Tensor | None = None  # [B] the one position per row to return logits for; None = every position
+
+
+class Model:
+    """A model bound to its weight store and KV cache. `name` prefixes the stages it times."""
+
+    def __init__(self, spec: ModelSpec, store, cache: KVCache, device: torch.device, stats=None, name: str = "target"):
+        self.spec, self.store, self.cache, self.device = spec, store, cache, device
+        self.stats, self.name = stats, name
+        self.inv_freq = rope_inv_freq(spec).to(device)
+        self.window = sliding_window(spec)
+
+    def _timed(self, stage: str):
+        return self.stats.region(f"{self.name}_{stage}") if self.stats is not None else nullcontext()
+
+    @torch.inference_mode()
+    def forward(self, steps: list[Step], logits: bool = True) -> list[torch.Tensor]:
+        """Logits (fp32) per step: [B, V] where `pick` is set, else [B, q_len, V]."""
+        store, L = self.store, self.spec.layers
+        with self._timed("head"):
+            xs = [store.embed(s.tokens).to(self.device, non_blocking=True) for s in steps]
+            ropes = []
+            for s in steps:
+                pos = self.cache.lengths[s.rows][:, None] + torch.arange(s.tokens.shape[1])
+                ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device), xs[0].dtype))
+        for i in range(L):
+            w = store.acquire(i)
+            for j, s in enumerate(steps):
+                xs[j] = self.layer(i, w, xs[j], s, ropes[j])
+            store.release(i)
+        w = store.acquire(L)
+        with self._timed("head"):
+            out = [self.head(x, s, w) for x, s in zip(xs, steps)] if logits else []
+        store.release(L)
+        return out
+
+    def layer(self, i: int, w: dict, x: torch.Tensor, step: Step, rope) -> torch.Tensor:
+        spec = self.spec
+        B, T, _ = x.shape
+        with self._timed("proj"):
+            h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
+            q = linear(h, w, "self_attn.q_proj").view(B, T, spec.heads, spec.head_dim)
+            k = linear(h, w, "self_attn.k_proj").view(B, T, spec.kv_heads, spec.head_dim)
+            v = linear(h, w, "self_attn.v_proj").view(B, T, spec.kv_heads, spec.head_dim)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        with self._timed("attention"):
+            o = self.attention(i, step, q, k, v)
+        with self._timed("proj"):
+            x = x + linear(o.reshape(B, T, -1), w, "self_attn.o_proj")
+        with self._timed("ffn"):
+            x = x + ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec)
+        return x
+
+    def attention(self, i: int, step: Step, q, k, v) -> torch.Tensor:
+        start = self.cache.lengths[step.rows]
+        self.cache.write(i, step.rows, k, v)
+        past = int(start.max())
+        if past == 0:
+            # Prefill: nothing cached before these tokens, so attend to the fresh keys where
+            # they were computed instead of reading them back from a (CPU) cache.
+            return attend(q, k, v, start, self.window)
+        kc, vc = self.cache.view(i, step.rows, past + q.shape[1])
+        return attend(q, kc, vc, start, self.window).to(q.device, q.dtype, non_blocking=True)
+
+    def head(self, x: torch.Tensor, step: Step, w: dict) -> torch.Tensor:
+        if step.pick is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), step.pick.to(x.device)]
+        x = rms_norm(x, w["model.norm.weight"], self.spec.rms_norm_eps)
+        flat = x.reshape(-1, x.shape[-1])
+        lm_head = w["lm_head.weight"]
+        chunks = [F.linear(c, lm_head).float() for c in flat.split(LOGITS_CHUNK_TOKENS)]
+        return torch.cat(chunks).view(*x.shape[:-1], -1)

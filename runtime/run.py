@@ -1,0 +1,236 @@
+"""run_plan: a plan, a target and a draft, and prompts in; a report of what was measured,
+next to what the plan predicted, out.
+
+Everything that can refuse a plan runs before any weight is read: the models must have the
+shapes the plan was made for, the plan must fit the memory of the hardware profile it
+names (the same plan_memory the planner constrains), and on a GPU the memory free now.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from specplan import __version__
+from specplan.errors import InfeasibleError, InputError, SpecplanError
+from specplan.hardware import load_profile
+from specplan.memory import MemoryNeed, plan_memory
+from specplan.models import ModelSpec
+from specplan.plan import Plan
+from specplan.units import fmt_bytes
+from specplan.workload import Workload
+
+from .checkpoint import open_checkpoint, torch_dtype
+from .engine import Engine
+from .model import check_supported
+from .stats import Stats
+
+SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_inner", "vocab", "experts", "top_k")
+
+
+# ---- models and prompts ------------------------------------------------------------------------
+
+
+def resolve_model(name_or_path: str | ModelSpec) -> tuple[ModelSpec, Path | None]:
+    """A preset name, a HF model directory or its config.json -> (spec, directory holding weights or None)."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path, None
+    spec = ModelSpec.resolve(str(name_or_path))
+    p = Path(name_or_path)
+    folder = p if p.is_dir() else p.parent if p.is_file() else None
+    has_weights = folder is not None and any(folder.glob("*.safetensors"))
+    return spec, folder if has_weights else None
+
+
+def model_shape(spec: ModelSpec) -> dict[str, int]:
+    return {k: getattr(spec, k) for k in SHAPE_FIELDS}
+
+
+def random_prompts(workload: Workload, vocab: int, n: int, seed: int | None = None) -> list[list[int]]:
+    """n prompts of the workload's lengths (cycled), random token ids, seeded."""
+    rng = random.Random(workload.seed if seed is None else seed)
+    return [[rng.randrange(vocab) for _ in range(workload.prompt_len_of(i))] for i in range(n)]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError("argument", "--device", f"got {device!r}", "auto | cpu | cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("argument", "--device", "cuda was asked for but torch sees no CUDA device", "auto or cpu")
+    return torch.device(device)
+
+
+# ---- refusing a plan before loading anything ----------------------------------------------------
+
+
+def _check_model(plan: Plan, role: str, given: ModelSpec) -> None:
+    planned = plan.inputs.get(f"{role}_shape")
+    name = getattr(plan, role)
+    if not isinstance(planned, dict):
+        try:
+            planned = model_shape(ModelSpec.resolve(name))
+        except SpecplanError:
+            return  # the plan's model cannot be found here; nothing to compare against
+    diff = [f"{k} {planned[k]} vs {getattr(given, k)}" for k in SHAPE_FIELDS if k in planned and planned[k] != getattr(given, k)]
+    if diff:
+        raise InputError("plan", role, f"was made for '{name}', which does not match the given {role} '{given.name}' "
+                         f"({', '.join(diff)})", f"--{role} with the model the plan was made for")
+
+
+def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: torch.device,
+               prompt_lens: list[int] | None = None) -> MemoryNeed:
+    """Raise a SpecplanError saying why, if this plan cannot run with these models here."""
+    s = plan.schedule
+    plan.placement.validate("plan", layers=target.layers)
+    _check_model(plan, "target", target)
+    check_supported(target, target.name)
+    torch_dtype(target, target.name)
+    if s.speculative:
+        if draft is None:
+            raise InputError("plan", "draft", f"policy {s.policy} drafts tokens but no draft model was given", "--draft")
+        _check_model(plan, "draft", draft)
+        check_supported(draft, draft.name)
+        if draft.vocab != target.vocab:
+            raise InputError(draft.name, "vocab_size", f"{draft.vocab} differs from the target's {target.vocab}",
+                             "a draft that shares the target's tokenizer")
+    workload = Workload.from_dict(plan.workload, "plan workload")
+    if prompt_lens and max(prompt_lens) > workload.max_prompt_len:
+        workload = replace(workload, prompt_lens=tuple(prompt_lens))  # size the KV cache for what will run
+    need = plan_memory(target, draft if s.speculative else None, s, plan.placement, workload)
+    profile = load_profile(plan.hardware)
+    problems = need.violations(profile)
+    if problems:
+        raise InfeasibleError(f"plan does not fit {profile.name}: " + "; ".join(problems))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need.gpu_bytes > free:
+            raise InfeasibleError(f"plan needs {fmt_bytes(need.gpu_bytes)} of GPU memory, "
+                                  f"{torch.cuda.get_device_name(device)} has {fmt_bytes(free)} free now")
+    return need
+
+
+# ---- running -----------------------------------------------------------------------------------------
+
+
+def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | ModelSpec | None = None, *,
+             device: str = "auto", prompts: list[list[int]] | None = None, random_weights: bool = False,
+             max_rows: int | None = None, dtype: str | None = None, ignore_eos: bool | None = None,
+             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Execute `plan` and return the report (see build_report). `progress(done, total)` gets generated-token counts."""
+    plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
+    tspec, tdir = resolve_model(target)
+    dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
+    if dtype:
+        tspec = tspec.with_dtype(dtype)
+        dspec = dspec.with_dtype(dtype) if dspec else None
+    dev = pick_device(device)
+    workload = Workload.from_dict(plan.workload, "plan workload")
+    if prompts is None:
+        n = min(max_rows or workload.num_prompts, workload.num_prompts)
+        prompts = random_prompts(workload, tspec.vocab, n, workload.seed + seed)
+    prompts = prompts[:max_rows] if max_rows else prompts
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise InputError("prompts", "prompts", "are empty", "at least one prompt of at least one token")
+    need = check_plan(plan, tspec, dspec, dev, [len(p) for p in prompts])
+
+    # Only now is any weight read.
+    tck = open_checkpoint(tspec, tdir, random_weights, seed)
+    dck = open_checkpoint(dspec, ddir, random_weights, seed + 1) if dspec is not None else None
+    if ignore_eos is None:
+        ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths
+    eos = tspec.hf_config.get("eos_token_id")
+    eos = None if ignore_eos or eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    stats = Stats(dev)
+    engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=min(len(prompts), plan.schedule.rows),
+                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len, sampling=workload.sampling,
+                    temperature=workload.temperature, seed=workload.seed + seed, eos=eos, stats=stats)
+    total = len(prompts) * workload.gen_len
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    try:
+        t0 = time.perf_counter()
+        outputs = engine.generate(prompts, tick)
+        wall_s = time.perf_counter() - t0
+        return build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
+    finally:
+        engine.close()
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+
+def error_pct(measured: float | None, predicted: float | None) -> float | None:
+    """(predicted - measured) / measured in percent: positive = the plan was optimistic about a rate,
+    or pessimistic about a time."""
+    if measured in (None, 0) or predicted is None:
+        return None
+    return 100.0 * (predicted - measured) / measured
+
+
+def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,
+                 device: torch.device, need: MemoryNeed, target: ModelSpec, draft: ModelSpec | None) -> dict[str, Any]:
+    stage_s = stats.stage_s()
+    c = stats.counts
+    generated = sum(len(o) for o in outputs)
+    h2d_bytes = c.get("h2d_bytes", 0.0) + c.get("prefill.h2d_bytes", 0.0)
+    h2d_s = stage_s.get("h2d", 0.0) + stage_s.get("prefill.h2d", 0.0)
+    rounds = c.get("rounds", 0.0)
+    if device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        peak_gpu = engine.device_bytes()  # what would sit on the GPU: weights, stream slots, device KV caches
+        device_name = "cpu"
+    measured = {
+        "throughput_tok_s": generated / wall_s if wall_s > 0 else None,
+        "decode_tok_s": (generated - len(outputs)) / max(wall_s - stage_s.get("prefill", 0.0), 1e-12),
+        "wall_s": wall_s,
+        "generated_tokens": generated,
+        "rows": len(outputs),
+        "stage_s": stage_s,
+        "h2d_bytes": h2d_bytes,
+        "h2d_bytes_per_s": h2d_bytes / h2d_s if h2d_s > 0 else None,
+        "tokens_per_round": 1.0 + c.get("accepted", 0.0) / rounds if rounds else None,
+        "acceptance_rate": c["accepted"] / c["drafted"] if c.get("drafted") else None,
+        "rounds": rounds,
+        "peak_gpu_bytes": peak_gpu,
+        "host_bytes": engine.host_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    pred = plan.prediction or {}
+    comparison = []
+    for key in ("throughput_tok_s", "tokens_per_round", "peak_gpu_bytes"):
+        if key in pred:
+            comparison.append({"metric": key, "measured": measured[key], "predicted": pred[key],
+                               "error_pct": error_pct(measured[key], pred[key])})
+    for stage, seconds in (pred.get("stage_s") or {}).items():
+        comparison.append({"metric": f"stage_s.{stage}", "measured": stage_s.get(stage), "predicted": seconds,
+                           "error_pct": error_pct(stage_s.get(stage), seconds)})
+    return {
+        "tool": {"specplan": __version__, "torch": torch.__version__},
+        "device": {"type": device.type, "name": device_name},
+        "plan": {"target": plan.target, "draft": plan.draft, "hardware": plan.hardware,
+                 "schedule": plan.to_dict()["schedule"], "placement": plan.to_dict()["placement"]},
+        "models": {"target": model_shape(target) | {"name": target.name, "dtype": target.dtype},
+                   "draft": model_shape(draft) | {"name": draft.name, "dtype": draft.dtype} if draft else None},
+        "planned_memory": {"gpu_bytes": need.gpu_bytes, "host_bytes": need.host_bytes, "pinned_bytes": need.pinned_bytes},
+        "measured": measured,
+        "predicted": pred,
+        "comparison": comparison,
+        "outputs": outputs,
+    }

@@ -1,0 +1,79 @@
+"""Stage timers and counters shared by the engine and the weight store.
+
+On a GPU a stage is timed with a pair of CUDA events on the stream that runs it, so timing
+never synchronises and overlapped stages each report their own busy time; the events are
+resolved when a report is asked for. On the CPU the same regions use perf_counter. Both the
+main thread (target) and the draft thread record here, hence the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class Stats:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.prefix = ""  # "prefill." while prompts are being prefilled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def region(self, stage: str):
+        """Device time of the work issued inside, on the current stream."""
+        key = self.prefix + stage
+        if not self.cuda:
+            with self.wall(stage):
+                yield
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.add_events(key, start, end)
+
+    @contextmanager
+    def wall(self, stage: str):
+        """Host time of the code inside (bookkeeping, whole phases)."""
+        key = self.prefix + stage
+        t = time.perf_counter()
+        yield
+        self.add(key, time.perf_counter() - t)
+
+    def add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[key] += seconds
+
+    def add_events(self, key: str, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        with self._lock:
+            self._events.append((key, start, end))
+            if len(self._events) > 4096:
+                self._resolve(block=False)
+
+    def count(self, key: str, n: float) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def _resolve(self, block: bool) -> None:
+        pending = []
+        for key, start, end in self._events:
+            if block:
+                end.synchronize()
+            if end.query():
+                self.seconds[key] += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((key, start, end))
+        self._events = pending
+
+    def stage_s(self) -> dict[str, float]:
+        with self._lock:
+            self._resolve(block=True)
+            return dict(sorted(self.seconds.items()))

@@ -1,0 +1,236 @@
+"""WeightStore: every tensor at the home the Placement gives it, and the stream that
+brings off-GPU layers in.
+
+Homes: "gpu" (resident on the compute device), "cpu_pinned", "cpu_pageable", "disk"
+(written to a temporary file and memory-mapped back). The units a pass walks are the
+layers 0..L-1 and then the head (final norm + LM head), always in that order, pass after
+pass. A unit's off-GPU tensors are packed at build time into one flat host buffer per home,
+laid out exactly as in a GPU slot, so bringing a layer in is one large copy per home, not
+dozens of small ones (copies under ~1 MB are far below link bandwidth).
+
+The ring: prefetch_depth + 1 preallocated GPU slots, filled round-robin on a dedicated
+copy stream. The per-layer protocol is
+
+    w = store.acquire(i)   # the compute stream waits on slot(i)'s `ready` event
+    ... compute layer i with w ...
+    store.release(i)       # records slot(i)'s `free` event on the compute stream and
+                           # queues the next unit into the same slot; the copy stream waits
+                           # on `free` before overwriting it
+
+so the copy of the unit prefetch_depth + 1 ahead overlaps the compute of the ones in
+between and no copy ever runs on the default stream. The ring continues across passes:
+while the head of pass n computes, layer 0 of pass n + 1 is already streaming in. Disk
+units are first read from the memory map into a pinned staging buffer (one per slot) by the
+issuing thread, then copied like pinned memory. On the CPU the same code runs with plain
+synchronous copies into the same preallocated slots, which is what lets tests check that
+streamed execution equals resident execution bit for bit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specplan.plan import Placement
+
+from .checkpoint import Checkpoint, tensor_group
+from .stats import Stats
+
+ALIGN = 256  # bytes; keeps every tensor view in a slot aligned for vectorised kernels
+RESIDENT = Placement(attention="gpu", ffn="gpu", embed="gpu", lm_head="gpu")
+
+
+@dataclass
+class _Part:
+    """A run of one unit's streamed bytes that share a home: host[:] -> slot[offset:offset + n]."""
+
+    home: str
+    host: torch.Tensor  # flat uint8: pinned, pageable, or memory-mapped from a file
+    offset: int
+
+
+@dataclass
+class _Unit:
+    resident: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: dict[str, tuple[int, torch.dtype, torch.Size]] = field(default_factory=dict)  # name -> (offset, dtype, shape)
+    parts: list[_Part] = field(default_factory=list)
+    nbytes: int = 0  # streamed bytes
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class WeightStore:
+    def __init__(self, checkpoint: Checkpoint, placement: Placement, device: torch.device,
+                 prefetch_depth: int = 1, stats: Stats | None = None):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stats = stats
+        self.bytes = {"gpu": 0, "cpu_pinned": 0, "cpu_pageable": 0, "disk": 0}
+        self._spill: tempfile.TemporaryDirectory | None = None
+        spec = checkpoint.spec
+
+        g = checkpoint.globals()
+        self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed)
+        self.units = [self._build_unit(i, checkpoint.layer(i), lambda name, i=i: self._home(placement, i, name))
+                      for i in range(spec.layers)]
+        head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
+        self.units.append(self._build_unit(spec.layers, head, lambda name: placement.lm_head if name == "lm_head.weight" else "gpu"))
+
+        self.order = [u for u, unit in enumerate(self.units) if unit.parts]  # units that stream
+        n_slots = min(prefetch_depth + 1, len(self.order))
+        slot_bytes = max((self.units[u].nbytes for u in self.order), default=0)
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
+        self.bytes["gpu"] += slot_bytes * n_slots
+        self.staging: list[torch.Tensor] = []
+        if self.cuda and any(p.home == "disk" for u in self.order for p in self.units[u].parts):
+            self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(n_slots)]
+            self.bytes["cpu_pinned"] += slot_bytes * n_slots
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in self.slots]
+            self.free = [torch.cuda.Event() for _ in self.slots]
+            self.staged = [torch.cuda.Event() for _ in self.slots]
+        self.inflight: dict[int, int] = {}  # unit -> slot holding (or receiving) it
+        self._next = 0  # index into self.order of the next unit to fetch
+
+    # ---- building ---------------------------------------------------------------------------
+    @staticmethod
+    def _home(placement: Placement, layer: int, name: str) -> str:
+        group = tensor_group(name)
+        if group == "attention":
+            return placement.attention
+        if group == "ffn":
+            return placement.ffn_home(layer)
+        return "gpu"  # norms and the router are small and needed to route before experts arrive
+
+    def _place(self, t: torch.Tensor, home: str) -> torch.Tensor:
+        if home == "gpu":
+            self.bytes["gpu"] += t.nbytes
+            return t.to(self.device).contiguous()
+        pin = home == "cpu_pinned" and self.cuda
+        self.bytes[home if home != "disk" else "cpu_pageable"] += t.nbytes
+        return t.contiguous().pin_memory() if pin else t.contiguous()
+
+    def _build_unit(self, u: int, tensors: dict[str, torch.Tensor], home_of) -> _Unit:
+        unit = _Unit()
+        by_home: dict[str, list[str]] = {}
+        for name, t in tensors.items():
+            home = home_of(name)
+            if home == "gpu":
+                unit.resident[name] = self._place(t, "gpu")
+            else:
+                by_home.setdefault(home, []).append(name)
+        offset = 0
+        for home, names in by_home.items():
+            start = offset
+            for name in names:
+                unit.layout[name] = (offset, tensors[name].dtype, tensors[name].shape)
+                offset = _align(offset + tensors[name].nbytes)
+            flat = torch.zeros(offset - start, dtype=torch.uint8, pin_memory=home == "cpu_pinned" and self.cuda)
+            for name in names:
+                off, t = unit.layout[name][0] - start, tensors[name].contiguous()
+                flat[off:off + t.nbytes].copy_(t.view(-1).view(torch.uint8))
+            if home == "disk":
+                flat = self._spill_to_disk(flat, f"unit{u}")
+            unit.parts.append(_Part(home, flat, start))
+            self.bytes[home] += flat.nbytes
+        unit.nbytes = offset
+        return unit
+
+    def _spill_to_disk(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="specrun-weights-")
+        path = Path(self._spill.name) / f"{name}.pt"
+        torch.save(flat, path)
+        return torch.load(path, mmap=True, weights_only=True)  # pages are read when copied
+
+    # ---- the per-layer protocol ----------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens.to(self.embed_weight.device), self.embed_weight)
+
+    def acquire(self, u: int) -> dict[str, torch.Tensor]:
+        """Unit u's tensors on the compute device, ready for the current stream to use."""
+        unit = self.units[u]
+        if not unit.parts:
+            return unit.resident
+        if u not in self.inflight:
+            self._restart(u)
+        slot = self.inflight[u]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        buf = self.slots[slot]
+        views = {name: buf[off:off + dtype.itemsize * shape.numel()].view(dtype).view(shape)
+                 for name, (off, dtype, shape) in unit.layout.items()}
+        return {**unit.resident, **views}
+
+    def release(self, u: int) -> None:
+        """Unit u's compute is queued: hand its slot to the next unit in the ring."""
+        if not self.units[u].parts:
+            return
+        slot = self.inflight.pop(u)
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        self._fetch_next(slot)
+
+    def _restart(self, u: int) -> None:
+        """(Re)fill the ring starting at unit u: the first pass, or a pass that broke the order."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        self.inflight.clear()
+        self._next = self.order.index(u)
+        for slot in range(len(self.slots)):
+            self._fetch_next(slot)
+
+    def _fetch_next(self, slot: int) -> None:
+        u = self.order[self._next]
+        self._next = (self._next + 1) % len(self.order)
+        self.inflight[u] = slot
+        unit, dst = self.units[u], self.slots[slot]
+        if not self.cuda:
+            t = time.perf_counter()
+            for p in unit.parts:
+                dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
+            self._record_copy(unit.nbytes, seconds=time.perf_counter() - t)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.free[slot])  # slot's previous unit has been computed
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for p in unit.parts:
+                src = p.host
+                if p.home == "disk":
+                    self.staged[slot].synchronize()  # the last copy out of this staging buffer is done
+                    t = time.perf_counter()
+                    src = self.staging[slot][:src.numel()].copy_(src)
+                    if self.stats is not None:
+                        self.stats.add(self.stats.prefix + "disk_read", time.perf_counter() - t)
+                dst[p.offset:p.offset + src.numel()].copy_(src, non_blocking=True)
+            end.record()
+            self.ready[slot].record()
+            if self.staging:
+                self.staged[slot].record()
+        self._record_copy(unit.nbytes, events=(start, end))
+
+    def _record_copy(self, nbytes: int, seconds: float = 0.0, events=None) -> None:
+        if self.stats is None:
+            return
+        key = self.stats.prefix + "h2d"
+        self.stats.count(key + "_bytes", nbytes)
+        if events is not None:
+            self.stats.add_events(key, *events)
+        else:
+            self.stats.add(key, seconds)
+
+    def close(self) -> None:
+        if self.cuda and self.slots:
+            self.copy_stream.synchronize()
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None

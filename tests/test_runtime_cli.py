@@ -1,0 +1,146 @@
+"""specrun: refusals happen before any weight is read; a tiny plan runs end to end on the CPU
+(random weights, or a real HF directory) and the report puts measurements next to the plan's
+prediction."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import transformers
+
+from specplan.errors import InfeasibleError, InputError
+from specplan.models import ModelSpec
+from specplan.plan import Placement, Plan, Schedule
+from specplan.runtime import cli, run
+from specplan.runtime.run import model_shape, run_plan
+from specplan.workload import Workload
+
+ALL_GPU = Placement(attention="gpu", ffn="gpu", embed="gpu", lm_head="gpu", draft_kv="gpu")
+STREAMED = Placement(attention="cpu_pinned", ffn="cpu_pageable", ffn_gpu_layers=1, draft_kv="cpu")
+
+
+def make_plan(target="tiny-llama", draft="tiny-draft", policy="specoffload", placement=STREAMED,
+              hardware="rtx4090", **kw) -> Plan:
+    spec = policy in ("specoffload", "spec-serial")
+    schedule = Schedule(policy=policy, target_batch=2, num_batches=2, prefill_chunk=2, draft_batch=2,
+                        gamma=3 if spec else 0, prefetch_depth=0 if policy == "sequential" else 1).validate()
+    return Plan(target=target, draft=draft if spec else None, hardware=hardware, schedule=schedule, placement=placement,
+                workload=Workload.make(prompt_len=[4, 7], gen_len=6, num_prompts=4).to_dict(),
+                prediction={"throughput_tok_s": 50.0, "tokens_per_round": 2.0, "peak_gpu_bytes": 1e6,
+                            "stage_s": {"h2d": 0.01, "target_ffn": 0.02}}, **kw)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if anything tries to read weights."""
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the plan was refused")
+    monkeypatch.setattr(run, "open_checkpoint", refuse)
+
+
+def specrun(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["specrun", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_refuses_a_plan_made_for_another_target(no_weights):
+    with pytest.raises(InputError, match="tiny-mixtral.*does not match.*experts 4 vs 1"):
+        run_plan(make_plan(target="tiny-mixtral"), "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+
+
+def test_recorded_shapes_are_checked_when_the_plan_model_is_not_here(no_weights):
+    plan = make_plan(target="/elsewhere/Mixtral", inputs={"target_shape": model_shape(ModelSpec.from_preset("tiny-mixtral"))})
+    with pytest.raises(InputError, match="does not match"):
+        run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+
+
+def test_refuses_a_plan_that_does_not_fit_the_profile(no_weights):
+    plan = make_plan(target="mixtral-8x7b", draft="mistral-7b-v0.2", placement=ALL_GPU)
+    with pytest.raises(InfeasibleError, match="does not fit rtx4090.*GPU memory"):
+        run_plan(plan, "mixtral-8x7b", "mistral-7b-v0.2", random_weights=True, device="cpu")
+
+
+def test_refuses_a_speculative_plan_without_a_draft(no_weights):
+    with pytest.raises(InputError, match="no draft model"):
+        run_plan(make_plan(), "tiny-llama", None, random_weights=True, device="cpu")
+
+
+def test_cli_refusals_are_one_line_and_exit_non_zero(monkeypatch, capsys, tmp_path, no_weights):
+    bad_model = tmp_path / "bad_model.json"
+    make_plan(target="tiny-mixtral").save(str(bad_model))
+    code, out, err = specrun(monkeypatch, capsys, "--plan", str(bad_model), "--target", "tiny-llama",
+                             "--draft", "tiny-draft", "--random-weights", "--device", "cpu",
+                             "--report", str(tmp_path / "r.json"))
+    assert code == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+    too_big = tmp_path / "too_big.json"
+    make_plan(target="mixtral-8x7b", draft="mistral-7b-v0.2", placement=ALL_GPU).save(str(too_big))
+    code, _, err = specrun(monkeypatch, capsys, "--plan", str(too_big), "--target", "mixtral-8x7b",
+                           "--draft", "mistral-7b-v0.2", "--random-weights", "--device", "cpu",
+                           "--report", str(tmp_path / "r.json"))
+    assert code == 3 and "GPU memory" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    make_plan().save(str(plan))
+    report = tmp_path / "out" / "report.json"
+    code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--draft", "tiny-draft",
+                           "--random-weights", "--device", "cpu", "--report", str(report), "--json")
+    assert code == 0
+    shown = json.loads(out)
+    saved = json.loads(report.read_text())
+    assert "outputs" not in shown and [len(o) for o in saved["outputs"]] == [6, 6, 6, 6]
+    m = saved["measured"]
+    assert m["generated_tokens"] == 24 and m["throughput_tok_s"] > 0 and m["h2d_bytes_per_s"] > 0
+    assert 1.0 <= m["tokens_per_round"] <= 4.0 and m["peak_gpu_bytes"] > 0
+    assert {"h2d", "draft", "target_attention", "target_ffn", "verify", "prefill"} <= set(m["stage_s"])
+    rows = {r["metric"]: r for r in saved["comparison"]}
+    assert set(rows) == {"throughput_tok_s", "tokens_per_round", "peak_gpu_bytes", "stage_s.h2d", "stage_s.target_ffn"}
+    t = rows["throughput_tok_s"]
+    assert t["error_pct"] == pytest.approx(100 * (50.0 - t["measured"]) / t["measured"])
+    code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--draft", "tiny-draft",
+                           "--random-weights", "--device", "cpu", "--report", str(report), "--max-rows", "3")
+    assert code == 0 and "throughput_tok_s" in out and len(json.loads(report.read_text())["outputs"]) == 3
+
+
+def test_specrun_reads_a_hf_directory_and_prompt_file(monkeypatch, capsys, tmp_path):
+    spec = ModelSpec.from_preset("tiny-llama")
+    cfg = transformers.CONFIG_MAPPING["llama"].from_dict(spec.hf_config)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("5 17 42 9\n\n3 3 200\n")
+    plan = tmp_path / "plan.json"
+    make_plan(policy="flexgen").save(str(plan))
+    report = tmp_path / "report.json"
+    code, _, err = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", str(tmp_path / "model"),
+                           "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu", "--report", str(report),
+                           "--ignore-eos")
+    assert code == 0, err
+    outputs = json.loads(report.read_text())["outputs"]
+    with torch.no_grad():
+        for prompt, got in zip(([5, 17, 42, 9], [3, 3, 200]), outputs):
+            ids = torch.tensor([prompt])
+            for _ in range(6):
+                ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            assert got == ids[0, len(prompt):].tolist()
+
+
+def test_prompt_lines_without_a_tokenizer_become_seeded_ids(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("1 2 3\nthe quick brown fox\n")
+    a = cli.read_prompts(f, None, vocab=256, seed=0)
+    assert a[0] == [1, 2, 3] and len(a[1]) == 4 and a == cli.read_prompts(f, None, vocab=256, seed=0)
+    f.write_text("1 2 999\n")
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        cli.read_prompts(f, None, vocab=256)
