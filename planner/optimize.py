@@ -19,7 +19,7 @@ from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
-from specplan.models import ModelSpec
+from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.simulator.run import SimConfig, SimResult, simulate
 from specplan.workload import Workload
@@ -164,8 +164,7 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         schedule=sch, placement=c.placement, workload=workload.to_dict(), prediction=prediction,
         inputs={"target": sha256_of(target.hf_config), "draft": sha256_of(draft.hf_config) if draft else None,
                 "hardware": sha256_of(profile.to_dict()), "workload": sha256_of(workload.to_dict()),
-                "target_layers": target.layers, "target_hidden": target.hidden,
-                "draft_layers": draft.layers if draft else None, "draft_hidden": draft.hidden if draft else None},
+                "target_shape": model_shape(target), "draft_shape": model_shape(draft) if draft else None},
         versions={"specplan": __version__, "python": platform.python_version(), "simpy": simpy.__version__,
                   "pulp": pulp.__version__, "solver": solver_name()},
     )

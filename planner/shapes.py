@@ -125,9 +125,9 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         head = lm_head_time_s(P, T, tokens)
         return gpu + head, cpu, gpu + cpu + T.layers * copies + head
 
-    if shape.policy == "flexgen":  # every micro-batch per step, CPU attention of one overlaps GPU of another
+    if shape.policy == "flexgen":  # each streamed layer serves every micro-batch, one after another
         gpu1, cpu1, chain1 = pass_costs(b, 1, ctx, shape.attention_device)
-        gpu_s, cpu_s, chain_s = nb * gpu1, nb * cpu1, chain1 + (nb - 1) * max(gpu1, cpu1)
+        gpu_s, cpu_s, chain_s = nb * gpu1, nb * cpu1, nb * chain1
     else:
         gpu_s, cpu_s, chain_s = pass_costs(b_act, q, ctx, shape.attention_device)
 

@@ -21,7 +21,7 @@ from specplan import __version__
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.hardware import load_profile
 from specplan.memory import MemoryNeed, plan_memory
-from specplan.models import ModelSpec
+from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
 from specplan.units import fmt_bytes
 from specplan.workload import Workload
@@ -30,8 +30,6 @@ from .checkpoint import open_checkpoint, torch_dtype
 from .engine import Engine
 from .model import check_supported
 from .stats import Stats
-
-SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_inner", "vocab", "experts", "top_k")
 
 
 # ---- models and prompts ------------------------------------------------------------------------
@@ -46,10 +44,6 @@ def resolve_model(name_or_path: str | ModelSpec) -> tuple[ModelSpec, Path | None
     folder = p if p.is_dir() else p.parent if p.is_file() else None
     has_weights = folder is not None and any(folder.glob("*.safetensors"))
     return spec, folder if has_weights else None
-
-
-def model_shape(spec: ModelSpec) -> dict[str, int]:
-    return {k: getattr(spec, k) for k in SHAPE_FIELDS}
 
 
 def random_prompts(workload: Workload, vocab: int, n: int, seed: int | None = None) -> list[list[int]]:

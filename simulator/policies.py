@@ -10,9 +10,10 @@ for each row of batch B. Both want the GPU: their kernels queue on one GPU resou
 a round costs max(T_target, T_draft) only when they do not collide, and up to
 T_draft + T_target_gpu when they do. Then A and B swap.
 
-flexgen: no draft; every step streams each layer once and computes it for all of the
-block's micro-batches (their CPU attention overlaps each other's GPU work).
-sequential: no draft, no overlap: copy a layer, compute it, copy the next.
+flexgen: no draft; every step streams each layer once and computes it for each of the
+block's micro-batches in turn (as specrun does; they do not overlap each other).
+sequential: no draft, no overlap: copy a layer, compute it, copy the next; each batch
+takes its own pass over the weights.
 spec-serial: speculative decoding on one batch: draft, then verify, then draft again.
 
 Prefill is simulated for every policy: prompts in chunks of `prefill_chunk` rows, each
@@ -107,8 +108,8 @@ class Scenario:
         head_tokens = sum(g.rows for g in groups) if kind == "prefill" else tokens
         if self.pl.lm_head != "gpu":
             t = h2d_time_s(self.P, T.head_bytes, pinned=self.pl.lm_head == "cpu_pinned")
-            yield from m.use("h2d", self._stage(kind, "weights_h2d"), t, who)
-        yield from m.use("gpu", self._stage(kind, "lm_head"), lm_head_time_s(self.P, T, head_tokens), who)
+            yield from m.use("h2d", self._stage(kind, "h2d"), t, who)
+        yield from m.use("gpu", self._stage(kind, "target_head"), lm_head_time_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
     def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
@@ -121,11 +122,11 @@ class Scenario:
             yield slots.get(1)
             disk_bytes = sum(n for _, home, n in chunks if home == "disk")
             if disk_bytes:
-                yield from self.m.use("disk", self._stage(kind, "weights_disk"), disk_read_time_s(self.P, disk_bytes), who)
+                yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_read_time_s(self.P, disk_bytes), who)
             # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
             pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
             t = h2d_time_s(self.P, pinned, pinned=True) + h2d_time_s(self.P, sum(n for *_, n in chunks) - pinned, pinned=False)
-            yield from self.m.use("h2d", self._stage(kind, "weights_h2d"), t, who)
+            yield from self.m.use("h2d", self._stage(kind, "h2d"), t, who)
             loaded[layer].succeed(True)
 
     def _layer_costs(self, g: Group, kind: str) -> dict:
@@ -146,20 +147,20 @@ class Scenario:
 
     def _layer(self, who: str, kind: str, c: dict):
         m, st = self.m, self._stage
-        yield from m.use("gpu", st(kind, "attn_proj"), c["attn_proj"], who)
+        yield from m.use("gpu", st(kind, "target_proj"), c["attn_proj"], who)
         if c["cpu_attention"]:
-            yield from m.delay(st(kind, "act_d2h"), c["act_d2h"], who)
-            yield from m.use("cpu", st(kind, "cpu_attention"), c["cpu_attention"], who)
-            yield from m.delay(st(kind, "act_h2d"), c["act_h2d"], who)
+            yield from m.delay(st(kind, "target_attention"), c["act_d2h"], who)
+            yield from m.use("cpu", st(kind, "target_attention"), c["cpu_attention"], who)
+            yield from m.delay(st(kind, "target_attention"), c["act_h2d"], who)
         else:
-            yield from m.use("gpu", st(kind, "gpu_attention"), c["gpu_attention"], who)
+            yield from m.use("gpu", st(kind, "target_attention"), c["gpu_attention"], who)
         if c["kv_d2h"]:
             copy = m.use("d2h", st(kind, "kv_d2h"), c["kv_d2h"], who)
             if self.sch.policy == "sequential":  # nothing overlaps, the copy included
                 yield from copy
             else:
                 self.env.process(copy)
-        yield from m.use("gpu", st(kind, "ffn"), c["ffn"], who)
+        yield from m.use("gpu", st(kind, "target_ffn"), c["ffn"], who)
 
     @staticmethod
     def _stage(kind: str, name: str) -> str:
@@ -252,13 +253,19 @@ class Scenario:
                 yield from self.draft_phase(rows)
                 yield from self.verify(rows)
 
-    def plain_decode(self, batches: list[Rows], concurrent: bool):
-        """flexgen (micro-batches overlap) and sequential (one after another): one token per step."""
+    def plain_decode(self, batches: list[Rows], one_pass: bool):
+        """One token per row per step. flexgen (`one_pass`): each streamed layer serves every
+        micro-batch, computed one after another as the runtime does; sequential: each batch
+        takes its own pass over the weights."""
         yield from self.prefill(batches)
         while any(len(b.active) for b in batches):
             live = [(b, b.active) for b in batches if len(b.active)]
             groups = [Group(len(i), 1.0, float(b.context(i).mean())) for b, i in live]
-            yield from self.target_pass("block", groups, "decode", concurrent=concurrent)
+            if one_pass:
+                yield from self.target_pass("block", groups, "decode", concurrent=False)
+            else:
+                for (b, _), g in zip(live, groups):
+                    yield from self.target_pass(b.name, [g], "decode")
             for b, i in live:
                 b.generated[i] += 1
             n = sum(len(i) for _, i in live)
@@ -270,4 +277,4 @@ class Scenario:
             return self.specoffload(batches)
         if policy == "spec-serial":
             return self.spec_serial(batches)
-        return self.plain_decode(batches, concurrent=policy == "flexgen")
+        return self.plain_decode(batches, one_pass=policy == "flexgen")

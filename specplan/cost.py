@@ -246,5 +246,5 @@ def activation_bytes(model: ModelSpec, tokens: int) -> float:
     ffn_share = model.top_k / model.experts if model.is_moe else 1.0
     per_token = (3 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim
                  + 2 * model.ffn_inner * ffn_share)
-    logits = min(tokens, LOGITS_CHUNK_TOKENS) * model.vocab * 4  # fp32 logits, computed in chunks
+    logits = min(tokens, LOGITS_CHUNK_TOKENS) * model.vocab * 4  # one fp32 chunk of the LM head in flight
     return tokens * per_token * model.dtype_bytes + logits

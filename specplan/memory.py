@@ -87,6 +87,14 @@ def max_pass_tokens(schedule: Schedule, workload: Workload) -> int:
     return max(prefill, decode)
 
 
+def logits_bytes(target: ModelSpec, schedule: Schedule) -> float:
+    """fp32 logits of the largest decode pass: every verified position of a batch (prefill
+    keeps one position per row)."""
+    q = schedule.gamma + 1 if schedule.speculative else 1
+    rows = schedule.target_batch * (schedule.num_batches if schedule.policy == "flexgen" else 1)
+    return max(rows * q, schedule.prefill_chunk) * target.vocab * 4
+
+
 def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
                 workload: Workload) -> MemoryNeed:
     b = target.layer_bytes
@@ -112,10 +120,13 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     home("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers))
     home("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes)
     home("embedding", placement.embed, target.embed_bytes)
-    home("lm_head", placement.lm_head, target.head_bytes)
+    if not (target.tie_embeddings and placement.lm_head == placement.embed):  # tied and co-located: one tensor
+        home("lm_head", placement.lm_head, target.head_bytes)
 
     # the largest layer that streams: its FFN unless every FFN is resident, plus attention unless resident
     streamed = (b.ffn if placement.ffn_gpu_layers < L else 0.0) + (b.attention if placement.attention != "gpu" else 0.0)
+    if placement.lm_head != "gpu":  # the head streams through the same slots
+        streamed = max(streamed, target.head_bytes + target.hidden * target.dtype_bytes)
     if streamed > 0:
         slots = schedule.prefetch_depth + 1
         gpu["weight stream buffers"] = slots * streamed
@@ -129,6 +140,7 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
         home("target KV cache", "cpu_pinned", target_kv)
 
     gpu["activations (target)"] = activation_bytes(target, max_pass_tokens(schedule, workload))
+    gpu["logits (target)"] = logits_bytes(target, schedule)
     if draft is not None and schedule.speculative:
         gpu["draft weights"] = draft.total_bytes
         draft_kv_all = kv_cache_bytes(draft, rows, seq)

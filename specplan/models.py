@@ -105,7 +105,7 @@ class ModelSpec:
             mlp_bias=arch == "LlamaForCausalLM" and bool(get("mlp_bias", False)),
             dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
-            rope_theta=float(get("rope_theta", 10000.0)),
+            rope_theta=float(get("rope_theta") or (get("rope_parameters") or {}).get("rope_theta") or 10000.0),
             max_positions=int(get("max_position_embeddings", 4096)),
             hf_config=dict(cfg),
         )
@@ -272,6 +272,14 @@ class ModelSpec:
         d["flops_per_token"] = self.flops_per_token(0)
         d["bytes"] = self.byte_breakdown()
         return d
+
+
+SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_inner", "vocab", "experts", "top_k")
+
+
+def model_shape(spec: ModelSpec) -> dict[str, int]:
+    """The fields a plan must match: recorded in plan.inputs, checked by specrun."""
+    return {k: getattr(spec, k) for k in SHAPE_FIELDS}
 
 
 def _positive_int(v: Any) -> bool:

@@ -117,7 +117,7 @@ def test_moe_streams_only_touched_experts(toy_profile):
     assert expected_experts_touched(1, TINY_T.experts, TINY_T.top_k) == TINY_T.top_k
     one = simulate(replace(tiny_cfg(toy_profile, "sequential", target_batch=1),
                            workload=Workload.make(prompt_len=4, gen_len=3, num_prompts=1)), record_spans=True)
-    decode_copies = [s for s in one.spans if s.stage == "weights_h2d"]
+    decode_copies = [s for s in one.spans if s.stage == "h2d"]
     b = TINY_T.layer_bytes
     want = (b.attention + TINY_T.top_k * b.expert) / 1e9
     assert decode_copies[0].end_s - decode_copies[0].start_s == pytest.approx(want)
@@ -149,7 +149,7 @@ def test_golden_timeline(toy_profile):
     b = TINY_T.layer_bytes
     first = (b.attention + expected_experts_touched(13, 4, 2) * b.expert) / 1e9
     copy = next(s for s in got if s[0] == "h2d")
-    assert copy[:4] == ["h2d", "prefill.weights_h2d", "A.prefill", 0.0]
+    assert copy[:4] == ["h2d", "prefill.h2d", "A.prefill", 0.0]
     assert copy[4] == pytest.approx(first)
     if not GOLDEN.exists():  # regenerate with: rm the file and run this test
         GOLDEN.write_text("[\n" + ",\n".join(json.dumps(row) for row in got) + "\n]\n")
