@@ -46,3 +46,47 @@ def profile_cmd(
     if as_json:
         return print_json(prof.to_dict())
     hardware(str(path), None, None, None, None, False)
+
+
+def calibrate_cmd(
+    report: Annotated[str, typer.Argument(help="report.json written by specrun.")],
+    plan: Annotated[str, typer.Option("--plan", help="The plan.json the report ran.")] = "plan.json",
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Profile to calibrate (default: the plan's hardware).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Calibrated profile to write (default hwprofiles/measured/NAME+calibrated.json).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold measured stage times and acceptance back into a profile; show how much the error drops."""
+    from rich.table import Table
+
+    from specplan.cli import out as console
+    from specplan.errors import InputError
+    from specplan.fileio import read_json
+    from specplan.hardware import load_profile
+    from specplan.plan import Plan
+
+    from .calibrate import calibrate
+
+    rep = read_json(report)
+    if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
+        raise InputError(report, "measured", "is missing", "a report.json written by specrun")
+    p = Plan.load(plan)
+    prof = load_profile(gpu or p.hardware)
+    cal = calibrate(rep, p, prof)
+    path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"
+    cal.profile.save(path)
+    err.print(f"wrote {path}")
+    if as_json:
+        return print_json({"profile": str(path), "factors": cal.factors, "measured_acceptance": cal.measured_acceptance,
+                           "measured_tok_s": cal.measured_tok_s, "simulated_before_tok_s": cal.before_tok_s,
+                           "simulated_after_tok_s": cal.after_tok_s, "error_before_pct": cal.error_before_pct,
+                           "error_after_pct": cal.error_after_pct})
+    t = Table(title=f"Calibration of {prof.name} from {report}")
+    for col in ("stage", "time multiplier"):
+        t.add_column(col)
+    for stage, f in cal.factors.items():
+        t.add_row(stage, f"{f:.3f}")
+    console.print(t)
+    if cal.measured_acceptance is not None:
+        console.print(f"measured acceptance: {cal.measured_acceptance:.3f}")
+    console.print(f"measured {cal.measured_tok_s:.2f} tok/s; simulated before {cal.before_tok_s:.2f} "
+                  f"({cal.error_before_pct:+.1f}%), after {cal.after_tok_s:.2f} ({cal.error_after_pct:+.1f}%)")

@@ -46,8 +46,8 @@ class Grid:
 
 
 QUICK = Grid(link_bytes=(64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB), ffn_tokens=(1, 8, 64, 512),
-             attn_rows=(1, 8, 32), attn_q=(1, 4), attn_ctx=(64, 512), step_rows=(1, 8, 32), step_ctx=(64, 512),
-             repeat=5, gemm_n=1024)
+             attn_rows=(1, 8, 32), attn_q=(1, 4, 64), attn_ctx=(16, 128, 512), step_rows=(1, 8, 32),
+             step_ctx=(16, 128, 512), repeat=5, gemm_n=1024)
 FULL = Grid(link_bytes=tuple(64 * KiB * 4**i for i in range(8)),  # 64 KiB .. 1 GiB
             ffn_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
             attn_rows=(1, 4, 16, 64, 256), attn_q=(1, 4, 8), attn_ctx=(128, 512, 2048, 4096),

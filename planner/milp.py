@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import pulp
 
+from specplan.cost import disk_read_time_s, weights_h2d_s
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
 from specplan.models import ModelSpec
@@ -79,11 +80,10 @@ def link_s(profile: HardwareProfile, home: str, nbytes: float) -> float:
     reads land in pinned staging buffers)."""
     if nbytes <= 0:
         return 0.0
-    lk = profile.link
     if home == "cpu_pageable":
-        return lk.h2d_pageable.latency_s + nbytes / lk.h2d_pageable.bytes_per_s
-    t = lk.h2d_pinned.latency_s + nbytes / lk.h2d_pinned.bytes_per_s
-    return t + (nbytes / lk.disk_read_bytes_per_s if home == "disk" else 0.0)
+        return weights_h2d_s(profile, 0.0, nbytes)
+    t = weights_h2d_s(profile, nbytes, 0.0)
+    return t + (disk_read_time_s(profile, nbytes) if home == "disk" else 0.0)
 
 
 def stream_s(profile: HardwareProfile, target: ModelSpec, placement: Placement, expert_frac: float) -> float:

@@ -11,15 +11,13 @@ import math
 from dataclasses import dataclass
 
 from specplan.cost import (
-    attention_time_s,
-    attn_proj_time_s,
     d2h_time_s,
-    expected_rounds_slowest_row,
+    draft_step_s,
     expected_experts_touched,
-    ffn_time_s,
+    expected_rounds_slowest_row,
     h2d_time_s,
-    lm_head_time_s,
-    resident_step_time_s,
+    target_head_s,
+    target_layer_costs,
 )
 from specplan.hardware import HardwareProfile
 from specplan.models import ModelSpec
@@ -111,19 +109,14 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         rounds, active = gen - 1, 1.0
     b_act = max(1.0, b * active)
 
-    def pass_costs(rows: int, q_len: float, context: float, device: str):
-        tokens = rows * q_len
-        proj, ffn = attn_proj_time_s(P, T, tokens), ffn_time_s(P, T, tokens)
-        if device == "gpu":
-            att = attention_time_s(P, T, rows, q_len, context, device="gpu")
-            gpu, cpu, copies = T.layers * (proj + att + ffn), 0.0, 0.0
-        else:
-            att = attention_time_s(P, T, rows, q_len, context, device="cpu")
-            copies = (d2h_time_s(P, tokens * (T.heads + 2 * T.kv_heads) * T.head_dim * T.dtype_bytes)
-                      + h2d_time_s(P, tokens * T.heads * T.head_dim * T.dtype_bytes))
-            gpu, cpu = T.layers * (proj + ffn), T.layers * att
-        head = lm_head_time_s(P, T, tokens)
-        return gpu + head, cpu, gpu + cpu + T.layers * copies + head
+    def pass_costs(rows: float, q_len: float, context: float, device: str):
+        """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer costs."""
+        c = target_layer_costs(P, T, rows, q_len, context, device)
+        head = target_head_s(P, T, rows * q_len)
+        gpu = T.layers * (c.proj + c.ffn + (0.0 if c.attention_on_cpu else c.attention)) + head
+        cpu = T.layers * c.attention if c.attention_on_cpu else 0.0
+        chain = T.layers * (c.proj + c.ffn + c.attention + c.act_d2h + c.act_h2d) + head
+        return gpu, cpu, chain
 
     if shape.policy == "flexgen":  # each streamed layer serves every micro-batch, one after another
         gpu1, cpu1, chain1 = pass_costs(b, 1, ctx, shape.attention_device)
@@ -134,7 +127,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     draft_s = kv_swap_s = 0.0
     if spec:
         n_mb = math.ceil(b_act / shape.draft_batch)
-        draft_s = n_mb * g * resident_step_time_s(P, D, min(shape.draft_batch, b_act), 1, ctx)
+        draft_s = n_mb * g * draft_step_s(P, D, min(shape.draft_batch, b_act), 1, ctx)
         kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
                      + d2h_time_s(P, b_act * g * D.kv_bytes_per_token))
 
@@ -150,10 +143,9 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     chunk_rows = rows / n_chunks
     p = workload.mean_prompt_len
     pre_tokens = chunk_rows * p
-    pre_gpu = (T.layers * (attn_proj_time_s(P, T, pre_tokens) + ffn_time_s(P, T, pre_tokens)
-                           + attention_time_s(P, T, chunk_rows, p, p / 2, device="gpu"))
-               + lm_head_time_s(P, T, chunk_rows))
-    draft_pre = resident_step_time_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
+    pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
+    pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_rows)
+    draft_pre = draft_step_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
     experts_frac = lambda tokens: (expected_experts_touched(tokens, T.experts, T.top_k) / T.experts  # noqa: E731
                                    if T.is_moe else 1.0)
     decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1)

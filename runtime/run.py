@@ -117,7 +117,8 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
 def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | ModelSpec | None = None, *,
              device: str = "auto", prompts: list[list[int]] | None = None, random_weights: bool = False,
              max_rows: int | None = None, dtype: str | None = None, ignore_eos: bool | None = None,
-             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             seed: int = 0, draft_seed: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets generated-token counts."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
@@ -137,7 +138,10 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
 
     # Only now is any weight read.
     tck = open_checkpoint(tspec, tdir, random_weights, seed)
-    dck = open_checkpoint(dspec, ddir, random_weights, seed + 1) if dspec is not None else None
+    # random weights are drawn per tensor name, so a draft with the target's seed is a truncated
+    # copy of the target (a self-draft); another seed gives an unrelated draft
+    dseed = seed + 1 if draft_seed is None else draft_seed
+    dck = open_checkpoint(dspec, ddir, random_weights, dseed) if dspec is not None else None
     if ignore_eos is None:
         ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths
     eos = tspec.hf_config.get("eos_token_id")

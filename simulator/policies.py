@@ -28,16 +28,16 @@ import numpy as np
 import simpy
 
 from specplan.cost import (
+    LayerCosts,
     activation_bytes,
-    attention_time_s,
-    attn_proj_time_s,
     d2h_time_s,
     disk_read_time_s,
+    draft_step_s,
     expected_accepted_tokens_table,
-    ffn_time_s,
     h2d_time_s,
-    lm_head_time_s,
-    resident_step_time_s,
+    target_head_s,
+    target_layer_costs,
+    weights_h2d_s,
 )
 from specplan.memory import streamed_chunks
 
@@ -107,9 +107,10 @@ class Scenario:
                 slots.put(1)
         head_tokens = sum(g.rows for g in groups) if kind == "prefill" else tokens
         if self.pl.lm_head != "gpu":
-            t = h2d_time_s(self.P, T.head_bytes, pinned=self.pl.lm_head == "cpu_pinned")
+            pinned = self.pl.lm_head == "cpu_pinned"
+            t = weights_h2d_s(self.P, T.head_bytes if pinned else 0.0, 0.0 if pinned else T.head_bytes)
             yield from m.use("h2d", self._stage(kind, "h2d"), t, who)
-        yield from m.use("gpu", self._stage(kind, "target_head"), lm_head_time_s(self.P, T, head_tokens), who)
+        yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
     def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
@@ -125,42 +126,29 @@ class Scenario:
                 yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_read_time_s(self.P, disk_bytes), who)
             # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
             pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
-            t = h2d_time_s(self.P, pinned, pinned=True) + h2d_time_s(self.P, sum(n for *_, n in chunks) - pinned, pinned=False)
+            t = weights_h2d_s(self.P, pinned, sum(n for *_, n in chunks) - pinned)
             yield from self.m.use("h2d", self._stage(kind, "h2d"), t, who)
             loaded[layer].succeed(True)
 
-    def _layer_costs(self, g: Group, kind: str) -> dict:
-        P, T = self.P, self.T
-        bytes_ = T.dtype_bytes
-        c = {"attn_proj": attn_proj_time_s(P, T, g.tokens), "ffn": ffn_time_s(P, T, g.tokens),
-             "cpu_attention": 0.0, "gpu_attention": 0.0, "act_d2h": 0.0, "act_h2d": 0.0, "kv_d2h": 0.0}
-        if kind == "prefill" or self.sch.attention_device == "gpu":
-            c["gpu_attention"] = attention_time_s(P, T, g.rows, g.q_len, g.ctx, device="gpu")
-            if kind == "prefill" and self.sch.attention_device == "cpu":
-                c["kv_d2h"] = d2h_time_s(P, g.tokens * T.kv_bytes_per_token_per_layer)
-        else:
-            qkv = g.tokens * (T.heads + 2 * T.kv_heads) * T.head_dim * bytes_
-            c["act_d2h"] = d2h_time_s(P, qkv)
-            c["cpu_attention"] = attention_time_s(P, T, g.rows, g.q_len, g.ctx, device="cpu")
-            c["act_h2d"] = h2d_time_s(P, g.tokens * T.heads * T.head_dim * bytes_)
-        return c
+    def _layer_costs(self, g: Group, kind: str) -> LayerCosts:
+        return target_layer_costs(self.P, self.T, g.rows, g.q_len, g.ctx, self.sch.attention_device, kind == "prefill")
 
-    def _layer(self, who: str, kind: str, c: dict):
+    def _layer(self, who: str, kind: str, c: LayerCosts):
         m, st = self.m, self._stage
-        yield from m.use("gpu", st(kind, "target_proj"), c["attn_proj"], who)
-        if c["cpu_attention"]:
-            yield from m.delay(st(kind, "target_attention"), c["act_d2h"], who)
-            yield from m.use("cpu", st(kind, "target_attention"), c["cpu_attention"], who)
-            yield from m.delay(st(kind, "target_attention"), c["act_h2d"], who)
+        yield from m.use("gpu", st(kind, "target_proj"), c.proj, who)
+        if c.attention_on_cpu:
+            yield from m.delay(st(kind, "target_attention"), c.act_d2h, who)
+            yield from m.use("cpu", st(kind, "target_attention"), c.attention, who)
+            yield from m.delay(st(kind, "target_attention"), c.act_h2d, who)
         else:
-            yield from m.use("gpu", st(kind, "target_attention"), c["gpu_attention"], who)
-        if c["kv_d2h"]:
-            copy = m.use("d2h", st(kind, "kv_d2h"), c["kv_d2h"], who)
+            yield from m.use("gpu", st(kind, "target_attention"), c.attention, who)
+        if c.kv_d2h:
+            copy = m.use("d2h", st(kind, "kv_d2h"), c.kv_d2h, who)
             if self.sch.policy == "sequential":  # nothing overlaps, the copy included
                 yield from copy
             else:
                 self.env.process(copy)
-        yield from m.use("gpu", st(kind, "target_ffn"), c["ffn"], who)
+        yield from m.use("gpu", st(kind, "target_ffn"), c.ffn, who)
 
     @staticmethod
     def _stage(kind: str, name: str) -> str:
@@ -175,7 +163,7 @@ class Scenario:
                 p = rows.prompt[start:start + chunk]
                 g = Group(len(p), float(p.mean()), float(p.mean()) / 2)
                 if self.sch.speculative:
-                    t = resident_step_time_s(self.P, self.D, g.rows, g.q_len, g.ctx)
+                    t = draft_step_s(self.P, self.D, g.rows, g.q_len, g.ctx)
                     drafts.append(self.env.process(self.m.use("gpu", "prefill.draft", t, f"{rows.name}.prefill")))
                 yield from self.target_pass(f"{rows.name}.prefill", [g], "prefill")
             rows.generated[:] = 1  # the prefill's last logits give each row its first token
@@ -200,7 +188,7 @@ class Scenario:
             if pending is not None:
                 yield pending
                 pending = env.process(swap_in(mbs[i + 1])) if i + 1 < len(mbs) else None
-            step = resident_step_time_s(P, D, len(mb), 1, float(rows.context(mb).mean()))
+            step = draft_step_s(P, D, len(mb), 1, float(rows.context(mb).mean()))
             for _ in range(sch.gamma):
                 yield from m.use("gpu", "draft", step, rows.name)
             if swap:  # write back the new entries; nothing waits for it

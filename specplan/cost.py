@@ -5,6 +5,7 @@ and the runtime's report use. Times in seconds, sizes in bytes, rates per second
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 from .hardware import CopyPath, HardwareProfile
@@ -226,6 +227,58 @@ def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float
     per_layer = (attn_proj_time_s(profile, model, tokens) + attention_time_s(profile, model, rows, q_len, context, device="gpu")
                  + ffn_time_s(profile, model, tokens))
     return model.layers * per_layer + lm_head_time_s(profile, model, tokens)
+
+
+# ---- one target layer and one draft step, as the simulator and the planner see them -----------------
+
+
+def stage_factor(profile: HardwareProfile, stage: str) -> float:
+    """Multiplier `specplan calibrate` learned for a stage from measured runs (1 if none)."""
+    return profile.calibration.get(stage, 1.0)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Seconds one target layer takes for `rows` rows of `q_len` new tokens at context `ctx`."""
+
+    proj: float  # q/k/v/o projections (and router) on the GPU
+    attention: float  # attention on its device
+    attention_on_cpu: bool
+    act_d2h: float  # Q/K/V to the CPU (CPU attention only)
+    act_h2d: float  # attention output back
+    kv_d2h: float  # prefill with a host KV cache: the chunk's K/V to the host
+    ffn: float  # experts / MLP on the GPU
+
+
+def target_layer_costs(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, ctx: float,
+                       attention_device: str, prefill: bool = False) -> LayerCosts:
+    tokens = rows * q_len
+    proj = attn_proj_time_s(profile, model, tokens) * stage_factor(profile, "target_proj")
+    ffn = ffn_time_s(profile, model, tokens) * stage_factor(profile, "target_ffn")
+    att_factor = stage_factor(profile, "target_attention")
+    if prefill or attention_device == "gpu":  # prefill attention always runs next to the fresh K/V
+        att = attention_time_s(profile, model, rows, q_len, ctx, device="gpu") * att_factor
+        kv = d2h_time_s(profile, tokens * model.kv_bytes_per_token_per_layer) if prefill and attention_device == "cpu" else 0.0
+        return LayerCosts(proj, att, False, 0.0, 0.0, kv, ffn)
+    qkv = tokens * (model.heads + 2 * model.kv_heads) * model.head_dim * model.dtype_bytes
+    out = tokens * model.heads * model.head_dim * model.dtype_bytes
+    att = attention_time_s(profile, model, rows, q_len, ctx, device="cpu") * att_factor
+    return LayerCosts(proj, att, True, d2h_time_s(profile, qkv) * att_factor, h2d_time_s(profile, out) * att_factor,
+                      0.0, ffn)
+
+
+def target_head_s(profile: HardwareProfile, model: ModelSpec, tokens: float) -> float:
+    return lm_head_time_s(profile, model, tokens) * stage_factor(profile, "target_head")
+
+
+def draft_step_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
+    return resident_step_time_s(profile, model, rows, q_len, context) * stage_factor(profile, "draft")
+
+
+def weights_h2d_s(profile: HardwareProfile, pinned_bytes: float, pageable_bytes: float) -> float:
+    """One streamed unit's copy: its pinned part and its pageable part."""
+    return (h2d_time_s(profile, pinned_bytes, pinned=True) + h2d_time_s(profile, pageable_bytes, pinned=False)) \
+        * stage_factor(profile, "h2d")
 
 
 # ---- memory ----------------------------------------------------------------------------------------

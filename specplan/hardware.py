@@ -171,6 +171,12 @@ class HostSpec:
         return self.matmul_flops_per_s.get(key) or self.matmul_flops_per_s["float32"]
 
 
+def _calibration(d: Any, source: str) -> dict:
+    if not isinstance(d, dict):
+        raise InputError(source, "calibration", "is not an object", "stage name -> positive multiplier")
+    return {k: _num(d, k, source, "calibration") for k in d}
+
+
 def _fraction(d: dict, key: str, source: str, where: str) -> float:
     v = _num(d, key, source, where)
     if v > 1:
@@ -186,6 +192,7 @@ class HardwareProfile:
     link: LinkSpec
     host: HostSpec
     kernels: dict = field(default_factory=dict)  # op name -> KernelTable
+    calibration: dict = field(default_factory=dict)  # stage -> time multiplier from `specplan calibrate`
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
@@ -205,6 +212,7 @@ class HardwareProfile:
             link=LinkSpec.from_dict(_obj(d, "link", source, ""), source),
             host=HostSpec.from_dict(_obj(d, "host", source, ""), source),
             kernels={op: KernelTable.from_dict(op, t, source) for op, t in kernels.items()},
+            calibration=_calibration(d.get("calibration", {}), source),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +224,7 @@ class HardwareProfile:
             "link": asdict(self.link),
             "host": asdict(self.host),
             "kernels": {op: t.to_dict() for op, t in self.kernels.items()},
+            "calibration": dict(self.calibration),
         }
 
     def save(self, path: str | Path) -> Path:
