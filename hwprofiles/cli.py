@@ -70,7 +70,7 @@ def calibrate_cmd(
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
     p = Plan.load(plan)
-    prof = load_profile(gpu or p.hardware)
+    prof = load_profile(gpu) if gpu else p.hardware_profile()
     cal = calibrate(rep, p, prof)
     path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"
     cal.profile.save(path)

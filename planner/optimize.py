@@ -165,6 +165,7 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         inputs={"target": sha256_of(target.hf_config), "draft": sha256_of(draft.hf_config) if draft else None,
                 "hardware": sha256_of(profile.to_dict()), "workload": sha256_of(workload.to_dict()),
                 "target_shape": model_shape(target), "draft_shape": model_shape(draft) if draft else None},
+        profile=profile.to_dict(),
         versions={"specplan": __version__, "python": platform.python_version(), "simpy": simpy.__version__,
                   "pulp": pulp.__version__, "solver": solver_name()},
     )

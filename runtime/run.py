@@ -19,7 +19,6 @@ import torch
 
 from specplan import __version__
 from specplan.errors import InfeasibleError, InputError, SpecplanError
-from specplan.hardware import load_profile
 from specplan.memory import MemoryNeed, plan_memory
 from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
@@ -99,7 +98,7 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
     if prompt_lens and max(prompt_lens) > workload.max_prompt_len:
         workload = replace(workload, prompt_lens=tuple(prompt_lens))  # size the KV cache for what will run
     need = plan_memory(target, draft if s.speculative else None, s, plan.placement, workload)
-    profile = load_profile(plan.hardware)
+    profile = plan.hardware_profile()
     problems = need.violations(profile)
     if problems:
         raise InfeasibleError(f"plan does not fit {profile.name}: " + "; ".join(problems))
@@ -203,10 +202,15 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "stage_s": stage_s,
         "h2d_bytes": h2d_bytes,
         "h2d_bytes_per_s": h2d_bytes / h2d_s if h2d_s > 0 else None,
+        # the draft's KV swaps (draft KV on the host), decode and prefill together
+        "draft_kv_h2d_bytes": c.get("draft_kv_h2d_bytes", 0.0) + c.get("prefill.draft_kv_h2d_bytes", 0.0),
+        "draft_kv_d2h_bytes": c.get("draft_kv_d2h_bytes", 0.0) + c.get("prefill.draft_kv_d2h_bytes", 0.0),
         "tokens_per_round": 1.0 + c.get("accepted", 0.0) / rounds if rounds else None,
         "acceptance_rate": c["accepted"] / c["drafted"] if c.get("drafted") else None,
         "rounds": rounds,
+        "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
         "peak_gpu_bytes": peak_gpu,
+        "gpu_bytes_by_part": engine.device_parts(),  # what the engine allocated up front, by plan_memory's names
         "host_bytes": engine.host_bytes(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -226,7 +230,8 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                  "schedule": plan.to_dict()["schedule"], "placement": plan.to_dict()["placement"]},
         "models": {"target": model_shape(target) | {"name": target.name, "dtype": target.dtype},
                    "draft": model_shape(draft) | {"name": draft.name, "dtype": draft.dtype} if draft else None},
-        "planned_memory": {"gpu_bytes": need.gpu_bytes, "host_bytes": need.host_bytes, "pinned_bytes": need.pinned_bytes},
+        "planned_memory": {"gpu_bytes": need.gpu_bytes, "host_bytes": need.host_bytes, "pinned_bytes": need.pinned_bytes,
+                           "gpu": dict(need.gpu)},
         "measured": measured,
         "predicted": pred,
         "comparison": comparison,

@@ -13,7 +13,7 @@ from specplan.errors import InfeasibleError, InputError
 from specplan.memory import plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
-from specplan.units import fmt_bytes, fmt_seconds
+from specplan.units import fmt_bytes, fmt_seconds, parse_bytes
 from specplan.workload import Workload
 
 from .run import SimConfig, SimResult, simulate
@@ -95,6 +95,7 @@ def simulate_cmd(
     ignore_memory: Annotated[bool, typer.Option("--ignore-memory", help="Simulate even if the plan does not fit.")] = False,
     trace: Annotated[Optional[str], typer.Option("--trace", help="Write a Chrome trace-event JSON (Perfetto).")] = None,
     gantt: Annotated[Optional[str], typer.Option("--gantt", help="Write a Gantt chart PNG.")] = None,
+    window: Annotated[Optional[str], typer.Option("--window", help="Gantt time window in seconds, START:END.")] = None,
     pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -102,7 +103,9 @@ def simulate_cmd(
     if plan:
         p = Plan.load(plan)
         tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
-        profile = profile_from_flags(p.hardware, pcie, host, host_mem, gpu_mem)
+        profile = p.hardware_profile().compose(
+            pcie=pcie, host=host, host_memory_bytes=parse_bytes(host_mem, "argument", "--host-mem") if host_mem else None,
+            gpu_memory_bytes=parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None)
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
     else:
@@ -146,7 +149,15 @@ def simulate_cmd(
     if gantt and res.spans is not None:
         from .trace import write_gantt
 
-        write_gantt(res.spans, gantt, f"{schedule.policy}: {tgt.name} + {drf.name if drf else 'no draft'} on {profile.name}")
+        win = None
+        if window:
+            try:
+                lo, hi = (float(v) for v in window.split(":"))
+            except ValueError:
+                raise InputError("argument", "--window", f"got {window!r}", "START:END in seconds, e.g. 100:130") from None
+            win = (lo, hi)
+        write_gantt(res.spans, gantt, f"{schedule.policy}: {tgt.name} + {drf.name if drf else 'no draft'} on {profile.name}",
+                    window_s=win)
         err.print(f"wrote {gantt}")
 
     if as_json:

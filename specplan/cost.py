@@ -292,12 +292,11 @@ def kv_cache_bytes(model: ModelSpec, rows: int, tokens: int) -> float:
 def activation_bytes(model: ModelSpec, tokens: int) -> float:
     """Peak working set of one layer's forward for `tokens` tokens (in slices of at most
     ACTIVATION_SLICE_TOKENS): the hidden state, the residual, Q/K/V/attention output and
-    the FFN intermediate (gate and up) held at once."""
+    the FFN intermediate (gate and up) held at once. The logits are counted separately."""
     tokens = min(tokens, ACTIVATION_SLICE_TOKENS)
     # Experts run one after another, so only one expert's share of the tokens holds an
     # intermediate at a time (top_k / experts of them under uniform routing).
     ffn_share = model.top_k / model.experts if model.is_moe else 1.0
     per_token = (3 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim
                  + 2 * model.ffn_inner * ffn_share)
-    logits = min(tokens, LOGITS_CHUNK_TOKENS) * model.vocab * 4  # one fp32 chunk of the LM head in flight
-    return tokens * per_token * model.dtype_bytes + logits
+    return tokens * per_token * model.dtype_bytes  # logits: memory.logits_bytes

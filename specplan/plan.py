@@ -98,7 +98,17 @@ class Plan:
     prediction: dict = field(default_factory=dict)  # throughput, stage times, utilisation, memory
     inputs: dict = field(default_factory=dict)  # hashes of the model specs, profile and workload
     versions: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)  # the full hardware profile it was made for
     format: int = PLAN_FORMAT
+
+    def hardware_profile(self):
+        """The profile the plan was made for: embedded (measured or composed profiles have no
+        loadable name), else the shipped profile named by `hardware`."""
+        from .hardware import HardwareProfile, load_profile
+
+        if self.profile:
+            return HardwareProfile.from_dict(self.profile, f"plan profile {self.hardware}")
+        return load_profile(self.hardware)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +129,7 @@ class Plan:
             raise InputError(source, "schedule/placement", str(e), "the fields in docs/planner.md") from None
         return cls(target=d["target"], draft=d.get("draft"), hardware=d["hardware"], schedule=schedule,
                    placement=placement, workload=d["workload"], prediction=d.get("prediction", {}),
-                   inputs=d.get("inputs", {}), versions=d.get("versions", {}))
+                   inputs=d.get("inputs", {}), versions=d.get("versions", {}), profile=d.get("profile", {}))
 
     @classmethod
     def load(cls, path: str) -> "Plan":
