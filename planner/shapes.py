@@ -129,7 +129,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         n_mb = math.ceil(b_act / shape.draft_batch)
         draft_s = n_mb * g * draft_step_s(P, D, min(shape.draft_batch, b_act), 1, ctx)
         kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
-                     + d2h_time_s(P, b_act * g * D.kv_bytes_per_token))
+                     + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
 
     if shape.policy == "specoffload":
         phases, serial_s, gpu_total = 2 * rounds, 0.0, gpu_s + draft_s

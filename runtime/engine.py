@@ -23,6 +23,10 @@ Schedules:
                  micro-batch at a layer before moving to the next layer.
     sequential   no draft; each batch gets its own pass per step, no prefetch.
 Prompts are prefilled in chunks of schedule.prefill_chunk rows, one target pass per chunk.
+
+With placement.draft_kv == "cpu" the draft's KV lives on the host and micro-batch i of a
+propose drafts in GPU swap buffer i % 2 while micro-batch i + 1 is copied into the other;
+only the positions a round wrote are copied back, and nobody waits for that (draftkv.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from specplan.plan import Placement, Schedule
 
 from .checkpoint import Checkpoint
+from .draftkv import DraftKVSwap
 from .kvcache import KVCache
 from .model import Model, Step
 from .speculative import probs, sample, verify_greedy, verify_sampling
@@ -99,42 +104,50 @@ class Engine:
         self.target = Model(spec, store, cache, device, self.stats, "target")
 
         self.draft: Model | None = None
-        self.draft_host: KVCache | None = None  # the draft's KV when placement.draft_kv == "cpu"
+        self.draft_swap: DraftKVSwap | None = None  # the draft's KV when placement.draft_kv == "cpu"
         if schedule.speculative:
             if draft is None:
                 raise ValueError(f"policy {schedule.policy} needs a draft model")
             d = draft.spec
-
-            def kv(n: int, where: torch.device, pin: bool = False) -> KVCache:
-                return KVCache(d.layers, n, max_len, d.kv_heads, d.head_dim, draft.dtype, where, pin)
-
             if placement.draft_kv == "cpu":
-                self.draft_host = kv(rows, torch.device("cpu"), pin=self.cuda)
-                dcache = kv(min(schedule.draft_batch, rows), device)
+                # two buffers of a micro-batch each: one drafts while the next is copied in
+                self.draft_swap = DraftKVSwap(d.layers, rows, min(schedule.draft_batch, rows), max_len, d.kv_heads,
+                                              d.head_dim, draft.dtype, device, self.stats)
+                dcache = self.draft_swap.buffers[0]
             else:
-                dcache = kv(rows, device)
+                dcache = KVCache(d.layers, rows, max_len, d.kv_heads, d.head_dim, draft.dtype, device)
             self.draft = Model(d, WeightStore(draft, RESIDENT, device, 0), dcache, device, None, "draft")
         self.draft_stream = torch.cuda.Stream(device) if self.cuda and self.draft is not None else None
         self._gens: dict[tuple[str, int], torch.Generator] = {}
         self._progress: Callable[[int], None] | None = None
 
     # ---- bookkeeping ------------------------------------------------------------------------------
+    def device_parts(self) -> dict[str, int]:
+        """Bytes this engine placed on the compute device, by part, named as
+        `specplan.memory.plan_memory` names its GPU components where they correspond one to one
+        (the target's weights and stream slots are one part here)."""
+        parts = {"target weights and stream buffers": self.target.store.bytes["gpu"]}
+        if self.schedule.attention_device == "gpu":
+            parts["target KV cache"] = self.target.cache.nbytes
+        if self.draft is not None:
+            parts["draft weights"] = self.draft.store.bytes["gpu"]
+            if self.draft_swap is not None:
+                parts["draft KV swap buffers"] = self.draft_swap.device_bytes
+            else:
+                parts["draft KV cache"] = self.draft.cache.nbytes
+        return parts
+
     def device_bytes(self) -> int:
         """Bytes this engine placed on the compute device: weights, stream slots, device KV caches."""
-        total = self.target.store.bytes["gpu"]
-        if self.schedule.attention_device == "gpu":
-            total += self.target.cache.nbytes
-        if self.draft is not None:
-            total += self.draft.store.bytes["gpu"] + self.draft.cache.nbytes
-        return total
+        return sum(self.device_parts().values())
 
     def host_bytes(self) -> dict[str, int]:
         b = dict(self.target.store.bytes)
         b.pop("gpu")
         if self.schedule.attention_device == "cpu":
             b["kv_cache"] = self.target.cache.nbytes
-        if self.draft_host is not None:
-            b["draft_kv_cache"] = self.draft_host.nbytes
+        if self.draft_swap is not None:
+            b["draft_kv_cache"] = self.draft_swap.host.nbytes
         return b
 
     def _gen(self, role: str, b: slice) -> torch.Generator | None:
@@ -190,13 +203,13 @@ class Engine:
             self._append(rows, c, first[:, None], torch.ones_like(P))
         if self.draft is not None:
             with self._draft_context(), self.stats.region("draft"):
-                for c in split(every, self.schedule.draft_batch):
+                for i, c in enumerate(split(every, self.schedule.draft_batch)):
                     P = rows.prompt_len[c]
-                    crow = self._draft_in(c)
+                    crow = self._draft_rows(i, c, fresh=True)
                     self.draft.cache.lengths[crow] = 0
                     self.draft.forward([Step(crow, rows.seq[c, :int(P.max())])], logits=False)
                     self.draft.cache.lengths[crow] = P
-                    self._draft_out(c, crow)
+                    self._draft_store(rows, i, c, crow, torch.zeros_like(P))
             if self.cuda:
                 self.draft_stream.synchronize()
         self._sync()
@@ -206,11 +219,18 @@ class Engine:
     def propose(self, rows: Rows, b: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
         """gamma draft tokens per row of batch b [B, gamma] (CPU), and their distributions q when sampling."""
         xs, qs = [], []
+        mbs = split(b, self.schedule.draft_batch)
         with self._draft_context(), self.stats.region("draft"):
-            for c in split(b, self.schedule.draft_batch):
-                crow = self._draft_in(c)
+            if self.draft_swap is not None:
+                self.draft_swap.begin()
+                self._draft_load(rows, 0, mbs[0])
+            for i, c in enumerate(mbs):
+                if self.draft_swap is not None and i + 1 < len(mbs):
+                    self._draft_load(rows, i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
+                crow = self._draft_rows(i, c)
                 cache = self.draft.cache
-                cache.lengths[crow] = rows.length[c] - 2
+                start = rows.length[c] - 2
+                cache.lengths[crow] = start
                 tokens = rows.last(c, 2)
                 x, q = [], []
                 for _ in range(self.gamma):
@@ -224,7 +244,7 @@ class Engine:
                         t = sample(q[-1], self._gen("draft", b))
                     x.append(t)
                     tokens = t[:, None]
-                self._draft_out(c, crow)
+                self._draft_store(rows, i, c, crow, start)  # the positions this round wrote; nobody waits
                 xs.append(torch.stack(x, 1))
                 qs.append(torch.stack(q, 1) if q else None)
             x = torch.cat(xs).cpu()
@@ -252,6 +272,7 @@ class Engine:
             cand[torch.arange(len(n)), n] = nxt
             active = ~rows.done[b]
             kept = self._append(rows, b, cand, n + 1)
+            self.stats.count("passes", 1)
             self.stats.count("rounds", int(active.sum()))
             self.stats.count("drafted", self.gamma * int(active.sum()))
             self.stats.count("accepted", int(n[active].sum()))
@@ -263,6 +284,7 @@ class Engine:
         logits = self.target.forward(steps)
         self._sync()
         with self.stats.wall("verify"):
+            self.stats.count("passes", 1)
             for b, lg in zip(batches, logits):
                 t = self._choose(lg[:, -1], self._gen("target", b)).cpu()
                 active = ~rows.done[b]
@@ -274,17 +296,29 @@ class Engine:
     def _draft_context(self):
         return torch.cuda.stream(self.draft_stream) if self.draft_stream is not None else nullcontext()
 
-    def _draft_in(self, c: slice) -> slice:
-        """Cache rows the draft uses for rows c: the same rows, or a GPU swap buffer filled from the CPU."""
-        if self.draft_host is None:
-            return c
-        crow = slice(0, c.stop - c.start)
-        self.draft.cache.copy_rows_(self.draft_host, c, crow)
-        return crow
+    # With the draft KV on the host, micro-batch i of a propose (or of the draft's prefill) uses
+    # swap buffer i % 2; see draftkv.py for the copies and their ordering.
+    def _draft_load(self, rows: Rows, i: int, c: slice) -> None:
+        """Queue the copy of what rows c's draft KV holds, positions [0, L - 2), into buffer i % 2
+        (unfinished rows only: a finished row's draft tokens are discarded)."""
+        ends = (rows.length[c] - 2).masked_fill(rows.done[c], 0)
+        self.draft_swap.load(i % 2, list(range(c.start, c.stop)), ends.tolist())
 
-    def _draft_out(self, c: slice, crow: slice) -> None:
-        if self.draft_host is not None:
-            self.draft_host.copy_rows_(self.draft.cache, crow, c)
+    def _draft_rows(self, i: int, c: slice, fresh: bool = False) -> slice:
+        """Cache rows the draft uses for rows c: the same rows of its GPU cache, or the rows of
+        swap buffer i % 2 once its load (`fresh`: its last write-back) is done."""
+        if self.draft_swap is None:
+            return c
+        self.draft.cache = self.draft_swap.acquire(i % 2, fresh)
+        return slice(0, c.stop - c.start)
+
+    def _draft_store(self, rows: Rows, i: int, c: slice, crow: slice, start: torch.Tensor) -> None:
+        """Queue the write-back of the positions the draft just wrote for rows c, [start, new length)."""
+        if self.draft_swap is None:
+            return
+        end = self.draft.cache.lengths[crow]
+        spans = [(a, b if not done else a) for a, b, done in zip(start.tolist(), end.tolist(), rows.done[c].tolist())]
+        self.draft_swap.store(i % 2, list(range(c.start, c.stop)), spans)
 
     # ---- schedules --------------------------------------------------------------------------------------
     def batches(self, n_rows: int) -> list[slice]:
@@ -338,4 +372,6 @@ class Engine:
                     self.decode(rows, [b])
 
     def close(self) -> None:
+        if self.draft_swap is not None:
+            self.draft_swap.synchronize()
         self.target.store.close()

@@ -1,11 +1,19 @@
 """Preallocated KV cache with per-row lengths.
 
-Layout [layers, rows, max_len, kv_heads, head_dim]. Row r holds valid keys and values at
-positions [0, lengths[r]). A pass writes its q_len new tokens at positions lengths[r] ..
-lengths[r] + q_len - 1; the caller then sets lengths[r] to however many it keeps. Rejected
-draft positions are never shifted or cleared: they lie past lengths[r], the attention mask
-hides them, and the next pass overwrites them. Lengths live on the CPU: the scheduler reads
-them every round and the mask is rebuilt from them on the attention device.
+Indexed [layers, rows, max_len, kv_heads, head_dim] (`k`, `v`). Row r holds valid keys and
+values at positions [0, lengths[r]). A pass writes its q_len new tokens at positions
+lengths[r] .. lengths[r] + q_len - 1; the caller then sets lengths[r] to however many it
+keeps. Rejected draft positions are never shifted or cleared: they lie past lengths[r], the
+attention mask hides them, and the next pass overwrites them. Lengths live on the CPU: the
+scheduler reads them every round and the mask is rebuilt from them on the attention device.
+
+Two memory layouts behind the same indexing:
+    layer-major (default)  k, v: two tensors [layers, rows, max_len, kv_heads, head_dim];
+    row-major              one tensor `kv` [rows, max_len, 2, layers, kv_heads, head_dim], with
+                           k and v strided views of it. A row's positions [a, b) over all
+                           layers, keys and values, are one contiguous block, so the draft's
+                           KV swaps (`copy_positions_`) move exactly the positions they need
+                           with one copy per row, no temporary on either side.
 """
 
 from __future__ import annotations
@@ -15,10 +23,17 @@ import torch
 
 class KVCache:
     def __init__(self, layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, pin: bool = False):
-        shape = (layers, rows, max_len, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+                 dtype: torch.dtype, device: torch.device | str, pin: bool = False, row_major: bool = False):
+        self.kv: torch.Tensor | None = None
+        if row_major:
+            self.kv = torch.zeros((rows, max_len, 2, layers, kv_heads, head_dim), dtype=dtype, device=device,
+                                  pin_memory=pin)
+            self.k = self.kv[:, :, 0].permute(2, 0, 1, 3, 4)
+            self.v = self.kv[:, :, 1].permute(2, 0, 1, 3, 4)
+        else:
+            shape = (layers, rows, max_len, kv_heads, head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+            self.v = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
         self.lengths = torch.zeros(rows, dtype=torch.long)
         self.max_len = max_len
 
@@ -27,8 +42,17 @@ class KVCache:
         return self.k.device
 
     @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes of one row's keys and values at one position, all layers."""
+        return self.nbytes // (self.rows * self.max_len)
 
     def write(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, q_len, kv_heads, head_dim] at each row's next q_len positions."""
@@ -49,9 +73,12 @@ class KVCache:
         """Keys and values [B, length, kv_heads, head_dim] of positions [0, length), no copy."""
         return self.k[layer, rows, :length], self.v[layer, rows, :length]
 
-    def copy_rows_(self, src: "KVCache", src_rows: slice, dst_rows: slice) -> None:
-        """Swap rows between caches (the draft's CPU-resident KV and its GPU buffer)."""
-        n = int(src.lengths[src_rows].max())
-        self.k[:, dst_rows, :n].copy_(src.k[:, src_rows, :n], non_blocking=True)
-        self.v[:, dst_rows, :n].copy_(src.v[:, src_rows, :n], non_blocking=True)
-        self.lengths[dst_rows] = src.lengths[src_rows]
+    def copy_positions_(self, src: "KVCache", src_row: int, dst_row: int, start: int, end: int) -> int:
+        """Copy positions [start, end) of one row, every layer, keys and values, from `src`
+        (both caches row-major): one contiguous block, asynchronous between pinned host memory
+        and the GPU (on the current stream). Returns the bytes copied."""
+        if end <= start:
+            return 0
+        dst = self.kv[dst_row, start:end]
+        dst.copy_(src.kv[src_row, start:end], non_blocking=True)
+        return dst.nbytes

@@ -192,7 +192,9 @@ class Scenario:
             for _ in range(sch.gamma):
                 yield from m.use("gpu", "draft", step, rows.name)
             if swap:  # write back the new entries; nothing waits for it
-                env.process(m.use("d2h", "draft_kv_d2h", d2h_time_s(P, len(mb) * sch.gamma * D.kv_bytes_per_token), rows.name))
+                # the round's gamma + 1 positions (the draft re-reads its last two tokens each round)
+                nbytes = len(mb) * (sch.gamma + 1) * D.kv_bytes_per_token
+                env.process(m.use("d2h", "draft_kv_d2h", d2h_time_s(P, nbytes), rows.name))
 
     def verify(self, rows: Rows):
         idx = rows.active

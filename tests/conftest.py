@@ -3,6 +3,14 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: on a small shared machine two threads make tiny kernels 10-100x slower
+# and their timing erratic; results are identical either way.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

@@ -4,6 +4,8 @@ lengths and accept different numbers of drafted tokens."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -16,6 +18,18 @@ from specplan.runtime.stats import Stats
 from specplan.runtime.weights import RESIDENT
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a small shared machine torch's
+    spinning OpenMP workers make these runs up to 10x slower when another process holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 GEN = 12
 PROMPT_LENS = (3, 8, 5, 11, 1, 2, 9)  # 7 rows: with 6 rows in flight, two waves
 STREAMED = Placement(attention="cpu_pinned", ffn="disk", ffn_gpu_layers=1, embed="cpu_pinned", lm_head="cpu_pageable",
@@ -131,3 +145,76 @@ def test_mixtral_target_greedy_speculative_equals_target_only_greedy():
     draft = random_checkpoint(ModelSpec.from_preset("tiny-draft"), torch.float32, seed=1)
     out, _ = run_engine("spec-serial", target, draft, prompts=prompts)
     assert out == reference_greedy(hf, prompts, GEN)
+
+
+# ---- the draft's KV on the host: two swap buffers -----------------------------------------------------
+
+
+def _schedule(policy: str = "specoffload", draft_batch: int = 2) -> Schedule:
+    return Schedule(policy=policy, target_batch=3, num_batches=2, prefill_chunk=4, draft_batch=draft_batch, gamma=3,
+                    attention_device="cpu", prefetch_depth=1).validate()
+
+
+def test_draft_kv_on_the_host_drafts_what_a_gpu_resident_draft_kv_drafts(llama, monkeypatch):
+    """Same proposals, round after round, whether the draft's KV stays on the device or is
+    swapped through two buffers (rows of ragged length, micro-batches of 2 and 1 rows)."""
+    target, drafts, prompts, expected = llama
+    proposals: dict[str, list] = {"cpu": [], "gpu": []}
+    real = Engine.propose
+    for where in ("cpu", "gpu"):
+        def spy(self, rows, b, where=where):
+            x, q = real(self, rows, b)
+            proposals[where].append((b.start, x[~rows.done[b]].tolist()))
+            return x, q
+        monkeypatch.setattr(Engine, "propose", spy)
+        out, _ = run_engine("spec-serial", target, drafts["unrelated tiny-draft"], replace(STREAMED, draft_kv=where),
+                            prompts)
+        assert out == expected
+    assert len(proposals["cpu"]) > 10 and proposals["cpu"] == proposals["gpu"]
+
+
+def test_draft_kv_swaps_are_double_buffered_and_write_back_only_new_entries(llama, monkeypatch):
+    """Micro-batch i + 1 is loaded before micro-batch i drafts, into the other buffer; a store
+    copies the gamma + 1 positions a round wrote, a load the L - 2 positions the row has cached."""
+    from specplan.runtime import draftkv
+
+    target, drafts, prompts, _ = llama
+    log = []
+    for name in ("load", "acquire", "store"):
+        real = getattr(draftkv.DraftKVSwap, name)
+
+        def spy(self, slot, *a, real=real, name=name, **k):
+            log.append((name, slot))
+            return real(self, slot, *a, **k)
+        monkeypatch.setattr(draftkv.DraftKVSwap, name, spy)
+    out, counts = run_engine("spec-serial", target, drafts["perturbed copy"], STREAMED, prompts)
+    # a batch of 3 rows is two micro-batches (2 + 1 rows): load both, then draft each in its own buffer
+    rounds = [log[i:i + 6] for i, e in enumerate(log) if e == ("load", 0) and log[i + 1] == ("load", 1)]
+    assert rounds and all(r == [("load", 0), ("load", 1), ("acquire", 0), ("store", 0), ("acquire", 1), ("store", 1)]
+                          for r in rounds)
+    spec = ModelSpec.from_preset("tiny-llama")
+    per_position = spec.kv_bytes_per_token  # every layer, keys and values, float32 like the preset
+    assert counts["draft_kv_d2h_bytes"] == counts["rounds"] * (3 + 1) * per_position  # gamma + 1 per row-round
+    assert counts["prefill.draft_kv_d2h_bytes"] == sum(PROMPT_LENS) * per_position  # every prompt once (two waves)
+    assert "prefill.draft_kv_h2d_bytes" not in counts  # a prefill writes its buffer from scratch
+    assert 0 < counts["draft_kv_h2d_bytes"] < counts["rounds"] * (max(PROMPT_LENS) + GEN) * per_position
+
+
+def test_swap_buffers_are_what_plan_memory_counts():
+    from specplan.memory import plan_memory
+    from specplan.workload import Workload
+
+    t, d = ModelSpec.from_preset("tiny-llama"), ModelSpec.from_preset("tiny-draft")
+    schedule = _schedule(draft_batch=2)
+    wl = Workload.make(prompt_len=9, gen_len=GEN, num_prompts=6)
+    need = plan_memory(t, d, schedule, STREAMED, wl)
+    engine = Engine(schedule, STREAMED, random_checkpoint(t, torch.float32), random_checkpoint(d, torch.float32), CPU,
+                    rows=schedule.rows, max_prompt_len=9, gen_len=GEN)
+    try:
+        parts = engine.device_parts()
+        assert parts["draft KV swap buffers"] == need.gpu["draft KV swap buffers"]
+        assert parts["draft weights"] == need.gpu["draft weights"]
+        assert "draft KV cache" not in parts
+        assert engine.host_bytes()["draft_kv_cache"] == need.host["draft KV cache"]
+    finally:
+        engine.close()

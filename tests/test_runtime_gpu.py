@@ -59,3 +59,38 @@ def test_cuda_streamed_layers_equal_resident():
     resident = logits(RESIDENT, 0)
     for placement, depth in [(STREAMED, 1), (Placement(attention="disk", ffn="cpu_pageable", lm_head="disk"), 2)]:
         torch.testing.assert_close(logits(placement, depth), resident, rtol=0, atol=1e-5)
+
+
+def test_cuda_draft_kv_swaps_are_ordered_by_events_alone():
+    """Loads, the 'draft' writes on another stream, and stores race unless the events order them:
+    large rows, two rounds over the same host rows, and no synchronisation until the end."""
+    from specplan.runtime.draftkv import DraftKVSwap
+
+    dev = torch.device("cuda")
+    layers, rows, max_len, kv_heads, head_dim, new = 4, 5, 2048, 8, 128, 4
+    swap = DraftKVSwap(layers, rows, 2, max_len, kv_heads, head_dim, torch.float32, dev)
+    g = torch.Generator().manual_seed(0)
+    swap.host.kv.copy_(torch.randn(swap.host.kv.shape, generator=g))
+    expected = swap.host.kv.clone()
+    draft = torch.cuda.Stream(dev)
+    seen = []  # (host row, end, what the buffer held right after its load)
+    mbs = [[0, 1], [2, 3], [4]]
+    for rnd in range(2):
+        ends = {r: 1000 + 97 * r + 300 * rnd for r in range(rows)}
+        with torch.cuda.stream(draft):
+            swap.begin()
+            swap.load(0, mbs[0], [ends[r] for r in mbs[0]])
+            for i, mb in enumerate(mbs):
+                if i + 1 < len(mbs):
+                    swap.load((i + 1) % 2, mbs[i + 1], [ends[r] for r in mbs[i + 1]])
+                buf = swap.acquire(i % 2)
+                for j, r in enumerate(mb):
+                    seen.append((r, ends[r], buf.kv[j, :ends[r]].clone()))
+                    buf.kv[j, ends[r]:ends[r] + new].fill_(100.0 * rnd + r)  # a kernel on the draft stream
+                    expected[r, ends[r]:ends[r] + new] = 100.0 * rnd + r
+                swap.store(i % 2, mb, [(ends[r], ends[r] + new) for r in mb])
+    torch.cuda.synchronize()
+    assert len(seen) == 2 * rows
+    for r, end, got in seen:  # a load saw the host row as the stores before it left it (round 2: round 1's writes)
+        torch.testing.assert_close(got.cpu(), expected[r, :end], rtol=0, atol=0)
+    torch.testing.assert_close(swap.host.kv, expected, rtol=0, atol=0)

@@ -20,6 +20,17 @@ from specplan.runtime.kvcache import KVCache
 from specplan.runtime.model import Model, Step, check_supported
 from specplan.runtime.weights import RESIDENT, WeightStore
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a small shared machine torch's
+    spinning OpenMP workers make these runs up to 10x slower when another process holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CPU = torch.device("cpu")
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0)
@@ -126,6 +137,18 @@ def test_random_weights_do_not_depend_on_read_order():
     assert not torch.equal(b.layer(0)["self_attn.q_proj.weight"], b.layer(1)["self_attn.q_proj.weight"])
     c = random_checkpoint(spec, torch.float32, seed=8)
     assert not torch.equal(a.layer(1)["mlp.up_proj.weight"], c.layer(1)["mlp.up_proj.weight"])
+
+
+def test_random_layers_drawn_on_threads_equal_tensors_drawn_one_by_one(monkeypatch):
+    import os
+
+    spec = ModelSpec.from_preset("tiny-mixtral")
+    ck = random_checkpoint(spec, torch.bfloat16, seed=3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # a pool even on a one-core machine
+    layer = ck.layer(1)
+    assert len(layer) > 8
+    for name, t in layer.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ck.tensor(f"model.layers.1.{name}")), name
 
 
 def test_unsupported_rope_is_refused_by_name():
