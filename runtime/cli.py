@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specplan.errors import InputError, SpecplanError
+from specplan.errors import InputError
 from specplan.fileio import write_json
 from specplan.units import fmt_bytes, fmt_seconds
 
@@ -111,9 +111,16 @@ def run(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Override the weights' dtype: float32 | bfloat16 | float16.")] = None,
     ignore_eos: Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Default: ignore EOS with random weights.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")] = 0,
+    draft_seed: Annotated[Optional[int], typer.Option("--draft-seed", help="Seed of a random draft; the target's seed makes a truncated self-draft.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")] = None,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.plan import Plan
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     from .run import resolve_model, run_plan
 
@@ -128,7 +135,7 @@ def run(
                   TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task(f"{the_plan.schedule.policy}: tokens", total=None)
         result = run_plan(the_plan, target, draft, device=device, prompts=token_ids, random_weights=random_weights,
-                          max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed,
+                          max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_json(report, result)
     err.print(f"report written to {report}", highlight=False)
@@ -139,23 +146,9 @@ def run(
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except SpecplanError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except (typer.Exit, SystemExit) as e:
-        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    from specplan.cli import run_app
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    run_app(app)
 
 
 if __name__ == "__main__":

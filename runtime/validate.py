@@ -283,6 +283,7 @@ def validate_cmd(
     peers: Annotated[bool, typer.Option("--peers", help="Also run transformers + accelerate offload on the non-speculative workloads.")] = False,
     out_dir: Annotated[str, typer.Option("--out-dir", help="Where to write validation.json, .csv and .png.")] = "validation",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads for profiling and runs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Profile, plan a set of workloads, run each with specrun, and compare measured with predicted."""
@@ -292,6 +293,10 @@ def validate_cmd(
     from specplan.hardware import load_profile
     from specplan.units import parse_bytes
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     cap = parse_bytes(gpu_mem, "argument", "--gpu-mem")
     with err.status("validating ...") as status:
@@ -308,6 +313,7 @@ def validate_cmd(
                         peers=peers, device=device, progress=status.update)
     abs_err = [abs(r.error_pct) for r in rows]
     meta = {"target": target, "draft": draft, "profile": prof.name, "device": device, "gpu_mem": gpu_mem,
+            "threads": threads, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
             "median_abs_error_pct": statistics.median(abs_err), "max_abs_error_pct": max(abs_err),
             "wall_s": time.perf_counter() - t0,
             "title": f"{target} + {draft} on {prof.provenance.device_name}"}

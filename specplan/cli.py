@@ -160,16 +160,15 @@ def _register_subcommands() -> None:
     register(app)
 
 
-def main() -> None:
-    _register_subcommands()
+def run_app(typer_app: typer.Typer) -> None:
+    """Run a Typer app the specplan way: a user error is one red line on stderr and its exit code."""
     try:
-        app(standalone_mode=False)
+        typer_app(standalone_mode=False)
     except SpecplanError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code)
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
@@ -180,6 +179,11 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def main() -> None:
+    _register_subcommands()
+    run_app(app)
 
 
 if __name__ == "__main__":
