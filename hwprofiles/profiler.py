@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from specplan import __version__
-from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, step_op_name
+from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, head_op_name, step_op_name
 from specplan.hardware import SCHEMA_VERSION, HardwareProfile
 from specplan.models import ModelSpec
 
@@ -45,7 +45,7 @@ class Grid:
     gemm_n: int
 
 
-QUICK = Grid(link_bytes=(64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB), ffn_tokens=(1, 8, 64, 512),
+QUICK = Grid(link_bytes=(64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB), ffn_tokens=(1, 8, 64, 512, 2048),
              attn_rows=(1, 8, 32), attn_q=(1, 4, 64), attn_ctx=(16, 128, 512), step_rows=(1, 8, 32),
              step_ctx=(16, 128, 512), repeat=5, gemm_n=1024)
 FULL = Grid(link_bytes=tuple(64 * KiB * 4**i for i in range(8)),  # 64 KiB .. 1 GiB
@@ -200,38 +200,79 @@ def _rand(shape, device, dtype, std=0.02):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
 
 
+def _layer_weights(model: ModelSpec, device: torch.device, dt: torch.dtype) -> dict:
+    """One layer's tensors under the runtime's names (random; only shapes matter for timing)."""
+    from specplan.runtime.checkpoint import random_checkpoint
+
+    return {name: t.to(device) for name, t in random_checkpoint(model, dt).layer(0).items()}
+
+
 def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
-    from specplan.runtime.model import swiglu
+    """What the runtime's `target_ffn` stage runs: for a dense model the post-attention norm,
+    the SwiGLU MLP and the residual add; for an MoE model one expert's SwiGLU (the cost model
+    multiplies by the experts touched)."""
+    from specplan.runtime.model import rms_norm, swiglu
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     h, f = model.hidden, model.ffn_inner
     gate, up, down = _rand((f, h), device, dt), _rand((f, h), device, dt), _rand((h, f), device, dt)
+    norm = torch.ones(h, device=device, dtype=dt)
     secs = []
     for t in grid.ffn_tokens:
-        x = _rand((t, h), device, dt, 1.0)
-        secs.append(median_time_s(lambda: swiglu(x, gate, up, down), device, grid.repeat))
+        x = _rand((1, t, h), device, dt, 1.0)
+        if model.is_moe:
+            fn = lambda: swiglu(x, gate, up, down)  # noqa: E731
+        else:
+            fn = lambda: x + swiglu(rms_norm(x, norm, model.rms_norm_eps), gate, up, down)  # noqa: E731
+        secs.append(median_time_s(fn, device, grid.repeat))
     return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
 
 
 def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
-    import torch.nn.functional as F
+    """What the runtime's `target_proj` stage runs: input norm, q/k/v projections, RoPE, and
+    later the o projection with its residual add."""
+    from specplan.runtime.model import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
-    h, qd, kvd = model.hidden, model.heads * model.head_dim, model.kv_heads * model.head_dim
-    wq, wk, wv, wo = _rand((qd, h), device, dt), _rand((kvd, h), device, dt), _rand((kvd, h), device, dt), _rand((h, qd), device, dt)
+    w = _layer_weights(model, device, dt)
+    inv_freq = rope_inv_freq(model).to(device)
     secs = []
     for t in grid.ffn_tokens:
-        x = _rand((t, h), device, dt, 1.0)
+        x = _rand((1, t, model.hidden), device, dt, 1.0)
+        cos, sin = rope_cos_sin(inv_freq, torch.arange(t, device=device)[None], dt)
 
         def run():
-            F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
-            return F.linear(F.linear(x, wq), wo)
+            hs = rms_norm(x, w["input_layernorm.weight"], model.rms_norm_eps)
+            q = linear(hs, w, "self_attn.q_proj").view(1, t, model.heads, model.head_dim)
+            k = linear(hs, w, "self_attn.k_proj").view(1, t, model.kv_heads, model.head_dim)
+            linear(hs, w, "self_attn.v_proj")
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return x + linear(q.reshape(1, t, -1), w, "self_attn.o_proj")
         secs.append(median_time_s(run, device, grid.repeat))
     return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
 
 
+def head_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    """What the runtime's `target_head` stage runs: final norm, LM head, fp32 logits."""
+    import torch.nn.functional as F
+
+    from specplan.runtime.model import rms_norm
+
+    dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
+    head = _rand((model.vocab, model.hidden), device, dt)
+    norm = torch.ones(model.hidden, device=device, dtype=dt)
+    secs = []
+    for t in grid.ffn_tokens:
+        x = _rand((t, model.hidden), device, dt, 1.0)
+        secs.append(median_time_s(lambda: F.linear(rms_norm(x, norm, model.rms_norm_eps), head).float(), device, grid.repeat))
+    return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
+
+
 def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
+    """What the runtime's `target_attention` stage runs: write the new K/V into a KV cache on
+    `device`, then attend over the row's context (the cache's view, masked per row)."""
     from specplan.runtime.attention import attend
+    from specplan.runtime.kvcache import KVCache
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     if device.type == "cpu" and dt == torch.float16:
@@ -240,11 +281,18 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     for i, rows in enumerate(grid.attn_rows):
         for j, q_len in enumerate(grid.attn_q):
             for k, ctx in enumerate(grid.attn_ctx):
+                cache = KVCache(1, rows, ctx + q_len, model.kv_heads, model.head_dim, dt, device)
                 q = _rand((rows, q_len, model.heads, model.head_dim), device, dt, 1.0)
-                kc = _rand((rows, ctx + q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
-                vc = _rand((rows, ctx + q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
-                start = torch.full((rows,), ctx, dtype=torch.long)
-                secs[i, j, k] = median_time_s(lambda: attend(q, kc, vc, start), device, grid.repeat)
+                kn = _rand((rows, q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
+                vn = _rand((rows, q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
+                all_rows = slice(0, rows)
+
+                def run():
+                    cache.lengths[:] = ctx
+                    cache.write(0, all_rows, kn, vn)
+                    kc, vc = cache.view(0, all_rows, ctx + q_len)
+                    return attend(q, kc, vc, cache.lengths[all_rows])
+                secs[i, j, k] = median_time_s(run, device, grid.repeat)
     return {"axes": ["rows", "q_len", "context"],
             "grid": [list(grid.attn_rows), list(grid.attn_q), list(grid.attn_ctx)], "seconds": secs.tolist()}
 
@@ -324,6 +372,7 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
             kernels[ffn_op_name(m, "gpu")] = ffn_table(m, dev, grid)
             say(f"kernels: {m.name} attention projections")
             kernels[attn_proj_op_name(m, "gpu")] = attn_proj_table(m, dev, grid)
+            kernels[head_op_name(m, "gpu")] = head_table(m, dev, grid)
             seen.add((m.hidden, m.ffn_inner, m.dtype))
         say(f"kernels: {m.name} attention")
         kernels[attention_op_name(m, "gpu")] = attention_table(m, dev, grid)

@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -179,6 +180,9 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
 
     say = progress or (lambda m: None)
     target, draft = ModelSpec.resolve(target_name), ModelSpec.resolve(draft_name)
+    # presets run with random weights (the draft with the target's seed: a truncated self-draft);
+    # model directories with safetensors run their real weights
+    random_weights = not any(Path(target_name).glob("*.safetensors")) if Path(target_name).is_dir() else True
     rows: list[Row] = []
     for i, case in enumerate(cases):
         say(f"[{i + 1}/{len(cases)}] {case.label}: planning")
@@ -186,8 +190,8 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         measured, reports = [], []
         for r in range(repeat):
             say(f"[{i + 1}/{len(cases)}] {case.label}: run {r + 1}/{repeat}")
-            rep = run_plan(plan, target, draft if plan.schedule.speculative else None, device=device,
-                           random_weights=True, seed=0, draft_seed=0)
+            rep = run_plan(plan, target_name, draft_name if plan.schedule.speculative else None, device=device,
+                           random_weights=random_weights, seed=0, draft_seed=0)
             measured.append(rep["measured"]["throughput_tok_s"])
             reports.append(rep)
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
@@ -227,8 +231,6 @@ def to_records(rows: list[Row]) -> list[dict]:
 
 
 def write_outputs(rows: list[Row], out_dir: str, meta: dict) -> dict[str, str]:
-    from pathlib import Path
-
     d = Path(out_dir)
     records = to_records(rows)
     paths = {"json": str(write_json(d / "validation.json", {"meta": meta, "rows": records}))}
@@ -276,7 +278,7 @@ def plot(rows: list[Row], path, title: str):
 def validate_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="6 workloads, 2 runs each: under 5 minutes on a 2-core CPU.")] = False,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile to predict with; default: profile this machine now (--quick).")] = None,
-    target: Annotated[str, typer.Option(help="Target model (random weights).")] = "smollm2-135m",
+    target: Annotated[str, typer.Option(help="Target model: a preset (random weights) or a HF directory (its weights).")] = "smollm2-135m",
     draft: Annotated[str, typer.Option(help="Draft: with random weights and the target's seed, a truncated self-draft.")] = "smollm2-135m-4l",
     gpu_mem: Annotated[str, typer.Option("--gpu-mem", help="Memory the plans may use on the compute device (forces streaming).")] = "300MB",
     repeat: Annotated[Optional[int], typer.Option(help="Runs per workload (default 2 quick, 3 full).")] = None,

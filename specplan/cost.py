@@ -208,12 +208,17 @@ def attention_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_
     return _table_or(profile, attention_op_name(model, device), (rows, q_len, context), fallback)
 
 
+def head_op_name(model: ModelSpec, device: str) -> str:
+    return f"{device}_head:h{model.hidden}:v{model.vocab}:{model.dtype}"
+
+
 def lm_head_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
     if tokens <= 0:
         return 0.0
     params = model.vocab * model.hidden
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
-    return kernel(profile, 2.0 * params * tokens, params * model.dtype_bytes, model.dtype)
+    fallback = kernel(profile, 2.0 * params * tokens, params * model.dtype_bytes, model.dtype)
+    return _table_or(profile, head_op_name(model, device), (tokens,), fallback)
 
 
 def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
