@@ -131,6 +131,15 @@ def resimulate(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: 
                               plan.placement, check_memory=False))
 
 
+def plan_weight_bytes_on_device(plan: Plan) -> float:
+    """What the plan keeps of the target's weights on the device (stream buffers included):
+    the memory cap the peer gets, so it has to offload the rest as specrun does."""
+    gpu = plan.prediction["memory"]["gpu"]
+    keys = ("target attention weights", "target FFN weights (resident)", "router and norms", "lm_head", "embedding",
+            "weight stream buffers")
+    return float(sum(gpu.get(k, 0.0) for k in keys))
+
+
 def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, seed: int) -> dict:
     """The same model (same random weights) and workload through transformers + accelerate
     offload: device_map with a memory cap equal to the plan's, the rest offloaded to disk."""
@@ -147,13 +156,9 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
     dtype = torch_dtype(spec)
     cfg = {k: v for k, v in spec.hf_config.items() if not k.startswith("_")}
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    ck = random_checkpoint(spec, dtype, seed)
-    state = {}
-    for name, _ in model.named_parameters():
-        state[name] = ck.tensor(name).to(dtype)
-    model.load_state_dict(state, assign=True, strict=False)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    ck = random_checkpoint(spec, dtype, seed)  # the very weights specrun runs
+    model.load_state_dict({name: ck.tensor(name) for name, _ in model.named_parameters()}, strict=False)
     model.tie_weights()
     model.eval()
     wl = Workload.from_dict(plan.workload, "plan")
@@ -208,7 +213,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
                   m.get("acceptance_rate"), m.get("tokens_per_round"), stages)
         if peers and not plan.schedule.speculative:
             say(f"[{i + 1}/{len(cases)}] {case.label}: transformers + accelerate")
-            row.peer = run_peer_accelerate(target_name, plan, profile.gpu.memory_bytes, seed=0)
+            row.peer = run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0)
         rows.append(row)
     return rows
 
