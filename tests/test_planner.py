@@ -203,3 +203,9 @@ def test_optimize_cli_infeasible_exit_code(tmp_path):
     assert r.returncode == 3
     assert "GPU memory: needs" in r.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_more_gpu_memory_never_slows_the_best_plan(small_space):
+    wl = Workload.make(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)
+    speeds = [optimize(TINY_T, TINY_D, tight_profile(b), wl).best.tok_s for b in (2.2e6, 3.0e6, 4.5e6, 9e6)]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(speeds, speeds[1:])), speeds
