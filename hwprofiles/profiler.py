@@ -110,6 +110,11 @@ def _buffers(nbytes: int, device: torch.device, pinned: bool, direction: str):
     return (host, dev) if direction == "h2d" else (dev, host)
 
 
+def _copy_time_s(nbytes: int, device: torch.device, pinned: bool, direction: str, repeat: int) -> float:
+    src, dst = _buffers(nbytes, device, pinned, direction)
+    return median_time_s(lambda: dst.copy_(src, non_blocking=pinned), device, repeat)
+
+
 def measure_copies(device: torch.device, grid: Grid, on_progress=None) -> dict:
     """Copy time over sizes, per direction and memory kind, fitted; plus the duplex slowdown."""
     out = {}
@@ -117,13 +122,11 @@ def measure_copies(device: torch.device, grid: Grid, on_progress=None) -> dict:
         for pinned in (True, False):
             sizes, times = [], []
             for n in grid.link_bytes:
-                src, dst = _buffers(n, device, pinned, direction)
-                t = median_time_s(lambda: dst.copy_(src, non_blocking=pinned), device, grid.repeat)
+                t = _copy_time_s(n, device, pinned, direction, grid.repeat)
                 sizes.append(n)
                 times.append(t)
                 if on_progress:
                     on_progress(f"{direction} {'pinned' if pinned else 'pageable'} {n / MiB:.2f} MiB", n / t)
-                del src, dst
             lat, bw, err = fit_latency_bandwidth(sizes, times)
             out[f"{direction}_{'pinned' if pinned else 'pageable'}"] = {
                 "latency_s": lat, "bytes_per_s": bw, "fit_rel_error": err,

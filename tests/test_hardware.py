@@ -10,7 +10,7 @@ import pytest
 
 from specplan import hardware
 from specplan.errors import InputError, UnknownNameError
-from specplan.hardware import HardwareProfile, load_profile
+from specplan.hardware import load_profile
 from specplan.tables import KernelTable, OutOfProfiledRange
 
 EXPECTED_SHIPPED = {"rtx4090", "rtx3090", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l4", "t4"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from specplan.hardware import HardwareProfile, load_profile
+from specplan.hardware import load_profile
 from specplan.hwprofiles.profiler import Grid, fit_latency_bandwidth, profile_machine
 from specplan.models import ModelSpec
 
