@@ -203,6 +203,29 @@ def _rand(shape, device, dtype, std=0.02):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
 
 
+# Kernels are timed on weights that are not in cache, as in the runtime, where each layer's
+# weights arrive fresh for every pass: enough copies are cycled to exceed the last-level
+# cache. (Timing one small weight set over and over measures the cache, not the kernel.)
+COLD_BYTES = 512 * MiB  # above the LLC of the machines seen (300 MiB on the CI VM)
+MAX_COPIES = 128
+
+
+def _copies(make: Callable[[], object], nbytes: float) -> list:
+    n = int(min(MAX_COPIES, max(1, -(-COLD_BYTES // max(int(nbytes), 1)))))
+    return [make() for _ in range(n)]
+
+
+class _Cycle:
+    """Hands out the next of several equivalent argument sets on every call."""
+
+    def __init__(self, items: list):
+        self.items, self.i = items, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
 def _layer_weights(model: ModelSpec, device: torch.device, dt: torch.dtype) -> dict:
     """One layer's tensors under the runtime's names (random; only shapes matter for timing)."""
     from specplan.runtime.checkpoint import random_checkpoint
@@ -218,15 +241,16 @@ def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     h, f = model.hidden, model.ffn_inner
-    gate, up, down = _rand((f, h), device, dt), _rand((f, h), device, dt), _rand((h, f), device, dt)
+    weights = _Cycle(_copies(lambda: (_rand((f, h), device, dt), _rand((f, h), device, dt), _rand((h, f), device, dt)),
+                             3 * h * f * model.dtype_bytes))
     norm = torch.ones(h, device=device, dtype=dt)
     secs = []
     for t in grid.ffn_tokens:
         x = _rand((1, t, h), device, dt, 1.0)
         if model.is_moe:
-            fn = lambda: swiglu(x, gate, up, down)  # noqa: E731
+            fn = lambda: swiglu(x, *weights.next())  # noqa: E731
         else:
-            fn = lambda: x + swiglu(rms_norm(x, norm, model.rms_norm_eps), gate, up, down)  # noqa: E731
+            fn = lambda: x + swiglu(rms_norm(x, norm, model.rms_norm_eps), *weights.next())  # noqa: E731
         secs.append(median_time_s(fn, device, grid.repeat))
     return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
 
@@ -237,7 +261,9 @@ def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     from specplan.runtime.model import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
-    w = _layer_weights(model, device, dt)
+    first = _layer_weights(model, device, dt)
+    layers = _Cycle([first] + [{k: v.clone() for k, v in first.items()} for _ in range(
+        len(_copies(lambda: None, model.attention_params_per_layer * model.dtype_bytes)) - 1)])
     inv_freq = rope_inv_freq(model).to(device)
     secs = []
     for t in grid.ffn_tokens:
@@ -245,6 +271,7 @@ def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
         cos, sin = rope_cos_sin(inv_freq, torch.arange(t, device=device)[None], dt)
 
         def run():
+            w = layers.next()
             hs = rms_norm(x, w["input_layernorm.weight"], model.rms_norm_eps)
             q = linear(hs, w, "self_attn.q_proj").view(1, t, model.heads, model.head_dim)
             k = linear(hs, w, "self_attn.k_proj").view(1, t, model.kv_heads, model.head_dim)
@@ -262,12 +289,13 @@ def head_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     from specplan.runtime.model import rms_norm
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
-    head = _rand((model.vocab, model.hidden), device, dt)
+    heads = _Cycle(_copies(lambda: _rand((model.vocab, model.hidden), device, dt), model.head_bytes))
     norm = torch.ones(model.hidden, device=device, dtype=dt)
     secs = []
     for t in grid.ffn_tokens:
         x = _rand((t, model.hidden), device, dt, 1.0)
-        secs.append(median_time_s(lambda: F.linear(rms_norm(x, norm, model.rms_norm_eps), head).float(), device, grid.repeat))
+        secs.append(median_time_s(lambda: F.linear(rms_norm(x, norm, model.rms_norm_eps), heads.next()).float(),
+                                  device, grid.repeat))
     return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}
 
 
@@ -284,13 +312,16 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     for i, rows in enumerate(grid.attn_rows):
         for j, q_len in enumerate(grid.attn_q):
             for k, ctx in enumerate(grid.attn_ctx):
-                cache = KVCache(1, rows, ctx + q_len, model.kv_heads, model.head_dim, dt, device)
+                kv_bytes = 2 * rows * (ctx + q_len) * model.kv_heads * model.head_dim * torch.finfo(dt).bits // 8
+                caches = _Cycle(_copies(lambda: KVCache(1, rows, ctx + q_len, model.kv_heads, model.head_dim, dt, device),
+                                        kv_bytes))
                 q = _rand((rows, q_len, model.heads, model.head_dim), device, dt, 1.0)
                 kn = _rand((rows, q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
                 vn = _rand((rows, q_len, model.kv_heads, model.head_dim), device, dt, 1.0)
                 all_rows = slice(0, rows)
 
                 def run():
+                    cache = caches.next()
                     cache.lengths[:] = ctx
                     cache.write(0, all_rows, kn, vn)
                     kc, vc = cache.view(0, all_rows, ctx + q_len)
