@@ -198,8 +198,11 @@ class ShapeProgram:
         k = pulp.LpVariable("prefetch", cat="Binary")
         s_ffn = pulp.LpVariable("any_ffn_streamed", cat="Binary")
         s_disk = pulp.LpVariable("any_disk", cat="Binary")
-        k_ffn = pulp.LpVariable("prefetch_x_ffn", lowBound=0, upBound=1)
-        k_att = pulp.LpVariable("prefetch_x_attn", lowBound=0, upBound=1)
+        # one stream slot holds the largest streamed unit: a layer, or the LM head when it streams
+        head_unit = H + T.hidden * T.dtype_bytes
+        slot_max = max(F + A, head_unit)
+        slot = pulp.LpVariable("slot_bytes", lowBound=0, upBound=slot_max)
+        k_slot = pulp.LpVariable("prefetch_x_slot", lowBound=0, upBound=slot_max)  # k * slot
 
         prob += pulp.lpSum(x) == 1
         prob += pulp.lpSum(f.values()) == 1
@@ -211,8 +214,9 @@ class ShapeProgram:
         prob += L * s_ffn >= L - n_gpu
         prob += L * s_disk >= y["disk"]
         prob += s_disk >= a["disk"]
-        prob += k_ffn >= k + s_ffn - 1
-        prob += k_att >= k - a["gpu"]
+        prob += slot >= F * s_ffn + A * (1 - a["gpu"])
+        prob += slot >= head_unit * (1 - hd["gpu"])
+        prob += k_slot >= slot - slot_max * (1 - k)
         for c in C:
             prob += v[c] <= x[c]
             prob += v[c] <= dk
@@ -244,7 +248,7 @@ class ShapeProgram:
         # memory: the terms of plan_memory, split into shape constants and placement terms
         mem = [self._memory_coeffs(s) for s in self.shapes]
         gpu_cap = P.gpu.memory_bytes - P.gpu.reserved_bytes
-        weights_gpu = F * n_gpu + L * A * a["gpu"] + H * hd["gpu"] + F * (s_ffn + k_ffn) + A * (1 - a["gpu"] + k_att)
+        weights_gpu = F * n_gpu + L * A * a["gpu"] + H * hd["gpu"] + slot + k_slot
         prob += (pulp.lpSum(x[c] * mem[c][0] + v[c] * mem[c][3] for c in C) + weights_gpu <= gpu_cap), "gpu_memory"
         staging = 2 * (F + A) * s_disk
         host_w = F * (y["cpu_pinned"] + y["cpu_pageable"]) + L * A * (a["cpu_pinned"] + a["cpu_pageable"]) \

@@ -137,6 +137,8 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
             infeasible.setdefault(c.shape.policy, str(e))
             continue
         ranked.append(Ranked(c, res))
+    if not ranked:
+        raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
     ranked.sort(key=lambda r: -r.tok_s)
     return OptimizeResult(ranked, infeasible, considered, solver_name())
 

@@ -121,10 +121,11 @@ def test_program_memory_terms_equal_plan_memory():
                     var.varValue = int(n_gpu < t.layers)
                 elif name == "any_disk":
                     var.varValue = 0
-                elif name == "prefetch_x_ffn":
-                    var.varValue = k * int(n_gpu < t.layers)
-                elif name == "prefetch_x_attn":
-                    var.varValue = k * int(att != "gpu")
+                elif name in ("slot_bytes", "prefetch_x_slot"):
+                    b = t.layer_bytes
+                    layer = b.ffn * int(n_gpu < t.layers) + b.attention * int(att != "gpu")
+                    head_unit = (t.head_bytes + t.hidden * t.dtype_bytes) * int(head != "gpu")
+                    var.varValue = max(layer, head_unit) * (k if name == "prefetch_x_slot" else 1)
             cons = prog.prob.constraints
             gpu_lhs = pulp.value(cons["gpu_memory"]) - cons["gpu_memory"].constant
             assert gpu_lhs + cons["gpu_memory"].constant == pytest.approx(
