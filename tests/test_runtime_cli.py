@@ -22,13 +22,6 @@ ALL_GPU = Placement(attention="gpu", ffn="gpu", embed="gpu", lm_head="gpu", draf
 STREAMED = Placement(attention="cpu_pinned", ffn="cpu_pageable", ffn_gpu_layers=1, draft_kv="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a small shared machine they only slow them down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_plan(target="tiny-llama", draft="tiny-draft", policy="specoffload", placement=STREAMED,

@@ -20,14 +20,6 @@ from specplan.runtime.weights import RESIDENT
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a small shared machine torch's
-    spinning OpenMP workers make these runs up to 10x slower when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 GEN = 12

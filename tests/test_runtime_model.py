@@ -21,14 +21,6 @@ from specplan.runtime.model import Model, Step, check_supported
 from specplan.runtime.weights import RESIDENT, WeightStore
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a small shared machine torch's
-    spinning OpenMP workers make these runs up to 10x slower when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CPU = torch.device("cpu")
