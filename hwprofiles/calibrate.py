@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from specplan.cost import error_pct
 from specplan.hardware import HardwareProfile
 from specplan.models import ModelSpec
 from specplan.plan import Plan
@@ -30,11 +31,11 @@ class Calibration:
 
     @property
     def error_before_pct(self) -> float:
-        return 100.0 * (self.before_tok_s - self.measured_tok_s) / self.measured_tok_s
+        return error_pct(self.measured_tok_s, self.before_tok_s)
 
     @property
     def error_after_pct(self) -> float:
-        return 100.0 * (self.after_tok_s - self.measured_tok_s) / self.measured_tok_s
+        return error_pct(self.measured_tok_s, self.after_tok_s)
 
 
 def _stage_total(stage_s: dict, stage: str) -> float:

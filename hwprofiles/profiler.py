@@ -210,9 +210,12 @@ COLD_BYTES = 512 * MiB  # above the LLC of the machines seen (300 MiB on the CI 
 MAX_COPIES = 128
 
 
+def _n_copies(nbytes: float) -> int:
+    return int(min(MAX_COPIES, max(1, -(-COLD_BYTES // max(int(nbytes), 1)))))
+
+
 def _copies(make: Callable[[], object], nbytes: float) -> list:
-    n = int(min(MAX_COPIES, max(1, -(-COLD_BYTES // max(int(nbytes), 1)))))
-    return [make() for _ in range(n)]
+    return [make() for _ in range(_n_copies(nbytes))]
 
 
 class _Cycle:
@@ -262,8 +265,8 @@ def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     first = _layer_weights(model, device, dt)
-    layers = _Cycle([first] + [{k: v.clone() for k, v in first.items()} for _ in range(
-        len(_copies(lambda: None, model.attention_params_per_layer * model.dtype_bytes)) - 1)])
+    n = _n_copies(model.attention_params_per_layer * model.dtype_bytes)
+    layers = _Cycle([first] + [{k: v.clone() for k, v in first.items()} for _ in range(n - 1)])
     inv_freq = rope_inv_freq(model).to(device)
     secs = []
     for t in grid.ffn_tokens:

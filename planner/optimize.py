@@ -66,8 +66,6 @@ def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, 
     for pl in (base, replace(base, draft_kv="cpu"), replace(base, draft_kv="cpu", lm_head="cpu_pinned"),
                replace(base, draft_kv="cpu", lm_head="cpu_pinned", ffn="cpu_pageable", attention="cpu_pageable"),
                replace(base, draft_kv="cpu", lm_head="cpu_pageable", ffn="disk", attention="disk")):
-        if pl.draft_kv == "gpu" and not sch.speculative:
-            pass
         v = plan_memory(target, draft, sch, pl, workload).violations(profile)
         if not v:
             return pl, []

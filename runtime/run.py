@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from specplan import __version__
+from specplan.cost import error_pct
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.memory import MemoryNeed, plan_memory
 from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
@@ -169,14 +170,6 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
 
 
 # ---- the report ---------------------------------------------------------------------------------------
-
-
-def error_pct(measured: float | None, predicted: float | None) -> float | None:
-    """(predicted - measured) / measured in percent: positive = the plan was optimistic about a rate,
-    or pessimistic about a time."""
-    if measured in (None, 0) or predicted is None:
-        return None
-    return 100.0 * (predicted - measured) / measured
 
 
 def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,

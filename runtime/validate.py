@@ -23,10 +23,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from specplan.cost import error_pct
 from specplan.fileio import write_atomic, write_json
 from specplan.hardware import HardwareProfile
 from specplan.models import ModelSpec
-from specplan.plan import Placement, Plan, Schedule
+from specplan.plan import Plan, Schedule
 from specplan.workload import Workload
 
 
@@ -90,29 +91,23 @@ class Row:
 
     @property
     def error_pct(self) -> float:
-        return 100.0 * (self.timing_tok_s - self.measured) / self.measured
+        return error_pct(self.measured, self.timing_tok_s)
 
     @property
     def planned_error_pct(self) -> float:
-        return 100.0 * (self.planned_tok_s - self.measured) / self.measured
-
-
-def fit_placement(target: ModelSpec, draft: ModelSpec | None, sch: Schedule, wl: Workload,
-                  profile: HardwareProfile) -> Placement:
-    from specplan.simulator.cli import default_placement
-
-    return default_placement(target, draft, sch, wl, profile)
+        return error_pct(self.measured, self.planned_tok_s)
 
 
 def make_case_plan(case: Case, target_name: str, draft_name: str | None, target: ModelSpec, draft: ModelSpec | None,
                    profile: HardwareProfile, acceptance: float) -> Plan:
     from specplan.planner.optimize import Candidate, Ranked, make_plan
     from specplan.planner.shapes import Shape
+    from specplan.simulator.cli import default_placement
     from specplan.simulator.run import SimConfig, simulate
 
     sch = case.schedule()
     wl = Workload.make(case.prompt_len, case.gen_len, case.target_batch * case.num_batches, acceptance)
-    pl = fit_placement(target, draft if sch.speculative else None, sch, wl, profile)
+    pl = default_placement(target, draft if sch.speculative else None, sch, wl, profile)
     res = simulate(SimConfig(target, draft if sch.speculative else None, profile, wl, sch, pl))
     shape = Shape(sch.policy, sch.target_batch, sch.num_batches, sch.gamma, sch.draft_batch, sch.prefill_chunk,
                   sch.attention_device)
@@ -234,7 +229,7 @@ def to_records(rows: list[Row]) -> list[dict]:
             "predicted_tok_s": r.timing_tok_s, "error_pct": r.error_pct,
             "planned_tok_s": r.planned_tok_s, "planned_error_pct": r.planned_error_pct,
             "acceptance": r.acceptance, "tokens_per_round": r.tokens_per_round,
-            "stage_s": {k: {"measured": a, "simulated": b, "error_pct": (100 * (b - a) / a) if a else None}
+            "stage_s": {k: {"measured": a, "simulated": b, "error_pct": error_pct(a, b)}
                         for k, (a, b) in r.stage_errors.items()},
             "placement": r.plan.placement.__dict__, "peer": r.peer,
         })

@@ -134,7 +134,6 @@ def simulate_cmd(
             if pol == schedule.policy:
                 continue
             sch = same_rows_schedule(schedule, pol)
-            pl = placement if not plan else default_placement(tgt, drf, sch, workload, profile)
             pl = default_placement(tgt, drf, sch, workload, profile)
             try:
                 results[pol] = simulate(SimConfig(tgt, drf if sch.speculative else None, profile, workload, sch, pl,

@@ -115,20 +115,32 @@ class Scenario:
 
     def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
         """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
+        # a layer's copies depend on it only through where its FFN lives: cost them once per pass
+        costs: dict[str, tuple[float, float] | None] = {}
         for layer in range(self.T.layers):
-            chunks = streamed_chunks(self.T, self.pl, layer, tokens)
-            if not chunks:
+            ffn_home = self.pl.ffn_home(layer)
+            if ffn_home not in costs:
+                costs[ffn_home] = self._copy_costs(streamed_chunks(self.T, self.pl, layer, tokens))
+            cost = costs[ffn_home]
+            if cost is None:
                 loaded[layer].succeed(False)
                 continue
+            disk_s, h2d_s = cost
             yield slots.get(1)
-            disk_bytes = sum(n for _, home, n in chunks if home == "disk")
-            if disk_bytes:
-                yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_read_time_s(self.P, disk_bytes), who)
-            # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
-            pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
-            t = weights_h2d_s(self.P, pinned, sum(n for *_, n in chunks) - pinned)
-            yield from self.m.use("h2d", self._stage(kind, "h2d"), t, who)
+            if disk_s:
+                yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_s, who)
+            yield from self.m.use("h2d", self._stage(kind, "h2d"), h2d_s, who)
             loaded[layer].succeed(True)
+
+    def _copy_costs(self, chunks: list[tuple[str, str, float]]) -> tuple[float, float] | None:
+        """(disk read s, H2D s) of one streamed layer, or None if nothing of it streams."""
+        if not chunks:
+            return None
+        disk = sum(n for _, home, n in chunks if home == "disk")
+        # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
+        pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
+        total = sum(n for *_, n in chunks)
+        return disk_read_time_s(self.P, disk), weights_h2d_s(self.P, pinned, total - pinned)
 
     def _layer_costs(self, g: Group, kind: str) -> LayerCosts:
         return target_layer_costs(self.P, self.T, g.rows, g.q_len, g.ctx, self.sch.attention_device, kind == "prefill")

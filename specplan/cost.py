@@ -234,6 +234,17 @@ def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float
     return model.layers * per_layer + lm_head_time_s(profile, model, tokens)
 
 
+# ---- comparing a prediction with a measurement ----------------------------------------------
+
+
+def error_pct(measured: float | None, predicted: float | None) -> float | None:
+    """(predicted - measured) / measured in percent: positive = the prediction was optimistic
+    about a rate, or pessimistic about a time. None when there is nothing to compare."""
+    if measured in (None, 0) or predicted is None:
+        return None
+    return 100.0 * (predicted - measured) / measured
+
+
 # ---- one target layer and one draft step, as the simulator and the planner see them -----------------
 
 

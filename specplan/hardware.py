@@ -20,7 +20,6 @@ from .fileio import read_json, write_json
 from .tables import KernelTable
 
 SCHEMA_VERSION = 1
-PLACEMENTS_HOST = ("cpu_pinned", "cpu_pageable")
 
 
 def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, default: Any = ...) -> float:

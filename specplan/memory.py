@@ -50,14 +50,6 @@ class MemoryNeed:
         return out
 
 
-def streamed_layer_bytes(target: ModelSpec, placement: Placement, layer: int, tokens: float | None = None) -> float:
-    """Bytes of layer `layer` that live off the GPU and are copied in for a pass.
-
-    With `tokens` given, an MoE layer copies only the experts those tokens are expected to
-    route to; without it, all experts (the size a stream buffer must have)."""
-    return sum(nbytes for _, _, nbytes in streamed_chunks(target, placement, layer, tokens))
-
-
 def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
                     tokens: float | None = None) -> list[tuple[str, str, float]]:
     """The copies one streamed layer takes, as (group, home, bytes): the attention block,
