@@ -229,11 +229,13 @@ class _Cycle:
         return self.items[self.i]
 
 
-def _layer_weights(model: ModelSpec, device: torch.device, dt: torch.dtype) -> dict:
-    """One layer's tensors under the runtime's names (random; only shapes matter for timing)."""
-    from specplan.runtime.checkpoint import random_checkpoint
+def _layer_weights(model: ModelSpec, device: torch.device, dt: torch.dtype, groups: tuple[str, ...] | None = None) -> dict:
+    """One layer's tensors under the runtime's names (random; only shapes matter for timing),
+    those of the given tensor groups (attention, ffn, router, norm) or all."""
+    from specplan.runtime.checkpoint import random_checkpoint, tensor_group
 
-    return {name: t.to(device) for name, t in random_checkpoint(model, dt).layer(0).items()}
+    return {name: t.to(device) for name, t in random_checkpoint(model, dt).layer(0).items()
+            if groups is None or tensor_group(name) in groups}
 
 
 def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
@@ -264,7 +266,8 @@ def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     from specplan.runtime.model import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
-    first = _layer_weights(model, device, dt)
+    # the attention weights alone: n copies of a whole MoE layer would fill the GPU with experts
+    first = _layer_weights(model, device, dt, groups=("attention", "norm"))
     n = _n_copies(model.attention_params_per_layer * model.dtype_bytes)
     layers = _Cycle([first] + [{k: v.clone() for k, v in first.items()} for _ in range(n - 1)])
     inv_freq = rope_inv_freq(model).to(device)
@@ -388,6 +391,12 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
     say = on_progress or (lambda msg, rate=None: None)
     cpu = torch.device("cpu")
     ram = _total_ram_bytes()
+    if dev.type == "cuda":
+        # What the plan cannot have: the CUDA context and other processes, read before this
+        # profiler allocates anything (its freed buffers stay in torch's cache until the end).
+        torch.empty(1, device=dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        reserved = float(total - free)
 
     say("link: copy sweep")
     link = measure_copies(dev, grid, on_progress=say)
@@ -420,9 +429,8 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
         kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)
 
     if dev.type == "cuda":
-        free, total = torch.cuda.mem_get_info(dev)
+        torch.cuda.empty_cache()
         gpu_name = torch.cuda.get_device_name(dev)
-        reserved = float(total - free)
         mem = float(total)
     else:
         gpu_name = f"CPU as device ({_cpu_model()})"

@@ -26,7 +26,7 @@ import pulp
 
 from specplan.cost import disk_read_time_s, weights_h2d_s
 from specplan.hardware import HardwareProfile
-from specplan.memory import plan_memory
+from specplan.memory import STAGED_HOMES, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement
 from specplan.workload import Workload
@@ -197,7 +197,7 @@ class ShapeProgram:
         dk = pulp.LpVariable("draft_kv_host", cat="Binary")
         k = pulp.LpVariable("prefetch", cat="Binary")
         s_ffn = pulp.LpVariable("any_ffn_streamed", cat="Binary")
-        s_disk = pulp.LpVariable("any_disk", cat="Binary")
+        s_staged = pulp.LpVariable("any_staged", cat="Binary")  # something streams from disk or pageable memory
         # one stream slot holds the largest streamed unit: a layer, or the LM head when it streams
         head_unit = H + T.hidden * T.dtype_bytes
         slot_max = max(F + A, head_unit)
@@ -212,8 +212,11 @@ class ShapeProgram:
         for h in STREAM_HOMES:
             prob += y[h] <= L * f[h]
         prob += L * s_ffn >= L - n_gpu
-        prob += L * s_disk >= y["disk"]
-        prob += s_disk >= a["disk"]
+        for h in STAGED_HOMES:
+            prob += L * s_staged >= y[h]
+            prob += s_staged >= a[h]
+            if h in hd:
+                prob += s_staged >= hd[h]
         prob += slot >= F * s_ffn + A * (1 - a["gpu"])
         prob += slot >= head_unit * (1 - hd["gpu"])
         prob += k_slot >= slot - slot_max * (1 - k)
@@ -250,7 +253,9 @@ class ShapeProgram:
         gpu_cap = P.gpu.memory_bytes - P.gpu.reserved_bytes
         weights_gpu = F * n_gpu + L * A * a["gpu"] + H * hd["gpu"] + slot + k_slot
         prob += (pulp.lpSum(x[c] * mem[c][0] + v[c] * mem[c][3] for c in C) + weights_gpu <= gpu_cap), "gpu_memory"
-        staging = 2 * (F + A) * s_disk
+        # pinned staging buffers, one per stream slot, when something is staged: (slot + k_slot) * s_staged
+        staging = pulp.LpVariable("staging_bytes", lowBound=0)
+        prob += staging >= slot + k_slot - 2 * slot_max * (1 - s_staged)
         host_w = F * (y["cpu_pinned"] + y["cpu_pageable"]) + L * A * (a["cpu_pinned"] + a["cpu_pageable"]) \
             + H * (hd["cpu_pinned"] + hd["cpu_pageable"]) + T.embed_bytes + staging
         prob += (pulp.lpSum(x[c] * mem[c][1] + v[c] * mem[c][4] for c in C) + host_w <= P.host.memory_bytes), "host_memory"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def visible(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean mask [B, 1, q_len, kv_len]: True where query j may attend to key t."""
-    q_pos = start.to(device)[:, None] + torch.arange(q_len, device=device)  # [B, q]
+    q_pos = start.to(device, non_blocking=device.type == "cuda")[:, None] + torch.arange(q_len, device=device)  # [B, q]
     t = torch.arange(kv_len, device=device)
     mask = t <= q_pos[..., None]
     if window is not None:

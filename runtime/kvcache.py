@@ -61,7 +61,7 @@ class KVCache:
         end = int(start.max()) + q_len
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: a row needs position {end - 1}, cache holds {self.max_len}")
-        pos = (start[:, None] + torch.arange(q_len)).to(self.device)
+        pos = (start[:, None] + torch.arange(q_len)).to(self.device, non_blocking=self.device.type == "cuda")
         b = torch.arange(k.shape[0], device=self.device)[:, None]
         # Asynchronous only towards the GPU: a non-blocking copy to the CPU may return before
         # the data has landed, and the CPU reads it at once.

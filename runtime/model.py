@@ -125,10 +125,18 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
     top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
     top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     out = torch.zeros_like(x)
-    # One expert at a time over the tokens routed to it; the set of experts hit is known
-    # only after routing, hence the one host sync per layer.
-    for e in top_i.unique().tolist():
-        token, slot = torch.where(top_i == e)
+    # One expert at a time over the tokens routed to it, in token order. Which experts are hit,
+    # and by how many tokens, is known only after routing: one host sync per layer (the counts).
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=spec.experts).tolist()
+    tokens, slots = order // spec.top_k, order % spec.top_k
+    end = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        token, slot = tokens[end:end + n], slots[end:end + n]
+        end += n
         p = f"block_sparse_moe.experts.{e}."
         y = swiglu(x[token], w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"])
         out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
@@ -169,7 +177,7 @@ class Model:
             ropes = []
             for s in steps:
                 pos = self.cache.lengths[s.rows][:, None] + torch.arange(s.tokens.shape[1])
-                ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device), xs[0].dtype))
+                ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device, non_blocking=True), xs[0].dtype))
         for i in range(L):
             w = store.acquire(i)
             for j, s in enumerate(steps):

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from specplan.plan import Placement
 
+from specplan.memory import STAGED_HOMES
+
 from .checkpoint import Checkpoint, tensor_group
 from .stats import Stats
 
@@ -74,10 +76,12 @@ class WeightStore:
         self.stats = stats
         self.bytes = {"gpu": 0, "cpu_pinned": 0, "cpu_pageable": 0, "disk": 0}
         self._spill: tempfile.TemporaryDirectory | None = None
+        self._embed: tuple[torch.Tensor, str, torch.Tensor] | None = None  # (source, home, placed)
         spec = checkpoint.spec
 
         g = checkpoint.globals()
         self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed)
+        self._embed = (g["model.embed_tokens.weight"], placement.embed, self.embed_weight)
         self.units = [self._build_unit(i, checkpoint.layer(i), lambda name, i=i: self._home(placement, i, name))
                       for i in range(spec.layers)]
         head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
@@ -89,7 +93,7 @@ class WeightStore:
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
         self.bytes["gpu"] += slot_bytes * n_slots
         self.staging: list[torch.Tensor] = []
-        if self.cuda and any(p.home == "disk" for u in self.order for p in self.units[u].parts):
+        if self.cuda and any(p.home in STAGED_HOMES for u in self.order for p in self.units[u].parts):
             self.staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(n_slots)]
             self.bytes["cpu_pinned"] += slot_bytes * n_slots
         if self.cuda:
@@ -99,6 +103,7 @@ class WeightStore:
             self.staged = [torch.cuda.Event() for _ in self.slots]
         self.inflight: dict[int, int] = {}  # unit -> slot holding (or receiving) it
         self._next = 0  # index into self.order of the next unit to fetch
+        self._embed = None  # only needed while placing; do not keep the source embedding alive
 
     # ---- building ---------------------------------------------------------------------------
     @staticmethod
@@ -111,12 +116,18 @@ class WeightStore:
         return "gpu"  # norms and the router are small and needed to route before experts arrive
 
     def _place(self, t: torch.Tensor, home: str) -> torch.Tensor:
+        # A tied LM head in the embedding's home is the embedding, as plan_memory counts it: a
+        # second .to(cuda) or .pin_memory() would copy it again.
+        if self._embed is not None and t is self._embed[0] and home == self._embed[1]:
+            return self._embed[2]
         if home == "gpu":
             self.bytes["gpu"] += t.nbytes
-            return t.to(self.device).contiguous()
-        pin = home == "cpu_pinned" and self.cuda
-        self.bytes[home if home != "disk" else "cpu_pageable"] += t.nbytes
-        return t.contiguous().pin_memory() if pin else t.contiguous()
+            placed = t.to(self.device).contiguous()
+        else:
+            pin = home == "cpu_pinned" and self.cuda
+            self.bytes[home if home != "disk" else "cpu_pageable"] += t.nbytes
+            placed = t.contiguous().pin_memory() if pin else t.contiguous()
+        return placed
 
     def _build_unit(self, u: int, tensors: dict[str, torch.Tensor], home_of) -> _Unit:
         unit = _Unit()
@@ -199,18 +210,26 @@ class WeightStore:
                 dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
             self._record_copy(unit.nbytes, seconds=time.perf_counter() - t)
             return
+        # Disk and pageable parts go through pinned staging first, on this thread: a copy from
+        # pageable memory would block this thread until the copy stream reached it, i.e. until
+        # the slot's previous unit was computed, and leave the GPU without queued work.
+        if any(p.home in STAGED_HOMES for p in unit.parts):
+            self.staged[slot].synchronize()  # the last copy out of this staging buffer is done
+        srcs = []
+        for p in unit.parts:
+            src = p.host
+            if p.home in STAGED_HOMES:
+                t = time.perf_counter()
+                src = self.staging[slot][p.offset:p.offset + src.numel()].copy_(src)
+                if self.stats is not None:
+                    self.stats.add(self.stats.prefix + ("disk_read" if p.home == "disk" else "host_stage"),
+                                   time.perf_counter() - t)
+            srcs.append(src)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[slot])  # slot's previous unit has been computed
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for p in unit.parts:
-                src = p.host
-                if p.home == "disk":
-                    self.staged[slot].synchronize()  # the last copy out of this staging buffer is done
-                    t = time.perf_counter()
-                    src = self.staging[slot][:src.numel()].copy_(src)
-                    if self.stats is not None:
-                        self.stats.add(self.stats.prefix + "disk_read", time.perf_counter() - t)
+            for p, src in zip(unit.parts, srcs):
                 dst[p.offset:p.offset + src.numel()].copy_(src, non_blocking=True)
             end.record()
             self.ready[slot].record()

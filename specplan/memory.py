@@ -87,6 +87,21 @@ def logits_bytes(target: ModelSpec, schedule: Schedule) -> float:
     return max(rows * q, schedule.prefill_chunk) * target.vocab * 4
 
 
+STAGED_HOMES = ("disk", "cpu_pageable")  # streamed weights copied through pinned staging buffers
+
+
+def streamed_homes(placement: Placement, layers: int) -> set[str]:
+    """Where the weights that stream to the GPU live (empty when nothing streams)."""
+    homes = set()
+    if placement.attention != "gpu":
+        homes.add(placement.attention)
+    if placement.ffn_gpu_layers < layers:
+        homes.add(placement.ffn)
+    if placement.lm_head != "gpu":
+        homes.add(placement.lm_head)
+    return homes
+
+
 def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
                 workload: Workload) -> MemoryNeed:
     b = target.layer_bytes
@@ -112,7 +127,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     home("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers))
     home("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes)
     home("embedding", placement.embed, target.embed_bytes)
-    if not (target.tie_embeddings and placement.lm_head == placement.embed):  # tied and co-located: one tensor
+    # tied and both on the GPU: one tensor; a head that streams is packed into its own copy
+    if not (target.tie_embeddings and placement.lm_head == placement.embed == "gpu"):
         home("lm_head", placement.lm_head, target.head_bytes)
 
     # the largest layer that streams: its FFN unless every FFN is resident, plus attention unless resident
@@ -122,8 +138,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     if streamed > 0:
         slots = schedule.prefetch_depth + 1
         gpu["weight stream buffers"] = slots * streamed
-        if "disk" in (placement.attention, placement.ffn):
-            home("disk staging buffers", "cpu_pinned", slots * streamed)
+        if streamed_homes(placement, L) & set(STAGED_HOMES):
+            home("pinned staging buffers", "cpu_pinned", slots * streamed)
 
     target_kv = kv_cache_bytes(target, rows, seq)
     if schedule.attention_device == "gpu":

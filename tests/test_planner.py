@@ -119,13 +119,14 @@ def test_program_memory_terms_equal_plan_memory():
                     var.varValue = (t.layers - n_gpu) if name[2:] == "cpu_pinned" else 0
                 elif name == "any_ffn_streamed":
                     var.varValue = int(n_gpu < t.layers)
-                elif name == "any_disk":
-                    var.varValue = 0
-                elif name in ("slot_bytes", "prefetch_x_slot"):
+                elif name == "any_staged":
+                    var.varValue = int(att == "cpu_pageable")
+                elif name in ("slot_bytes", "prefetch_x_slot", "staging_bytes"):
                     b = t.layer_bytes
                     layer = b.ffn * int(n_gpu < t.layers) + b.attention * int(att != "gpu")
-                    head_unit = (t.head_bytes + t.hidden * t.dtype_bytes) * int(head != "gpu")
-                    var.varValue = max(layer, head_unit) * (k if name == "prefetch_x_slot" else 1)
+                    slot = max(layer, (t.head_bytes + t.hidden * t.dtype_bytes) * int(head != "gpu"))
+                    var.varValue = {"slot_bytes": slot, "prefetch_x_slot": slot * k,
+                                    "staging_bytes": (1 + k) * slot * int(att == "cpu_pageable")}[name]
             cons = prog.prob.constraints
             gpu_lhs = pulp.value(cons["gpu_memory"]) - cons["gpu_memory"].constant
             assert gpu_lhs + cons["gpu_memory"].constant == pytest.approx(

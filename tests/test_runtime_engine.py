@@ -192,11 +192,14 @@ def test_draft_kv_swaps_are_double_buffered_and_write_back_only_new_entries(llam
     assert 0 < counts["draft_kv_h2d_bytes"] < counts["rounds"] * (max(PROMPT_LENS) + GEN) * per_position
 
 
-def test_swap_buffers_are_what_plan_memory_counts():
+@pytest.mark.parametrize("tied", [False, True])
+def test_swap_buffers_are_what_plan_memory_counts(tied):
     from specplan.memory import plan_memory
     from specplan.workload import Workload
 
     t, d = ModelSpec.from_preset("tiny-llama"), ModelSpec.from_preset("tiny-draft")
+    if tied:  # a tied draft holds one embedding matrix on the device, not two (SmolLM2's drafts are tied)
+        t, d = replace(t, tie_embeddings=True), replace(d, tie_embeddings=True)
     schedule = _schedule(draft_batch=2)
     wl = Workload.make(prompt_len=9, gen_len=GEN, num_prompts=6)
     need = plan_memory(t, d, schedule, STREAMED, wl)
