@@ -132,9 +132,15 @@ def analyse(label: str, plan: dict | None, report: dict | None, profile: dict | 
     out["policy"] = sch["policy"]
     out["placement"] = plan["placement"]
     out["schedule"] = sch
+    # the plan's prediction assumed an acceptance; the report also simulates the plan again at the
+    # measured one (random weights accept almost nothing), which isolates the timing model's error
+    again = report.get("predicted_at_measured_acceptance") or {}
+    err_of = {r["metric"]: r["error_pct"] for r in report["comparison"]}
     out["throughput"] = {"predicted_tok_s": pred.get("throughput_tok_s"), "measured_tok_s": m["throughput_tok_s"],
-                         "error_pct": next((r["error_pct"] for r in report["comparison"]
-                                            if r["metric"] == "throughput_tok_s"), None)}
+                         "error_pct": err_of.get("throughput_tok_s"),
+                         "measured_acceptance": m.get("acceptance_rate"),
+                         "predicted_at_measured_acceptance_tok_s": again.get("throughput_tok_s"),
+                         "error_at_measured_acceptance_pct": err_of.get("throughput_tok_s at measured acceptance")}
     # weights stream from pinned memory (disk reads land in pinned staging too) unless the plan
     # put some in pageable memory: compare with the profiled rate of that path
     homes = sorted({plan["placement"][k] for k in ("attention", "ffn", "lm_head")} - {"gpu"})
@@ -148,6 +154,8 @@ def analyse(label: str, plan: dict | None, report: dict | None, profile: dict | 
     out["measured_round"] = per_round(stage, m.get("passes") or 0, decode_s, sch["attention_device"])
     out["predicted_round"] = per_round(pred.get("stage_s") or {}, pred.get("rounds") or 0, pred.get("decode_s") or 0.0,
                                        sch["attention_device"])
+    out["stage_s"] = {"measured": stage, "predicted": again.get("stage_s") or pred.get("stage_s"),
+                      "predicted_at": "measured acceptance" if again else "plan acceptance"}
     out["memory"] = {"peak_gpu_bytes": m.get("peak_gpu_bytes"), "planned_gpu_bytes": report["planned_memory"]["gpu_bytes"],
                      "by_part": m.get("gpu_bytes_by_part")}
     return out
@@ -210,6 +218,11 @@ def table(results: list[dict], profile: dict | None, mode: str, steps_done: list
         err = f"{t['error_pct']:+.1f}%" if t["error_pct"] is not None else "-"
         row(f"{tag} throughput predicted / measured",
             f"{t['predicted_tok_s']:.2f} / {t['measured_tok_s']:.2f} tok/s", "", f"error {err}")
+        if t.get("predicted_at_measured_acceptance_tok_s") is not None:
+            e2 = t["error_at_measured_acceptance_pct"]
+            row(f"{tag}   predicted at the measured acceptance ({t['measured_acceptance']:.3f})",
+                f"{t['predicted_at_measured_acceptance_tok_s']:.2f} tok/s", "",
+                f"error {e2:+.1f}%" if e2 is not None else "-")
     for step in steps_done:
         if step["step"] != "runtime CUDA tests" and step["rc"] != 0:
             row(f"step {step['step']}", f"failed ({step['rc']})", "", "FAIL")
@@ -245,7 +258,7 @@ def main() -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("profile.json", "plan.json", "plan_specoffload.json", "report.json", "report_specoffload.json",
-                 "table.txt", "summary.json"):  # a failed step must not leave an earlier run's file to be read
+                 "table.txt", "summary.json", "ops.txt", "results.tar.gz"):  # a failed step must not leave an earlier run's file to be read
         (out / name).unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     t0 = time.perf_counter()
@@ -279,6 +292,13 @@ def main() -> int:
                 steps.run(f"specrun {label}", ["specplan.runtime.cli", "--plan", str(plan), "--target", str(target),
                                                "--draft", str(draft), "--random-weights", "--device", dev,
                                                "--report", str(report)], STEP_TIMEOUT_S["specrun"])
+        # where the time goes: the chosen plan once more, half its prompts, under torch.profiler
+        if (out / "plan.json").exists():
+            steps.run("specrun under torch.profiler", [
+                "specplan.runtime.cli", "--plan", str(out / "plan.json"), "--target", str(target), "--draft", str(draft),
+                "--random-weights", "--device", dev, "--max-rows", str(max(1, cfg["num_prompts"] // 2)),
+                "--report", str(work / "report_profiled.json"), "--torch-profile", str(out / "ops.txt")],
+                STEP_TIMEOUT_S["specrun"])
 
     profile = read(profile_path)
     results = [analyse(label, read(plan), read(report), profile) for label, (plan, report, _) in plans.items()]

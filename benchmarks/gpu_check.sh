@@ -21,7 +21,7 @@
 # 4 layers (2.3 GB), random weights; the planner gets the measured profile with --gpu-mem
 # 24GiB, an emulated 24 GB card that cannot hold the target, so experts stream (the shipped
 # h100-pcie profile plans 4 of the 10 layers' experts streamed, for either plan). Workload:
-# 64 prompts of 256 tokens, 32 generated. Expect about 3-5 minutes on an H100 (each step has
+# 64 prompts of 256 tokens, 32 generated. About 4-5 minutes on an H200 (each step has
 # its own timeout in gpu_check.py); the streamed experts (about 11 GB) sit in pinned memory.
 #
 # USAGE
@@ -41,7 +41,9 @@
 # It installs .whl/*.whl into /tmp/site (no index, no deps), runs from the repository root with
 # PYTHONPATH=/tmp/site:$PWD (specplan is not installed there; `python3 -m specplan.cli` works
 # from the root), and writes at most 8 files to $OUT: profile.json, plan.json,
-# plan_specoffload.json, report.json, report_specoffload.json, table.txt, summary.json, log.txt.
+# plan_specoffload.json, report.json, report_specoffload.json (these five packed into
+# results.tar.gz when $OUT is set), ops.txt (torch.profiler's operator tables of a third,
+# profiled specrun of the chosen plan on half the prompts), table.txt, summary.json, log.txt.
 # Exit status: 0 when every step ran (a missed goal is a FAIL row), 1 when a step failed,
 # 2 when the machine lacks what it needs.
 set -uo pipefail
@@ -109,4 +111,9 @@ if [ "$MODE" = gpu ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.
 fi
 
 "$PY" benchmarks/gpu_check.py --mode "$MODE" --out "$OUT_DIR" "${ARGS[@]+"${ARGS[@]}"}" 2>&1 | tee "$OUT_DIR/log.txt"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+if [ -n "${OUT:-}" ]; then
+  # the device tool brings back at most 8 files: the profile, plans and reports travel as one archive
+  (cd "$OUT_DIR" && tar czf results.tar.gz --remove-files $(ls profile.json plan*.json report*.json 2>/dev/null))
+fi
+exit "$rc"

@@ -8,8 +8,18 @@ window W, t > start[b] + j - W (Mistral's rule, as transformers applies it).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# On an H200 with torch 2.11, SDPA picked cuDNN for these masked calls, and cuDNN spent 5.8 ms
+# of host time per call (apparently planning anew for each key length, which grows every step)
+# while its kernel ran 37 us: 38% of a specrun's host time (docs/validation.md, section 6).
+# The memory-efficient kernel takes a boolean mask and builds no per-shape plan; the math
+# kernel is the fallback.
+CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def visible(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -35,5 +45,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
     g = H // kv_heads
     q = q.to(k.device, k.dtype).transpose(1, 2).reshape(B, kv_heads, g * q_len, D)
     mask = visible(start, q_len, k.shape[1], window, k.device).repeat(1, 1, g, 1)
-    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    with sdpa_kernel(CUDA_SDPA_BACKENDS) if k.is_cuda else nullcontext():
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(B, H, q_len, D).transpose(1, 2)

@@ -83,17 +83,25 @@ def print_table(report: dict) -> None:
     for col in ("metric", "measured", "predicted", "error %"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     predicted = {row["metric"]: row for row in report["comparison"]}
-    rows = [("throughput_tok_s", m["throughput_tok_s"]), ("decode_tok_s", m["decode_tok_s"]),
+    from .run import AT_MEASURED_ACCEPTANCE
+
+    rows = [("throughput_tok_s", m["throughput_tok_s"]), (AT_MEASURED_ACCEPTANCE, m["throughput_tok_s"]),
+            ("decode_tok_s", m["decode_tok_s"]),
             ("tokens_per_round", m["tokens_per_round"]), ("acceptance_rate", m["acceptance_rate"]),
             ("h2d_bytes_per_s", m["h2d_bytes_per_s"]), ("h2d_bytes", m["h2d_bytes"]),
             ("peak_gpu_bytes", m["peak_gpu_bytes"])]
     stages = set(m["stage_s"]) | {k.split(".", 1)[1] for k in predicted if k.startswith("stage_s.")}
     rows += [(f"stage_s.{k}", m["stage_s"].get(k)) for k in sorted(stages)]
     for metric, value in rows:
+        if metric == AT_MEASURED_ACCEPTANCE and metric not in predicted:
+            continue
         p = predicted.get(metric, {})
         e = p.get("error_pct")
         shown = f"{value / 1e9:.2f} GB/s" if metric == "h2d_bytes_per_s" and value else _fmt(metric, value)
         t.add_row(metric, shown, _fmt(metric, p.get("predicted")), "-" if e is None else f"{e:+.1f}")
+    if report.get("predicted_at_measured_acceptance"):
+        t.caption = ("stage times are predicted by simulating the plan again at the measured acceptance "
+                     f"({report['predicted_at_measured_acceptance']['acceptance']:.3f})")
     out.print(t)
 
 
@@ -113,6 +121,8 @@ def run(
     seed: Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")] = 0,
     draft_seed: Annotated[Optional[int], typer.Option("--draft-seed", help="Seed of a random draft; the target's seed makes a truncated self-draft.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")] = None,
+    warmup: Annotated[Optional[bool], typer.Option("--warmup/--no-warmup", help="Before timing, prefill the first wave and decode one round, so one-time CUDA costs (kernel loading, library handles) are not timed. Default: on for CUDA, off for the CPU.")] = None,
+    torch_profile: Annotated[Optional[Path], typer.Option("--torch-profile", help="Run under torch.profiler and write its per-operator table (CPU and CUDA time) to this text file. Slows the run: its numbers are for finding hot spots, not for the report.")] = None,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.plan import Plan
@@ -136,6 +146,7 @@ def run(
         task = bar.add_task(f"{the_plan.schedule.policy}: tokens", total=None)
         result = run_plan(the_plan, target, draft, device=device, prompts=token_ids, random_weights=random_weights,
                           max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed,
+                          warmup=warmup, torch_profile=torch_profile,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_json(report, result)
     err.print(f"report written to {report}", highlight=False)

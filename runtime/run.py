@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import torch
 from specplan import __version__
 from specplan.cost import error_pct
 from specplan.errors import InfeasibleError, InputError, SpecplanError
+from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
 from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
@@ -33,6 +35,9 @@ from .stats import Stats
 
 
 # ---- models and prompts ------------------------------------------------------------------------
+
+
+AT_MEASURED_ACCEPTANCE = "throughput_tok_s at measured acceptance"
 
 
 def resolve_model(name_or_path: str | ModelSpec) -> tuple[ModelSpec, Path | None]:
@@ -117,9 +122,12 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
 def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | ModelSpec | None = None, *,
              device: str = "auto", prompts: list[list[int]] | None = None, random_weights: bool = False,
              max_rows: int | None = None, dtype: str | None = None, ignore_eos: bool | None = None,
-             seed: int = 0, draft_seed: int | None = None,
+             seed: int = 0, draft_seed: int | None = None, warmup: bool | None = None,
+             torch_profile: str | Path | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Execute `plan` and return the report (see build_report). `progress(done, total)` gets generated-token counts."""
+    """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
+    generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
+    decode round untimed first; `torch_profile` writes torch.profiler's operator table there."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
     dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
@@ -161,15 +169,55 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
             progress(done[0], total)
 
     try:
-        t0 = time.perf_counter()
-        outputs = engine.generate(prompts, tick)
-        wall_s = time.perf_counter() - t0
+        if dev.type == "cuda" if warmup is None else warmup:
+            engine.warmup(prompts)
+            stats.reset()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+        stats.label_regions = torch_profile is not None
+        with _maybe_profiled(torch_profile, dev):
+            t0 = time.perf_counter()
+            outputs = engine.generate(prompts, tick)
+            wall_s = time.perf_counter() - t0
         return build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
     finally:
         engine.close()
 
 
+@contextmanager
+def _maybe_profiled(path: str | Path | None, device: torch.device):
+    """torch.profiler around the run when `path` is given; its operator tables, by device time
+    and by host time, are written there (atomically)."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ops = prof.key_averages()
+    by_device = ops.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=40)
+    by_host = ops.table(sort_by="cpu_time_total", row_limit=40)
+    write_atomic(Path(path), f"# by device time\n{by_device}\n\n# by host time (inclusive)\n{by_host}\n")
+
+
 # ---- the report ---------------------------------------------------------------------------------------
+
+
+def resimulate(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile, acceptance: float | None):
+    """The plan simulated again with the per-token acceptance a run measured: separates the
+    timing model's error from the error of the acceptance the plan assumed."""
+    from specplan.simulator.run import SimConfig, simulate
+
+    wl = Workload.from_dict(plan.workload, "plan")
+    if acceptance is not None and plan.schedule.speculative:
+        wl = replace(wl, acceptance=float(min(max(acceptance, 0.0), 1.0)))
+    return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
+                              plan.placement, check_memory=False))
+
 
 
 def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,
@@ -213,7 +261,18 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         if key in pred:
             comparison.append({"metric": key, "measured": measured[key], "predicted": pred[key],
                                "error_pct": error_pct(measured[key], pred[key])})
-    for stage, seconds in (pred.get("stage_s") or {}).items():
+    # A speculative plan assumed an acceptance; simulated again at the measured one, what is
+    # left of the error is the timing model's. Stage times are compared with that simulation.
+    at_measured = None
+    if pred and plan.schedule.speculative and measured["acceptance_rate"] is not None:
+        sim = resimulate(plan, target, draft, plan.hardware_profile(), measured["acceptance_rate"])
+        at_measured = {"acceptance": measured["acceptance_rate"], "throughput_tok_s": sim.throughput_tok_s,
+                       "tokens_per_round": sim.tokens_per_round, "stage_s": sim.stage_s}
+        comparison.append({"metric": AT_MEASURED_ACCEPTANCE, "measured": measured["throughput_tok_s"],
+                           "predicted": sim.throughput_tok_s,
+                           "error_pct": error_pct(measured["throughput_tok_s"], sim.throughput_tok_s)})
+    stage_pred = at_measured["stage_s"] if at_measured else (pred.get("stage_s") or {})
+    for stage, seconds in stage_pred.items():
         comparison.append({"metric": f"stage_s.{stage}", "measured": stage_s.get(stage), "predicted": seconds,
                            "error_pct": error_pct(stage_s.get(stage), seconds)})
     return {
@@ -227,6 +286,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                            "gpu": dict(need.gpu)},
         "measured": measured,
         "predicted": pred,
+        "predicted_at_measured_acceptance": at_measured,
         "comparison": comparison,
         "outputs": outputs,
     }

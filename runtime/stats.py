@@ -24,10 +24,21 @@ class Stats:
         self.counts: dict[str, float] = defaultdict(float)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
+        self.label_regions = False  # set while torch.profiler records
 
     @contextmanager
     def region(self, stage: str):
-        """Device time of the work issued inside, on the current stream."""
+        """Device time of the work issued inside, on the current stream (and, while
+        torch.profiler runs with `label_regions`, a labelled range in its tables)."""
+        if self.label_regions:
+            with torch.profiler.record_function(self.prefix + stage), self._region(stage):
+                yield
+        else:
+            with self._region(stage):
+                yield
+
+    @contextmanager
+    def _region(self, stage: str):
         key = self.prefix + stage
         if not self.cuda:
             with self.wall(stage):
@@ -72,6 +83,14 @@ class Stats:
             else:
                 pending.append((key, start, end))
         self._events = pending
+
+    def reset(self) -> None:
+        """Forget everything recorded so far (after a warm-up)."""
+        with self._lock:
+            self._resolve(block=True)
+            self.seconds.clear()
+            self.counts.clear()
+            self.prefix = ""
 
     def stage_s(self) -> dict[str, float]:
         with self._lock:

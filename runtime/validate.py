@@ -115,17 +115,6 @@ def make_case_plan(case: Case, target_name: str, draft_name: str | None, target:
     return make_plan(Ranked(cand, res), target_name, draft_name, target, draft, profile, wl)
 
 
-def resimulate(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-               acceptance: float | None):
-    from specplan.simulator.run import SimConfig, simulate
-
-    wl = Workload.from_dict(plan.workload, "plan")
-    if acceptance is not None and plan.schedule.speculative:
-        wl = replace(wl, acceptance=float(min(max(acceptance, 0.0), 1.0)))
-    return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
-                              plan.placement, check_memory=False))
-
-
 def plan_weight_bytes_on_device(plan: Plan) -> float:
     """What the plan keeps of the target's weights on the device (stream buffers included):
     the memory cap the peer gets, so it has to offload the rest as specrun does."""
@@ -176,7 +165,7 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
              progress: Callable[[str], None] | None = None) -> list[Row]:
-    from .run import run_plan
+    from .run import resimulate, run_plan
 
     say = progress or (lambda m: None)
     target, draft = ModelSpec.resolve(target_name), ModelSpec.resolve(draft_name)

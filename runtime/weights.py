@@ -190,6 +190,13 @@ class WeightStore:
             self.free[slot].record(torch.cuda.current_stream(self.device))
         self._fetch_next(slot)
 
+    def reset(self) -> None:
+        """Empty the ring (copies finished): the next pass starts as the first one did."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+        self.inflight.clear()
+        self._next = 0
+
     def _restart(self, u: int) -> None:
         """(Re)fill the ring starting at unit u: the first pass, or a pass that broke the order."""
         if self.cuda:
