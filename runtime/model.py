@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specplan.cost import LOGITS_CHUNK_TOKENS
+from specplan.cost import ACTIVATION_SLICE_TOKENS, LOGITS_CHUNK_TOKENS
 from specplan.errors import InputError
 from specplan.models import ModelSpec
 
@@ -108,7 +108,9 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tens
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    # in place: two FFN-wide intermediates at a time, not three (cost.activation_bytes)
+    a = F.silu(F.linear(x, gate), inplace=True)
+    return F.linear(a.mul_(F.linear(x, up)), down)
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -156,6 +158,17 @@ class Step:
     pick: torch.Tensor | None = None  # [B] the one position per row to return logits for; None = every position
 
 
+def cut_rows(step: Step, max_tokens: int) -> list[Step]:
+    """`step` as consecutive row slices of at most `max_tokens` tokens each (one row at least)."""
+    B, T = step.tokens.shape
+    per = max(1, max_tokens // T)
+    if B <= per:
+        return [step]
+    r0 = step.rows.start or 0
+    return [Step(slice(r0 + a, r0 + min(a + per, B)), step.tokens[a:a + per],
+                 None if step.pick is None else step.pick[a:a + per]) for a in range(0, B, per)]
+
+
 class Model:
     """A model bound to its weight store and KV cache. `name` prefixes the stages it times."""
 
@@ -170,7 +183,22 @@ class Model:
 
     @torch.inference_mode()
     def forward(self, steps: list[Step], logits: bool = True) -> list[torch.Tensor]:
-        """Logits (fp32) per step: [B, V] where `pick` is set, else [B, q_len, V]."""
+        """Logits (fp32) per step: [B, V] where `pick` is set, else [B, q_len, V].
+
+        A step of more than ACTIVATION_SLICE_TOKENS tokens (a prefill chunk) goes through each
+        layer in slices of whole rows, so a layer's working set stays that of a slice while
+        the layer's weights are still fetched once for all of them."""
+        pieces = [cut_rows(s, ACTIVATION_SLICE_TOKENS) for s in steps]
+        out = self._forward([p for ps in pieces for p in ps], logits)
+        if not logits:
+            return []
+        joined, k = [], 0
+        for ps in pieces:
+            joined.append(out[k] if len(ps) == 1 else torch.cat(out[k:k + len(ps)]))
+            k += len(ps)
+        return joined
+
+    def _forward(self, steps: list[Step], logits: bool) -> list[torch.Tensor]:
         store, L = self.store, self.spec.layers
         with self._timed("head"):
             xs = [store.embed(s.tokens).to(self.device, non_blocking=True) for s in steps]
@@ -192,16 +220,21 @@ class Model:
     def layer(self, i: int, w: dict, x: torch.Tensor, step: Step, rope) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
+        # Intermediates are dropped as soon as they are used: what is alive at once is what
+        # cost.activation_bytes counts (and what the plan reserves GPU memory for).
         with self._timed("proj"):
             h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
             q = linear(h, w, "self_attn.q_proj").view(B, T, spec.heads, spec.head_dim)
             k = linear(h, w, "self_attn.k_proj").view(B, T, spec.kv_heads, spec.head_dim)
             v = linear(h, w, "self_attn.v_proj").view(B, T, spec.kv_heads, spec.head_dim)
+            del h
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         with self._timed("attention"):
             o = self.attention(i, step, q, k, v)
+            del q, k, v
         with self._timed("proj"):
             x = x + linear(o.reshape(B, T, -1), w, "self_attn.o_proj")
+            del o
         with self._timed("ffn"):
             x = x + ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec)
         return x

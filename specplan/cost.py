@@ -15,6 +15,7 @@ LOGITS_CHUNK_TOKENS = 1024  # the runtime computes the LM head over at most this
 # The runtime runs a layer over at most this many tokens at a time (prefill chunks are
 # sliced), which bounds activation memory without changing the bytes streamed per pass.
 ACTIVATION_SLICE_TOKENS = 4096
+ACTIVATION_TOKEN_OVERHEAD_BYTES = 16  # per token: positions, fp32 norm statistics, routing weights
 
 # ---- speculative decoding --------------------------------------------------------------
 
@@ -305,14 +306,42 @@ def kv_cache_bytes(model: ModelSpec, rows: int, tokens: int) -> float:
     return rows * tokens * model.kv_bytes_per_token
 
 
-def activation_bytes(model: ModelSpec, tokens: int) -> float:
-    """Peak working set of one layer's forward for `tokens` tokens (in slices of at most
-    ACTIVATION_SLICE_TOKENS): the hidden state, the residual, Q/K/V/attention output and
-    the FFN intermediate (gate and up) held at once. The logits are counted separately."""
-    tokens = min(tokens, ACTIVATION_SLICE_TOKENS)
-    # Experts run one after another, so only one expert's share of the tokens holds an
-    # intermediate at a time (top_k / experts of them under uniform routing).
-    ffn_share = model.top_k / model.experts if model.is_moe else 1.0
-    per_token = (3 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim
-                 + 2 * model.ffn_inner * ffn_share)
-    return tokens * per_token * model.dtype_bytes  # logits: memory.logits_bytes
+def activation_slice_tokens(rows: float, q_len: float) -> float:
+    """Tokens of the row slices a pass is cut into: whole rows, at most ACTIVATION_SLICE_TOKENS
+    unless one row alone has more (runtime.model.cut_rows)."""
+    per = max(1, int(ACTIVATION_SLICE_TOKENS // max(q_len, 1)))
+    return min(rows, per) * q_len
+
+
+def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float) -> float:
+    """Peak device working set of one pass of `rows` rows with `q_len` new tokens each, keys
+    up to `context` positions; the logits are counted apart (memory.logits_bytes).
+
+    The runtime cuts the pass into row slices (activation_slice_tokens) and takes the slices
+    through each layer in turn, so it holds every slice's hidden state and RoPE table, plus
+    the working set of one slice at the larger of its two peaks, per token:
+      attention: the layer input, its norm, the attention output (3 hidden), Q/K/V and their
+        rotated copies (2 (heads + 2 kv_heads) head_dim), and the boolean mask, repeated per
+        query group and turned into an additive one by the GPU kernel: (3 g + 1) bytes per
+        key, g = heads / kv_heads;
+      FFN: the layer input, the state after attention and its norm (3 hidden) and two
+        FFN-wide intermediates (runtime.model.swiglu works in place); for MoE also the output
+        accumulator and the gathered input of the expert at work (1 + share hidden), the
+        intermediates for that expert's share of the tokens only, the share taken as twice
+        the uniform top_k / experts (routing is uneven);
+      and ACTIVATION_TOKEN_OVERHEAD_BYTES of small tensors.
+    tests/test_memory_activations.py checks this against the live tensors of a forward."""
+    b = model.dtype_bytes
+    tokens = rows * q_len
+    sliced = activation_slice_tokens(rows, q_len)
+    h, d = model.hidden, model.head_dim
+    g = model.heads // model.kv_heads
+    small = ACTIVATION_TOKEN_OVERHEAD_BYTES
+    attention = sliced * ((3 * h + 2 * (model.heads + 2 * model.kv_heads) * d) * b + (3 * g + 1) * context + small)
+    if model.is_moe:
+        share = min(1.0, 2.0 * model.top_k / model.experts)
+        ffn = sliced * (((4 + share) * h + 2 * model.ffn_inner * share) * b + small)
+    else:
+        ffn = sliced * ((3 * h + 2 * model.ffn_inner) * b + small)
+    held = (tokens - sliced) * h * b + tokens * 2 * d * b  # other slices' hidden states; RoPE cos/sin
+    return held + max(attention, ffn)

@@ -70,13 +70,21 @@ def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
     return chunks
 
 
-def max_pass_tokens(schedule: Schedule, workload: Workload) -> int:
-    """Largest number of tokens one target pass computes: a prefill chunk or a verify batch."""
-    prefill = schedule.prefill_chunk * workload.max_prompt_len
-    decode = schedule.target_batch * (schedule.gamma + 1 if schedule.speculative else 1)
-    if schedule.policy == "flexgen":
-        decode *= schedule.num_batches
-    return max(prefill, decode)
+def pass_activation_bytes(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule,
+                          workload: Workload) -> tuple[float, float]:
+    """Activation memory of the largest pass of the target (a prefill chunk, or a verify or
+    decode batch; flexgen's micro-batches share one pass) and of the draft (its prefill in
+    draft_batch rows, or a decode step over 2 tokens a row), in bytes."""
+    seq = workload.max_seq_len + schedule.gamma
+    q = schedule.gamma + 1 if schedule.speculative else 1
+    rows = schedule.target_batch * (schedule.num_batches if schedule.policy == "flexgen" else 1)
+    target_act = max(activation_bytes(target, schedule.prefill_chunk, workload.max_prompt_len, workload.max_prompt_len),
+                     activation_bytes(target, rows, q, seq))
+    draft_act = 0.0
+    if draft is not None:
+        draft_act = max(activation_bytes(draft, schedule.draft_batch, workload.max_prompt_len, workload.max_prompt_len),
+                        activation_bytes(draft, schedule.draft_batch, 2, seq))
+    return target_act, draft_act
 
 
 def logits_bytes(target: ModelSpec, schedule: Schedule) -> float:
@@ -147,7 +155,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     else:
         home("target KV cache", "cpu_pinned", target_kv)
 
-    gpu["activations (target)"] = activation_bytes(target, max_pass_tokens(schedule, workload))
+    act_target, act_draft = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload)
+    gpu["activations (target)"] = act_target
     gpu["logits (target)"] = logits_bytes(target, schedule)
     if draft is not None and schedule.speculative:
         gpu["draft weights"] = draft.total_bytes
@@ -158,5 +167,5 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
             # two micro-batches' worth: one drafts while the next is swapped in
             gpu["draft KV swap buffers"] = 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)
             home("draft KV cache", "cpu_pinned", draft_kv_all)
-        gpu["activations (draft)"] = activation_bytes(draft, max(schedule.draft_batch, schedule.prefill_chunk * workload.max_prompt_len))
+        gpu["activations (draft)"] = act_draft
     return MemoryNeed(gpu, host, pinned)

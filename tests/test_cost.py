@@ -251,5 +251,5 @@ def test_kv_cache_bytes():
 
 def test_activation_bytes_grows_with_tokens():
     m = ModelSpec.from_preset("mixtral-8x7b")
-    vals = [cost.activation_bytes(m, t) for t in (1, 16, 1024, 4096)]
+    vals = [cost.activation_bytes(m, rows, 8, 512) for rows in (1, 16, 1024, 4096)]
     assert _non_decreasing(vals) and vals[0] > 0
