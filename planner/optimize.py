@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import platform
+import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 from specplan import __version__
@@ -94,6 +98,67 @@ def to_sim_config(c: Candidate, target, draft, profile, workload, mode: str = "s
     return SimConfig(target, draft if sch.speculative else None, profile, workload, sch, c.placement, mode=mode)
 
 
+def parallel_workers(n: int) -> int:
+    """Processes for n independent jobs (per-policy programs, simulations): one per core up to
+    n (the work is pure Python or a single-threaded solve, so threads would not help), at
+    most $SPECPLAN_WORKERS (1 turns processes off), and none where processes cannot be
+    forked cheaply."""
+    if n < 2 or sys.platform != "linux":
+        return 1
+    cap = os.environ.get("SPECPLAN_WORKERS", "")
+    cores = int(cap) if cap.isdigit() and int(cap) > 0 else len(os.sched_getaffinity(0))
+    return max(1, min(n, cores))
+
+
+def map_in_processes(fn: Callable, jobs: list, workers: int) -> list:
+    """[fn(*job) for job in jobs], in forked processes when workers > 1. Every job is
+    deterministic (seeded simulations, a deterministic solver), so results do not depend on
+    `workers`."""
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_after_fork) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
+
+
+def _after_fork() -> None:
+    """HiGHS keeps a pool of worker threads; a forked child inherits the pool's state but not
+    its threads, and its first solve then spins forever. Start the child with a fresh pool."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    highspy.Highs.resetGlobalScheduler(True)
+
+
+def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
+                       workload: Workload, wanted: int) -> tuple[list[Candidate], str | None, int]:
+    """Up to `wanted` candidates of one policy from its program (each runner-up differing in
+    more than the prefill chunk), why none fits if so, and how many shapes were considered."""
+    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload)
+    if not shortlist:
+        return [], "; ".join(why) or "no shape fits", n
+    program = ShapeProgram(shortlist, target, draft, profile, workload)
+    found: list[Candidate] = []
+    lam = first_guess  # a feasible shape's ratio: Dinkelbach starts close
+    for _ in range(wanted):
+        cand = program.solve(lam0=lam)
+        if cand is None:
+            break
+        found.append(cand)
+        if not program.exclude_like(cand.shape):
+            break
+        lam = cand.estimate_tok_s * 0.9
+    return found, None, n
+
+
+def _simulate_or_refusal(cfg: SimConfig):
+    try:
+        return simulate(cfg)
+    except InfeasibleError as e:
+        return e
+
+
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
              policies: tuple[str, ...] = POLICIES, progress: Callable[[str], None] | None = None,
              per_policy: dict | None = None) -> OptimizeResult:
@@ -101,38 +166,28 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
+    jobs = [(policy, target, draft, profile, workload, per_policy.get(policy, 1)) for policy in policies]
+    workers = parallel_workers(len(jobs))
+    say(f"{', '.join(policies)}: enumerating shapes and solving the program"
+        + (f" in {workers} processes" if workers > 1 else ""))
     candidates: list[Candidate] = []
     infeasible: dict[str, str] = {}
     considered = 0
-    for policy in policies:
-        say(f"{policy}: enumerating shapes")
-        shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload)
+    for policy, (found, why, n) in zip(policies, map_in_processes(_policy_candidates, jobs, workers)):
         considered += n
-        if not shortlist:
-            infeasible[policy] = "; ".join(why) or "no shape fits"
-            continue
-        say(f"{policy}: solving the program over {len(shortlist)} of {n} shapes")
-        program = ShapeProgram(shortlist, target, draft, profile, workload)
-        lam = first_guess  # a feasible shape's ratio: Dinkelbach starts close
-        for _ in range(per_policy.get(policy, 1)):
-            cand = program.solve(lam0=lam)
-            if cand is None:
-                break
-            candidates.append(cand)
-            # the runner-up must differ in more than the prefill chunk
-            if not program.exclude_like(cand.shape):
-                break
-            lam = cand.estimate_tok_s * 0.9
+        candidates += found
+        if why is not None:
+            infeasible[policy] = why
     if not candidates:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
 
     ranked: list[Ranked] = []
-    for i, c in enumerate(candidates):
-        say(f"simulating candidate {i + 1}/{len(candidates)} ({c.shape.policy})")
-        try:
-            res = simulate(to_sim_config(c, target, draft, profile, workload))
-        except InfeasibleError as e:  # the program's memory terms are an upper bound; this is a guard
-            infeasible.setdefault(c.shape.policy, str(e))
+    workers = parallel_workers(len(candidates))
+    say(f"simulating {len(candidates)} candidates" + (f" in {workers} processes" if workers > 1 else ""))
+    configs = [(to_sim_config(c, target, draft, profile, workload),) for c in candidates]
+    for c, res in zip(candidates, map_in_processes(_simulate_or_refusal, configs, workers)):
+        if isinstance(res, InfeasibleError):  # the program's memory terms are an upper bound; this is a guard
+            infeasible.setdefault(c.shape.policy, str(res))
             continue
         ranked.append(Ranked(c, res))
     if not ranked:

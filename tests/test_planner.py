@@ -210,3 +210,16 @@ def test_more_gpu_memory_never_slows_the_best_plan(small_space):
     wl = Workload.make(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)
     speeds = [optimize(TINY_T, TINY_D, tight_profile(b), wl).best.tok_s for b in (2.2e6, 3.0e6, 4.5e6, 9e6)]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(speeds, speeds[1:])), speeds
+
+
+def test_planning_in_processes_equals_planning_in_one(small_space, monkeypatch):
+    from specplan.planner import optimize as optimize_mod
+
+    profile = tight_profile(3.5e6)
+    wl = Workload.make(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)
+    ranked = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(optimize_mod, "parallel_workers", lambda n, w=workers: min(n, w))
+        res = optimize(TINY_T, TINY_D, profile, wl)
+        ranked[workers] = [(r.candidate.shape, r.candidate.placement, r.candidate.estimate_tok_s, r.tok_s) for r in res.ranked]
+    assert len(ranked[1]) >= 4 and ranked[1] == ranked[2]
