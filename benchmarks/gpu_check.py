@@ -292,11 +292,11 @@ def main() -> int:
                 steps.run(f"specrun {label}", ["specplan.runtime.cli", "--plan", str(plan), "--target", str(target),
                                                "--draft", str(draft), "--random-weights", "--device", dev,
                                                "--report", str(report)], STEP_TIMEOUT_S["specrun"])
-        # where the time goes: the chosen plan once more, half its prompts, under torch.profiler
+        # where the time goes: the chosen plan once more, a quarter of its prompts, under torch.profiler
         if (out / "plan.json").exists():
             steps.run("specrun under torch.profiler", [
                 "specplan.runtime.cli", "--plan", str(out / "plan.json"), "--target", str(target), "--draft", str(draft),
-                "--random-weights", "--device", dev, "--max-rows", str(max(1, cfg["num_prompts"] // 2)),
+                "--random-weights", "--device", dev, "--max-rows", str(max(1, cfg["num_prompts"] // 4)),
                 "--report", str(work / "report_profiled.json"), "--torch-profile", str(out / "ops.txt")],
                 STEP_TIMEOUT_S["specrun"])
 

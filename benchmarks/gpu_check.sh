@@ -21,8 +21,11 @@
 # 4 layers (2.3 GB), random weights; the planner gets the measured profile with --gpu-mem
 # 24GiB, an emulated 24 GB card that cannot hold the target, so experts stream (the shipped
 # h100-pcie profile plans 4 of the 10 layers' experts streamed, for either plan). Workload:
-# 64 prompts of 256 tokens, 32 generated. About 4-5 minutes on an H200 (each step has
-# its own timeout in gpu_check.py); the streamed experts (about 11 GB) sit in pinned memory.
+# 64 prompts of 256 tokens, 32 generated. On an H200 (2026-11-26): CUDA tests 13 s, profile
+# 63 s, each optimize 3-6 s, each specrun about 70 s (of which about 40 s draw the random
+# weights), the profiled specrun about 100 s: about 5.5 minutes, plus a minute or two for the
+# machine to start (each step has its own timeout in gpu_check.py). The streamed experts
+# (about 11 GB) sit in pinned memory.
 #
 # USAGE
 #   benchmarks/gpu_check.sh [ARGS]        on a CUDA machine; results in $OUT, else out/gpu_check
@@ -43,7 +46,7 @@
 # from the root), and writes at most 8 files to $OUT: profile.json, plan.json,
 # plan_specoffload.json, report.json, report_specoffload.json (these five packed into
 # results.tar.gz when $OUT is set), ops.txt (torch.profiler's operator tables of a third,
-# profiled specrun of the chosen plan on half the prompts), table.txt, summary.json, log.txt.
+# profiled specrun of the chosen plan on a quarter of the prompts), table.txt, summary.json, log.txt.
 # Exit status: 0 when every step ran (a missed goal is a FAIL row), 1 when a step failed,
 # 2 when the machine lacks what it needs.
 set -uo pipefail
