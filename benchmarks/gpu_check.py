@@ -138,7 +138,7 @@ def analyse(label: str, plan: dict | None, report: dict | None, profile: dict | 
     err_of = {r["metric"]: r["error_pct"] for r in report["comparison"]}
     out["throughput"] = {"predicted_tok_s": pred.get("throughput_tok_s"), "measured_tok_s": m["throughput_tok_s"],
                          "error_pct": err_of.get("throughput_tok_s"),
-                         "measured_acceptance": m.get("acceptance_rate"),
+                         "measured_acceptance": m.get("acceptance_per_token"),
                          "predicted_at_measured_acceptance_tok_s": again.get("throughput_tok_s"),
                          "error_at_measured_acceptance_pct": err_of.get("throughput_tok_s at measured acceptance")}
     # weights stream from pinned memory (disk reads land in pinned staging too) unless the plan

@@ -64,7 +64,7 @@ def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration
     target = ModelSpec.resolve(plan.target)
     draft = ModelSpec.resolve(plan.draft) if plan.draft else None
     workload = Workload.from_dict(plan.workload, "plan workload")
-    acc = measured.get("acceptance_rate")
+    acc = measured.get("acceptance_per_token")  # the simulator's per-token alpha
     if acc is not None and plan.schedule.speculative:
         workload = replace(workload, acceptance=float(acc))
     # the same rows as the measured run

@@ -386,6 +386,18 @@ def _driver_version() -> str | None:
 def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
                     gpu_memory_bytes: float | None = None, name: str | None = None,
                     on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
+    """The hardware profile of this machine (see the module docstring). On a GPU the kernels
+    are timed with the attention kernels the runtime uses (runtime.attention.cuda_sdpa_kernels)."""
+    from specplan.runtime.attention import cuda_sdpa_kernels
+
+    with cuda_sdpa_kernels():
+        return _profile_machine(models, quick=quick, device=device, gpu_memory_bytes=gpu_memory_bytes, name=name,
+                                on_progress=on_progress)
+
+
+def _profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
+                    gpu_memory_bytes: float | None = None, name: str | None = None,
+                    on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
     grid = QUICK if quick else FULL
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     say = on_progress or (lambda msg, rate=None: None)

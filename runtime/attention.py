@@ -8,18 +8,16 @@ window W, t > start[b] + j - W (Mistral's rule, as transformers applies it).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # On an H200 with torch 2.11, SDPA picked cuDNN for these masked calls, and cuDNN spent 5.8 ms
 # of host time per call (apparently planning anew for each key length, which grows every step)
 # while its kernel ran 37 us: 38% of a specrun's host time (docs/validation.md, section 6).
-# The memory-efficient kernel takes a boolean mask and builds no per-shape plan; the math
-# kernel is the fallback.
-CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Runs therefore hold cuda_sdpa_kernels(): the memory-efficient kernel takes a boolean mask and
+# builds no per-shape plan.
 
 
 def visible(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -45,6 +43,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
     g = H // kv_heads
     q = q.to(k.device, k.dtype).transpose(1, 2).reshape(B, kv_heads, g * q_len, D)
     mask = visible(start, q_len, k.shape[1], window, k.device).repeat(1, 1, g, 1)
-    with sdpa_kernel(CUDA_SDPA_BACKENDS) if k.is_cuda else nullcontext():
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(B, H, q_len, D).transpose(1, 2)
+
+
+@contextmanager
+def cuda_sdpa_kernels():
+    """Keep CUDA SDPA off cuDNN while inside (flash takes no mask, so the memory-efficient
+    kernel is what remains). The switch is process-wide, so this goes around a whole run (an
+    Engine's life, a profile), not around each call: the draft thread attends while the
+    target's does. (The flash switch is left alone: it governs the CPU's kernel too.)"""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

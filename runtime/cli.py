@@ -88,6 +88,7 @@ def print_table(report: dict) -> None:
     rows = [("throughput_tok_s", m["throughput_tok_s"]), (AT_MEASURED_ACCEPTANCE, m["throughput_tok_s"]),
             ("decode_tok_s", m["decode_tok_s"]),
             ("tokens_per_round", m["tokens_per_round"]), ("acceptance_rate", m["acceptance_rate"]),
+            ("acceptance_per_token", m.get("acceptance_per_token")),
             ("h2d_bytes_per_s", m["h2d_bytes_per_s"]), ("h2d_bytes", m["h2d_bytes"]),
             ("peak_gpu_bytes", m["peak_gpu_bytes"])]
     stages = set(m["stage_s"]) | {k.split(".", 1)[1] for k in predicted if k.startswith("stage_s.")}

@@ -34,13 +34,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from specplan.plan import Placement, Schedule
 
+from .attention import cuda_sdpa_kernels
 from .checkpoint import Checkpoint
 from .draftkv import DraftKVSwap
 from .kvcache import KVCache
@@ -89,6 +90,9 @@ class Engine:
                  temperature: float = 1.0, seed: int = 0, eos: list[int] | None = None, stats: Stats | None = None):
         self.schedule, self.placement, self.device = schedule, placement, device
         self.cuda = device.type == "cuda"
+        self._kernels = ExitStack()  # process-wide kernel choices held for the engine's life
+        if self.cuda:
+            self._kernels.enter_context(cuda_sdpa_kernels())
         self.gen_len, self.greedy, self.temperature, self.seed = gen_len, sampling == "greedy", temperature, seed
         self.eos = torch.tensor(eos) if eos else None
         self.stats = stats or Stats(device)
@@ -349,6 +353,7 @@ class Engine:
             self.generate(prompts[:self.rows_cap])
         finally:
             self.gen_len = saved
+            self._gens.clear()  # sampling starts from the seeds again
             for model in (self.target, self.draft):
                 if model is not None:
                     model.store.reset()  # units the warm-up prefetched would not be copied (or counted) again
@@ -389,3 +394,4 @@ class Engine:
         if self.draft_swap is not None:
             self.draft_swap.synchronize()
         self.target.store.close()
+        self._kernels.close()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from specplan import __version__
-from specplan.cost import error_pct
+from specplan.cost import acceptance_for_tokens_per_round, error_pct
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
@@ -247,7 +247,11 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "draft_kv_h2d_bytes": c.get("draft_kv_h2d_bytes", 0.0) + c.get("prefill.draft_kv_h2d_bytes", 0.0),
         "draft_kv_d2h_bytes": c.get("draft_kv_d2h_bytes", 0.0) + c.get("prefill.draft_kv_d2h_bytes", 0.0),
         "tokens_per_round": 1.0 + c.get("accepted", 0.0) / rounds if rounds else None,
-        "acceptance_rate": c["accepted"] / c["drafted"] if c.get("drafted") else None,
+        "acceptance_rate": c["accepted"] / c["drafted"] if c.get("drafted") else None,  # accepted / drafted
+        # the per-token alpha the simulator takes, from tokens per round (E(alpha, gamma) inverted)
+        "acceptance_per_token": (acceptance_for_tokens_per_round(1.0 + c.get("accepted", 0.0) / rounds,
+                                                                 plan.schedule.gamma)
+                                 if rounds and c.get("drafted") else None),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
         "peak_gpu_bytes": peak_gpu,
@@ -263,10 +267,15 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                                "error_pct": error_pct(measured[key], pred[key])})
     # A speculative plan assumed an acceptance; simulated again at the measured one, what is
     # left of the error is the timing model's. Stage times are compared with that simulation.
-    at_measured = None
-    if pred and plan.schedule.speculative and measured["acceptance_rate"] is not None:
-        sim = resimulate(plan, target, draft, plan.hardware_profile(), measured["acceptance_rate"])
-        at_measured = {"acceptance": measured["acceptance_rate"], "throughput_tok_s": sim.throughput_tok_s,
+    at_measured, sim = None, None
+    alpha = measured["acceptance_per_token"]
+    if pred and plan.schedule.speculative and alpha is not None:
+        try:
+            sim = resimulate(plan, target, draft, plan.hardware_profile(), alpha)
+        except SpecplanError as e:  # a finished run's report is kept whatever the simulator says
+            measured["resimulation_error"] = str(e)
+    if sim is not None:
+        at_measured = {"acceptance": alpha, "throughput_tok_s": sim.throughput_tok_s,
                        "tokens_per_round": sim.tokens_per_round, "stage_s": sim.stage_s}
         comparison.append({"metric": AT_MEASURED_ACCEPTANCE, "measured": measured["throughput_tok_s"],
                            "predicted": sim.throughput_tok_s,

@@ -186,7 +186,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = resimulate(plan, target, draft, profile, m.get("acceptance_rate"))
+        sim = resimulate(plan, target, draft, profile, m.get("acceptance_per_token"))
         stages = {}
         for st in ("h2d", "target_proj", "target_attention", "target_ffn", "target_head", "draft"):
             ms = (m["stage_s"].get(st) or 0.0) + (m["stage_s"].get(f"prefill.{st}") or 0.0)
@@ -194,7 +194,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
             if ms > 0 or ss > 0:
                 stages[st] = (ms, ss)
         row = Row(case, plan, measured, plan.prediction["throughput_tok_s"], sim.throughput_tok_s,
-                  m.get("acceptance_rate"), m.get("tokens_per_round"), stages)
+                  m.get("acceptance_per_token"), m.get("tokens_per_round"), stages)
         if peers and not plan.schedule.speculative:
             say(f"[{i + 1}/{len(cases)}] {case.label}: transformers + accelerate")
             runs = [run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0) for _ in range(repeat)]

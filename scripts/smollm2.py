@@ -419,14 +419,10 @@ def table(args) -> None:
 
 
 def alpha_of(tokens_per_round: float, gamma: int) -> float:
-    """The per-token acceptance alpha with (1 - alpha^(gamma+1)) / (1 - alpha) = tokens_per_round
-    (the planner's model of a round), by bisection."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        e = gamma + 1 if mid >= 1 else (1 - mid ** (gamma + 1)) / (1 - mid)
-        lo, hi = (mid, hi) if e < tokens_per_round else (lo, mid)
-    return (lo + hi) / 2
+    """The per-token acceptance alpha the planner's model of a round gives for this many tokens per round."""
+    from specplan.cost import acceptance_for_tokens_per_round
+
+    return acceptance_for_tokens_per_round(tokens_per_round, gamma)
 
 
 def alpha_cmd(args) -> None:

@@ -93,8 +93,11 @@ class Scenario:
         slots = simpy.Container(env, capacity=nslots, init=nslots)
         loaded = [env.event() for _ in range(T.layers)]
         env.process(self._load_layers(who, kind, tokens, slots, loaded))
-        act = activation_bytes(T, sum(g.rows for g in groups), max(g.q_len for g in groups),
-                               self.cfg.workload.max_seq_len + sch.gamma)
+        wl = self.cfg.workload
+        if kind == "prefill":  # the runtime pads a chunk's prompts to the longest
+            act = activation_bytes(T, sum(g.rows for g in groups), wl.max_prompt_len, wl.max_prompt_len)
+        else:
+            act = activation_bytes(T, sum(g.rows for g in groups), max(g.q_len for g in groups), wl.max_seq_len + sch.gamma)
         m.allocate("gpu", act, f"{kind} activations")
         costs = [self._layer_costs(g, kind) for g in groups]
         for layer in range(T.layers):

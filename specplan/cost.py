@@ -41,6 +41,17 @@ def expected_accepted_tokens_table(rates: Sequence[float]) -> float:
     return total
 
 
+def acceptance_for_tokens_per_round(tokens_per_round: float, gamma: int) -> float:
+    """The per-token acceptance alpha whose expected_accepted_tokens(alpha, gamma) is the
+    measured tokens per round, by bisection: the rate the simulator and planner take. (The
+    fraction of drafted tokens accepted is another thing: about (E - 1) / gamma.)"""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_accepted_tokens(mid, gamma) < tokens_per_round else (lo, mid)
+    return (lo + hi) / 2
+
+
 def tokens_per_round_pmf(rates: Sequence[float]) -> list[float]:
     """P(a row gains j tokens in one round), j = 1..gamma+1: j-1 drafts accepted, then the
     target's own token (a correction, or the bonus when all gamma were accepted)."""

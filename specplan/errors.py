@@ -22,6 +22,9 @@ class InputError(SpecplanError):
             msg += f" (expected {expected})"
         super().__init__(msg)
 
+    def __reduce__(self):  # rebuilt from its parts when it crosses a process boundary (the planner's workers)
+        return type(self), (self.source, self.field, self.problem, self.expected)
+
 
 class UnknownNameError(SpecplanError):
     """A preset or profile name that does not exist; suggests the closest names."""
@@ -32,6 +35,10 @@ class UnknownNameError(SpecplanError):
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         super().__init__(f"unknown {kind} '{name}'{hint} (known: {', '.join(known)})")
         self.suggestions = close
+        self._parts = (kind, name, known)
+
+    def __reduce__(self):
+        return type(self), self._parts
 
 
 class InfeasibleError(SpecplanError):

@@ -253,3 +253,13 @@ def test_activation_bytes_grows_with_tokens():
     m = ModelSpec.from_preset("mixtral-8x7b")
     vals = [cost.activation_bytes(m, rows, 8, 512) for rows in (1, 16, 1024, 4096)]
     assert _non_decreasing(vals) and vals[0] > 0
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 0.95])
+def test_acceptance_for_tokens_per_round_inverts_e(alpha, gamma):
+    e = cost.expected_accepted_tokens(alpha, gamma)
+    assert cost.acceptance_for_tokens_per_round(e, gamma) == pytest.approx(alpha, abs=1e-9)
+    # not the accepted fraction of drafted tokens, which is (E - 1) / gamma: 0.443 for 0.7 at gamma 4
+    if gamma > 1 and 0 < alpha < 1:
+        assert (e - 1) / gamma < alpha

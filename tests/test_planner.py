@@ -223,3 +223,21 @@ def test_planning_in_processes_equals_planning_in_one(small_space, monkeypatch):
         res = optimize(TINY_T, TINY_D, profile, wl)
         ranked[workers] = [(r.candidate.shape, r.candidate.placement, r.candidate.estimate_tok_s, r.tok_s) for r in res.ranked]
     assert len(ranked[1]) >= 4 and ranked[1] == ranked[2]
+
+
+def _raise(kind):
+    from specplan.errors import InputError, UnknownNameError
+
+    if kind == "input":
+        raise InputError("plan.json", "schedule.gamma", "is -1", "an integer >= 0")
+    raise UnknownNameError("profile", "rtx409", ["rtx4090", "a100"])
+
+
+def test_an_error_in_a_worker_reaches_the_caller_as_itself():
+    from specplan.errors import InputError, UnknownNameError
+    from specplan.planner import optimize as optimize_mod
+
+    for kind, cls in (("input", InputError), ("name", UnknownNameError)):
+        with pytest.raises(cls) as e:
+            optimize_mod.map_in_processes(_raise, [(kind,), (kind,)], workers=2)
+        assert "rtx4090" in str(e.value) if kind == "name" else "schedule.gamma: is -1" in str(e.value)

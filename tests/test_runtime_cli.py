@@ -5,6 +5,7 @@ prediction."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import sys
 
 import pytest
@@ -112,7 +113,7 @@ def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_pat
     assert t["error_pct"] == pytest.approx(100 * (50.0 - t["measured"]) / t["measured"])
     # the plan simulated again at the acceptance the run measured; stage rows compare with that
     again = saved["predicted_at_measured_acceptance"]
-    assert again["acceptance"] == m["acceptance_rate"]
+    assert again["acceptance"] == m["acceptance_per_token"]
     assert rows[run.AT_MEASURED_ACCEPTANCE]["predicted"] == again["throughput_tok_s"] != 50.0
     assert {k for k in rows if k.startswith("stage_s.")} == {f"stage_s.{k}" for k in again["stage_s"]}
     assert rows["stage_s.h2d"]["predicted"] == again["stage_s"]["h2d"] != 0.01
@@ -154,8 +155,11 @@ def test_prompt_lines_without_a_tokenizer_become_seeded_ids(tmp_path):
         cli.read_prompts(f, None, vocab=256)
 
 
-def test_warmup_leaves_outputs_and_counts_unchanged():
+@pytest.mark.parametrize("sampling", ["greedy", "sampling"])
+def test_warmup_leaves_outputs_and_counts_unchanged(sampling):
     plan = make_plan()
+    if sampling != "greedy":  # the warm-up must not advance the seeded generators either
+        plan = replace(plan, workload={**plan.workload, "sampling": sampling, "temperature": 1.0})
     kw = dict(random_weights=True, device="cpu")
     cold = run_plan(plan, "tiny-llama", "tiny-draft", warmup=False, **kw)
     warm = run_plan(plan, "tiny-llama", "tiny-draft", warmup=True, **kw)
