@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specplan.cost import ACTIVATION_SLICE_TOKENS, LOGITS_CHUNK_TOKENS
+from specplan.cost import ACTIVATION_SLICE_TOKENS, LOGITS_CHUNK_TOKENS, rows_per_slice
 from specplan.errors import InputError
 from specplan.models import ModelSpec
 
@@ -161,7 +161,7 @@ class Step:
 def cut_rows(step: Step, max_tokens: int) -> list[Step]:
     """`step` as consecutive row slices of at most `max_tokens` tokens each (one row at least)."""
     B, T = step.tokens.shape
-    per = max(1, max_tokens // T)
+    per = rows_per_slice(T, max_tokens)
     if B <= per:
         return [step]
     r0 = step.rows.start or 0

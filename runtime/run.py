@@ -25,6 +25,7 @@ from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
 from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
+from specplan.simulator.run import simulate_plan
 from specplan.units import fmt_bytes
 from specplan.workload import Workload
 
@@ -207,19 +208,6 @@ def _maybe_profiled(path: str | Path | None, device: torch.device):
 # ---- the report ---------------------------------------------------------------------------------------
 
 
-def resimulate(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile, acceptance: float | None):
-    """The plan simulated again with the per-token acceptance a run measured: separates the
-    timing model's error from the error of the acceptance the plan assumed."""
-    from specplan.simulator.run import SimConfig, simulate
-
-    wl = Workload.from_dict(plan.workload, "plan")
-    if acceptance is not None and plan.schedule.speculative:
-        wl = replace(wl, acceptance=float(min(max(acceptance, 0.0), 1.0)))
-    return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
-                              plan.placement, check_memory=False))
-
-
-
 def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,
                  device: torch.device, need: MemoryNeed, target: ModelSpec, draft: ModelSpec | None) -> dict[str, Any]:
     stage_s = stats.stage_s()
@@ -228,6 +216,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     h2d_bytes = c.get("h2d_bytes", 0.0) + c.get("prefill.h2d_bytes", 0.0)
     h2d_s = stage_s.get("h2d", 0.0) + stage_s.get("prefill.h2d", 0.0)
     rounds = c.get("rounds", 0.0)
+    tokens_per_round = 1.0 + c.get("accepted", 0.0) / rounds if rounds else None
     if device.type == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated(device)
         device_name = torch.cuda.get_device_name(device)
@@ -246,11 +235,10 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         # the draft's KV swaps (draft KV on the host), decode and prefill together
         "draft_kv_h2d_bytes": c.get("draft_kv_h2d_bytes", 0.0) + c.get("prefill.draft_kv_h2d_bytes", 0.0),
         "draft_kv_d2h_bytes": c.get("draft_kv_d2h_bytes", 0.0) + c.get("prefill.draft_kv_d2h_bytes", 0.0),
-        "tokens_per_round": 1.0 + c.get("accepted", 0.0) / rounds if rounds else None,
+        "tokens_per_round": tokens_per_round,
         "acceptance_rate": c["accepted"] / c["drafted"] if c.get("drafted") else None,  # accepted / drafted
         # the per-token alpha the simulator takes, from tokens per round (E(alpha, gamma) inverted)
-        "acceptance_per_token": (acceptance_for_tokens_per_round(1.0 + c.get("accepted", 0.0) / rounds,
-                                                                 plan.schedule.gamma)
+        "acceptance_per_token": (acceptance_for_tokens_per_round(tokens_per_round, plan.schedule.gamma)
                                  if rounds and c.get("drafted") else None),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
@@ -269,9 +257,9 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     # left of the error is the timing model's. Stage times are compared with that simulation.
     at_measured, sim = None, None
     alpha = measured["acceptance_per_token"]
-    if pred and plan.schedule.speculative and alpha is not None:
+    if pred and alpha is not None:  # alpha: only a speculative run drafts
         try:
-            sim = resimulate(plan, target, draft, plan.hardware_profile(), alpha)
+            sim = simulate_plan(plan, target, draft, plan.hardware_profile(), alpha)
         except SpecplanError as e:  # a finished run's report is kept whatever the simulator says
             measured["resimulation_error"] = str(e)
     if sim is not None:

@@ -23,7 +23,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from specplan.cost import error_pct
+from specplan.cost import error_pct, stage_total
+from specplan.hwprofiles.calibrate import CALIBRATED_STAGES
 from specplan.fileio import write_atomic, write_json
 from specplan.hardware import HardwareProfile
 from specplan.models import ModelSpec
@@ -165,7 +166,9 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
              progress: Callable[[str], None] | None = None) -> list[Row]:
-    from .run import resimulate, run_plan
+    from specplan.simulator.run import simulate_plan
+
+    from .run import run_plan
 
     say = progress or (lambda m: None)
     target, draft = ModelSpec.resolve(target_name), ModelSpec.resolve(draft_name)
@@ -186,11 +189,10 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = resimulate(plan, target, draft, profile, m.get("acceptance_per_token"))
+        sim = simulate_plan(plan, target, draft, profile, m.get("acceptance_per_token"))
         stages = {}
-        for st in ("h2d", "target_proj", "target_attention", "target_ffn", "target_head", "draft"):
-            ms = (m["stage_s"].get(st) or 0.0) + (m["stage_s"].get(f"prefill.{st}") or 0.0)
-            ss = sim.stage_s.get(st, 0.0) + sim.stage_s.get(f"prefill.{st}", 0.0)
+        for st in CALIBRATED_STAGES:
+            ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)
             if ms > 0 or ss > 0:
                 stages[st] = (ms, ss)
         row = Row(case, plan, measured, plan.prediction["throughput_tok_s"], sim.throughput_tok_s,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import simpy
@@ -12,7 +12,7 @@ from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
 from specplan.models import ModelSpec
-from specplan.plan import Placement, Schedule
+from specplan.plan import Placement, Plan, Schedule
 from specplan.workload import Workload
 
 from .machine import Machine, Span
@@ -127,3 +127,17 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
         wall_s=time.perf_counter() - t0,
         spans=machine.spans,
     )
+
+
+def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
+                  acceptance: float | None = None, num_prompts: int | None = None) -> SimResult:
+    """A plan simulated again on `profile`, at the per-token `acceptance` and the number of
+    prompts a run measured (the plan's own where not given), without the memory check: what
+    specrun's report, `specplan validate` and `specplan calibrate` compare a run with."""
+    wl = Workload.from_dict(plan.workload, "plan workload")
+    if acceptance is not None and plan.schedule.speculative:
+        wl = replace(wl, acceptance=float(min(max(acceptance, 0.0), 1.0)))
+    if num_prompts:
+        wl = replace(wl, num_prompts=int(num_prompts))
+    return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
+                              plan.placement, check_memory=False))

@@ -249,6 +249,12 @@ def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float
 # ---- comparing a prediction with a measurement ----------------------------------------------
 
 
+def stage_total(stage_s: dict, stage: str) -> float:
+    """A stage's seconds, decode and prefill ("prefill." prefix) together, from a report's or a
+    simulation's stage_s."""
+    return float(stage_s.get(stage) or 0.0) + float(stage_s.get(f"prefill.{stage}") or 0.0)
+
+
 def error_pct(measured: float | None, predicted: float | None) -> float | None:
     """(predicted - measured) / measured in percent: positive = the prediction was optimistic
     about a rate, or pessimistic about a time. None when there is nothing to compare."""
@@ -317,11 +323,15 @@ def kv_cache_bytes(model: ModelSpec, rows: int, tokens: int) -> float:
     return rows * tokens * model.kv_bytes_per_token
 
 
+def rows_per_slice(q_len: float, max_tokens: int = ACTIVATION_SLICE_TOKENS) -> int:
+    """Rows of q_len tokens in one slice of a pass: as many as fit in max_tokens, one at least
+    (runtime.model.cut_rows cuts by this)."""
+    return max(1, int(max_tokens // max(q_len, 1)))
+
+
 def activation_slice_tokens(rows: float, q_len: float) -> float:
-    """Tokens of the row slices a pass is cut into: whole rows, at most ACTIVATION_SLICE_TOKENS
-    unless one row alone has more (runtime.model.cut_rows)."""
-    per = max(1, int(ACTIVATION_SLICE_TOKENS // max(q_len, 1)))
-    return min(rows, per) * q_len
+    """Tokens of the largest row slice a pass of `rows` rows is cut into."""
+    return min(rows, rows_per_slice(q_len)) * q_len
 
 
 def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float) -> float:

@@ -174,3 +174,24 @@ def test_torch_profile_writes_operator_tables(tmp_path):
     run_plan(make_plan(policy="flexgen"), "tiny-llama", None, random_weights=True, device="cpu", torch_profile=path)
     text = path.read_text()
     assert "# by device time" in text and "# by host time" in text and "aten::" in text
+
+
+def test_calibration_scales_each_stage_to_the_run_as_it_ran():
+    from specplan.cost import stage_total
+    from specplan.hwprofiles.calibrate import CALIBRATED_STAGES, calibrate
+    from specplan.models import ModelSpec
+    from specplan.simulator.run import simulate_plan
+
+    plan = make_plan(policy="spec-serial")
+    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+    m, profile = report["measured"], plan.hardware_profile()
+    c = calibrate(report, plan, profile)
+    assert c.measured_acceptance == m["acceptance_per_token"]
+    as_ran = simulate_plan(plan, ModelSpec.from_preset("tiny-llama"), ModelSpec.from_preset("tiny-draft"), profile,
+                           m["acceptance_per_token"], m["rows"])
+    assert c.before_tok_s == as_ran.throughput_tok_s
+    assert set(c.factors) == set(CALIBRATED_STAGES)
+    for stage, factor in c.factors.items():
+        assert factor == pytest.approx(stage_total(m["stage_s"], stage) / stage_total(as_ran.stage_s, stage))
+    # a CPU run against the rtx4090 profile: off by orders of magnitude before, far closer after
+    assert abs(c.error_after_pct) < abs(c.error_before_pct) / 10
