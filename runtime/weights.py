@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specplan.plan import Placement
-
 from specplan.memory import STAGED_HOMES
+from specplan.plan import Placement
 
 from .checkpoint import Checkpoint, tensor_group
 from .stats import Stats
@@ -76,16 +75,20 @@ class WeightStore:
         self.stats = stats
         self.bytes = {"gpu": 0, "cpu_pinned": 0, "cpu_pageable": 0, "disk": 0}
         self._spill: tempfile.TemporaryDirectory | None = None
-        self._embed: tuple[torch.Tensor, str, torch.Tensor] | None = None  # (source, home, placed)
         spec = checkpoint.spec
 
         g = checkpoint.globals()
         self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed)
-        self._embed = (g["model.embed_tokens.weight"], placement.embed, self.embed_weight)
         self.units = [self._build_unit(i, checkpoint.layer(i), lambda name, i=i: self._home(placement, i, name))
                       for i in range(spec.layers)]
         head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
+        # a tied LM head on the GPU beside the embedding is the embedding, as plan_memory counts it
+        tied_on_gpu = head["lm_head.weight"] is g["model.embed_tokens.weight"] and placement.lm_head == placement.embed == "gpu"
+        if tied_on_gpu:
+            del head["lm_head.weight"]
         self.units.append(self._build_unit(spec.layers, head, lambda name: placement.lm_head if name == "lm_head.weight" else "gpu"))
+        if tied_on_gpu:
+            self.units[-1].resident["lm_head.weight"] = self.embed_weight
 
         self.order = [u for u, unit in enumerate(self.units) if unit.parts]  # units that stream
         n_slots = min(prefetch_depth + 1, len(self.order))
@@ -103,7 +106,6 @@ class WeightStore:
             self.staged = [torch.cuda.Event() for _ in self.slots]
         self.inflight: dict[int, int] = {}  # unit -> slot holding (or receiving) it
         self._next = 0  # index into self.order of the next unit to fetch
-        self._embed = None  # only needed while placing; do not keep the source embedding alive
 
     # ---- building ---------------------------------------------------------------------------
     @staticmethod
@@ -116,18 +118,12 @@ class WeightStore:
         return "gpu"  # norms and the router are small and needed to route before experts arrive
 
     def _place(self, t: torch.Tensor, home: str) -> torch.Tensor:
-        # A tied LM head in the embedding's home is the embedding, as plan_memory counts it: a
-        # second .to(cuda) or .pin_memory() would copy it again.
-        if self._embed is not None and t is self._embed[0] and home == self._embed[1]:
-            return self._embed[2]
         if home == "gpu":
             self.bytes["gpu"] += t.nbytes
-            placed = t.to(self.device).contiguous()
-        else:
-            pin = home == "cpu_pinned" and self.cuda
-            self.bytes[home if home != "disk" else "cpu_pageable"] += t.nbytes
-            placed = t.contiguous().pin_memory() if pin else t.contiguous()
-        return placed
+            return t.to(self.device).contiguous()
+        pin = home == "cpu_pinned" and self.cuda
+        self.bytes[home if home != "disk" else "cpu_pageable"] += t.nbytes
+        return t.contiguous().pin_memory() if pin else t.contiguous()
 
     def _build_unit(self, u: int, tensors: dict[str, torch.Tensor], home_of) -> _Unit:
         unit = _Unit()
