@@ -259,7 +259,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     alpha = measured["acceptance_per_token"]
     if pred and alpha is not None:  # alpha: only a speculative run drafts
         try:
-            sim = simulate_plan(plan, target, draft, plan.hardware_profile(), alpha)
+            sim = simulate_plan(plan, target, draft, plan.hardware_profile(), alpha, len(outputs))  # as it ran
         except SpecplanError as e:  # a finished run's report is kept whatever the simulator says
             measured["resimulation_error"] = str(e)
     if sim is not None:

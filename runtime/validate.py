@@ -189,7 +189,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = simulate_plan(plan, target, draft, profile, m.get("acceptance_per_token"))
+        sim = simulate_plan(plan, target, draft, profile, m.get("acceptance_per_token"), m["rows"])
         stages = {}
         for st in CALIBRATED_STAGES:
             ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)
