@@ -27,6 +27,7 @@ from specplan import __version__
 from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, head_op_name, step_op_name
 from specplan.hardware import SCHEMA_VERSION, HardwareProfile
 from specplan.models import ModelSpec
+from specplan.runtime.attention import cuda_sdpa_kernels
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -383,19 +384,8 @@ def _driver_version() -> str | None:
         return None
 
 
+@cuda_sdpa_kernels()  # kernels timed with the attention kernels the runtime uses
 def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
-                    gpu_memory_bytes: float | None = None, name: str | None = None,
-                    on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
-    """The hardware profile of this machine (see the module docstring). On a GPU the kernels
-    are timed with the attention kernels the runtime uses (runtime.attention.cuda_sdpa_kernels)."""
-    from specplan.runtime.attention import cuda_sdpa_kernels
-
-    with cuda_sdpa_kernels():
-        return _profile_machine(models, quick=quick, device=device, gpu_memory_bytes=gpu_memory_bytes, name=name,
-                                on_progress=on_progress)
-
-
-def _profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
                     gpu_memory_bytes: float | None = None, name: str | None = None,
                     on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
     grid = QUICK if quick else FULL
