@@ -47,6 +47,9 @@ class Candidate:
     prefill_s: float
 
 
+MEMORY_UNIT_BYTES = 1e9  # the program's memory rows are in GB
+
+
 def _solver(time_limit_s: float = 20.0):
     try:
         import highspy  # noqa: F401
@@ -198,11 +201,14 @@ class ShapeProgram:
         k = pulp.LpVariable("prefetch", cat="Binary")
         s_ffn = pulp.LpVariable("any_ffn_streamed", cat="Binary")
         s_staged = pulp.LpVariable("any_staged", cat="Binary")  # something streams from disk or pageable memory
+        # Memory rows are written in GB (MEMORY_UNIT_BYTES), not bytes: with byte coefficients
+        # (1e9-1e11) beside binaries and seconds, HiGHS declared feasible programs infeasible.
+        Fm, Am, Hm = F / MEMORY_UNIT_BYTES, A / MEMORY_UNIT_BYTES, H / MEMORY_UNIT_BYTES
         # one stream slot holds the largest streamed unit: a layer, or the LM head when it streams
-        head_unit = H + T.hidden * T.dtype_bytes
-        slot_max = max(F + A, head_unit)
-        slot = pulp.LpVariable("slot_bytes", lowBound=0, upBound=slot_max)
-        k_slot = pulp.LpVariable("prefetch_x_slot", lowBound=0, upBound=slot_max)  # k * slot
+        head_unit = (H + T.hidden * T.dtype_bytes) / MEMORY_UNIT_BYTES
+        slot_max = max(Fm + Am, head_unit)
+        slot = pulp.LpVariable("slot_gb", lowBound=0, upBound=slot_max)
+        k_slot = pulp.LpVariable("prefetch_x_slot_gb", lowBound=0, upBound=slot_max)  # k * slot
 
         prob += pulp.lpSum(x) == 1
         prob += pulp.lpSum(f.values()) == 1
@@ -217,7 +223,7 @@ class ShapeProgram:
             prob += s_staged >= a[h]
             if h in hd:
                 prob += s_staged >= hd[h]
-        prob += slot >= F * s_ffn + A * (1 - a["gpu"])
+        prob += slot >= Fm * s_ffn + Am * (1 - a["gpu"])
         prob += slot >= head_unit * (1 - hd["gpu"])
         prob += k_slot >= slot - slot_max * (1 - k)
         for c in C:
@@ -248,20 +254,21 @@ class ShapeProgram:
             self.round_bounds.append(bounds)
             self.prefill_bounds.append(pre)
 
-        # memory: the terms of plan_memory, split into shape constants and placement terms
-        mem = [self._memory_coeffs(s) for s in self.shapes]
-        gpu_cap = P.gpu.memory_bytes - P.gpu.reserved_bytes
-        weights_gpu = F * n_gpu + L * A * a["gpu"] + H * hd["gpu"] + slot + k_slot
+        # memory (GB): the terms of plan_memory, split into shape constants and placement terms
+        mem = [[m / MEMORY_UNIT_BYTES for m in self._memory_coeffs(s)] for s in self.shapes]
+        gpu_cap = (P.gpu.memory_bytes - P.gpu.reserved_bytes) / MEMORY_UNIT_BYTES
+        weights_gpu = Fm * n_gpu + L * Am * a["gpu"] + Hm * hd["gpu"] + slot + k_slot
         prob += (pulp.lpSum(x[c] * mem[c][0] + v[c] * mem[c][3] for c in C) + weights_gpu <= gpu_cap), "gpu_memory"
         # pinned staging buffers, one per stream slot, when something is staged: (slot + k_slot) * s_staged
-        staging = pulp.LpVariable("staging_bytes", lowBound=0)
+        staging = pulp.LpVariable("staging_gb", lowBound=0)
         prob += staging >= slot + k_slot - 2 * slot_max * (1 - s_staged)
-        host_w = F * (y["cpu_pinned"] + y["cpu_pageable"]) + L * A * (a["cpu_pinned"] + a["cpu_pageable"]) \
-            + H * (hd["cpu_pinned"] + hd["cpu_pageable"]) + T.embed_bytes + staging
-        prob += (pulp.lpSum(x[c] * mem[c][1] + v[c] * mem[c][4] for c in C) + host_w <= P.host.memory_bytes), "host_memory"
-        pinned_w = F * y["cpu_pinned"] + L * A * a["cpu_pinned"] + H * hd["cpu_pinned"] + staging
+        host_w = Fm * (y["cpu_pinned"] + y["cpu_pageable"]) + L * Am * (a["cpu_pinned"] + a["cpu_pageable"]) \
+            + Hm * (hd["cpu_pinned"] + hd["cpu_pageable"]) + T.embed_bytes / MEMORY_UNIT_BYTES + staging
+        host_cap = P.host.memory_bytes / MEMORY_UNIT_BYTES
+        prob += (pulp.lpSum(x[c] * mem[c][1] + v[c] * mem[c][4] for c in C) + host_w <= host_cap), "host_memory"
+        pinned_w = Fm * y["cpu_pinned"] + L * Am * a["cpu_pinned"] + Hm * hd["cpu_pinned"] + staging
         prob += (pulp.lpSum(x[c] * mem[c][2] + v[c] * mem[c][5] for c in C) + pinned_w
-                 <= P.host.memory_bytes * P.host.pinned_fraction), "pinned_memory"
+                 <= host_cap * P.host.pinned_fraction), "pinned_memory"
 
         self.prob, self.x, self.t, self.p = prob, x, t, p
         self.n_gpu, self.f, self.a, self.hd, self.dk, self.k = n_gpu, f, a, hd, dk, k
@@ -288,13 +295,14 @@ class ShapeProgram:
         """Dinkelbach: maximise tokens - lam * time, set lam to the solution's ratio, repeat
         until lam stops moving. Converges from any start; a start near the optimum saves solves."""
         lam, best = lam0, None
-        self.solves = 0
+        self.solves, self.last_status = 0, None
         for _ in range(max_iter):
             self.prob.setObjective(self._objective(lam))
             with _quiet_stdout():
                 status = self.prob.solve(_solver())
             self.solves += 1
-            if pulp.LpStatus[status] != "Optimal":
+            self.last_status = pulp.LpStatus[status]
+            if self.last_status != "Optimal":
                 return best
             cand = self._read()
             if best is None or cand.estimate_tok_s > best.estimate_tok_s:

@@ -149,6 +149,9 @@ def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, 
         if not program.exclude_like(cand.shape):
             break
         lam = cand.estimate_tok_s * 0.9
+    if not found:  # shapes fit, yet the program found no plan: say so rather than drop the policy
+        return [], (f"the program over {len(shortlist)} shapes that fit found no plan "
+                    f"(solver status {program.last_status})"), n
     return found, None, n
 
 

@@ -13,7 +13,7 @@ from specplan.memory import plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
 from specplan.planner import shapes as shapes_mod
-from specplan.planner.milp import ShapeProgram
+from specplan.planner.milp import MEMORY_UNIT_BYTES as GB, ShapeProgram
 from specplan.planner.optimize import make_plan, optimize
 from specplan.simulator.run import SimConfig, simulate
 from specplan.workload import Workload
@@ -121,18 +121,18 @@ def test_program_memory_terms_equal_plan_memory():
                     var.varValue = int(n_gpu < t.layers)
                 elif name == "any_staged":
                     var.varValue = int(att == "cpu_pageable")
-                elif name in ("slot_bytes", "prefetch_x_slot", "staging_bytes"):
+                elif name in ("slot_gb", "prefetch_x_slot_gb", "staging_gb"):
                     b = t.layer_bytes
                     layer = b.ffn * int(n_gpu < t.layers) + b.attention * int(att != "gpu")
-                    slot = max(layer, (t.head_bytes + t.hidden * t.dtype_bytes) * int(head != "gpu"))
-                    var.varValue = {"slot_bytes": slot, "prefetch_x_slot": slot * k,
-                                    "staging_bytes": (1 + k) * slot * int(att == "cpu_pageable")}[name]
-            cons = prog.prob.constraints
-            gpu_lhs = pulp.value(cons["gpu_memory"]) - cons["gpu_memory"].constant
-            assert gpu_lhs + cons["gpu_memory"].constant == pytest.approx(
+                    slot = max(layer, (t.head_bytes + t.hidden * t.dtype_bytes) * int(head != "gpu")) / GB
+                    var.varValue = {"slot_gb": slot, "prefetch_x_slot_gb": slot * k,
+                                    "staging_gb": (1 + k) * slot * int(att == "cpu_pageable")}[name]
+            cons = prog.prob.constraints  # memory rows are in GB: lhs - capacity, back in bytes
+            row = lambda name: pulp.value(cons[name]) * GB  # noqa: E731
+            assert row("gpu_memory") == pytest.approx(
                 need.gpu_bytes - (profile.gpu.memory_bytes - profile.gpu.reserved_bytes), rel=1e-9, abs=1.0)
-            assert pulp.value(cons["host_memory"]) == pytest.approx(need.host_bytes - profile.host.memory_bytes, abs=1.0)
-            assert pulp.value(cons["pinned_memory"]) == pytest.approx(
+            assert row("host_memory") == pytest.approx(need.host_bytes - profile.host.memory_bytes, abs=1.0)
+            assert row("pinned_memory") == pytest.approx(
                 need.pinned_bytes - profile.host.memory_bytes * profile.host.pinned_fraction, abs=1.0)
 
 
@@ -241,3 +241,17 @@ def test_an_error_in_a_worker_reaches_the_caller_as_itself():
         with pytest.raises(cls) as e:
             optimize_mod.map_in_processes(_raise, [(kind,), (kind,)], workers=2)
         assert "rtx4090" in str(e.value) if kind == "name" else "schedule.gamma: is -1" in str(e.value)
+
+
+@pytest.mark.parametrize("gpu", ["a100-80gb", "rtx4090"])
+def test_program_finds_a_plan_whenever_a_shape_fits(gpu):
+    """Regression: with its memory rows in bytes, HiGHS called the A100-80GB spec-serial
+    program infeasible at the Dinkelbach start, although every shortlisted shape fits; the
+    policy then vanished from the ranking without a word."""
+    from specplan.planner.optimize import _policy_candidates
+
+    profile = load_profile(gpu)
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    found, why, _ = _policy_candidates("spec-serial", t, d, profile, Workload.make(), 1)
+    assert why is None and len(found) == 1
+    assert found[0].estimate_tok_s > 0
