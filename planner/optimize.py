@@ -16,13 +16,13 @@ import platform
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from specplan import __version__
 from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
-from specplan.memory import plan_memory
+from specplan.memory import least_placement
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.simulator.run import SimConfig, SimResult, simulate
@@ -64,17 +64,7 @@ def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, 
                       profile: HardwareProfile) -> tuple[Placement | None, list[str]]:
     """The least memory-hungry placement that fits this shape (draft KV on the GPU when it
     can be), or None and the limits it breaks."""
-    sch = shape.schedule(prefetch_depth=0)
-    base = Placement(attention="cpu_pinned", ffn="cpu_pinned", embed="cpu_pageable", lm_head="gpu", draft_kv="gpu")
-    problems: list[str] = []
-    for pl in (base, replace(base, draft_kv="cpu"), replace(base, draft_kv="cpu", lm_head="cpu_pinned"),
-               replace(base, draft_kv="cpu", lm_head="cpu_pinned", ffn="cpu_pageable", attention="cpu_pageable"),
-               replace(base, draft_kv="cpu", lm_head="cpu_pageable", ffn="disk", attention="disk")):
-        v = plan_memory(target, draft, sch, pl, workload).violations(profile)
-        if not v:
-            return pl, []
-        problems = v
-    return None, problems
+    return least_placement(target, draft, shape.schedule(prefetch_depth=0), workload, profile)
 
 
 def _shortlist(policy: str, target, draft, profile, workload) -> tuple[list[Shape], list[str], int, float]:

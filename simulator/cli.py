@@ -10,7 +10,7 @@ from rich.table import Table
 
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
 from specplan.errors import InfeasibleError, InputError
-from specplan.memory import plan_memory
+from specplan.memory import least_placement, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
 from specplan.units import fmt_bytes, fmt_seconds, parse_bytes
@@ -21,14 +21,13 @@ from .run import SimConfig, SimResult, simulate
 
 def default_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
                       profile) -> Placement:
-    """A reasonable placement for a schedule given by flags: draft KV on the GPU if it fits,
-    then as many FFN layers resident on the GPU as fit. The planner optimises this properly."""
-    best = Placement(draft_kv="cpu")
-    for draft_kv in ("gpu", "cpu"):
-        pl = Placement(draft_kv=draft_kv)
-        if not plan_memory(target, draft, schedule, pl, workload).violations(profile):
-            best = pl
-            break
+    """A reasonable placement for a schedule given by flags: the planner's first fitting
+    placement (draft KV on the GPU if it fits, ...), then as many FFN layers resident on the
+    GPU as fit. The planner optimises this properly. If nothing fits, the placement that
+    needs least, so the simulator can say what does not fit (or run with --ignore-memory)."""
+    best, _ = least_placement(target, draft, schedule, workload, profile)
+    if best is None:
+        return Placement(draft_kv="cpu", lm_head="cpu_pinned")
     lo, hi = 0, target.layers
     while lo < hi:  # largest ffn_gpu_layers that still fits
         mid = (lo + hi + 1) // 2
@@ -81,7 +80,7 @@ def simulate_cmd(
     policy: Annotated[str, typer.Option(help="specoffload | spec-serial | flexgen | sequential")] = "specoffload",
     batch: Annotated[int, typer.Option(help="Rows per batch.")] = 256,
     num_batches: Annotated[Optional[int], typer.Option(help="Batches (specoffload: 2; flexgen: micro-batches).")] = None,
-    prefill_chunk: Annotated[int, typer.Option(help="Rows per prefill pass.")] = 256,
+    prefill_chunk: Annotated[int, typer.Option(help="Rows per prefill pass.")] = 64,
     draft_batch: Annotated[int, typer.Option(help="Rows the draft processes at once.")] = 16,
     gamma: Annotated[int, typer.Option(help="Tokens drafted per round (ignored without a draft).")] = 7,
     attention: Annotated[str, typer.Option(help="Target decode attention device: cpu | gpu.")] = "cpu",

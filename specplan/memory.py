@@ -3,7 +3,7 @@ constraints, the simulator's memory containers and the runtime's refusal check."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
 from .hardware import HardwareProfile
@@ -169,3 +169,27 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
             home("draft KV cache", "cpu_pinned", draft_kv_all)
         gpu["activations (draft)"] = act_draft
     return MemoryNeed(gpu, host, pinned)
+
+
+def _placement_ladder() -> tuple[Placement, ...]:
+    """Placements from the most GPU-hungry to the least: draft KV on the GPU, then on the
+    host, then the LM head streamed, then weights in pageable memory, then on disk."""
+    base = Placement(attention="cpu_pinned", ffn="cpu_pinned", embed="cpu_pageable", lm_head="gpu", draft_kv="gpu")
+    return (base,
+            replace(base, draft_kv="cpu"),
+            replace(base, draft_kv="cpu", lm_head="cpu_pinned"),
+            replace(base, draft_kv="cpu", lm_head="cpu_pinned", ffn="cpu_pageable", attention="cpu_pageable"),
+            replace(base, draft_kv="cpu", lm_head="cpu_pageable", ffn="disk", attention="disk"))
+
+
+def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
+                    profile: HardwareProfile) -> tuple[Placement | None, list[str]]:
+    """The first placement of the ladder that fits `schedule` (no FFN layer resident), or
+    None and the limits the last one breaks. The planner starts its search from it; a
+    schedule given by flags (`specplan simulate`) is placed with it."""
+    problems: list[str] = []
+    for pl in _placement_ladder():
+        problems = plan_memory(target, draft, schedule, pl, workload).violations(profile)
+        if not problems:
+            return pl, []
+    return None, problems
