@@ -255,3 +255,16 @@ def test_program_finds_a_plan_whenever_a_shape_fits(gpu):
     found, why, _ = _policy_candidates("spec-serial", t, d, profile, Workload.make(), 1)
     assert why is None and len(found) == 1
     assert found[0].estimate_tok_s > 0
+
+
+def test_program_values_prefetch_when_draft_kv_swaps_share_the_link():
+    """Regression: the no-prefetch bound left out the draft KV swaps, so with a fast host
+    (short compute chain) the program was indifferent to prefetch and chose a prefetch-0
+    specoffload plan the simulator put 8% below the same shape with prefetch."""
+    from specplan.planner.optimize import _policy_candidates
+
+    profile = load_profile("rtx4090").compose(host="server")
+    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    found, why, _ = _policy_candidates("specoffload", t, d, profile, Workload.make(), 1)
+    assert why is None and found[0].placement.draft_kv == "cpu"
+    assert found[0].prefetch_depth == 1
