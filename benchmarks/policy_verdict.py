@@ -8,7 +8,7 @@ acceptance, the default), the specoffload plan's ratio to the best non-speculati
 simulated in expected-value mode: every row gains E tokens per round, so no row lags and
 there is no slowest-row tail. The gap between the two columns is what the tail costs.
 
-    python benchmarks/policy_verdict.py [--only defaults] [--json out.json]
+    python benchmarks/policy_verdict.py [--only defaults] [--acceptance-spread 0.1] [--json out.json]
 
 Takes about 10 s per scenario on a 2-core machine.
 """
@@ -56,10 +56,11 @@ def describe(r) -> str:
     return f"{rows}, g{s.gamma}" if s.gamma else rows
 
 
-def run(sc: Scenario) -> dict:
+def run(sc: Scenario, spread: float = 0.0) -> dict:
     profile = profile_from_flags(sc.gpu, sc.pcie, None, sc.host_mem, None)
     target, draft = ModelSpec.from_preset(sc.target), ModelSpec.from_preset("mistral-7b-v0.2")
-    wl = Workload.make(**{"prompt_len": 512, "gen_len": 128, "num_prompts": 512, "acceptance": 0.7, **sc.workload})
+    wl = Workload.make(**{"prompt_len": 512, "gen_len": 128, "num_prompts": 512, "acceptance": 0.7,
+                          "acceptance_spread": spread, **sc.workload})
     t0 = time.perf_counter()
     res = optimize(target, draft, profile, wl)
     best = {p: res.best_of((p,)) for p in POLICIES}
@@ -82,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", action="append", default=[], help="run only the scenario(s) with this name")
     ap.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
+    ap.add_argument("--acceptance-spread", type=float, default=0.0,
+                    help="how much acceptance differs between rows (standard deviation), every scenario")
     args = ap.parse_args()
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
     if not chosen:
@@ -91,7 +94,7 @@ def main() -> None:
           + f" {'SO/plain':>8} {'SO/best':>8} {'SO exp.':>8}")
     rows = []
     for sc in chosen:
-        r = run(sc)
+        r = run(sc, args.acceptance_spread)
         rows.append(r)
         cells = []
         for c in cols:

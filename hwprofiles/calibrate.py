@@ -48,15 +48,13 @@ def stage_factors(measured: dict, predicted: dict, old: dict) -> dict:
 
 
 def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration:
-    from specplan.simulator.run import simulate_plan
+    from specplan.simulator.run import simulate_as_run
 
     measured = report["measured"]
     target = ModelSpec.resolve(plan.target)
     draft = ModelSpec.resolve(plan.draft) if plan.draft else None
-    acc = measured.get("acceptance_per_token")  # the simulator's per-token alpha
-
-    def sim(p: HardwareProfile):  # the plan as it ran: measured acceptance, the same rows
-        return simulate_plan(plan, target, draft, p, acc, measured.get("rows"))
+    def sim(p: HardwareProfile):  # the plan as it ran: measured acceptance and its spread, the same rows
+        return simulate_as_run(plan, target, draft, p, measured)
 
     # stage multipliers against that simulation, not the plan's own prediction, which assumed an
     # acceptance the run may not have had (and so another number of rounds per stage)
@@ -66,5 +64,5 @@ def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration
                    notes=(profile.provenance.notes + f" | calibrated from a specrun report of plan {plan.schedule.policy} "
                           f"on {report.get('device', {}).get('name', '?')}").strip(" |"))
     new = replace(profile, calibration=factors, provenance=prov, name=profile.name + "+calibrated")
-    return Calibration(new, factors, acc, float(measured["throughput_tok_s"]), before.throughput_tok_s,
-                       sim(new).throughput_tok_s)
+    return Calibration(new, factors, measured.get("acceptance_per_token"), float(measured["throughput_tok_s"]),
+                       before.throughput_tok_s, sim(new).throughput_tok_s)

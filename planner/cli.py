@@ -132,6 +132,7 @@ def optimize_cmd(
     gen_len: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
     num_prompts: Annotated[int, typer.Option(help="Prompts in the workload (caps the rows in flight).")] = 512,
     acceptance: Annotated[float, typer.Option(help="Per-token acceptance rate of the draft, in [0, 1].")] = 0.7,
+    acceptance_spread: Annotated[float, typer.Option(help="Standard deviation of the acceptance between rows (specrun reports it); 0: rows alike.")] = 0.0,
     workload_file: Annotated[Optional[str], typer.Option("--workload", help="Workload JSON (overrides the four flags above).")] = None,
     policy: Annotated[list[str], typer.Option(help="Restrict to these policies (repeatable).")] = [],  # noqa: B006
     out_path: Annotated[str, typer.Option("--out", help="Where to write the plan.")] = "plan.json",
@@ -146,7 +147,8 @@ def optimize_cmd(
     if drf is not None and drf.vocab != tgt.vocab:
         err.print(f"[yellow]warning:[/] draft vocab {drf.vocab} != target vocab {tgt.vocab}; speculative decoding needs a shared tokenizer")
     workload = (Workload.from_file(workload_file) if workload_file
-                else Workload.make(prompt_len, gen_len, num_prompts, acceptance, source="argument"))
+                else Workload.make(prompt_len, gen_len, num_prompts, acceptance, source="argument",
+                                   acceptance_spread=acceptance_spread))
     bad = [p for p in policy if p not in POLICIES]
     if bad:
         raise InputError("argument", "--policy", f"unknown {', '.join(bad)}", " | ".join(POLICIES))

@@ -103,8 +103,9 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     # attention, FFN tokens) is done on average by `active` of the rows: E[one row's] / E[slowest].
     if spec:
         rates = workload.acceptance_rates(g)
-        rounds = expected_rounds_slowest_row(rates, gen - 1, b)
-        active = expected_rounds_slowest_row(rates, gen - 1, 1) / rounds if rounds else 1.0
+        spread = workload.acceptance_spread
+        rounds = expected_rounds_slowest_row(rates, gen - 1, b, spread)
+        active = expected_rounds_slowest_row(rates, gen - 1, 1, spread) / rounds if rounds else 1.0
     else:
         rounds, active = gen - 1, 1.0
     b_act = max(1.0, b * active)

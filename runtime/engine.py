@@ -63,6 +63,8 @@ class Rows:
     length: torch.Tensor  # [R] tokens in seq
     prompt_len: torch.Tensor  # [R]
     done: torch.Tensor  # [R] bool
+    rounds: torch.Tensor  # [R] verifications each row took part in (speculative policies)
+    accepted: torch.Tensor  # [R] drafted tokens each row had accepted
 
     @classmethod
     def start(cls, prompts: list[list[int]], gen_len: int) -> "Rows":
@@ -70,7 +72,8 @@ class Rows:
         seq = torch.zeros(len(prompts), int(lens.max()) + gen_len, dtype=torch.long)
         for r, p in enumerate(prompts):
             seq[r, :len(p)] = torch.tensor(p)
-        return cls(seq, lens.clone(), lens, torch.zeros(len(prompts), dtype=torch.bool))
+        zeros = torch.zeros(len(prompts), dtype=torch.long)
+        return cls(seq, lens.clone(), lens, torch.zeros(len(prompts), dtype=torch.bool), zeros, zeros.clone())
 
     def last(self, b: slice, k: int) -> torch.Tensor:
         """The last k tokens of each row of batch b, [B, k]."""
@@ -275,6 +278,8 @@ class Engine:
             cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
             cand[torch.arange(len(n)), n] = nxt
             active = ~rows.done[b]
+            rows.rounds[b] += active.long()
+            rows.accepted[b] += n * active
             kept = self._append(rows, b, cand, n + 1)
             self.stats.count("passes", 1)
             self.stats.count("rounds", int(active.sum()))
@@ -335,11 +340,14 @@ class Engine:
         run = {"specoffload": self._run_specoffload, "spec-serial": self._run_spec_serial,
                "flexgen": self._run_flexgen, "sequential": self._run_sequential}[self.schedule.policy]
         out: list[list[int]] = []
+        self.row_rounds, self.row_accepted = [], []  # per prompt, for the acceptance spread
         for w in range(0, len(prompts), self.rows_cap):
             rows = Rows.start(prompts[w:w + self.rows_cap], self.gen_len)
             self.prefill(rows)
             run(rows, self.batches(len(rows.seq)))
             out += rows.outputs()
+            self.row_rounds += rows.rounds.tolist()
+            self.row_accepted += rows.accepted.tolist()
         self._sync()
         return out
 

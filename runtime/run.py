@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 
 from specplan import __version__
-from specplan.cost import acceptance_for_tokens_per_round, error_pct
+from specplan.cost import acceptance_for_tokens_per_round, error_pct, row_acceptance_spread
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
 from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
-from specplan.simulator.run import simulate_plan
+from specplan.simulator.run import simulate_as_run
 from specplan.units import fmt_bytes
 from specplan.workload import Workload
 
@@ -240,6 +240,9 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         # the per-token alpha the simulator takes, from tokens per round (E(alpha, gamma) inverted)
         "acceptance_per_token": (acceptance_for_tokens_per_round(tokens_per_round, plan.schedule.gamma)
                                  if rounds and c.get("drafted") else None),
+        # how much alpha differed between rows: the slowest row sets a static batch's passes
+        "acceptance_spread": (row_acceptance_spread(engine.row_rounds, engine.row_accepted, plan.schedule.gamma)
+                              if rounds and c.get("drafted") else None),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
         "peak_gpu_bytes": peak_gpu,
@@ -259,7 +262,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     alpha = measured["acceptance_per_token"]
     if pred and alpha is not None:  # alpha: only a speculative run drafts
         try:
-            sim = simulate_plan(plan, target, draft, plan.hardware_profile(), alpha, len(outputs))  # as it ran
+            sim = simulate_as_run(plan, target, draft, plan.hardware_profile(), measured)
         except SpecplanError as e:  # a finished run's report is kept whatever the simulator says
             measured["resimulation_error"] = str(e)
     if sim is not None:

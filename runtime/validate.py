@@ -166,7 +166,7 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
              progress: Callable[[str], None] | None = None) -> list[Row]:
-    from specplan.simulator.run import simulate_plan
+    from specplan.simulator.run import simulate_as_run
 
     from .run import run_plan
 
@@ -189,7 +189,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = simulate_plan(plan, target, draft, profile, m.get("acceptance_per_token"), m["rows"])
+        sim = simulate_as_run(plan, target, draft, profile, m)
         stages = {}
         for st in CALIBRATED_STAGES:
             ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)

@@ -88,6 +88,7 @@ def simulate_cmd(
     gen_len: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
     num_prompts: Annotated[int, typer.Option(help="Prompts in the workload.")] = 512,
     acceptance: Annotated[float, typer.Option(help="Per-token acceptance rate of the draft, in [0, 1].")] = 0.7,
+    acceptance_spread: Annotated[float, typer.Option(help="Standard deviation of the acceptance between rows (specrun reports it); 0: rows alike.")] = 0.0,
     mode: Annotated[str, typer.Option(help="sampled (per-row acceptance, seeded) | expected")] = "sampled",
     seed: Annotated[int, typer.Option(help="Seed for per-row acceptance.")] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run every other policy with the same rows in flight.")] = False,
@@ -117,7 +118,8 @@ def simulate_cmd(
         tgt = ModelSpec.resolve(target)
         drf = ModelSpec.resolve(draft) if speculative or compare else None
         profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
-        workload = Workload.make(prompt_len, gen_len, num_prompts, acceptance, seed=seed, source="argument")
+        workload = Workload.make(prompt_len, gen_len, num_prompts, acceptance, seed=seed, source="argument",
+                                 acceptance_spread=acceptance_spread)
         placement = default_placement(tgt, drf, schedule, workload, profile)
     if mode not in ("sampled", "expected"):
         raise InputError("argument", "--mode", f"got {mode!r}", "sampled | expected")

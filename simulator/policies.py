@@ -52,6 +52,7 @@ class Rows:
     prompt: np.ndarray  # tokens per row
     generated: np.ndarray  # tokens generated per row (float in expected-value mode)
     gen_len: int
+    acceptance_factor: np.ndarray | None = None  # each row's acceptance over the mean (None: all 1)
 
     @property
     def active(self) -> np.ndarray:
@@ -219,7 +220,7 @@ class Scenario:
         q = self.sch.gamma + 1
         g = Group(len(idx), q, float(rows.context(idx).mean()))
         yield from self.target_pass(rows.name, [g], "verify")
-        drawn = self._accepted(len(idx))
+        drawn = self._accepted(rows, idx)
         gained = np.minimum(drawn, rows.gen_len - rows.generated[idx])
         rows.generated[idx] += gained
         self._count_round(len(idx), float(gained.sum()), float(drawn.sum()))
@@ -230,12 +231,16 @@ class Scenario:
         self.gained_tokens += gained
         self.drawn_tokens += drawn
 
-    def _accepted(self, n: int) -> np.ndarray:
-        """Tokens each row gains from one verification: its accepted prefix plus the target's token."""
+    def _accepted(self, rows: Rows, idx: np.ndarray) -> np.ndarray:
+        """Tokens rows `idx` gain from one verification: the accepted prefix plus the target's
+        token. Expected mode: every row the mean (no spread, no tail)."""
+        n = len(idx)
         rates = np.asarray(self.wl.acceptance_rates(self.sch.gamma))
         if self.cfg.mode == "expected":
             return np.full(n, expected_accepted_tokens_table(rates))
-        ok = self.rng.random((n, len(rates))) < rates
+        if rows.acceptance_factor is not None and self.wl.acceptance_spread > 0:
+            rates = np.minimum(rates[None, :] * rows.acceptance_factor[idx, None], 1.0)
+        ok = self.rng.random((n, self.sch.gamma)) < rates
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
 
     # ---- policies --------------------------------------------------------------------------------

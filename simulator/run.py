@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simpy
 
+from specplan.cost import row_acceptance_factors
 from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
@@ -68,8 +69,12 @@ class SimResult:
         return d
 
 
-def make_batches(cfg: SimConfig) -> list[Rows]:
+def make_batches(cfg: SimConfig, seed: int = 0) -> list[Rows]:
+    """The wave's batches. With an acceptance spread, each row draws its own acceptance from
+    a generator of its own (seeded by `seed`), so a spread of 0 leaves the round draws as they were."""
     sch, wl = cfg.schedule, cfg.workload
+    spread = wl.acceptance_spread if sch.speculative else 0.0
+    rng_rows = np.random.default_rng((seed, 1)) if spread > 0 else None
     rows = min(sch.rows, wl.num_prompts)
     nb = sch.num_batches
     sizes = [rows // nb + (1 if i < rows % nb else 0) for i in range(nb)]
@@ -78,7 +83,8 @@ def make_batches(cfg: SimConfig) -> list[Rows]:
         if n == 0:
             continue
         prompt = np.array([wl.prompt_len_of(start + j) for j in range(n)], dtype=np.int64)
-        batches.append(Rows(chr(ord("A") + i), prompt, np.zeros(n), wl.gen_len))
+        factor = row_acceptance_factors(wl.mean_acceptance, spread, n, rng_rows)
+        batches.append(Rows(chr(ord("A") + i), prompt, np.zeros(n), wl.gen_len, factor))
         start += n
     return batches
 
@@ -96,9 +102,10 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
         static = need.gpu_bytes - sum(v for k, v in need.gpu.items() if k.startswith("activations"))
         machine.allocate("gpu", static, "resident weights, buffers and caches")
         machine.allocate("pinned", need.pinned_bytes, "pinned weights and caches")
-    rng = np.random.default_rng(cfg.workload.seed if seed is None else seed)
+    seed = cfg.workload.seed if seed is None else seed
+    rng = np.random.default_rng(seed)
     scenario = Scenario(machine, cfg, rng)
-    batches = make_batches(cfg)
+    batches = make_batches(cfg, seed)
     env.process(scenario.run(batches))
     env.run()
     total = env.now
@@ -130,14 +137,27 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
 
 
 def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-                  acceptance: float | None = None, num_prompts: int | None = None) -> SimResult:
-    """A plan simulated again on `profile`, at the per-token `acceptance` and the number of
-    prompts a run measured (the plan's own where not given), without the memory check: what
-    specrun's report, `specplan validate` and `specplan calibrate` compare a run with."""
+                  acceptance: float | None = None, num_prompts: int | None = None,
+                  acceptance_spread: float | None = None) -> SimResult:
+    """A plan simulated again on `profile`, at the per-token `acceptance`, its spread between
+    rows and the number of prompts a run measured (the plan's own where not given), without
+    the memory check."""
     wl = Workload.from_dict(plan.workload, "plan workload")
     if acceptance is not None and plan.schedule.speculative:
-        wl = replace(wl, acceptance=float(min(max(acceptance, 0.0), 1.0)))
+        a = float(min(max(acceptance, 0.0), 1.0))
+        spread = wl.acceptance_spread if acceptance_spread is None else float(acceptance_spread)
+        ok = spread > 0 and 0.0 < a < 1.0 and spread * spread < a * (1.0 - a)
+        wl = replace(wl, acceptance=a, acceptance_spread=spread if ok else 0.0)
     if num_prompts:
         wl = replace(wl, num_prompts=int(num_prompts))
     return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
                               plan.placement, check_memory=False))
+
+
+def simulate_as_run(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
+                    measured: dict) -> SimResult:
+    """The plan simulated as a run went, from its report's `measured`: the per-token acceptance,
+    how much it differed between rows, and the prompts that ran. What specrun's report,
+    `specplan validate` and `specplan calibrate` compare a run with."""
+    return simulate_plan(plan, target, draft, profile, measured.get("acceptance_per_token"), measured.get("rows"),
+                         measured.get("acceptance_spread"))

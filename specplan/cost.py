@@ -7,9 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .hardware import CopyPath, HardwareProfile
 from .models import ModelSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LOGITS_CHUNK_TOKENS = 1024  # the runtime computes the LM head over at most this many tokens at once
 # The runtime runs a layer over at most this many tokens at a time (prefill chunks are
@@ -52,6 +56,42 @@ def acceptance_for_tokens_per_round(tokens_per_round: float, gamma: int) -> floa
     return (lo + hi) / 2
 
 
+def row_acceptance_spread(rounds: Sequence[int], accepted: Sequence[int], gamma: int) -> float:
+    """How much per-token acceptance differed between rows of a run: the standard deviation of
+    each row's own alpha (E(alpha, gamma) inverted from its tokens per round), over rows that
+    were verified at least once; capped just below the largest spread a Beta distribution with
+    that mean allows."""
+    alphas = [acceptance_for_tokens_per_round(1.0 + a / r, gamma) for r, a in zip(rounds, accepted) if r > 0]
+    if len(alphas) < 2:
+        return 0.0
+    mean = sum(alphas) / len(alphas)
+    sd = (sum((x - mean) ** 2 for x in alphas) / len(alphas)) ** 0.5
+    return min(sd, 0.99 * (mean * (1.0 - mean)) ** 0.5)
+
+
+ROW_ACCEPTANCE_POINTS = 16  # equal-probability points standing for the rows' acceptance distribution
+
+
+def row_acceptance_factors(mean: float, spread: float, n: int, rng=None) -> "np.ndarray":
+    """Per-row multipliers of the per-token acceptance: each row's own rate u_r, drawn from a
+    Beta distribution with this mean and standard deviation, over the mean (so a row's rates
+    are a_i u_r / mean, capped at 1). With `rng`, n random draws (the simulator's rows); without,
+    the n equal-probability quantiles (the planner's expectation over rows). All 1 when spread is 0."""
+    import numpy as np
+
+    if spread <= 0.0:
+        return np.ones(n)
+    kappa = mean * (1.0 - mean) / (spread * spread) - 1.0  # Beta(a, b) with a + b = kappa
+    a, b = mean * kappa, (1.0 - mean) * kappa
+    if rng is not None:
+        u = rng.beta(a, b, size=n)
+    else:
+        from scipy.stats import beta
+
+        u = beta.ppf((np.arange(n) + 0.5) / n, a, b)
+    return u / mean
+
+
 def tokens_per_round_pmf(rates: Sequence[float]) -> list[float]:
     """P(a row gains j tokens in one round), j = 1..gamma+1: j-1 drafts accepted, then the
     target's own token (a correction, or the bonus when all gamma were accepted)."""
@@ -63,29 +103,48 @@ def tokens_per_round_pmf(rates: Sequence[float]) -> list[float]:
     return pmf
 
 
-def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int) -> float:
-    return _rounds_slowest(tuple(float(a) for a in rates), int(tokens), int(rows))
-
-
-@lru_cache(maxsize=4096)
-def _rounds_slowest(rates: tuple[float, ...], tokens: int, rows: int) -> float:
+def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int, spread: float = 0.0) -> float:
     """Expected verification rounds until the slowest of `rows` independent rows has gained
-    `tokens` tokens: E[max_i N_i] = sum_n (1 - P(N <= n)^rows), where P(N <= n) is the chance
-    that n rounds' gains reach `tokens`. A static batch runs until its slowest row is done."""
+    `tokens` tokens: E[max_i N_i] = sum_n (1 - P(N <= n)^rows). A static batch runs until its
+    slowest row is done. With `spread` > 0 each row has its own acceptance (see
+    row_acceptance_factors), and P(N <= n) is the mixture over ROW_ACCEPTANCE_POINTS rows."""
     import numpy as np
 
     if tokens <= 0 or rows <= 0:
         return 0.0
+    cdf = _rows_cdf(tuple(float(a) for a in rates), int(tokens), float(spread))
+    return float(np.sum(1.0 - cdf ** int(rows)))
+
+
+@lru_cache(maxsize=1024)
+def _rows_cdf(rates: tuple[float, ...], tokens: int, spread: float) -> "np.ndarray":
+    """P(a row picked at random is done within n rounds): one row's curve, or with a spread
+    the mean of ROW_ACCEPTANCE_POINTS rows' curves at the Beta quantiles."""
+    import numpy as np
+
+    mean = sum(rates) / len(rates) if rates else 0.0
+    if not (spread > 0.0 and 0.0 < mean < 1.0):
+        return _rounds_cdf(rates, tokens)
+    factors = row_acceptance_factors(mean, spread, ROW_ACCEPTANCE_POINTS)
+    curves = [_rounds_cdf(tuple(min(1.0, a * f) for a in rates), tokens) for f in factors]
+    size = max(len(c) for c in curves)
+    return np.mean([np.pad(c, (0, size - len(c)), constant_values=1.0) for c in curves], axis=0)
+
+
+@lru_cache(maxsize=4096)
+def _rounds_cdf(rates: tuple[float, ...], tokens: int) -> "np.ndarray":
+    """P(one row has gained `tokens` tokens within n rounds), n = 0, 1, ... until it is ~1."""
+    import numpy as np
+
     pmf = np.asarray(tokens_per_round_pmf(rates))
     dist = np.zeros(tokens + 1)  # P(gained so far = i), with i = tokens meaning "done"
     dist[0] = 1.0
-    expected, n = 0.0, 0
+    cdf = []
     while True:
         done = dist[tokens]
-        tail = 1.0 - done ** rows
-        if tail < 1e-12 or n > 4 * tokens + 100:
-            return expected
-        expected += tail
+        cdf.append(done)
+        if 1.0 - done < 1e-15 or len(cdf) > 4 * tokens + 100:
+            return np.asarray(cdf)
         nxt = np.zeros_like(dist)
         nxt[tokens] = done
         for j, pj in enumerate(pmf, start=1):
@@ -95,7 +154,7 @@ def _rounds_slowest(rates: tuple[float, ...], tokens: int, rows: int) -> float:
             cut = max(tokens - j, 0)
             nxt[j:tokens] += moved[:cut]
             nxt[tokens] += moved[cut:].sum()
-        dist, n = nxt, n + 1
+        dist = nxt
 
 
 # ---- mixture of experts ----------------------------------------------------------------------

@@ -22,6 +22,10 @@ class Workload:
     sampling: str = "greedy"
     temperature: float = 1.0
     seed: int = 0
+    # How much acceptance differs between rows (prompts): the standard deviation of each
+    # row's own rate around the mean rate, rows drawn from a Beta distribution
+    # (cost.row_acceptance_factors). 0: every row alike, only chance makes rows ragged.
+    acceptance_spread: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate("workload")
@@ -29,11 +33,11 @@ class Workload:
     @classmethod
     def make(cls, prompt_len: int | list[int] = 512, gen_len: int = 128, num_prompts: int = 512,
              acceptance: float | list[float] = 0.7, sampling: str = "greedy", temperature: float = 1.0,
-             seed: int = 0, source: str = "workload") -> "Workload":
+             seed: int = 0, source: str = "workload", acceptance_spread: float = 0.0) -> "Workload":
         lens = tuple(prompt_len) if isinstance(prompt_len, (list, tuple)) else (prompt_len,)
         acc = tuple(_rate(a) for a in acceptance) if isinstance(acceptance, (list, tuple)) else _rate(acceptance)
         try:
-            return cls(lens, gen_len, num_prompts, acc, sampling, temperature, seed)
+            return cls(lens, gen_len, num_prompts, acc, sampling, temperature, seed, _rate(acceptance_spread))
         except InputError as e:  # re-attribute to where the values came from
             raise InputError(source, e.field, e.problem, e.expected) from None
 
@@ -41,12 +45,14 @@ class Workload:
     def from_dict(cls, d: Any, source: str) -> "Workload":
         if not isinstance(d, dict):
             raise InputError(source, "workload", "is not an object", "a JSON object")
-        known = {"prompt_len", "prompt_lens", "gen_len", "num_prompts", "acceptance", "sampling", "temperature", "seed"}
+        known = {"prompt_len", "prompt_lens", "gen_len", "num_prompts", "acceptance", "acceptance_spread", "sampling",
+                 "temperature", "seed"}
         unknown = set(d) - known
         require(not unknown, source, ", ".join(sorted(unknown)), "unknown field", ", ".join(sorted(known)))
         prompt = d.get("prompt_lens", d.get("prompt_len", 512))
         return cls.make(prompt, d.get("gen_len", 128), d.get("num_prompts", 512), d.get("acceptance", 0.7),
-                        d.get("sampling", "greedy"), d.get("temperature", 1.0), d.get("seed", 0), source=source)
+                        d.get("sampling", "greedy"), d.get("temperature", 1.0), d.get("seed", 0), source=source,
+                        acceptance_spread=d.get("acceptance_spread", 0.0))
 
     @classmethod
     def from_file(cls, path: str) -> "Workload":
@@ -64,8 +70,21 @@ class Workload:
         require(len(rates) > 0, source, "acceptance", "is empty", "a rate in [0, 1] or a list of them")
         for a in rates:
             require(isinstance(a, float) and 0.0 <= a <= 1.0, source, "acceptance", f"got {a!r}", "a rate in [0, 1]")
+        s = self.acceptance_spread
+        require(isinstance(s, float) and s >= 0.0, source, "acceptance_spread", f"got {s!r}", "a number >= 0")
+        if s > 0:
+            m = self.mean_acceptance
+            require(0.0 < m < 1.0 and s * s < m * (1.0 - m), source, "acceptance_spread",
+                    f"got {s!r} with mean acceptance {m:.3g}",
+                    f"0, or below sqrt(mean (1 - mean)) = {(m * (1 - m)) ** 0.5:.3g} (the largest spread of a rate)")
         require(self.sampling in SAMPLING_MODES, source, "sampling", f"got {self.sampling!r}", " or ".join(SAMPLING_MODES))
         require(self.temperature > 0, source, "temperature", f"got {self.temperature!r}", "a number > 0")
+
+    @property
+    def mean_acceptance(self) -> float:
+        """The mean of the per-position rates (the rate itself when there is one)."""
+        rates = self.acceptance if isinstance(self.acceptance, tuple) else (self.acceptance,)
+        return sum(rates) / len(rates)
 
     @property
     def mean_prompt_len(self) -> float:
@@ -90,9 +109,12 @@ class Workload:
         return tuple(t[min(i, len(t) - 1)] for i in range(gamma))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt_lens": list(self.prompt_lens), "gen_len": self.gen_len, "num_prompts": self.num_prompts,
-                "acceptance": list(self.acceptance) if isinstance(self.acceptance, tuple) else self.acceptance,
-                "sampling": self.sampling, "temperature": self.temperature, "seed": self.seed}
+        d = {"prompt_lens": list(self.prompt_lens), "gen_len": self.gen_len, "num_prompts": self.num_prompts,
+             "acceptance": list(self.acceptance) if isinstance(self.acceptance, tuple) else self.acceptance,
+             "sampling": self.sampling, "temperature": self.temperature, "seed": self.seed}
+        if self.acceptance_spread:  # absent when 0, so plans made before the field keep their hash
+            d["acceptance_spread"] = self.acceptance_spread
+        return d
 
 
 def _rate(a: Any) -> Any:

@@ -263,3 +263,33 @@ def test_acceptance_for_tokens_per_round_inverts_e(alpha, gamma):
     # not the accepted fraction of drafted tokens, which is (E - 1) / gamma: 0.443 for 0.7 at gamma 4
     if gamma > 1 and 0 < alpha < 1:
         assert (e - 1) / gamma < alpha
+
+
+def test_row_acceptance_factors_have_the_mean_and_spread():
+    q = cost.row_acceptance_factors(0.6, 0.15, 400)  # quantiles
+    d = cost.row_acceptance_factors(0.6, 0.15, 20000, np.random.default_rng(0))  # draws
+    for u in (q * 0.6, d * 0.6):
+        assert u.mean() == pytest.approx(0.6, abs=0.005)
+        assert u.std() == pytest.approx(0.15, rel=0.03)
+        assert 0.0 < u.min() and u.max() < 1.0
+    assert list(cost.row_acceptance_factors(0.6, 0.0, 3)) == [1.0, 1.0, 1.0]
+
+
+def test_slowest_row_needs_more_rounds_when_rows_differ():
+    rates = (0.7,) * 4
+    alike = cost.expected_rounds_slowest_row(rates, 127, 256)
+    assert cost.expected_rounds_slowest_row(rates, 127, 256, 0.0) == alike
+    more = [cost.expected_rounds_slowest_row(rates, 127, 256, s) for s in (0.05, 0.1, 0.2)]
+    assert alike < more[0] < more[1] < more[2]
+    # one row alone, on average: barely moved by the spread (E is nearly linear in alpha here)
+    one = cost.expected_rounds_slowest_row(rates, 127, 1)
+    assert cost.expected_rounds_slowest_row(rates, 127, 1, 0.1) == pytest.approx(one, rel=0.05)
+
+
+def test_row_acceptance_spread_inverts_each_row():
+    gamma = 4
+    alphas = [0.3, 0.5, 0.7, 0.9]
+    rounds = [100] * 4
+    accepted = [round(100 * (cost.expected_accepted_tokens(a, gamma) - 1)) for a in alphas]
+    assert cost.row_acceptance_spread(rounds, accepted, gamma) == pytest.approx(np.std(alphas), abs=0.005)
+    assert cost.row_acceptance_spread([5, 0], [3, 0], gamma) == 0.0  # one verified row: no spread

@@ -213,3 +213,24 @@ def test_swap_buffers_are_what_plan_memory_counts(tied):
         assert engine.host_bytes()["draft_kv_cache"] == need.host["draft KV cache"]
     finally:
         engine.close()
+
+
+def test_engine_counts_each_rows_verifications_and_acceptance(llama):
+    """Per-row counts add up to the run's, and rows of the perturbed draft differ: what the
+    report's acceptance_spread is made of."""
+    from specplan.cost import row_acceptance_spread
+
+    target, drafts, prompts, _ = llama
+    schedule = Schedule(policy="spec-serial", target_batch=3, num_batches=1, prefill_chunk=4, draft_batch=2, gamma=3)
+    stats = Stats(CPU)
+    engine = Engine(schedule, STREAMED, target, drafts["perturbed copy"], CPU, rows=3,
+                    max_prompt_len=max(len(p) for p in prompts), gen_len=GEN, stats=stats)
+    try:
+        engine.generate(prompts)
+    finally:
+        engine.close()
+    assert len(engine.row_rounds) == len(prompts)
+    assert sum(engine.row_rounds) == stats.counts["rounds"]
+    assert sum(engine.row_accepted) == stats.counts["accepted"]
+    assert len(set(engine.row_rounds)) > 1
+    assert 0.0 < row_acceptance_spread(engine.row_rounds, engine.row_accepted, 3) < 0.5

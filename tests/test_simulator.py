@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from specplan.cost import expected_accepted_tokens, expected_experts_touched
+from specplan.cost import expected_accepted_tokens, expected_experts_touched, expected_rounds_slowest_row
 from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile, load_profile
 from specplan.models import ModelSpec
@@ -105,6 +105,21 @@ def test_sampled_tail_is_slower_than_expected():
     assert s.rounds > e.rounds
     assert s.accepted_per_round == pytest.approx(expected_accepted_tokens(0.7, 4), rel=0.03)
     assert s.tokens_per_round < s.accepted_per_round  # the last rounds are capped at gen_len
+
+
+def test_rows_that_differ_in_acceptance_lengthen_the_tail():
+    """An acceptance spread between rows: the same mean, a slower slowest row, so more
+    verification passes; seeded like the rest; matched by the planner's expectation."""
+    base = big_cfg("spec-serial", mode="sampled")
+    spread = replace(base, workload=replace(base.workload, acceptance_spread=0.2))
+    alike, differ = simulate(base), simulate(spread)
+    assert differ.rounds > alike.rounds * 1.1
+    assert simulate(spread).to_dict() | {"wall_s": 0} == differ.to_dict() | {"wall_s": 0}
+    wl, sch = spread.workload, spread.schedule
+    rows = min(sch.target_batch, wl.num_prompts)
+    runs = [simulate(spread, seed=k).rounds for k in range(8)]
+    planned = expected_rounds_slowest_row(wl.acceptance_rates(sch.gamma), wl.gen_len - 1, rows, 0.2)
+    assert min(runs) <= planned * 1.05 and planned <= max(runs) * 1.05
 
 
 def test_speculative_rows_generate_exactly_gen_len(toy_profile):

@@ -96,3 +96,15 @@ def test_from_dict_bad_value_names_source(tmp_path):
     assert str(path) in str(ei.value) and "acceptance" in str(ei.value)
     with pytest.raises(InputError, match="not an object"):
         Workload.from_dict([1], "x")
+
+
+def test_acceptance_spread_checked_and_round_tripped():
+    wl = Workload.make(acceptance=0.6, acceptance_spread=0.2)
+    assert Workload.from_dict(wl.to_dict(), "w") == wl
+    assert "acceptance_spread" not in Workload.make().to_dict()  # plans made before it keep their hash
+    with pytest.raises(InputError, match="acceptance_spread.*a number >= 0"):
+        Workload.make(acceptance_spread=-0.1, source="w.json")
+    with pytest.raises(InputError, match=r"w.json.*acceptance_spread.*below sqrt"):
+        Workload.from_dict({"acceptance": 0.9, "acceptance_spread": 0.4}, "w.json")
+    with pytest.raises(InputError, match="acceptance_spread"):
+        Workload.make(acceptance=1.0, acceptance_spread=0.1)
