@@ -99,12 +99,13 @@ def main() -> None:
         cells = []
         for c in cols:
             v = r["policies"][c]
-            cells.append(f"{v['tok_s']:7.1f} ({v['plan']})".rjust(22) if v else f"{'no fit':>22}")
+            cells.append(f"{v['tok_s']:7.1f} ({v['plan']})".rjust(22) if v else f"{'no plan':>22}")
         so = r["policies"]["specoffload"]
-        tail = (f" {r['specoffload_vs_best_plain']:7.2f}x {r['specoffload_vs_best']:7.2f}x "
+        plain = r.get("specoffload_vs_best_plain")
+        tail = (f" {f'{plain:.2f}x' if plain else '-':>8} {r['specoffload_vs_best']:7.2f}x "
                 f"{r['specoffload_expected_tok_s']:8.1f}") if so else ""
         print(f"{sc.name:32} " + " ".join(cells) + tail, flush=True)
-    print("tok/s simulated, best plan of each policy; SO/plain: specoffload over the best of flexgen and "
+    print("tok/s simulated, best plan of each policy (no plan: see the JSON's infeasible); SO/plain: specoffload over the best of flexgen and "
           "sequential; SO exp.: the same specoffload plan with every row gaining E tokens per round (no tail)")
     if args.json_path:
         write_json(args.json_path, rows)

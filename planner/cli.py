@@ -173,7 +173,7 @@ def optimize_cmd(
         out.print(f"Best non-speculative plan: {_describe(non_spec)} at {non_spec.tok_s:.2f} tok/s; "
                   f"the chosen plan is {res.best.tok_s / non_spec.tok_s:.2f}x that.")
     for p, why in res.infeasible.items():
-        out.print(f"[yellow]{p}: no shape fits[/] ({why})")
+        out.print(f"[yellow]{p}: no plan[/] ({why})")
     if sens:
         t = Table(title="Sensitivity around the best plan (simulated)")
         for col in ("vary", "value", "tok/s", "vs best"):

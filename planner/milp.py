@@ -124,7 +124,7 @@ def round_bounds(policy: str, co: Coeffs, stream, dk, k, M: float) -> list:
                 co.cpu_s, co.chain_s, co.draft_s, swap,  # KV swaps overlap the drafting
                 # without prefetch each layer's copy waits for the last layer's compute, and the
                 # swap-ins, queued on the same link, land in those gaps only in part: the
-                # simulator's no-prefetch rounds come within ~2% of this sum, not of the max
+                # simulator's no-prefetch rounds come within a few percent of this sum, not of the max
                 stream + swap + co.chain_s - M * k]
     if policy == "spec-serial":  # draft (its KV swaps overlapping it), then verify
         out = []
@@ -163,6 +163,7 @@ class ShapeProgram:
                  profile: HardwareProfile, workload: Workload):
         self.shapes, self.T, self.D, self.P, self.W = shapes, target, draft, profile, workload
         self.coeffs: list[Coeffs] = [coefficients(s, target, draft, profile, workload) for s in shapes]
+        self.solves, self.last_status = 0, None
         self._build()
 
     # ---- construction ------------------------------------------------------------------------

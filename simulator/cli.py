@@ -10,7 +10,7 @@ from rich.table import Table
 
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
 from specplan.errors import InfeasibleError, InputError
-from specplan.memory import least_placement, plan_memory
+from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
 from specplan.units import fmt_bytes, fmt_seconds, parse_bytes
@@ -24,10 +24,11 @@ def default_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Sche
     """A reasonable placement for a schedule given by flags: the planner's first fitting
     placement (draft KV on the GPU if it fits, ...), then as many FFN layers resident on the
     GPU as fit. The planner optimises this properly. If nothing fits, the placement that
-    needs least, so the simulator can say what does not fit (or run with --ignore-memory)."""
+    needs least (the ladder's last rung), so the simulator can say what does not fit (or run
+    with --ignore-memory)."""
     best, _ = least_placement(target, draft, schedule, workload, profile)
     if best is None:
-        return Placement(draft_kv="cpu", lm_head="cpu_pinned")
+        return placement_ladder()[-1]
     lo, hi = 0, target.layers
     while lo < hi:  # largest ffn_gpu_layers that still fits
         mid = (lo + hi + 1) // 2

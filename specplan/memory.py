@@ -171,7 +171,7 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     return MemoryNeed(gpu, host, pinned)
 
 
-def _placement_ladder() -> tuple[Placement, ...]:
+def placement_ladder() -> tuple[Placement, ...]:
     """Placements from the most GPU-hungry to the least: draft KV on the GPU, then on the
     host, then the LM head streamed, then weights in pageable memory, then on disk."""
     base = Placement(attention="cpu_pinned", ffn="cpu_pinned", embed="cpu_pageable", lm_head="gpu", draft_kv="gpu")
@@ -188,7 +188,7 @@ def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedu
     None and the limits the last one breaks. The planner starts its search from it; a
     schedule given by flags (`specplan simulate`) is placed with it."""
     problems: list[str] = []
-    for pl in _placement_ladder():
+    for pl in placement_ladder():
         problems = plan_memory(target, draft, schedule, pl, workload).violations(profile)
         if not problems:
             return pl, []
