@@ -57,16 +57,29 @@ def acceptance_for_tokens_per_round(tokens_per_round: float, gamma: int) -> floa
 
 
 def row_acceptance_spread(rounds: Sequence[int], accepted: Sequence[int], gamma: int) -> float:
-    """How much per-token acceptance differed between rows of a run: the standard deviation of
-    each row's own alpha (E(alpha, gamma) inverted from its tokens per round), over rows that
-    were verified at least once; capped just below the largest spread a Beta distribution with
-    that mean allows."""
-    alphas = [acceptance_for_tokens_per_round(1.0 + a / r, gamma) for r, a in zip(rounds, accepted) if r > 0]
+    """How much per-token acceptance differed between a run's rows: the standard deviation of
+    each row's own alpha (E(alpha, gamma) inverted from its tokens per round), less the part a
+    row's finite number of rounds alone would give (method of moments: the observed variance
+    minus the mean sampling variance of one row's estimate, by the delta method). Rows never
+    verified are skipped; capped just below the largest spread a Beta with that mean allows."""
+    alphas, noise = [], []
+    for r, a in zip(rounds, accepted):
+        if r <= 0:
+            continue
+        alpha = acceptance_for_tokens_per_round(1.0 + a / r, gamma)
+        pmf = tokens_per_round_pmf((alpha,) * gamma)
+        mean_j = sum(p * j for j, p in enumerate(pmf, start=1))
+        var_j = sum(p * j * j for j, p in enumerate(pmf, start=1)) - mean_j ** 2
+        lo, hi = max(alpha - 1e-4, 0.0), min(alpha + 1e-4, 1.0)
+        slope = (expected_accepted_tokens(hi, gamma) - expected_accepted_tokens(lo, gamma)) / (hi - lo)
+        alphas.append(alpha)
+        noise.append(var_j / r / slope ** 2)
     if len(alphas) < 2:
         return 0.0
     mean = sum(alphas) / len(alphas)
-    sd = (sum((x - mean) ** 2 for x in alphas) / len(alphas)) ** 0.5
-    return min(sd, 0.99 * (mean * (1.0 - mean)) ** 0.5)
+    observed = sum((x - mean) ** 2 for x in alphas) / len(alphas)
+    spread = max(observed - sum(noise) / len(noise), 0.0) ** 0.5
+    return min(spread, 0.99 * (mean * (1.0 - mean)) ** 0.5)
 
 
 ROW_ACCEPTANCE_POINTS = 16  # equal-probability points standing for the rows' acceptance distribution

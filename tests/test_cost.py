@@ -286,10 +286,15 @@ def test_slowest_row_needs_more_rounds_when_rows_differ():
     assert cost.expected_rounds_slowest_row(rates, 127, 1, 0.1) == pytest.approx(one, rel=0.05)
 
 
-def test_row_acceptance_spread_inverts_each_row():
-    gamma = 4
-    alphas = [0.3, 0.5, 0.7, 0.9]
-    rounds = [100] * 4
-    accepted = [round(100 * (cost.expected_accepted_tokens(a, gamma) - 1)) for a in alphas]
-    assert cost.row_acceptance_spread(rounds, accepted, gamma) == pytest.approx(np.std(alphas), abs=0.005)
+@pytest.mark.parametrize("true", [0.0, 0.1, 0.2])
+def test_row_acceptance_spread_recovers_the_rows_own_spread(true):
+    """Rows with their own alpha (mean 0.6, sd `true`), 40 rounds each: the estimate removes
+    what 40 rounds of chance alone add, so rows alike give ~0, not the sampling noise (~0.07)."""
+    rng = np.random.default_rng(0)
+    gamma, estimates = 3, []
+    for _ in range(10):
+        alphas = np.clip(0.6 + true * rng.standard_normal(64), 0.01, 0.99)
+        accepted = [int(np.cumprod(rng.random((40, gamma)) < a, axis=1).sum()) for a in alphas]
+        estimates.append(cost.row_acceptance_spread([40] * 64, accepted, gamma))
+    assert np.mean(estimates) == pytest.approx(true, abs=0.02)
     assert cost.row_acceptance_spread([5, 0], [3, 0], gamma) == 0.0  # one verified row: no spread
