@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from specplan.cost import acceptance_for_tokens_per_round, expected_rounds_slowest_row, row_acceptance_spread
+from specplan.cost import acceptance_for_tokens_per_round, expected_rounds_slowest_row, row_acceptance_stats
 from specplan.hardware import load_profile
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Schedule
@@ -44,8 +44,8 @@ def noisy_copy(spec: ModelSpec, seed: int, noise: float):
     return target, state_dict_checkpoint(spec, near, torch.float32)
 
 
-def run_engine(schedule: Schedule, target, draft, prompts: list[list[int]], gen_len: int) -> tuple[dict, float]:
-    """The engine's counts, and the spread of acceptance between its rows."""
+def run_engine(schedule: Schedule, target, draft, prompts: list[list[int]], gen_len: int):
+    """The engine's counts, and its rows' own mean acceptance and spread."""
     stats = Stats(CPU)
     engine = Engine(schedule, RESIDENT, target, draft, CPU, rows=schedule.rows,
                     max_prompt_len=max(len(p) for p in prompts), gen_len=gen_len, stats=stats)
@@ -53,7 +53,7 @@ def run_engine(schedule: Schedule, target, draft, prompts: list[list[int]], gen_
         engine.generate(prompts)
     finally:
         engine.close()
-    return stats.counts, row_acceptance_spread(engine.row_rounds, engine.row_accepted, schedule.gamma)
+    return stats.counts, row_acceptance_stats(engine.row_rounds, engine.row_accepted, schedule.gamma)
 
 
 def main() -> None:
@@ -76,15 +76,15 @@ def main() -> None:
         "spec-serial 1 x %d" % args.prompts: Schedule("spec-serial", args.prompts, 1, half, 16, args.gamma, "cpu", 0),
     }
     profile = load_profile("rtx4090")  # pass counts do not depend on the machine
-    print(f"{'schedule':22} {'alpha':>6} {'spread':>6} {'passes':>7} {'sim, spread 0':>16} {'sim, spread':>16} "
+    print(f"{'schedule':22} {'alpha':>6} {'row mean':>8} {'spread':>6} {'passes':>7} {'sim, spread 0':>16} {'sim, spread':>16} "
           f"{'sim expected':>12} {'plan, spread':>12}")
     for name, sch in cases.items():
-        c, spread = run_engine(sch.validate("tail_check"), target, draft, prompts, args.gen)
-        alpha = acceptance_for_tokens_per_round(1.0 + c["accepted"] / c["rounds"], sch.gamma)
+        c, (row_mean, spread) = run_engine(sch.validate("tail_check"), target, draft, prompts, args.gen)
+        alpha = acceptance_for_tokens_per_round(1.0 + c["accepted"] / c["rounds"], sch.gamma)  # pooled
         cells = []
-        for s in (0.0, spread):
+        for a, s in ((alpha, 0.0), (row_mean, spread)):  # as simulate_as_run does
             wl = Workload.make(prompt_len=args.prompt_len, gen_len=args.gen, num_prompts=args.prompts,
-                               acceptance=alpha, acceptance_spread=s)
+                               acceptance=a, acceptance_spread=s)
             cfg = dict(target=spec, draft=spec, profile=profile, workload=wl, schedule=sch,
                        placement=Placement(draft_kv="gpu"), check_memory=False)
             runs = [simulate(SimConfig(**cfg, mode="sampled"), seed=k).rounds for k in range(args.seeds)]
@@ -92,11 +92,11 @@ def main() -> None:
         expected = simulate(SimConfig(**cfg, mode="expected")).rounds
         # the planner's expectation: batches x E[rounds of the slowest row of a batch]
         planned = sch.num_batches * expected_rounds_slowest_row(wl.acceptance_rates(sch.gamma), args.gen - 1,
-                                                                sch.target_batch, spread)
-        print(f"{name:22} {alpha:6.3f} {spread:6.3f} {c['passes']:7.0f} {cells[0]:>16} {cells[1]:>16} "
+                                                                sch.target_batch, spread, wl.mean_acceptance)
+        print(f"{name:22} {alpha:6.3f} {row_mean:8.3f} {spread:6.3f} {c['passes']:7.0f} {cells[0]:>16} {cells[1]:>16} "
               f"{expected:12d} {planned:12.1f}")
-    print("passes: the engine's verification passes; sim: the simulator's rounds (one pass each) at the measured "
-          "per-token acceptance, median (min-max) over seeds, rows alike (spread 0) or differing as measured; "
+    print("passes: the engine's verification passes; sim: the simulator's rounds (one pass each), median (min-max) "
+          "over seeds, rows alike at the pooled alpha, or differing as measured around the rows' own mean; "
           "expected: every row the mean; plan: the planner's expected passes with the measured spread")
 
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
+from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
 from specplan.models import ModelSpec
 from specplan.plan import POLICIES, Plan
@@ -113,7 +114,8 @@ def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[st
     if sch.speculative:
         for a in (0.5, 0.6, 0.8, 0.9):
             if abs(a - (workload.acceptance if isinstance(workload.acceptance, float) else -1)) > 1e-9:
-                run("acceptance", f"{a:g}", replace(cfg, workload=replace(workload, acceptance=a)))
+                spread = min(workload.acceptance_spread, max_acceptance_spread(a))  # what a rate of `a` allows
+                run("acceptance", f"{a:g}", replace(cfg, workload=replace(workload, acceptance=a, acceptance_spread=spread)))
     for gen in ("3", "4", "5"):
         try:
             p2 = profile.compose(pcie=gen)

@@ -104,8 +104,9 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     if spec:
         rates = workload.acceptance_rates(g)
         spread = workload.acceptance_spread
-        rounds = expected_rounds_slowest_row(rates, gen - 1, b, spread)
-        active = expected_rounds_slowest_row(rates, gen - 1, 1, spread) / rounds if rounds else 1.0
+        mean = workload.mean_acceptance
+        rounds = expected_rounds_slowest_row(rates, gen - 1, b, spread, mean)
+        active = expected_rounds_slowest_row(rates, gen - 1, 1, spread, mean) / rounds if rounds else 1.0
     else:
         rounds, active = gen - 1, 1.0
     b_act = max(1.0, b * active)

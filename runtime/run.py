@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from specplan import __version__
-from specplan.cost import acceptance_for_tokens_per_round, error_pct, row_acceptance_spread
+from specplan.cost import acceptance_for_tokens_per_round, error_pct, row_acceptance_stats
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
@@ -240,9 +240,11 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         # the per-token alpha the simulator takes, from tokens per round (E(alpha, gamma) inverted)
         "acceptance_per_token": (acceptance_for_tokens_per_round(tokens_per_round, plan.schedule.gamma)
                                  if rounds and c.get("drafted") else None),
-        # how much alpha differed between rows: the slowest row sets a static batch's passes
-        "acceptance_spread": (row_acceptance_spread(engine.row_rounds, engine.row_accepted, plan.schedule.gamma)
-                              if rounds and c.get("drafted") else None),
+        # how alpha differed between rows (their own mean, and spread): the slowest row sets a
+        # static batch's passes
+        **dict(zip(("acceptance_row_mean", "acceptance_spread"),
+                   row_acceptance_stats(engine.row_rounds, engine.row_accepted, plan.schedule.gamma)
+                   if rounds and c.get("drafted") else (None, None))),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
         "peak_gpu_bytes": peak_gpu,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simpy
 
-from specplan.cost import row_acceptance_factors
+from specplan.cost import max_acceptance_spread, row_acceptance_factors
 from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
@@ -69,12 +69,12 @@ class SimResult:
         return d
 
 
-def make_batches(cfg: SimConfig, seed: int = 0) -> list[Rows]:
+def make_batches(cfg: SimConfig, seed: int | None = None) -> list[Rows]:
     """The wave's batches. With an acceptance spread, each row draws its own acceptance from
     a generator of its own (seeded by `seed`), so a spread of 0 leaves the round draws as they were."""
     sch, wl = cfg.schedule, cfg.workload
     spread = wl.acceptance_spread if sch.speculative else 0.0
-    rng_rows = np.random.default_rng((seed, 1)) if spread > 0 else None
+    rng_rows = np.random.default_rng((wl.seed if seed is None else seed, 1)) if spread > 0 else None
     rows = min(sch.rows, wl.num_prompts)
     nb = sch.num_batches
     sizes = [rows // nb + (1 if i < rows % nb else 0) for i in range(nb)]
@@ -146,8 +146,7 @@ def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profil
     if acceptance is not None and plan.schedule.speculative:
         a = float(min(max(acceptance, 0.0), 1.0))
         spread = wl.acceptance_spread if acceptance_spread is None else float(acceptance_spread)
-        ok = spread > 0 and 0.0 < a < 1.0 and spread * spread < a * (1.0 - a)
-        wl = replace(wl, acceptance=a, acceptance_spread=spread if ok else 0.0)
+        wl = replace(wl, acceptance=a, acceptance_spread=min(spread, max_acceptance_spread(a)) if 0.0 < a < 1.0 else 0.0)
     if num_prompts:
         wl = replace(wl, num_prompts=int(num_prompts))
     return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,
@@ -157,7 +156,10 @@ def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profil
 def simulate_as_run(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
                     measured: dict) -> SimResult:
     """The plan simulated as a run went, from its report's `measured`: the per-token acceptance,
-    how much it differed between rows, and the prompts that ran. What specrun's report,
-    `specplan validate` and `specplan calibrate` compare a run with."""
-    return simulate_plan(plan, target, draft, profile, measured.get("acceptance_per_token"), measured.get("rows"),
-                         measured.get("acceptance_spread"))
+    how much it differed between rows, and the prompts that ran. With a spread, the rows' own
+    mean alpha (a pooled rate is pulled down by the slow rows' extra rounds). What specrun's
+    report, `specplan validate` and `specplan calibrate` compare a run with."""
+    spread = measured.get("acceptance_spread")
+    alpha = measured.get("acceptance_row_mean") if spread else None
+    return simulate_plan(plan, target, draft, profile, alpha if alpha is not None else measured.get("acceptance_per_token"),
+                         measured.get("rows"), spread)

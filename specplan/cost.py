@@ -56,12 +56,19 @@ def acceptance_for_tokens_per_round(tokens_per_round: float, gamma: int) -> floa
     return (lo + hi) / 2
 
 
-def row_acceptance_spread(rounds: Sequence[int], accepted: Sequence[int], gamma: int) -> float:
-    """How much per-token acceptance differed between a run's rows: the standard deviation of
-    each row's own alpha (E(alpha, gamma) inverted from its tokens per round), less the part a
-    row's finite number of rounds alone would give (method of moments: the observed variance
-    minus the mean sampling variance of one row's estimate, by the delta method). Rows never
-    verified are skipped; capped just below the largest spread a Beta with that mean allows."""
+def max_acceptance_spread(mean: float) -> float:
+    """The largest spread between rows a Beta distribution with this mean allows, less 1%."""
+    return 0.99 * max(mean * (1.0 - mean), 0.0) ** 0.5
+
+
+def row_acceptance_stats(rounds: Sequence[int], accepted: Sequence[int], gamma: int) -> tuple[float, float]:
+    """How per-token acceptance differed between a run's rows: (mean, spread) of each row's own
+    alpha (E(alpha, gamma) inverted from its tokens per round). The spread is their standard
+    deviation less the part a row's finite number of rounds alone would give (method of
+    moments: observed variance minus the mean sampling variance of one row's estimate, by the
+    delta method; cut at 0, so rows alike still read slightly above 0). Rows never verified
+    are skipped; the spread is capped by max_acceptance_spread. The mean is the rows' own,
+    not the pooled rate: slow rows take more rounds and pull a pooled rate down."""
     alphas, noise = [], []
     for r, a in zip(rounds, accepted):
         if r <= 0:
@@ -74,12 +81,14 @@ def row_acceptance_spread(rounds: Sequence[int], accepted: Sequence[int], gamma:
         slope = (expected_accepted_tokens(hi, gamma) - expected_accepted_tokens(lo, gamma)) / (hi - lo)
         alphas.append(alpha)
         noise.append(var_j / r / slope ** 2)
-    if len(alphas) < 2:
-        return 0.0
+    if not alphas:
+        return 0.0, 0.0
     mean = sum(alphas) / len(alphas)
+    if len(alphas) < 2:
+        return mean, 0.0
     observed = sum((x - mean) ** 2 for x in alphas) / len(alphas)
     spread = max(observed - sum(noise) / len(noise), 0.0) ** 0.5
-    return min(spread, 0.99 * (mean * (1.0 - mean)) ** 0.5)
+    return mean, min(spread, max_acceptance_spread(mean))
 
 
 ROW_ACCEPTANCE_POINTS = 16  # equal-probability points standing for the rows' acceptance distribution
@@ -95,6 +104,8 @@ def row_acceptance_factors(mean: float, spread: float, n: int, rng=None) -> "np.
     if spread <= 0.0:
         return np.ones(n)
     kappa = mean * (1.0 - mean) / (spread * spread) - 1.0  # Beta(a, b) with a + b = kappa
+    if not (0.0 < mean < 1.0 and kappa > 0.0):
+        raise ValueError(f"no Beta distribution has mean {mean} and standard deviation {spread}")
     a, b = mean * kappa, (1.0 - mean) * kappa
     if rng is not None:
         u = rng.beta(a, b, size=n)
@@ -116,26 +127,29 @@ def tokens_per_round_pmf(rates: Sequence[float]) -> list[float]:
     return pmf
 
 
-def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int, spread: float = 0.0) -> float:
+def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int, spread: float = 0.0,
+                                mean: float | None = None) -> float:
     """Expected verification rounds until the slowest of `rows` independent rows has gained
     `tokens` tokens: E[max_i N_i] = sum_n (1 - P(N <= n)^rows). A static batch runs until its
-    slowest row is done. With `spread` > 0 each row has its own acceptance (see
-    row_acceptance_factors), and P(N <= n) is the mixture over ROW_ACCEPTANCE_POINTS rows."""
+    slowest row is done. With `spread` > 0 each row has its own acceptance around `mean` (the
+    workload's mean rate; the rates' mean if not given; see row_acceptance_factors), and
+    P(N <= n) is the mixture over ROW_ACCEPTANCE_POINTS rows."""
     import numpy as np
 
     if tokens <= 0 or rows <= 0:
         return 0.0
-    cdf = _rows_cdf(tuple(float(a) for a in rates), int(tokens), float(spread))
+    rates = tuple(float(a) for a in rates)
+    mean = (sum(rates) / len(rates) if rates else 0.0) if mean is None else float(mean)
+    cdf = _rows_cdf(rates, int(tokens), float(spread), mean)
     return float(np.sum(1.0 - cdf ** int(rows)))
 
 
 @lru_cache(maxsize=1024)
-def _rows_cdf(rates: tuple[float, ...], tokens: int, spread: float) -> "np.ndarray":
+def _rows_cdf(rates: tuple[float, ...], tokens: int, spread: float, mean: float) -> "np.ndarray":
     """P(a row picked at random is done within n rounds): one row's curve, or with a spread
     the mean of ROW_ACCEPTANCE_POINTS rows' curves at the Beta quantiles."""
     import numpy as np
 
-    mean = sum(rates) / len(rates) if rates else 0.0
     if not (spread > 0.0 and 0.0 < mean < 1.0):
         return _rounds_cdf(rates, tokens)
     factors = row_acceptance_factors(mean, spread, ROW_ACCEPTANCE_POINTS)

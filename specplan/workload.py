@@ -28,6 +28,8 @@ class Workload:
     acceptance_spread: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.acceptance_spread, int) and not isinstance(self.acceptance_spread, bool):
+            object.__setattr__(self, "acceptance_spread", float(self.acceptance_spread))
         self.validate("workload")
 
     @classmethod

@@ -287,7 +287,7 @@ def test_slowest_row_needs_more_rounds_when_rows_differ():
 
 
 @pytest.mark.parametrize("true", [0.0, 0.1, 0.2])
-def test_row_acceptance_spread_recovers_the_rows_own_spread(true):
+def test_row_acceptance_stats_recover_the_rows_own_spread(true):
     """Rows with their own alpha (mean 0.6, sd `true`), 40 rounds each: the estimate removes
     what 40 rounds of chance alone add, so rows alike give ~0, not the sampling noise (~0.07)."""
     rng = np.random.default_rng(0)
@@ -295,6 +295,19 @@ def test_row_acceptance_spread_recovers_the_rows_own_spread(true):
     for _ in range(10):
         alphas = np.clip(0.6 + true * rng.standard_normal(64), 0.01, 0.99)
         accepted = [int(np.cumprod(rng.random((40, gamma)) < a, axis=1).sum()) for a in alphas]
-        estimates.append(cost.row_acceptance_spread([40] * 64, accepted, gamma))
+        mean, spread = cost.row_acceptance_stats([40] * 64, accepted, gamma)
+        estimates.append(spread)
+        assert mean == pytest.approx(np.mean(alphas), abs=0.03)
     assert np.mean(estimates) == pytest.approx(true, abs=0.02)
-    assert cost.row_acceptance_spread([5, 0], [3, 0], gamma) == 0.0  # one verified row: no spread
+    assert cost.row_acceptance_stats([5, 0], [3, 0], gamma)[1] == 0.0  # one verified row: no spread
+
+
+def test_planner_spreads_around_the_workloads_mean_not_the_padded_tables():
+    """A table shorter than gamma is padded with its last rate; the spread is about the
+    workload's mean, and an impossible Beta is refused rather than read as 'accept all'."""
+    rates = (0.95, 0.5, 0.5, 0.5)  # acceptance [0.95, 0.5] at gamma 4
+    with_mean = cost.expected_rounds_slowest_row(rates, 63, 64, 0.3, mean=0.725)
+    alike = cost.expected_rounds_slowest_row(rates, 63, 64)
+    assert with_mean > alike
+    with pytest.raises(ValueError, match="no Beta"):
+        cost.row_acceptance_factors(0.95, 0.4, 4)
