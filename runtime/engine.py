@@ -83,6 +83,14 @@ class Rows:
     def active(self, b: slice) -> bool:
         return not bool(self.done[b].all())
 
+    def live_span(self, b: slice) -> slice:
+        """The rows of b from its first unfinished one to its last: what a pass computes, so
+        rows that finished at either end cost nothing (those between still ride along)."""
+        live = torch.nonzero(~self.done[b]).flatten()
+        if len(live) == 0:
+            return slice(b.start, b.start)
+        return slice(b.start + int(live[0]), b.start + int(live[-1]) + 1)
+
     def outputs(self) -> list[list[int]]:
         return [self.seq[r, self.prompt_len[r]:self.length[r]].tolist() for r in range(len(self.seq))]
 
@@ -223,9 +231,12 @@ class Engine:
         self.stats.prefix = ""
         self.stats.add("prefill", time.perf_counter() - t0)
 
-    def propose(self, rows: Rows, b: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """gamma draft tokens per row of batch b [B, gamma] (CPU), and their distributions q when sampling."""
+    def propose(self, rows: Rows, b: slice) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
+        """gamma draft tokens [B', gamma] (CPU) for the live span of batch b, their distributions q
+        when sampling, and that span (the rows the verification will compute)."""
         xs, qs = [], []
+        gen_key = b  # sampling streams stay per batch, whatever the span
+        b = rows.live_span(b)
         mbs = split(b, self.schedule.draft_batch)
         with self._draft_context(), self.stats.region("draft"):
             if self.draft_swap is not None:
@@ -248,7 +259,7 @@ class Engine:
                         t = logits.argmax(-1)
                     else:
                         q.append(probs(logits, self.temperature))
-                        t = sample(q[-1], self._gen("draft", b))
+                        t = sample(q[-1], self._gen("draft", gen_key))
                     x.append(t)
                     tokens = t[:, None]
                 self._draft_store(rows, i, c, crow, start)  # the positions this round wrote; nobody waits
@@ -258,11 +269,12 @@ class Engine:
             q = None if self.greedy else torch.cat(qs)
         if self.cuda:
             self.draft_stream.synchronize()  # this thread waits; the target's stream does not
-        return x, q
+        return x, q, b
 
-    def verify(self, rows: Rows, b: slice, proposal: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        """One target pass over the last token and the gamma drafted ones; keep the accepted prefix."""
-        x, q = proposal
+    def verify(self, rows: Rows, batch: slice, proposal: tuple[torch.Tensor, torch.Tensor | None, slice]) -> None:
+        """One target pass over the last token and the gamma drafted ones of the proposal's rows
+        (batch's live span when it was drafted); keep the accepted prefix."""
+        x, q, b = proposal
         tokens = torch.cat([rows.last(b, 1), x], 1)
         logits = self.target.forward([Step(b, tokens)])[0]  # [B, gamma + 1, V]
         self._sync()
@@ -273,7 +285,7 @@ class Engine:
             else:
                 if self.cuda:
                     q.record_stream(torch.cuda.current_stream(self.device))  # made on the draft stream
-                n, nxt = verify_sampling(xd, q, probs(logits, self.temperature), self._gen("target", b))
+                n, nxt = verify_sampling(xd, q, probs(logits, self.temperature), self._gen("target", batch))
             n, nxt = n.cpu(), nxt.cpu()
             cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
             cand[torch.arange(len(n)), n] = nxt
@@ -288,14 +300,16 @@ class Engine:
             self.stats.count("appended", int(kept.sum()))
 
     def decode(self, rows: Rows, batches: list[slice]) -> None:
-        """One non-speculative token for every row of `batches`, all in one pass over the weights."""
-        steps = [Step(b, rows.last(b, 1)) for b in batches]
+        """One non-speculative token for every live row of `batches` (each batch's live span), all
+        in one pass over the weights."""
+        spans = [rows.live_span(b) for b in batches]
+        steps = [Step(s, rows.last(s, 1)) for s in spans]
         logits = self.target.forward(steps)
         self._sync()
         with self.stats.wall("verify"):
             self.stats.count("passes", 1)
-            for b, lg in zip(batches, logits):
-                t = self._choose(lg[:, -1], self._gen("target", b)).cpu()
+            for full, b, lg in zip(batches, spans, logits):
+                t = self._choose(lg[:, -1], self._gen("target", full)).cpu()
                 active = ~rows.done[b]
                 kept = self._append(rows, b, t[:, None], torch.ones_like(t))
                 self.stats.count("rounds", int(active.sum()))

@@ -155,9 +155,9 @@ def test_draft_kv_on_the_host_drafts_what_a_gpu_resident_draft_kv_drafts(llama, 
     real = Engine.propose
     for where in ("cpu", "gpu"):
         def spy(self, rows, b, where=where):
-            x, q = real(self, rows, b)
-            proposals[where].append((b.start, x[~rows.done[b]].tolist()))
-            return x, q
+            x, q, span = real(self, rows, b)
+            proposals[where].append((span.start, x[~rows.done[span]].tolist()))
+            return x, q, span
         monkeypatch.setattr(Engine, "propose", spy)
         out, _ = run_engine("spec-serial", target, drafts["unrelated tiny-draft"], replace(STREAMED, draft_kv=where),
                             prompts)
@@ -235,3 +235,27 @@ def test_engine_counts_each_rows_verifications_and_acceptance(llama):
     assert len(set(engine.row_rounds)) > 1
     mean, spread = row_acceptance_stats(engine.row_rounds, engine.row_accepted, 3)
     assert 0.2 < mean < 0.9 and 0.0 < spread < 0.5
+
+
+def test_passes_skip_rows_finished_at_either_end_of_a_batch(llama, monkeypatch):
+    """A verification (or decode) pass computes its batch's live span: once row 0 has hit EOS,
+    passes over batch 0..2 compute rows 1..2 only, and the tokens are still the reference's."""
+    from specplan.runtime.model import Model
+
+    target, drafts, prompts, expected = llama
+    eos = expected[0][3]
+    cut = [row[:row.index(eos) + 1] if eos in row else row for row in expected]
+    for policy in ("spec-serial", "flexgen"):
+        seen: list[tuple[int, int]] = []
+        real = Model.forward
+
+        def spy(self, steps, *a, **kw):
+            if self.name == "target":
+                seen.extend((s.rows.start, s.rows.stop) for s in steps)
+            return real(self, steps, *a, **kw)
+
+        monkeypatch.setattr(Model, "forward", spy)
+        out, _ = run_engine(policy, target, drafts["perturbed copy"], prompts=prompts, eos=[eos])
+        monkeypatch.setattr(Model, "forward", real)
+        assert out == cut
+        assert (1, 3) in seen  # batch 0..2 without its finished row 0
