@@ -83,7 +83,8 @@ def candidates_table(res: OptimizeResult) -> Table:
 
 
 def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[str, str, float]]:
-    """How the best plan's simulated throughput moves with gamma, batch, acceptance and link."""
+    """How the best plan's simulated throughput moves with gamma, batch, acceptance, its spread
+    between rows, and link."""
     from specplan.simulator.cli import default_placement
     from specplan.simulator.run import simulate
 
@@ -116,6 +117,11 @@ def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[st
             if abs(a - (workload.acceptance if isinstance(workload.acceptance, float) else -1)) > 1e-9:
                 spread = min(workload.acceptance_spread, max_acceptance_spread(a))  # what a rate of `a` allows
                 run("acceptance", f"{a:g}", replace(cfg, workload=replace(workload, acceptance=a, acceptance_spread=spread)))
+        # rows that differ in acceptance: a static batch waits for its slowest row
+        cap = max_acceptance_spread(workload.mean_acceptance)
+        for spread in (0.05, 0.1, 0.2):
+            if spread < cap and abs(spread - workload.acceptance_spread) > 1e-9:
+                run("acceptance spread", f"{spread:g}", replace(cfg, workload=replace(workload, acceptance_spread=spread)))
     for gen in ("3", "4", "5"):
         try:
             p2 = profile.compose(pcie=gen)

@@ -268,3 +268,20 @@ def test_program_values_prefetch_when_draft_kv_swaps_share_the_link():
     found, why, _ = _policy_candidates("specoffload", t, d, profile, Workload.make(), 1)
     assert why is None and found[0].placement.draft_kv == "cpu"
     assert found[0].prefetch_depth == 1
+
+
+def test_explain_shows_what_a_spread_between_rows_costs(small_space):
+    """--explain's rows for the acceptance spread: the same plan, slower when rows differ
+    more, one row per value, and no crash where a spread is set and the acceptance varies
+    (0.3 is too much spread for 0.9)."""
+    from specplan.planner.cli import sensitivity
+
+    profile = tight_profile(8e9)
+    wl = Workload.make(prompt_len=16, gen_len=24, num_prompts=8, acceptance=0.7, acceptance_spread=0.3)
+    res = optimize(TINY_T, TINY_D, profile, wl, ("spec-serial",))
+    rows = sensitivity(res.best, TINY_T, TINY_D, profile, wl)
+    spread = [(v, t) for what, v, t in rows if what == "acceptance spread"]
+    assert [v for v, _ in spread] == ["0.05", "0.1", "0.2"]
+    tok = [t for _, t in spread]
+    assert all(t == t for t in tok) and tok[0] > tok[2]  # 4 rows, one seed: ordered only at the ends
+    assert {v for what, v, _ in rows if what == "acceptance"} == {"0.5", "0.6", "0.8", "0.9"}
