@@ -174,3 +174,22 @@ def test_installed_script_matches_module():
     res = subprocess.run([exe, "models", "mixtral-8x7b", "--json"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["total_params"] == 46702792704
+
+
+def test_written_files_get_the_umask_mode_or_keep_their_own(tmp_path):
+    """Atomic writes go through a private temporary file; the result is not left 0600."""
+    import os
+    import stat
+
+    from specplan.fileio import write_json
+
+    old = os.umask(0o022)
+    try:
+        new = write_json(tmp_path / "plan.json", {"a": 1})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644
+        new.chmod(0o640)
+        write_json(new, {"a": 2})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
