@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from specplan.cost import acceptance_for_tokens_per_round, expected_rounds_slowest_row, row_acceptance_stats
+from specplan.cost import acceptance_for_tokens_per_round, expected_verify_passes, row_acceptance_stats
 from specplan.hardware import load_profile
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Schedule
@@ -90,9 +90,8 @@ def main() -> None:
             runs = [simulate(SimConfig(**cfg, mode="sampled"), seed=k).rounds for k in range(args.seeds)]
             cells.append(f"{statistics.median(runs):.1f} ({min(runs)}-{max(runs)})")
         expected = simulate(SimConfig(**cfg, mode="expected")).rounds
-        # the planner's expectation: batches x E[rounds of the slowest row of a batch]
-        planned = sch.num_batches * expected_rounds_slowest_row(wl.acceptance_rates(sch.gamma), args.gen - 1,
-                                                                sch.target_batch, spread, wl.mean_acceptance)
+        planned, _ = expected_verify_passes(sch.policy, wl.acceptance_rates(sch.gamma), args.gen - 1, sch.target_batch,
+                                            sch.num_batches, spread, wl.mean_acceptance)  # the planner's expectation
         print(f"{name:22} {alpha:6.3f} {row_mean:8.3f} {spread:6.3f} {c['passes']:7.0f} {cells[0]:>16} {cells[1]:>16} "
               f"{expected:12d} {planned:12.1f}")
     print("passes: the engine's verification passes; sim: the simulator's rounds (one pass each), median (min-max) "

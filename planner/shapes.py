@@ -14,7 +14,7 @@ from specplan.cost import (
     d2h_time_s,
     draft_step_s,
     expected_experts_touched,
-    expected_rounds_slowest_row,
+    expected_verify_passes,
     h2d_time_s,
     target_head_s,
     target_layer_costs,
@@ -99,17 +99,14 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     gen = workload.gen_len
     ctx = workload.mean_prompt_len + gen / 2  # mean context over the decode
     # The prefill yields the first token; a static batch runs until its slowest row is done,
-    # so rounds = E[slowest row's rounds], while row-proportional work (draft, KV swaps,
-    # attention, FFN tokens) is done on average by `active` of the rows: E[one row's] / E[slowest].
+    # so the passes follow the slowest row, while row-proportional work (draft, KV swaps,
+    # attention, FFN tokens) is done by the mean live rows of a pass (cost.expected_verify_passes).
     if spec:
-        rates = workload.acceptance_rates(g)
-        spread = workload.acceptance_spread
-        mean = workload.mean_acceptance
-        rounds = expected_rounds_slowest_row(rates, gen - 1, b, spread, mean)
-        active = expected_rounds_slowest_row(rates, gen - 1, 1, spread, mean) / rounds if rounds else 1.0
+        passes, live = expected_verify_passes(shape.policy, workload.acceptance_rates(g), gen - 1, b, nb,
+                                              workload.acceptance_spread, workload.mean_acceptance)
     else:
-        rounds, active = gen - 1, 1.0
-    b_act = max(1.0, b * active)
+        passes, live = float(gen - 1), float(b)
+    b_act = max(1.0, live)
 
     def pass_costs(rows: float, q_len: float, context: float, device: str):
         """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer costs."""
@@ -134,9 +131,9 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
                      + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
 
     if shape.policy == "specoffload":
-        phases, serial_s, gpu_total = 2 * rounds, 0.0, gpu_s + draft_s
+        phases, serial_s, gpu_total = passes, 0.0, gpu_s + draft_s
     elif shape.policy == "spec-serial":
-        phases, serial_s, gpu_total = rounds * nb, draft_s, gpu_s
+        phases, serial_s, gpu_total = passes, draft_s, gpu_s
     else:
         phases, serial_s, gpu_total = (gen - 1) * (1 if shape.policy == "flexgen" else nb), 0.0, gpu_s
 

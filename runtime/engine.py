@@ -65,6 +65,7 @@ class Rows:
     done: torch.Tensor  # [R] bool
     rounds: torch.Tensor  # [R] verifications each row took part in (speculative policies)
     accepted: torch.Tensor  # [R] drafted tokens each row had accepted
+    prompt: torch.Tensor  # [R] which prompt of the wave each row (cache slot) holds
 
     @classmethod
     def start(cls, prompts: list[list[int]], gen_len: int) -> "Rows":
@@ -73,7 +74,13 @@ class Rows:
         for r, p in enumerate(prompts):
             seq[r, :len(p)] = torch.tensor(p)
         zeros = torch.zeros(len(prompts), dtype=torch.long)
-        return cls(seq, lens.clone(), lens, torch.zeros(len(prompts), dtype=torch.bool), zeros, zeros.clone())
+        return cls(seq, lens.clone(), lens, torch.zeros(len(prompts), dtype=torch.bool), zeros, zeros.clone(),
+                   torch.arange(len(prompts)))
+
+    def swap(self, i: int, j: int) -> None:
+        """Exchange what rows i and j hold (the caches are the caller's)."""
+        for t in (self.seq, self.length, self.prompt_len, self.done, self.rounds, self.accepted, self.prompt):
+            t[[i, j]] = t[[j, i]]
 
     def last(self, b: slice, k: int) -> torch.Tensor:
         """The last k tokens of each row of batch b, [B, k]."""
@@ -92,7 +99,11 @@ class Rows:
         return slice(b.start + int(live[0]), b.start + int(live[-1]) + 1)
 
     def outputs(self) -> list[list[int]]:
-        return [self.seq[r, self.prompt_len[r]:self.length[r]].tolist() for r in range(len(self.seq))]
+        """Generated tokens per prompt, in prompt order (rows may have moved between slots)."""
+        out: list[list[int]] = [[] for _ in range(len(self.seq))]
+        for r in range(len(self.seq)):
+            out[int(self.prompt[r])] = self.seq[r, self.prompt_len[r]:self.length[r]].tolist()
+        return out
 
 
 class Engine:
@@ -360,8 +371,9 @@ class Engine:
             self.prefill(rows)
             run(rows, self.batches(len(rows.seq)))
             out += rows.outputs()
-            self.row_rounds += rows.rounds.tolist()
-            self.row_accepted += rows.accepted.tolist()
+            order = torch.argsort(rows.prompt)
+            self.row_rounds += rows.rounds[order].tolist()
+            self.row_accepted += rows.accepted[order].tolist()
         self._sync()
         return out
 
@@ -380,6 +392,26 @@ class Engine:
                 if model is not None:
                     model.store.reset()  # units the warm-up prefetched would not be copied (or counted) again
 
+    def _merge_tails(self, rows: Rows, a: slice, b: slice) -> bool:
+        """Once batch b's live rows fit in batch a's finished slots, move them there (rows,
+        target KV, draft KV), so one pass verifies all that is left instead of two."""
+        live_b = torch.nonzero(~rows.done[b]).flatten() + b.start
+        free_a = torch.nonzero(rows.done[a]).flatten() + a.start
+        if len(live_b) == 0 or not rows.active(a) or len(live_b) > len(free_a):
+            return False
+        if self.draft_swap is not None:
+            self.draft_swap.synchronize()  # no copy of the host store in flight
+        self._sync()
+        for src, dst in zip(live_b.tolist(), free_a.tolist()):
+            rows.swap(src, dst)
+            self.target.cache.copy_row_(src, dst)
+            if self.draft_swap is not None:
+                self.draft_swap.host.copy_row_(src, dst)
+            elif self.draft is not None:
+                self.draft.cache.copy_row_(src, dst)
+        self.stats.count("merged_rows", len(live_b))
+        return True
+
     def _run_specoffload(self, rows: Rows, batches: list[slice]) -> None:
         if len(batches) < 2:
             return self._run_spec_serial(rows, batches)
@@ -388,6 +420,8 @@ class Engine:
         turn = [0, 1]
         with ThreadPoolExecutor(1, thread_name_prefix="draft") as pool:
             while rows.active(a) or rows.active(b):
+                if self._merge_tails(rows, a, b):  # the pending proposal is dropped: rows moved
+                    return self._run_spec_serial(rows, [a])
                 cur, nxt = turn
                 job = pool.submit(self.propose, rows, batches[nxt]) if rows.active(batches[nxt]) else None
                 if rows.active(batches[cur]):

@@ -73,6 +73,15 @@ class KVCache:
         """Keys and values [B, length, kv_heads, head_dim] of positions [0, length), no copy."""
         return self.k[layer, rows, :length], self.v[layer, rows, :length]
 
+    def copy_row_(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (every layer, every position, and its length)."""
+        if self.kv is not None:
+            self.kv[dst].copy_(self.kv[src])
+        else:
+            self.k[:, dst].copy_(self.k[:, src])
+            self.v[:, dst].copy_(self.v[:, src])
+        self.lengths[dst] = self.lengths[src]
+
     def copy_positions_(self, src: "KVCache", src_row: int, dst_row: int, start: int, end: int) -> int:
         """Copy positions [start, end) of one row, every layer, keys and values, from `src`
         (both caches row-major): one contiguous block, asynchronous between pinned host memory

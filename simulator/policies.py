@@ -35,6 +35,7 @@ from specplan.cost import (
     draft_step_s,
     expected_accepted_tokens_table,
     h2d_time_s,
+    memcpy_s,
     target_head_s,
     target_layer_costs,
     weights_h2d_s,
@@ -243,12 +244,35 @@ class Scenario:
         ok = self.rng.random((n, self.sch.gamma)) < rates
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
 
+    def merge_tails(self, a: Rows, b: Rows):
+        """specoffload's tail, as the runtime does it: once b's live rows fit in a's finished
+        slots they move there (their target and draft KV copied within host or GPU memory),
+        and one pass verifies all that is left. Returns whether it merged."""
+        live_b, free_a = b.active, np.flatnonzero(a.generated >= a.gen_len - 1e-9)
+        if len(live_b) == 0 or len(a.active) == 0 or len(live_b) > len(free_a):
+            return False
+        dst = free_a[:len(live_b)]
+        for arr_a, arr_b in ((a.prompt, b.prompt), (a.generated, b.generated)) + (
+                ((a.acceptance_factor, b.acceptance_factor),) if a.acceptance_factor is not None else ()):
+            arr_a[dst], arr_b[live_b] = arr_b[live_b], arr_a[dst].copy()
+        tokens = float((a.prompt[dst] + a.generated[dst]).sum())
+        for nbytes, on_gpu in ((tokens * self.T.kv_bytes_per_token, self.sch.attention_device == "gpu"),
+                               (tokens * self.D.kv_bytes_per_token, self.pl.draft_kv == "gpu")):
+            yield from self.m.use("gpu" if on_gpu else "cpu", "merge_rows", memcpy_s(self.P, nbytes, on_gpu), a.name)
+        return True
+
     # ---- policies --------------------------------------------------------------------------------
     def specoffload(self, batches: list[Rows]):
         yield from self.prefill(batches)
         x, y = batches if len(batches) == 2 else (batches[0], Rows("empty", np.zeros(0, int), np.zeros(0), 0))
+        a, b = x, y
         yield from self.draft_phase(x)
         while len(x.active) or len(y.active):
+            if (yield from self.merge_tails(a, b)):  # the pending draft is dropped: rows moved
+                while len(a.active):
+                    yield from self.draft_phase(a)
+                    yield from self.verify(a)
+                return
             procs = []
             if len(x.active):
                 procs.append(self.env.process(self.verify(x)))

@@ -144,6 +144,21 @@ def expected_rounds_slowest_row(rates: Sequence[float], tokens: int, rows: int, 
     return float(np.sum(1.0 - cdf ** int(rows)))
 
 
+def expected_verify_passes(policy: str, rates: Sequence[float], tokens: int, batch_rows: int, batches: int,
+                           spread: float = 0.0, mean: float | None = None) -> tuple[float, float]:
+    """(verification passes, mean live rows per pass) to give every row `tokens` tokens.
+    spec-serial verifies each batch to its slowest row, one batch after another. specoffload
+    alternates its two batches until the live rows fit in one batch (about when the mean row
+    is done), then merges them, so one pass serves all that is left:
+    passes = E[rounds of one row] + E[rounds of the slowest of all rows]."""
+    one = expected_rounds_slowest_row(rates, tokens, 1, spread, mean)
+    if policy == "specoffload" and batches == 2:
+        passes = one + expected_rounds_slowest_row(rates, tokens, 2 * batch_rows, spread, mean)
+    else:
+        passes = batches * expected_rounds_slowest_row(rates, tokens, batch_rows, spread, mean)
+    return passes, (batches * batch_rows * one / passes if passes else float(batch_rows))
+
+
 @lru_cache(maxsize=1024)
 def _rows_cdf(rates: tuple[float, ...], tokens: int, spread: float, mean: float) -> "np.ndarray":
     """P(a row picked at random is done within n rounds): one row's curve, or with a spread
@@ -182,6 +197,15 @@ def _rounds_cdf(rates: tuple[float, ...], tokens: int) -> "np.ndarray":
             nxt[j:tokens] += moved[:cut]
             nxt[tokens] += moved[cut:].sum()
         dist = nxt
+
+
+def memcpy_s(profile: HardwareProfile, nbytes: float, on_gpu: bool) -> float:
+    """A copy within one memory, host or GPU: every byte read and written once."""
+    if nbytes <= 0:
+        return 0.0
+    if on_gpu:
+        return 2.0 * nbytes / (profile.gpu.memory_bandwidth_bytes_per_s * profile.gpu.bandwidth_efficiency)
+    return 2.0 * nbytes / profile.host.memory_bandwidth_bytes_per_s
 
 
 # ---- mixture of experts ----------------------------------------------------------------------

@@ -259,3 +259,18 @@ def test_passes_skip_rows_finished_at_either_end_of_a_batch(llama, monkeypatch):
         monkeypatch.setattr(Model, "forward", real)
         assert out == cut
         assert (1, 3) in seen  # batch 0..2 without its finished row 0
+
+
+@pytest.mark.parametrize("draft_kv", ["cpu", "gpu"])
+def test_specoffload_merges_its_tails_and_keeps_the_reference_tokens(llama, draft_kv):
+    """Once batch b's live rows fit in batch a's finished slots they move there (rows, target
+    KV, draft KV on the host or the device) and one pass verifies both: fewer passes, the
+    same tokens, outputs in prompt order."""
+    target, drafts, prompts, expected = llama
+    out, counts = run_engine("specoffload", target, drafts["perturbed copy"], replace(STREAMED, draft_kv=draft_kv),
+                             prompts)
+    assert out == expected
+    assert counts.get("merged_rows", 0) > 0
+    # spec-serial verifies the two batches one after the other, each to its slowest row
+    serial_passes = run_engine("spec-serial", target, drafts["perturbed copy"], prompts=prompts)[1]["passes"]
+    assert counts["passes"] < serial_passes

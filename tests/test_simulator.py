@@ -180,3 +180,22 @@ def test_chrome_trace_and_gantt(tmp_path, toy_profile):
     assert len(xs) == len(r.spans) and all(e["dur"] >= 0 for e in xs)
     png = write_gantt(r.spans, tmp_path / "g.png", "tiny")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_specoffload_merges_its_tails_as_the_planner_expects():
+    """Once batch B's live rows fit in A's finished slots they move there (a copy charged to
+    host memory), and one pass verifies all that is left: passes = E[one row's rounds] +
+    E[slowest of all rows' rounds], not two batches' tails."""
+    from specplan.cost import expected_verify_passes
+
+    base = big_cfg("specoffload", mode="sampled")
+    cfg = replace(base, workload=replace(base.workload, acceptance_spread=0.2))
+    runs = [simulate(cfg, seed=k) for k in range(8)]
+    assert all(r.stage_s.get("merge_rows", 0.0) > 0 for r in runs)
+    wl, sch = cfg.workload, cfg.schedule
+    planned, _ = expected_verify_passes("specoffload", wl.acceptance_rates(sch.gamma), wl.gen_len - 1,
+                                        sch.target_batch, 2, 0.2, wl.mean_acceptance)
+    rounds = [r.rounds for r in runs]
+    assert min(rounds) <= planned * 1.05 and planned <= max(rounds) * 1.05
+    tail_twice = 2 * expected_rounds_slowest_row(wl.acceptance_rates(sch.gamma), wl.gen_len - 1, sch.target_batch, 0.2)
+    assert max(rounds) < tail_twice
