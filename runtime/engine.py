@@ -409,6 +409,7 @@ class Engine:
                 self.draft_swap.host.copy_row_(src, dst)
             elif self.draft is not None:
                 self.draft.cache.copy_row_(src, dst)
+        self._sync()  # the copies ran on this stream; the draft's stream must see them done
         self.stats.count("merged_rows", len(live_b))
         return True
 
