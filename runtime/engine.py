@@ -403,12 +403,13 @@ class Engine:
             self.draft_swap.synchronize()  # no copy of the host store in flight
         self._sync()
         for src, dst in zip(live_b.tolist(), free_a.tolist()):
+            end = int(rows.length[src])  # the caches hold at most the row's tokens so far
             rows.swap(src, dst)
-            self.target.cache.copy_row_(src, dst)
+            self.target.cache.copy_row_(src, dst, end)
             if self.draft_swap is not None:
-                self.draft_swap.host.copy_row_(src, dst)
+                self.draft_swap.host.copy_row_(src, dst, end)
             elif self.draft is not None:
-                self.draft.cache.copy_row_(src, dst)
+                self.draft.cache.copy_row_(src, dst, end)
         self._sync()  # the copies ran on this stream; the draft's stream must see them done
         self.stats.count("merged_rows", len(live_b))
         return True

@@ -73,13 +73,15 @@ class KVCache:
         """Keys and values [B, length, kv_heads, head_dim] of positions [0, length), no copy."""
         return self.k[layer, rows, :length], self.v[layer, rows, :length]
 
-    def copy_row_(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (every layer, every position, and its length)."""
+    def copy_row_(self, src: int, dst: int, end: int | None = None) -> None:
+        """Row dst becomes a copy of row src's positions [0, end) (all of them if None), every
+        layer, and takes its length."""
+        n = self.max_len if end is None else max(0, min(int(end), self.max_len))
         if self.kv is not None:
-            self.kv[dst].copy_(self.kv[src])
+            self.kv[dst, :n].copy_(self.kv[src, :n])
         else:
-            self.k[:, dst].copy_(self.k[:, src])
-            self.v[:, dst].copy_(self.v[:, src])
+            self.k[:, dst, :n].copy_(self.k[:, src, :n])
+            self.v[:, dst, :n].copy_(self.v[:, src, :n])
         self.lengths[dst] = self.lengths[src]
 
     def copy_positions_(self, src: "KVCache", src_row: int, dst_row: int, start: int, end: int) -> int:

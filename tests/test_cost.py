@@ -311,3 +311,17 @@ def test_planner_spreads_around_the_workloads_mean_not_the_padded_tables():
     assert with_mean > alike
     with pytest.raises(ValueError, match="no Beta"):
         cost.row_acceptance_factors(0.95, 0.4, 4)
+
+
+def test_expected_verify_passes_per_policy():
+    """spec-serial: each batch to its slowest row; specoffload: alternate until the live rows
+    fit in one batch (about the mean row's rounds), then one pass for what is left."""
+    rates, tokens, b = (0.7,) * 4, 63, 32
+    one = cost.expected_rounds_slowest_row(rates, tokens, 1)
+    serial, live_s = cost.expected_verify_passes("spec-serial", rates, tokens, b, 2)
+    assert serial == pytest.approx(2 * cost.expected_rounds_slowest_row(rates, tokens, b))
+    merged, live_m = cost.expected_verify_passes("specoffload", rates, tokens, b, 2)
+    assert merged == pytest.approx(one + cost.expected_rounds_slowest_row(rates, tokens, 2 * b))
+    assert merged < serial
+    for passes, live in ((serial, live_s), (merged, live_m)):  # row-rounds are the same either way
+        assert passes * live == pytest.approx(2 * b * one)
