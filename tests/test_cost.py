@@ -35,7 +35,7 @@ def test_expected_accepted_tokens_closed_form_and_monte_carlo(alpha, gamma):
     e = cost.expected_accepted_tokens(alpha, gamma)
     assert e == pytest.approx(_closed_form(alpha, gamma), rel=1e-12)
     assert e == pytest.approx(_mc_accepted(alpha, gamma), rel=0.01)
-    assert 1.0 <= e <= gamma + 1
+    assert e == pytest.approx(cost.expected_accepted_tokens_table((alpha,) * gamma), rel=1e-12)  # the other form
 
 
 def test_expected_accepted_tokens_edges():

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from specplan.cost import expected_accepted_tokens
 from specplan.errors import InfeasibleError, InputError
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
@@ -105,7 +106,9 @@ def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_pat
     assert "outputs" not in shown and [len(o) for o in saved["outputs"]] == [6, 6, 6, 6]
     m = saved["measured"]
     assert m["generated_tokens"] == 24 and m["throughput_tok_s"] > 0 and m["h2d_bytes_per_s"] > 0
-    assert 1.0 <= m["tokens_per_round"] <= 4.0 and m["peak_gpu_bytes"] > 0
+    assert m["tokens_per_round"] == pytest.approx(1.0 + 3 * m["acceptance_rate"]) and m["peak_gpu_bytes"] > 0
+    # the per-token alpha the report gives back is the one whose E(alpha, gamma = 3) is that rate
+    assert expected_accepted_tokens(m["acceptance_per_token"], 3) == pytest.approx(m["tokens_per_round"], rel=1e-9)
     assert {"h2d", "draft", "target_attention", "target_ffn", "verify", "prefill"} <= set(m["stage_s"])
     rows = {r["metric"]: r for r in saved["comparison"]}
     assert {"throughput_tok_s", "tokens_per_round", "peak_gpu_bytes"} <= set(rows)
