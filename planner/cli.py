@@ -115,8 +115,7 @@ def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[st
     if sch.speculative:
         for a in (0.5, 0.6, 0.8, 0.9):
             if abs(a - (workload.acceptance if isinstance(workload.acceptance, float) else -1)) > 1e-9:
-                spread = min(workload.acceptance_spread, max_acceptance_spread(a))  # what a rate of `a` allows
-                run("acceptance", f"{a:g}", replace(cfg, workload=replace(workload, acceptance=a, acceptance_spread=spread)))
+                run("acceptance", f"{a:g}", replace(cfg, workload=workload.at_acceptance(a)))
         # rows that differ in acceptance: a static batch waits for its slowest row
         cap = max_acceptance_spread(workload.mean_acceptance)
         for spread in (0.05, 0.1, 0.2):

@@ -239,7 +239,7 @@ class Scenario:
         rates = np.asarray(self.wl.acceptance_rates(self.sch.gamma))
         if self.cfg.mode == "expected":
             return np.full(n, expected_accepted_tokens_table(rates))
-        if rows.acceptance_factor is not None and self.wl.acceptance_spread > 0:
+        if rows.acceptance_factor is not None:  # rows differ (the workload has a spread)
             rates = np.minimum(rates[None, :] * rows.acceptance_factor[idx, None], 1.0)
         ok = self.rng.random((n, self.sch.gamma)) < rates
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import simpy
 
-from specplan.cost import max_acceptance_spread, row_acceptance_factors
+from specplan.cost import row_acceptance_factors
 from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile
 from specplan.memory import plan_memory
@@ -83,7 +83,7 @@ def make_batches(cfg: SimConfig, seed: int | None = None) -> list[Rows]:
         if n == 0:
             continue
         prompt = np.array([wl.prompt_len_of(start + j) for j in range(n)], dtype=np.int64)
-        factor = row_acceptance_factors(wl.mean_acceptance, spread, n, rng_rows)
+        factor = row_acceptance_factors(wl.mean_acceptance, spread, n, rng_rows) if rng_rows is not None else None
         batches.append(Rows(chr(ord("A") + i), prompt, np.zeros(n), wl.gen_len, factor))
         start += n
     return batches
@@ -144,9 +144,7 @@ def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profil
     the memory check."""
     wl = Workload.from_dict(plan.workload, "plan workload")
     if acceptance is not None and plan.schedule.speculative:
-        a = float(min(max(acceptance, 0.0), 1.0))
-        spread = wl.acceptance_spread if acceptance_spread is None else float(acceptance_spread)
-        wl = replace(wl, acceptance=a, acceptance_spread=min(spread, max_acceptance_spread(a)) if 0.0 < a < 1.0 else 0.0)
+        wl = wl.at_acceptance(acceptance, acceptance_spread)
     if num_prompts:
         wl = replace(wl, num_prompts=int(num_prompts))
     return simulate(SimConfig(target, draft if plan.schedule.speculative else None, profile, wl, plan.schedule,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .cost import max_acceptance_spread
 from .errors import InputError, require
 from .fileio import read_json
 
@@ -102,6 +103,13 @@ class Workload:
 
     def prompt_len_of(self, i: int) -> int:
         return self.prompt_lens[i % len(self.prompt_lens)]
+
+    def at_acceptance(self, acceptance: float, spread: float | None = None) -> "Workload":
+        """This workload at another (single) acceptance rate, with its spread, or `spread`, cut
+        to what a rate that high or low allows (none at 0 or 1)."""
+        a = float(min(max(acceptance, 0.0), 1.0))
+        s = self.acceptance_spread if spread is None else float(spread)
+        return replace(self, acceptance=a, acceptance_spread=min(s, max_acceptance_spread(a)))
 
     def acceptance_rates(self, gamma: int) -> tuple[float, ...]:
         """Per-position acceptance a_1..a_gamma (the last table entry repeats past its end)."""
