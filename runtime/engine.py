@@ -1,32 +1,37 @@
-"""Engine: prefill, draft, verify and decode under the four schedules the planner names.
+"""Engine: the torch executor of the step scheduler's passes (specplan.scheduler).
 
-Rows. A wave of up to schedule.rows prompts is in flight at once; its rows are split into
-batches (contiguous row ranges of the KV caches). A row's state is its token sequence
-(prompt, then generated tokens) and its length L. The target's cache holds positions
-0..L-2 (every token but the last); the draft's cache is rewound to L-2 each round, so it
+The scheduler decides every pass: which rows compute how many new tokens (a prompt chunk,
+gamma + 1 verify positions, or one decode token), which rows the draft proposes for and
+whether that runs before the target's pass or beside it, which prompts enter freed slots and
+which rows move. This file runs what it is told and hands back what came of it (tokens each
+row kept, EOS); the schedule itself is written nowhere here.
+
+Slots. The KV caches have one row per slot. A slot's state is its token sequence (prompt,
+then generated tokens) and its length L. The target's cache holds positions 0..L-2 (every
+token but the last); the draft's cache holds [0, L - 2) between rounds, so each round
 re-reads the last two tokens and never needs to know how many of its own tokens survived.
 
-A speculative round for a batch:
-    propose: the draft feeds seq[L-2:L], then gamma - 1 of its own tokens, one step each,
-             and returns x_1..x_gamma (and q, its distributions, when sampling);
-    verify:  one target pass over [seq[L-1], x_1..x_gamma] at positions L-1..L+gamma-1,
-             then speculative.verify_* decides n and the next token; the row grows by n + 1
-             (cut at gen_len and after EOS) and its target cache length becomes L + n.
-Finished rows stay in their batch (the batch shape is what streams the weights) but no
-longer grow; a batch with no unfinished row is skipped.
+One pass: the target walks its layers once, and at each layer computes every run of
+consecutive slots that do the same thing (verify, decode, or the same prompt chunk), so a
+prompt chunk rides on the weights the decode rows stream anyway; a chunk writes its KV
+wherever the target's KV lives.
 
-Schedules:
-    specoffload  two batches; the draft of one runs on a thread (its own CUDA stream) while
-                 the target verifies the other with its weights streaming, then they swap.
-    spec-serial  draft, then verify, one batch after another.
-    flexgen      no draft; each step is one pass over the weights that computes every
-                 micro-batch at a layer before moving to the next layer.
-    sequential   no draft; each batch gets its own pass per step, no prefetch.
-Prompts are prefilled in chunks of schedule.prefill_chunk rows, one target pass per chunk.
+A speculative round for a row:
+    propose: the draft reads what it does not hold of the row (a new row's prompt, or its
+             whole context when the draft keeps no KV), feeds seq[L-2:L], then gamma - 1 of
+             its own tokens, one step each, and keeps x_1..x_gamma (and q, when sampling);
+    verify:  the target computes [seq[L-1], x_1..x_gamma] at positions L-1..L+gamma-1, then
+             speculative.verify_* decides n and the next token; the row grows by n + 1 (cut
+             at gen_len and after EOS) and its target cache length becomes L + n.
+specoffload's draft runs on a thread (its own CUDA stream) beside the target's pass.
 
-With placement.draft_kv == "cpu" the draft's KV lives on the host and micro-batch i of a
-propose drafts in GPU swap buffer i % 2 while micro-batch i + 1 is copied into the other;
-only the positions a round wrote are copied back, and nobody waits for that (draftkv.py).
+Where the draft's KV lives (placement.draft_kv):
+    gpu        a cache with a row per slot;
+    cpu        on the host; micro-batch i of a propose drafts in GPU swap buffer i % 2 while
+               micro-batch i + 1 is copied into the other; only the positions a round wrote
+               are copied back, and nobody waits for that (draftkv.py);
+    recompute  no KV kept: one GPU buffer of draft_batch rows, refilled from each row's
+               context every round.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from specplan.plan import Placement, Schedule
+from specplan.scheduler import DraftRow, Outcome, Pass, Request, RowWork, SchedulerConfig, StepScheduler
 
 from .attention import cuda_sdpa_kernels
 from .checkpoint import Checkpoint
@@ -51,59 +57,55 @@ from .stats import Stats
 from .weights import RESIDENT, WeightStore
 
 
-def split(s: slice, size: int) -> list[slice]:
-    return [slice(i, min(i + size, s.stop)) for i in range(s.start, s.stop, size)]
+def runs(slots: list[int]) -> list[slice]:
+    """Sorted slots as maximal slices of consecutive ones."""
+    out: list[slice] = []
+    for s in slots:
+        if out and out[-1].stop == s:
+            out[-1] = slice(out[-1].start, s + 1)
+        else:
+            out.append(slice(s, s + 1))
+    return out
 
 
 @dataclass
-class Rows:
-    """The sequences of one wave, on the CPU."""
+class Slots:
+    """The sequences in the KV caches' rows, on the CPU."""
 
-    seq: torch.Tensor  # [R, max prompt + gen_len]: prompt, then generated tokens
-    length: torch.Tensor  # [R] tokens in seq
-    prompt_len: torch.Tensor  # [R]
-    done: torch.Tensor  # [R] bool
-    rounds: torch.Tensor  # [R] verifications each row took part in (speculative policies)
-    accepted: torch.Tensor  # [R] drafted tokens each row had accepted
-    prompt: torch.Tensor  # [R] which prompt of the wave each row (cache slot) holds
+    seq: torch.Tensor  # [S, max prompt + gen_len]: prompt, then generated tokens
+    length: torch.Tensor  # [S] tokens in seq
+    prompt_len: torch.Tensor  # [S]
+    done: torch.Tensor  # [S] bool
+    rounds: torch.Tensor  # [S] verifications the row took part in (speculative policies)
+    accepted: torch.Tensor  # [S] drafted tokens the row had accepted
+    request: torch.Tensor  # [S] which prompt the slot holds (-1: none)
 
     @classmethod
-    def start(cls, prompts: list[list[int]], gen_len: int) -> "Rows":
-        lens = torch.tensor([len(p) for p in prompts])
-        seq = torch.zeros(len(prompts), int(lens.max()) + gen_len, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            seq[r, :len(p)] = torch.tensor(p)
-        zeros = torch.zeros(len(prompts), dtype=torch.long)
-        return cls(seq, lens.clone(), lens, torch.zeros(len(prompts), dtype=torch.bool), zeros, zeros.clone(),
-                   torch.arange(len(prompts)))
+    def empty(cls, n: int, width: int) -> "Slots":
+        z = torch.zeros(n, dtype=torch.long)
+        return cls(torch.zeros(n, width, dtype=torch.long), z.clone(), z.clone(), torch.ones(n, dtype=torch.bool),
+                   z.clone(), z.clone(), torch.full((n,), -1, dtype=torch.long))
 
-    def swap(self, i: int, j: int) -> None:
-        """Exchange what rows i and j hold (the caches are the caller's)."""
-        for t in (self.seq, self.length, self.prompt_len, self.done, self.rounds, self.accepted, self.prompt):
-            t[[i, j]] = t[[j, i]]
+    def fill(self, slot: int, request: int, prompt: list[int]) -> None:
+        self.seq[slot, :len(prompt)] = torch.tensor(prompt)
+        self.length[slot] = self.prompt_len[slot] = len(prompt)
+        self.done[slot] = False
+        self.rounds[slot] = self.accepted[slot] = 0
+        self.request[slot] = request
 
-    def last(self, b: slice, k: int) -> torch.Tensor:
-        """The last k tokens of each row of batch b, [B, k]."""
-        idx = self.length[b][:, None] - k + torch.arange(k)
-        return self.seq[b].gather(1, idx)
+    def move(self, src: int, dst: int) -> None:
+        """Slot dst takes what slot src holds; src is left empty (the caches are the caller's)."""
+        for t in (self.seq, self.length, self.prompt_len, self.done, self.rounds, self.accepted, self.request):
+            t[dst] = t[src]
+        self.request[src], self.done[src] = -1, True
 
-    def active(self, b: slice) -> bool:
-        return not bool(self.done[b].all())
+    def last(self, idx: torch.Tensor, k: int) -> torch.Tensor:
+        """The last k tokens of rows idx, [B, k]."""
+        pos = self.length[idx][:, None] - k + torch.arange(k)
+        return self.seq[idx].gather(1, pos)
 
-    def live_span(self, b: slice) -> slice:
-        """The rows of b from its first unfinished one to its last: what a pass computes, so
-        rows that finished at either end cost nothing (those between still ride along)."""
-        live = torch.nonzero(~self.done[b]).flatten()
-        if len(live) == 0:
-            return slice(b.start, b.start)
-        return slice(b.start + int(live[0]), b.start + int(live[-1]) + 1)
-
-    def outputs(self) -> list[list[int]]:
-        """Generated tokens per prompt, in prompt order (rows may have moved between slots)."""
-        out: list[list[int]] = [[] for _ in range(len(self.seq))]
-        for r in range(len(self.seq)):
-            out[int(self.prompt[r])] = self.seq[r, self.prompt_len[r]:self.length[r]].tolist()
-        return out
+    def generated(self, slot: int) -> list[int]:
+        return self.seq[slot, self.prompt_len[slot]:self.length[slot]].tolist()
 
 
 class Engine:
@@ -118,9 +120,11 @@ class Engine:
         self.gen_len, self.greedy, self.temperature, self.seed = gen_len, sampling == "greedy", temperature, seed
         self.eos = torch.tensor(eos) if eos else None
         self.stats = stats or Stats(device)
-        self.rows_cap = rows
+        self.prompts_cap = rows  # the job's prompts, at most the plan's rows, size the batches
         self.gamma = schedule.gamma if schedule.speculative else 0
-        max_len = max_prompt_len + gen_len + self.gamma  # a finished row still writes gamma + 1 positions
+        self.max_prompt_len = max_prompt_len
+        self.max_len = max_len = max_prompt_len + gen_len + self.gamma  # verify writes gamma + 1 positions
+        self.slots_n = rows = self._config(rows).slots
 
         spec = target.spec
         attn_device = device if schedule.attention_device == "gpu" else torch.device("cpu")
@@ -135,17 +139,28 @@ class Engine:
             if draft is None:
                 raise ValueError(f"policy {schedule.policy} needs a draft model")
             d = draft.spec
+            mb = min(schedule.draft_batch, rows)
             if placement.draft_kv == "cpu":
                 # two buffers of a micro-batch each: one drafts while the next is copied in
-                self.draft_swap = DraftKVSwap(d.layers, rows, min(schedule.draft_batch, rows), max_len, d.kv_heads,
-                                              d.head_dim, draft.dtype, device, self.stats)
+                self.draft_swap = DraftKVSwap(d.layers, rows, mb, max_len, d.kv_heads, d.head_dim, draft.dtype,
+                                              device, self.stats)
                 dcache = self.draft_swap.buffers[0]
             else:
-                dcache = KVCache(d.layers, rows, max_len, d.kv_heads, d.head_dim, draft.dtype, device)
+                n = mb if placement.draft_kv == "recompute" else rows
+                dcache = KVCache(d.layers, n, max_len, d.kv_heads, d.head_dim, draft.dtype, device)
             self.draft = Model(d, WeightStore(draft, RESIDENT, device, 0), dcache, device, None, "draft")
+            self.proposal = torch.zeros(rows, max(self.gamma, 1), dtype=torch.long)  # x per slot, awaiting verification
+            self.proposal_q: torch.Tensor | None = None  # q per slot, when sampling (made on first use)
         self.draft_stream = torch.cuda.Stream(device) if self.cuda and self.draft is not None else None
         self._gens: dict[tuple[str, int], torch.Generator] = {}
         self._progress: Callable[[int], None] | None = None
+        self.passes: list[Pass] = []  # what ran, for the report and the agreement test
+        self.outcomes: list[Outcome] = []
+        self.pass_counts: dict = {}
+
+    def _config(self, prompts: int) -> SchedulerConfig:
+        return SchedulerConfig.from_schedule(self.schedule, self.gen_len, prompts, self.placement.draft_kv,
+                                             self.max_prompt_len + self.gen_len)
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     def device_parts(self) -> dict[str, int]:
@@ -159,6 +174,8 @@ class Engine:
             parts["draft weights"] = self.draft.store.bytes["gpu"]
             if self.draft_swap is not None:
                 parts["draft KV swap buffers"] = self.draft_swap.device_bytes
+            elif self.placement.draft_kv == "recompute":
+                parts["draft KV recompute buffer"] = self.draft.cache.nbytes
             else:
                 parts["draft KV cache"] = self.draft.cache.nbytes
         return parts
@@ -176,13 +193,14 @@ class Engine:
             b["draft_kv_cache"] = self.draft_swap.host.nbytes
         return b
 
-    def _gen(self, role: str, b: slice) -> torch.Generator | None:
+    def _gen(self, role: str, group: int) -> torch.Generator | None:
+        """The sampling stream of one role for one batch of rows (seeded, so runs repeat)."""
         if self.greedy:
             return None
-        key = (role, b.start)
+        key = (role, group)
         if key not in self._gens:
             offset = {"first": 0, "draft": 1, "target": 2}[role]
-            self._gens[key] = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 3 * b.start + offset)
+            self._gens[key] = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 3 * group + offset)
         return self._gens[key]
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -192,261 +210,300 @@ class Engine:
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _append(self, rows: Rows, b: slice, cand: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Append the first count[r] tokens of cand[r] to each unfinished row of batch b, cut at
-        gen_len and after an EOS; returns how many each row kept."""
-        L, P = rows.length[b], rows.prompt_len[b]
+    def _append(self, slots: Slots, idx: torch.Tensor, cand: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Append the first count[r] tokens of cand[r] to each unfinished row idx[r], cut at gen_len
+        and after an EOS; returns how many each row kept."""
+        L, P = slots.length[idx], slots.prompt_len[idx]
         m = cand.shape[1]
         j = torch.arange(m)
-        k = torch.minimum(count, self.gen_len - (L - P)).masked_fill(rows.done[b], 0)
-        eos_hit = torch.zeros_like(rows.done[b])
+        k = torch.minimum(count, self.gen_len - (L - P)).masked_fill(slots.done[idx], 0)
+        eos_hit = torch.zeros_like(slots.done[idx])
         if self.eos is not None:
             hit = torch.isin(cand, self.eos) & (j < k[:, None])
             eos_hit = hit.any(1)
             k = torch.where(eos_hit, hit.int().argmax(1) + 1, k)
         keep = j < k[:, None]
-        r = torch.arange(len(k))[:, None].expand(-1, m)
-        rows.seq[b][r[keep], (L[:, None] + j)[keep]] = cand[keep]
-        rows.length[b] += k
-        rows.done[b] |= eos_hit | (rows.length[b] - P >= self.gen_len)
-        self.target.cache.lengths[b] = rows.length[b] - 1
+        r = idx[:, None].expand(-1, m)
+        slots.seq[r[keep], (L[:, None] + j)[keep]] = cand[keep]
+        slots.length[idx] = L + k
+        slots.done[idx] = slots.done[idx] | eos_hit | (L + k - P >= self.gen_len)
+        self.target.cache.lengths[idx] = L + k - 1
         if self._progress is not None:
             self._progress(int(k.sum()))
         return k
 
-    # ---- the three verbs ----------------------------------------------------------------------------
-    def prefill(self, rows: Rows) -> None:
-        """Prompts through the target (chunks of prefill_chunk rows) and the draft; samples each row's first token."""
+    # ---- the job ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None) -> list[list[int]]:
+        """Generated token ids per prompt (prompt excluded), in prompt order: the scheduler's
+        passes, run one after another until every prompt has finished."""
+        self._progress = progress
+        sched = StepScheduler(self._config(len(prompts)), [Request(i, len(p)) for i, p in enumerate(prompts)])
+        assert sched.config.slots <= self.slots_n
+        slots = Slots.empty(self.slots_n, self.max_prompt_len + self.gen_len)
+        self.target.cache.lengths.zero_()
+        out: list[list[int]] = [[] for _ in prompts]
+        self.row_rounds, self.row_accepted = [0] * len(prompts), [0] * len(prompts)  # for the acceptance spread
+        self.passes, self.outcomes = [], []
+        with ThreadPoolExecutor(1, thread_name_prefix="draft") as pool:
+            while (p := sched.next_pass()) is not None:
+                outcome = self.run_pass(p, slots, prompts, pool)
+                sched.complete(p, outcome)
+                self.passes.append(p)
+                self.outcomes.append(outcome)
+                for w in p.rows:  # rows that finished give their output now; the slot may refill next pass
+                    s = w.slot
+                    if slots.done[s] and slots.request[s] >= 0:
+                        req = int(slots.request[s])
+                        out[req] = slots.generated(s)
+                        self.row_rounds[req], self.row_accepted[req] = int(slots.rounds[s]), int(slots.accepted[s])
+                        slots.request[s] = -1
+        self._sync()
+        self.pass_counts = sched.counts.to_dict()
+        return out
+
+    def run_pass(self, p: Pass, slots: Slots, prompts: list[list[int]], pool: ThreadPoolExecutor) -> Outcome:
+        only_prefill = not p.decode_rows
         t0 = time.perf_counter()
-        self.stats.prefix = "prefill."
-        every = slice(0, len(rows.seq))
-        cache = self.target.cache
-        for c in split(every, self.schedule.prefill_chunk):
-            P = rows.prompt_len[c]
-            cache.lengths[c] = 0
-            logits = self.target.forward([Step(c, rows.seq[c, :int(P.max())], pick=P - 1)])[0]
-            first = self._choose(logits, self._gen("first", c)).cpu()
-            self._append(rows, c, first[:, None], torch.ones_like(P))
-        if self.draft is not None:
-            with self._draft_context(), self.stats.region("draft"):
-                for i, c in enumerate(split(every, self.schedule.draft_batch)):
-                    P = rows.prompt_len[c]
-                    crow = self._draft_rows(i, c, fresh=True)
-                    self.draft.cache.lengths[crow] = 0
-                    self.draft.forward([Step(crow, rows.seq[c, :int(P.max())])], logits=False)
-                    self.draft.cache.lengths[crow] = P
-                    self._draft_store(rows, i, c, crow, torch.zeros_like(P))
-            if self.cuda:
-                self.draft_stream.synchronize()
-        self._sync()
+        self.stats.prefix = "prefill." if only_prefill else ""
+        for src, dst, _ in p.moves:
+            self._move(slots, src, dst)
+        if p.moves:
+            self.stats.count("merged_rows", len(p.moves))
+        for slot, req in p.admitted:
+            slots.fill(slot, req, prompts[req])
+            self.target.cache.lengths[slot] = 0
+        group = p.groups[0]
+        if p.draft_first:
+            self.propose(slots, p.draft_first, group)
+        job = pool.submit(self.propose, slots, p.draft_beside, 1 - group if len(p.groups) == 1 else group) \
+            if p.draft_beside else None
+        try:
+            outcome = self.target_pass(p, slots, group)
+        finally:
+            if job is not None:
+                job.result()
         self.stats.prefix = ""
-        self.stats.add("prefill", time.perf_counter() - t0)
+        if only_prefill:
+            self.stats.add("prefill", time.perf_counter() - t0)
+        return outcome
 
-    def propose(self, rows: Rows, b: slice) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
-        """gamma draft tokens [B', gamma] (CPU) for the live span of batch b, their distributions q
-        when sampling, and that span (the rows the verification will compute)."""
-        xs, qs = [], []
-        gen_key = b  # sampling streams stay per batch, whatever the span
-        b = rows.live_span(b)
-        mbs = split(b, self.schedule.draft_batch)
-        with self._draft_context(), self.stats.region("draft"):
-            if self.draft_swap is not None:
-                self.draft_swap.begin()
-                self._draft_load(rows, 0, mbs[0])
-            for i, c in enumerate(mbs):
-                if self.draft_swap is not None and i + 1 < len(mbs):
-                    self._draft_load(rows, i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
-                crow = self._draft_rows(i, c)
-                cache = self.draft.cache
-                start = rows.length[c] - 2
-                cache.lengths[crow] = start
-                tokens = rows.last(c, 2)
-                x, q = [], []
-                for _ in range(self.gamma):
-                    pick = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
-                    logits = self.draft.forward([Step(crow, tokens, pick)])[0]
-                    cache.lengths[crow] += tokens.shape[1]
-                    if self.greedy:
-                        t = logits.argmax(-1)
-                    else:
-                        q.append(probs(logits, self.temperature))
-                        t = sample(q[-1], self._gen("draft", gen_key))
-                    x.append(t)
-                    tokens = t[:, None]
-                self._draft_store(rows, i, c, crow, start)  # the positions this round wrote; nobody waits
-                xs.append(torch.stack(x, 1))
-                qs.append(torch.stack(q, 1) if q else None)
-            x = torch.cat(xs).cpu()
-            q = None if self.greedy else torch.cat(qs)
-        if self.cuda:
-            self.draft_stream.synchronize()  # this thread waits; the target's stream does not
-        return x, q, b
-
-    def verify(self, rows: Rows, batch: slice, proposal: tuple[torch.Tensor, torch.Tensor | None, slice]) -> None:
-        """One target pass over the last token and the gamma drafted ones of the proposal's rows
-        (batch's live span when it was drafted); keep the accepted prefix."""
-        x, q, b = proposal
-        tokens = torch.cat([rows.last(b, 1), x], 1)
-        logits = self.target.forward([Step(b, tokens)])[0]  # [B, gamma + 1, V]
-        self._sync()
-        with self.stats.wall("verify"):
-            xd = x.to(self.device)
-            if self.greedy:
-                n, nxt = verify_greedy(xd, logits)
+    # ---- the target's pass ------------------------------------------------------------------------------------
+    def target_pass(self, p: Pass, slots: Slots, group: int) -> Outcome:
+        """One walk over the target's layers for every row of the pass; keep what it produced."""
+        cache = self.target.cache
+        steps: list[Step] = []
+        parts: list[tuple[str, slice, RowWork]] = []
+        for kind, sl, w in self._runs(p.rows):
+            idx = torch.arange(sl.start, sl.stop)
+            if kind == "verify":
+                steps.append(Step(sl, torch.cat([slots.last(idx, 1), self.proposal[idx, :self.gamma]], 1)))
+            elif kind == "decode":
+                steps.append(Step(sl, slots.last(idx, 1)))
             else:
-                if self.cuda:
-                    q.record_stream(torch.cuda.current_stream(self.device))  # made on the draft stream
-                n, nxt = verify_sampling(xd, q, probs(logits, self.temperature), self._gen("target", batch))
-            n, nxt = n.cpu(), nxt.cpu()
-            cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
-            cand[torch.arange(len(n)), n] = nxt
-            active = ~rows.done[b]
-            rows.rounds[b] += active.long()
-            rows.accepted[b] += n * active
-            kept = self._append(rows, b, cand, n + 1)
-            self.stats.count("passes", 1)
-            self.stats.count("rounds", int(active.sum()))
-            self.stats.count("drafted", self.gamma * int(active.sum()))
-            self.stats.count("accepted", int(n[active].sum()))
-            self.stats.count("appended", int(kept.sum()))
-
-    def decode(self, rows: Rows, batches: list[slice]) -> None:
-        """One non-speculative token for every live row of `batches` (each batch's live span), all
-        in one pass over the weights."""
-        spans = [rows.live_span(b) for b in batches]
-        steps = [Step(s, rows.last(s, 1)) for s in spans]
+                cache.lengths[sl] = w.start
+                steps.append(Step(sl, slots.seq[sl, w.start:w.start + w.tokens],
+                                  torch.full((sl.stop - sl.start,), w.tokens - 1)))
+            parts.append((kind, sl, w))
         logits = self.target.forward(steps)
         self._sync()
+        gained: dict[int, float] = {}
         with self.stats.wall("verify"):
-            self.stats.count("passes", 1)
-            for full, b, lg in zip(batches, spans, logits):
-                t = self._choose(lg[:, -1], self._gen("target", full)).cpu()
-                active = ~rows.done[b]
-                kept = self._append(rows, b, t[:, None], torch.ones_like(t))
-                self.stats.count("rounds", int(active.sum()))
-                self.stats.count("appended", int(kept.sum()))
+            if any(k != "prefill" for k, _, _ in parts):
+                self.stats.count("passes", 1)
+            verify = [(sl, lg) for (k, sl, _), lg in zip(parts, logits) if k == "verify"]
+            if verify:
+                self._verify(slots, verify, group, gained)
+            for (kind, sl, w), lg in zip(parts, logits):
+                idx = torch.arange(sl.start, sl.stop)
+                if kind == "decode":
+                    t = self._choose(lg[:, -1], self._gen("target", group)).cpu()
+                    active = ~slots.done[idx]
+                    kept = self._append(slots, idx, t[:, None], torch.ones_like(t))
+                    self.stats.count("rounds", int(active.sum()))
+                    self.stats.count("appended", int(kept.sum()))
+                    gained.update(zip(idx.tolist(), kept.tolist()))
+                elif kind == "prefill":
+                    cache.lengths[sl] = w.start + w.tokens
+                    if w.last:  # the prompt is in: its last logits give the row's first token
+                        first = self._choose(lg, self._gen("first", group)).cpu()
+                        kept = self._append(slots, idx, first[:, None], torch.ones_like(first))
+                        gained.update(zip(idx.tolist(), kept.tolist()))
+        eos = frozenset(s for s in gained if bool(slots.done[s]) and
+                        int(slots.length[s] - slots.prompt_len[s]) < self.gen_len)
+        return Outcome(gained, eos)
+
+    def _verify(self, slots: Slots, parts: list[tuple[slice, torch.Tensor]], group: int, gained: dict) -> None:
+        """Keep the accepted prefix of every verified row's proposal, and the target's next token."""
+        idx = torch.cat([torch.arange(sl.start, sl.stop) for sl, _ in parts])
+        logits = torch.cat([lg for _, lg in parts]) if len(parts) > 1 else parts[0][1]  # [B, gamma + 1, V]
+        x = self.proposal[idx, :self.gamma]
+        xd = x.to(self.device)
+        if self.greedy:
+            n, nxt = verify_greedy(xd, logits)
+        else:
+            q = self.proposal_q[idx.to(self.device)]
+            n, nxt = verify_sampling(xd, q, probs(logits, self.temperature), self._gen("target", group))
+        n, nxt = n.cpu(), nxt.cpu()
+        cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
+        cand[torch.arange(len(n)), n] = nxt
+        active = ~slots.done[idx]
+        slots.rounds[idx] += active.long()
+        slots.accepted[idx] += n * active
+        kept = self._append(slots, idx, cand, n + 1)
+        self.stats.count("rounds", int(active.sum()))
+        self.stats.count("drafted", self.gamma * int(active.sum()))
+        self.stats.count("accepted", int(n[active].sum()))
+        self.stats.count("appended", int(kept.sum()))
+        gained.update(zip(idx.tolist(), kept.tolist()))
+
+    @staticmethod
+    def _runs(rows: tuple[RowWork, ...]):
+        """The pass's rows as runs of consecutive slots doing the same thing: (kind, slots, a RowWork)."""
+        out: list[tuple[str, slice, RowWork]] = []
+        for w in sorted(rows, key=lambda w: w.slot):
+            if out:
+                kind, sl, first = out[-1]
+                same = kind == w.kind and (kind != "prefill" or (first.start, first.tokens, first.last)
+                                           == (w.start, w.tokens, w.last))
+                if same and sl.stop == w.slot:
+                    out[-1] = (kind, slice(sl.start, w.slot + 1), first)
+                    continue
+            out.append((w.kind, slice(w.slot, w.slot + 1), w))
+        return out
+
+    # ---- the draft ----------------------------------------------------------------------------------------------
+    def propose(self, slots: Slots, work: tuple[DraftRow, ...], group: int) -> None:
+        """The draft's work: for the rows it proposes for, gamma tokens each (kept per slot for
+        their verification), in micro-batches of draft_batch rows; then the prompts it only reads."""
+        size = self.schedule.draft_batch
+        with self._draft_context(), self.stats.region("draft"):
+            for rows in ([d for d in work if d.propose], [d for d in work if not d.propose]):
+                mbs = [rows[i:i + size] for i in range(0, len(rows), size)]
+                if not mbs:
+                    continue
+                load = self.draft_swap is not None and rows[0].propose  # prompts to read have nothing to load
+                if load:
+                    self.draft_swap.begin()
+                    self._draft_load(slots, 0, mbs[0])
+                for i, mb in enumerate(mbs):
+                    if load and i + 1 < len(mbs):
+                        self._draft_load(slots, i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
+                    self._draft_micro_batch(slots, i, mb, group)
+        if self.cuda:
+            self.draft_stream.synchronize()  # this thread waits; the target's stream does not
+
+    def _draft_micro_batch(self, slots: Slots, i: int, mb: list[DraftRow], group: int) -> None:
+        idx = torch.tensor([d.slot for d in mb])
+        crows = self._draft_rows(i, [d.slot for d in mb], fresh=not mb[0].propose)
+        cache = self.draft.cache
+        ctx = torch.tensor([d.context for d in mb])
+        start = torch.tensor([d.cached for d in mb])
+        reads = [(k, d) for k, d in enumerate(mb) if d.context > d.cached]
+        if reads:
+            # the positions the draft does not hold (from 0: a new row, or a recomputed context),
+            # padded to the longest; what lands past a row's context is masked, then overwritten
+            width = max(d.context for _, d in reads)
+            steps = []
+            for crow, part in crows:
+                sel = [k for k in range(part.start, part.stop) if mb[k].context > mb[k].cached]
+                if sel:
+                    cache.lengths[crow] = 0
+                    steps.append(Step(crow, slots.seq[idx[part], :width]))
+            self.draft.forward(steps, logits=False)
+        for crow, part in crows:
+            cache.lengths[crow] = ctx[part]
+        if mb[0].propose:
+            x, q = self._draft_steps(slots, idx, crows, group)
+            self.proposal[idx, :self.gamma] = x
+            if q is not None:
+                if self.proposal_q is None:
+                    self.proposal_q = torch.zeros(self.slots_n, self.gamma, q.shape[-1], device=q.device)
+                self.proposal_q[idx.to(q.device)] = q
+        self._draft_store(slots, i, mb, [d.slot for d in mb], start)
+
+    def _draft_steps(self, slots: Slots, idx: torch.Tensor, crows, group: int):
+        """gamma draft steps from each row's last two tokens: x [B, gamma] (CPU), q [B, gamma, V] or None."""
+        cache = self.draft.cache
+        tokens = slots.last(idx, 2)
+        xs, qs = [], []
+        for _ in range(self.gamma):
+            pick = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
+            steps = [Step(crow, tokens[part], pick[part]) for crow, part in crows]
+            logits = torch.cat(self.draft.forward(steps))
+            for crow, _ in crows:
+                cache.lengths[crow] += tokens.shape[1]
+            if self.greedy:
+                t = logits.argmax(-1)
+            else:
+                qs.append(probs(logits, self.temperature))
+                t = sample(qs[-1], self._gen("draft", group))
+            xs.append(t)
+            tokens = t[:, None].cpu()
+        return torch.stack(xs, 1).cpu(), (torch.stack(qs, 1) if qs else None)
+
+    def _move(self, slots: Slots, src: int, dst: int) -> None:
+        """The tail merge: slot dst takes slot src's row, its target KV and its draft KV."""
+        if self.draft_swap is not None:
+            self.draft_swap.synchronize()  # no copy of the host store in flight
+        self._sync()
+        end = int(slots.length[src])  # the caches hold at most the row's tokens so far
+        slots.move(src, dst)
+        self.target.cache.copy_row_(src, dst, end)
+        if self.draft_swap is not None:
+            self.draft_swap.host.copy_row_(src, dst, end)
+        elif self.draft is not None and self.placement.draft_kv == "gpu":
+            self.draft.cache.copy_row_(src, dst, end)
+        self._sync()  # the copies ran on this stream; the draft's stream must see them done
 
     # ---- draft KV placement ---------------------------------------------------------------------------
     def _draft_context(self):
         return torch.cuda.stream(self.draft_stream) if self.draft_stream is not None else nullcontext()
 
-    # With the draft KV on the host, micro-batch i of a propose (or of the draft's prefill) uses
-    # swap buffer i % 2; see draftkv.py for the copies and their ordering.
-    def _draft_load(self, rows: Rows, i: int, c: slice) -> None:
-        """Queue the copy of what rows c's draft KV holds, positions [0, L - 2), into buffer i % 2
-        (unfinished rows only: a finished row's draft tokens are discarded)."""
-        ends = (rows.length[c] - 2).masked_fill(rows.done[c], 0)
-        self.draft_swap.load(i % 2, list(range(c.start, c.stop)), ends.tolist())
+    # With the draft KV on the host, micro-batch i of a propose uses swap buffer i % 2; see
+    # draftkv.py for the copies and their ordering.
+    def _draft_load(self, slots: Slots, i: int, mb: list[DraftRow]) -> None:
+        """Queue the copy of the positions the draft holds of each row of mb into buffer i % 2."""
+        self.draft_swap.load(i % 2, [d.slot for d in mb], [d.cached for d in mb])
 
-    def _draft_rows(self, i: int, c: slice, fresh: bool = False) -> slice:
-        """Cache rows the draft uses for rows c: the same rows of its GPU cache, or the rows of
-        swap buffer i % 2 once its load (`fresh`: its last write-back) is done."""
-        if self.draft_swap is None:
-            return c
-        self.draft.cache = self.draft_swap.acquire(i % 2, fresh)
-        return slice(0, c.stop - c.start)
-
-    def _draft_store(self, rows: Rows, i: int, c: slice, crow: slice, start: torch.Tensor) -> None:
-        """Queue the write-back of the positions the draft just wrote for rows c, [start, new length)."""
-        if self.draft_swap is None:
-            return
-        end = self.draft.cache.lengths[crow]
-        spans = [(a, b if not done else a) for a, b, done in zip(start.tolist(), end.tolist(), rows.done[c].tolist())]
-        self.draft_swap.store(i % 2, list(range(c.start, c.stop)), spans)
-
-    # ---- schedules --------------------------------------------------------------------------------------
-    def batches(self, n_rows: int) -> list[slice]:
-        per = min(self.schedule.target_batch, -(-n_rows // self.schedule.num_batches))
-        return split(slice(0, n_rows), per)
-
-    def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None) -> list[list[int]]:
-        """Generated token ids per prompt (prompt excluded), in waves of schedule.rows prompts."""
-        self._progress = progress
-        run = {"specoffload": self._run_specoffload, "spec-serial": self._run_spec_serial,
-               "flexgen": self._run_flexgen, "sequential": self._run_sequential}[self.schedule.policy]
-        out: list[list[int]] = []
-        self.row_rounds, self.row_accepted = [], []  # per prompt, for the acceptance spread
-        for w in range(0, len(prompts), self.rows_cap):
-            rows = Rows.start(prompts[w:w + self.rows_cap], self.gen_len)
-            self.prefill(rows)
-            run(rows, self.batches(len(rows.seq)))
-            out += rows.outputs()
-            order = torch.argsort(rows.prompt)
-            self.row_rounds += rows.rounds[order].tolist()
-            self.row_accepted += rows.accepted[order].tolist()
-        self._sync()
+    def _draft_rows(self, i: int, mb_slots: list[int], fresh: bool = False) -> list[tuple[slice, slice]]:
+        """Where the draft computes micro-batch i's rows: (cache rows, positions within the
+        micro-batch) per run. The slots' own rows of the GPU cache, else rows 0.. of a buffer
+        (swap buffer i % 2 once its load, or with nothing to load (`fresh`) its last
+        write-back, is done; or the recompute buffer)."""
+        n = len(mb_slots)
+        if self.draft_swap is not None:
+            self.draft.cache = self.draft_swap.acquire(i % 2, fresh)
+            return [(slice(0, n), slice(0, n))]
+        if self.placement.draft_kv == "recompute":
+            return [(slice(0, n), slice(0, n))]
+        out, k = [], 0
+        for sl in runs(mb_slots) if mb_slots == sorted(mb_slots) else [slice(s, s + 1) for s in mb_slots]:
+            m = sl.stop - sl.start
+            out.append((sl, slice(k, k + m)))
+            k += m
         return out
 
+    def _draft_store(self, slots: Slots, i: int, mb: list[DraftRow], mb_slots: list[int], start: torch.Tensor) -> None:
+        """Queue the write-back of the positions the draft just wrote for the rows of mb, [start, new length)."""
+        if self.draft_swap is None:
+            return
+        end = self.draft.cache.lengths[:len(mb)]
+        self.draft_swap.store(i % 2, mb_slots, list(zip(start.tolist(), end.tolist())))
+
     def warmup(self, prompts: list[list[int]]) -> None:
-        """The first wave's prefill and one decode round, at the run's shapes, for the caller
-        not to time: kernel loading and library handles are paid here (generate resets every
-        cache a wave uses, so the run that follows is unchanged)."""
+        """The first rows' prefill and one decode round, at the run's shapes, for the caller not
+        to time: kernel loading and library handles are paid here (generate resets every cache
+        it uses, so the run that follows is unchanged)."""
         saved = self.gen_len
         self.gen_len = 2  # prefill gives the first token, one round the second
         try:
-            self.generate(prompts[:self.rows_cap])
+            self.generate(prompts[:self.slots_n])
         finally:
             self.gen_len = saved
             self._gens.clear()  # sampling starts from the seeds again
             for model in (self.target, self.draft):
                 if model is not None:
                     model.store.reset()  # units the warm-up prefetched would not be copied (or counted) again
-
-    def _merge_tails(self, rows: Rows, a: slice, b: slice) -> bool:
-        """Once batch b's live rows fit in batch a's finished slots, move them there (rows,
-        target KV, draft KV), so one pass verifies all that is left instead of two."""
-        live_b = torch.nonzero(~rows.done[b]).flatten() + b.start
-        free_a = torch.nonzero(rows.done[a]).flatten() + a.start
-        if len(live_b) == 0 or not rows.active(a) or len(live_b) > len(free_a):
-            return False
-        if self.draft_swap is not None:
-            self.draft_swap.synchronize()  # no copy of the host store in flight
-        self._sync()
-        for src, dst in zip(live_b.tolist(), free_a.tolist()):
-            end = int(rows.length[src])  # the caches hold at most the row's tokens so far
-            rows.swap(src, dst)
-            self.target.cache.copy_row_(src, dst, end)
-            if self.draft_swap is not None:
-                self.draft_swap.host.copy_row_(src, dst, end)
-            elif self.draft is not None:
-                self.draft.cache.copy_row_(src, dst, end)
-        self._sync()  # the copies ran on this stream; the draft's stream must see them done
-        self.stats.count("merged_rows", len(live_b))
-        return True
-
-    def _run_specoffload(self, rows: Rows, batches: list[slice]) -> None:
-        if len(batches) < 2:
-            return self._run_spec_serial(rows, batches)
-        a, b = batches
-        drafts = {0: self.propose(rows, a)} if rows.active(a) else {}
-        turn = [0, 1]
-        with ThreadPoolExecutor(1, thread_name_prefix="draft") as pool:
-            while rows.active(a) or rows.active(b):
-                if self._merge_tails(rows, a, b):  # the pending proposal is dropped: rows moved
-                    return self._run_spec_serial(rows, [a])
-                cur, nxt = turn
-                job = pool.submit(self.propose, rows, batches[nxt]) if rows.active(batches[nxt]) else None
-                if rows.active(batches[cur]):
-                    self.verify(rows, batches[cur], drafts.pop(cur))
-                if job is not None:
-                    drafts[nxt] = job.result()
-                turn.reverse()
-
-    def _run_spec_serial(self, rows: Rows, batches: list[slice]) -> None:
-        while any(rows.active(b) for b in batches):
-            for b in batches:
-                if rows.active(b):
-                    self.verify(rows, b, self.propose(rows, b))
-
-    def _run_flexgen(self, rows: Rows, batches: list[slice]) -> None:
-        while live := [b for b in batches if rows.active(b)]:
-            self.decode(rows, live)
-
-    def _run_sequential(self, rows: Rows, batches: list[slice]) -> None:
-        while any(rows.active(b) for b in batches):
-            for b in batches:
-                if rows.active(b):
-                    self.decode(rows, [b])
 
     def close(self) -> None:
         if self.draft_swap is not None:

@@ -81,7 +81,9 @@ def simulate_cmd(
     policy: Annotated[str, typer.Option(help="specoffload | spec-serial | flexgen | sequential")] = "specoffload",
     batch: Annotated[int, typer.Option(help="Rows per batch.")] = 256,
     num_batches: Annotated[Optional[int], typer.Option(help="Batches (specoffload: 2; flexgen: micro-batches).")] = None,
-    prefill_chunk: Annotated[int, typer.Option(help="Rows per prefill pass.")] = 64,
+    prefill_chunk: Annotated[int, typer.Option(help="Rows per prefill pass (waves).")] = 64,
+    admission: Annotated[str, typer.Option(help="waves (static batches, prefill passes) | continuous (freed rows refilled, prompts prefilled inside decode passes)")] = "waves",
+    prefill_tokens: Annotated[int, typer.Option(help="Continuous: prompt tokens one pass may carry beside its decode rows.")] = 512,
     draft_batch: Annotated[int, typer.Option(help="Rows the draft processes at once.")] = 16,
     gamma: Annotated[int, typer.Option(help="Tokens drafted per round (ignored without a draft).")] = 7,
     attention: Annotated[str, typer.Option(help="Target decode attention device: cpu | gpu.")] = "cpu",
@@ -115,7 +117,8 @@ def simulate_cmd(
         speculative = policy in ("specoffload", "spec-serial")
         schedule = Schedule(policy=policy, target_batch=batch, num_batches=num_batches, prefill_chunk=prefill_chunk,
                             draft_batch=draft_batch, gamma=gamma if speculative else 0, attention_device=attention,
-                            prefetch_depth=0 if policy == "sequential" else 1).validate("argument")
+                            prefetch_depth=0 if policy == "sequential" else 1, admission=admission,
+                            prefill_tokens=prefill_tokens).validate("argument")
         tgt = ModelSpec.resolve(target)
         drf = ModelSpec.resolve(draft) if speculative or compare else None
         profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)

@@ -17,7 +17,8 @@ POLICIES = ("specoffload", "flexgen", "sequential", "spec-serial")
 SPECULATIVE = ("specoffload", "spec-serial")
 WEIGHT_HOMES = ("gpu", "cpu_pinned", "cpu_pageable", "disk")
 ATTENTION_DEVICES = ("cpu", "gpu")
-DRAFT_KV = ("gpu", "cpu")
+DRAFT_KV = ("gpu", "cpu", "recompute")
+ADMISSIONS = ("waves", "continuous")
 PLAN_FORMAT = 1
 
 
@@ -31,10 +32,14 @@ class Schedule:
     gamma: int = 6  # tokens drafted per row per round
     attention_device: str = "cpu"  # target decode attention, and where its KV cache lives
     prefetch_depth: int = 1  # layers streamed ahead of the one computing (0 = no overlap)
+    admission: str = "waves"  # "continuous": freed rows are refilled, prompts prefilled inside decode passes
+    prefill_tokens: int = 512  # continuous: prompt tokens one pass may carry beside its decode rows
 
     def validate(self, source: str = "plan") -> "Schedule":
         require(self.policy in POLICIES, source, "schedule.policy", f"got {self.policy!r}", " | ".join(POLICIES))
-        for key in ("target_batch", "num_batches", "prefill_chunk", "draft_batch"):
+        require(self.admission in ADMISSIONS, source, "schedule.admission", f"got {self.admission!r}",
+                " | ".join(ADMISSIONS))
+        for key in ("target_batch", "num_batches", "prefill_chunk", "draft_batch", "prefill_tokens"):
             v = getattr(self, key)
             require(isinstance(v, int) and v > 0, source, f"schedule.{key}", f"got {v!r}", "a positive integer")
         require(isinstance(self.gamma, int) and self.gamma >= 0, source, "schedule.gamma", f"got {self.gamma!r}", "an integer >= 0")
@@ -68,7 +73,9 @@ class Placement:
     ffn_gpu_layers: int = 0  # the first N layers keep their experts / MLP on the GPU
     embed: str = "cpu_pinned"  # token embedding: looked up on the CPU, rows copied over
     lm_head: str = "gpu"
-    draft_kv: str = "gpu"  # "cpu": each draft micro-batch's KV is swapped in and out per round
+    # "cpu": each draft micro-batch's KV is swapped in and out per round; "recompute": the draft
+    # keeps no KV and re-reads each row's context every round (GPU compute instead of memory)
+    draft_kv: str = "gpu"
 
     def validate(self, source: str = "plan", layers: int | None = None) -> "Placement":
         for key in ("attention", "ffn"):
@@ -77,7 +84,7 @@ class Placement:
         for key in ("embed", "lm_head"):
             v = getattr(self, key)
             require(v in WEIGHT_HOMES[:3], source, f"placement.{key}", f"got {v!r}", " | ".join(WEIGHT_HOMES[:3]))
-        require(self.draft_kv in DRAFT_KV, source, "placement.draft_kv", f"got {self.draft_kv!r}", "gpu | cpu")
+        require(self.draft_kv in DRAFT_KV, source, "placement.draft_kv", f"got {self.draft_kv!r}", " | ".join(DRAFT_KV))
         hi = layers if layers is not None else 10**6
         require(isinstance(self.ffn_gpu_layers, int) and 0 <= self.ffn_gpu_layers <= hi, source,
                 "placement.ffn_gpu_layers", f"got {self.ffn_gpu_layers!r}", f"an integer in [0, {hi}]")

@@ -154,10 +154,9 @@ def test_draft_kv_on_the_host_drafts_what_a_gpu_resident_draft_kv_drafts(llama, 
     proposals: dict[str, list] = {"cpu": [], "gpu": []}
     real = Engine.propose
     for where in ("cpu", "gpu"):
-        def spy(self, rows, b, where=where):
-            x, q, span = real(self, rows, b)
-            proposals[where].append((span.start, x[~rows.done[span]].tolist()))
-            return x, q, span
+        def spy(self, slots, work, group, where=where):
+            real(self, slots, work, group)
+            proposals[where].append([(d.slot, self.proposal[d.slot].tolist()) for d in work if d.propose])
         monkeypatch.setattr(Engine, "propose", spy)
         out, _ = run_engine("spec-serial", target, drafts["unrelated tiny-draft"], replace(STREAMED, draft_kv=where),
                             prompts)
@@ -187,7 +186,8 @@ def test_draft_kv_swaps_are_double_buffered_and_write_back_only_new_entries(llam
     spec = ModelSpec.from_preset("tiny-llama")
     per_position = spec.kv_bytes_per_token  # every layer, keys and values, float32 like the preset
     assert counts["draft_kv_d2h_bytes"] == counts["rounds"] * (3 + 1) * per_position  # gamma + 1 per row-round
-    assert counts["prefill.draft_kv_d2h_bytes"] == sum(PROMPT_LENS) * per_position  # every prompt once (two waves)
+    # every prompt once (two waves), less its last token, which the first round re-reads
+    assert counts["prefill.draft_kv_d2h_bytes"] == sum(n - 1 for n in PROMPT_LENS) * per_position
     assert "prefill.draft_kv_h2d_bytes" not in counts  # a prefill writes its buffer from scratch
     assert 0 < counts["draft_kv_h2d_bytes"] < counts["rounds"] * (max(PROMPT_LENS) + GEN) * per_position
 
@@ -238,8 +238,9 @@ def test_engine_counts_each_rows_verifications_and_acceptance(llama):
 
 
 def test_passes_skip_rows_finished_at_either_end_of_a_batch(llama, monkeypatch):
-    """A verification (or decode) pass computes its batch's live span: once row 0 has hit EOS,
-    passes over batch 0..2 compute rows 1..2 only, and the tokens are still the reference's."""
+    """A verification (or decode) pass computes the rows the scheduler lists and nothing else:
+    once row 0 has hit EOS, passes over batch 0..2 start at row 1, and the tokens are still the
+    reference's."""
     from specplan.runtime.model import Model
 
     target, drafts, prompts, expected = llama
@@ -258,7 +259,7 @@ def test_passes_skip_rows_finished_at_either_end_of_a_batch(llama, monkeypatch):
         out, _ = run_engine(policy, target, drafts["perturbed copy"], prompts=prompts, eos=[eos])
         monkeypatch.setattr(Model, "forward", real)
         assert out == cut
-        assert (1, 3) in seen  # batch 0..2 without its finished row 0
+        assert any(a == 1 and b >= 3 for a, b in seen), seen  # batch 0..2 without its finished row 0
 
 
 @pytest.mark.parametrize("draft_kv", ["cpu", "gpu"])

@@ -164,7 +164,7 @@ def test_golden_timeline(toy_profile):
     b = TINY_T.layer_bytes
     first = (b.attention + expected_experts_touched(13, 4, 2) * b.expert) / 1e9
     copy = next(s for s in got if s[0] == "h2d")
-    assert copy[:4] == ["h2d", "prefill.h2d", "A.prefill", 0.0]
+    assert copy[:4] == ["h2d", "prefill.h2d", "pass0.A", 0.0]
     assert copy[4] == pytest.approx(first)
     if not GOLDEN.exists():  # regenerate with: rm the file and run this test
         GOLDEN.write_text("[\n" + ",\n".join(json.dumps(row) for row in got) + "\n]\n")

@@ -1,0 +1,280 @@
+"""The SimPy executor of the step scheduler's passes (specplan.scheduler): one machine, one
+scenario, every policy and admission mode.
+
+Scenario. The target model's weights live in host memory. For every pass the loader copies
+them layer by layer over PCIe into a ring of `prefetch_depth + 1` GPU buffers, running ahead
+of the layer that computes. At each layer the pass computes its row groups one after another:
+the rows that verify (gamma + 1 positions) or decode (one), batch by batch, then the rows
+whose prompt chunk rides in this pass. A decode or verify group projects Q/K/V on the GPU,
+sends them to the CPU, where attention runs against the CPU-resident KV cache (or attends on
+the GPU when the KV lives there), and runs the FFN / experts on the GPU; a prompt chunk
+attends on the GPU next to its fresh keys, and its KV is copied to the host. The draft model,
+resident on the GPU, proposes gamma tokens per row: before the pass for the rows it verifies
+(spec-serial, and specoffload's first pass), or beside it for the other batch (specoffload).
+Draft and target kernels queue on one GPU resource, so a specoffload round costs
+max(T_target, T_draft) only when they do not collide, and up to T_draft + T_target_gpu when
+they do. Rows the draft has not read yet (new rows, or every row when the draft keeps no KV)
+are read first, in the same micro-batches; with the draft's KV on the host, the next
+micro-batch's KV is swapped in while the current one drafts.
+
+What runs in each pass is the scheduler's decision, never this file's: this file only costs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from specplan.cost import (
+    LayerCosts,
+    activation_bytes,
+    d2h_time_s,
+    disk_read_time_s,
+    draft_step_s,
+    expected_accepted_tokens_table,
+    h2d_time_s,
+    memcpy_s,
+    target_head_s,
+    target_layer_costs,
+    weights_h2d_s,
+)
+from specplan.memory import streamed_chunks
+from specplan.scheduler import DraftRow, Outcome, Pass, StepScheduler
+
+from .machine import Machine
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows computed together in one layer: how many, new tokens each, mean context."""
+
+    rows: int
+    q_len: float
+    ctx: float
+    prefill: bool = False
+
+    @property
+    def tokens(self) -> float:
+        return self.rows * self.q_len
+
+
+class Scenario:
+    def __init__(self, machine: Machine, cfg, rng: np.random.Generator, sched: StepScheduler,
+                 acceptance_factor: dict[int, float] | None = None, outcomes=None):
+        self.m, self.env, self.cfg, self.rng = machine, machine.env, cfg, rng
+        self.T, self.D, self.P = cfg.target, cfg.draft, cfg.profile
+        self.sch, self.pl, self.wl = cfg.schedule, cfg.placement, cfg.workload
+        self.sched = sched
+        self.factor = acceptance_factor  # request id -> its acceptance over the mean (None: all 1)
+        self.outcomes = outcomes  # pass -> Outcome, replacing the draws (the agreement test replays a run)
+        self.passes: list[Pass] = []
+        self.verify_rounds = 0
+        self.row_rounds = 0  # sum over verifications (or decode steps) of the rows in them
+        self.gained_tokens = 0.0  # tokens those rows gained (capped at gen_len)
+        self.drawn_tokens = 0.0  # the same before the cap (its mean estimates E)
+        self.prefill_done_s = 0.0  # when the last pass that carried only prompt tokens ended
+        self.finish_s: list[float] = []  # when each finished row finished, in order
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self):
+        while (p := self.sched.next_pass()) is not None:
+            self.passes.append(p)
+            yield from self.run_pass(p)
+            self.sched.complete(p, self.outcome(p))
+            self.finish_s += [self.env.now] * (len(self.sched.finished) - len(self.finish_s))
+            if p.prefill_tokens and not p.decode_rows:
+                self.prefill_done_s = self.env.now
+
+    def run_pass(self, p: Pass):
+        who = f"pass{p.index}.{'+'.join(chr(ord('A') + g) for g in p.groups)}"
+        if p.moves:
+            yield from self.move_rows(sum(tokens for *_, tokens in p.moves), who)
+        if p.draft_first:
+            yield from self.draft_phase(p.draft_first, who)
+        procs = [self.env.process(self.target_pass(who, self.groups_of(p)))]
+        if p.draft_beside:
+            procs.append(self.env.process(self.draft_phase(p.draft_beside, who + ".draft")))
+        yield self.env.all_of(procs)
+
+    def groups_of(self, p: Pass) -> list[Group]:
+        """The pass's row groups: verify / decode rows batch by batch, then the prompt chunks."""
+        slots = self.sched.slots
+        groups = []
+        per = self.sched.config.group_rows
+        for g in p.groups:
+            work = [w for w in p.rows if w.kind != "prefill" and w.slot // per == g]
+            if work:
+                ctx = float(np.mean([slots[w.slot].length for w in work]))
+                groups.append(Group(len(work), float(work[0].tokens), ctx))
+        chunks = p.of_kind("prefill")
+        if chunks:
+            q = float(np.mean([w.tokens for w in chunks]))
+            ctx = float(np.mean([w.start + w.tokens / 2 for w in chunks]))
+            groups.append(Group(len(chunks), q, ctx, prefill=True))
+        return groups
+
+    def outcome(self, p: Pass) -> Outcome:
+        """Tokens each row gains: the first after its last prompt chunk, one per decode, and per
+        verification the accepted prefix plus the target's token, drawn per row (or E each, in
+        expected mode); capped at gen_len."""
+        if self.outcomes is not None:
+            out = self.outcomes(p)
+        else:
+            gained = {w.slot: 1.0 for w in p.rows if w.kind != "verify" and (w.kind != "prefill" or w.last)}
+            verify = p.of_kind("verify")
+            if verify:
+                gained.update(zip([w.slot for w in verify], self._accepted([w.slot for w in verify])))
+            out = Outcome(gained)
+        slots, gen = self.sched.slots, self.wl.gen_len
+        decoded = [w for w in p.rows if w.kind != "prefill"]
+        if decoded:
+            drawn = [out.gained.get(w.slot, 0.0) for w in decoded]
+            capped = [min(d, gen - slots[w.slot].generated) for d, w in zip(drawn, decoded)]
+            self.verify_rounds += 1
+            self.row_rounds += len(decoded)
+            self.gained_tokens += float(sum(capped))
+            self.drawn_tokens += float(sum(drawn))
+        return out
+
+    def _accepted(self, slots: list[int]) -> np.ndarray:
+        n = len(slots)
+        rates = np.asarray(self.wl.acceptance_rates(self.sch.gamma))
+        if self.cfg.mode == "expected":
+            return np.full(n, expected_accepted_tokens_table(rates))
+        if self.factor is not None:  # rows differ (the workload has a spread)
+            f = np.array([self.factor[self.sched.slots[s].request.id] for s in slots])
+            rates = np.minimum(rates[None, :] * f[:, None], 1.0)
+        ok = self.rng.random((n, self.sch.gamma)) < rates
+        return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
+
+    # ---- one pass of the target over all its layers ------------------------------------------------------
+    def target_pass(self, who: str, groups: list[Group]):
+        env, m, T, sch, wl = self.env, self.m, self.T, self.sch, self.wl
+        kind = "prefill" if all(g.prefill for g in groups) else "verify"
+        tokens = sum(g.tokens for g in groups)
+        nslots = sch.prefetch_depth + 1
+        slots = simpy.Container(env, capacity=nslots, init=nslots)
+        loaded = [env.event() for _ in range(T.layers)]
+        env.process(self._load_layers(who, kind, tokens, slots, loaded))
+        # the groups go through a layer one after another: the larger working set is what is live
+        act = max(activation_bytes(T, g.rows, wl.max_prompt_len, wl.max_prompt_len) if g.prefill
+                  else activation_bytes(T, g.rows, g.q_len, wl.max_seq_len + sch.gamma) for g in groups)
+        m.allocate("gpu", act, f"{kind} activations")
+        costs = [(g.prefill, self._layer_costs(g)) for g in groups]
+        for layer in range(T.layers):
+            yield loaded[layer]
+            for prefill, c in costs:
+                yield from self._layer(who, "prefill" if prefill else "verify", c)
+            if loaded[layer].value:
+                slots.put(1)
+        head_tokens = sum(g.rows if g.prefill else g.tokens for g in groups)  # a chunk keeps one position a row
+        if self.pl.lm_head != "gpu":
+            pinned = self.pl.lm_head == "cpu_pinned"
+            t = weights_h2d_s(self.P, T.head_bytes if pinned else 0.0, 0.0 if pinned else T.head_bytes)
+            yield from m.use("h2d", self._stage(kind, "h2d"), t, who)
+        yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
+        m.free("gpu", act)
+
+    def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
+        """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
+        # a layer's copies depend on it only through where its FFN lives: cost them once per pass
+        costs: dict[str, tuple[float, float] | None] = {}
+        for layer in range(self.T.layers):
+            ffn_home = self.pl.ffn_home(layer)
+            if ffn_home not in costs:
+                costs[ffn_home] = self._copy_costs(streamed_chunks(self.T, self.pl, layer, tokens))
+            cost = costs[ffn_home]
+            if cost is None:
+                loaded[layer].succeed(False)
+                continue
+            disk_s, h2d_s = cost
+            yield slots.get(1)
+            if disk_s:
+                yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_s, who)
+            yield from self.m.use("h2d", self._stage(kind, "h2d"), h2d_s, who)
+            loaded[layer].succeed(True)
+
+    def _copy_costs(self, chunks: list[tuple[str, str, float]]) -> tuple[float, float] | None:
+        """(disk read s, H2D s) of one streamed layer, or None if nothing of it streams."""
+        if not chunks:
+            return None
+        disk = sum(n for _, home, n in chunks if home == "disk")
+        # disk reads land in pinned staging buffers, so they cross PCIe at the pinned rate
+        pinned = sum(n for _, home, n in chunks if home in ("cpu_pinned", "disk"))
+        total = sum(n for *_, n in chunks)
+        return disk_read_time_s(self.P, disk), weights_h2d_s(self.P, pinned, total - pinned)
+
+    def _layer_costs(self, g: Group) -> LayerCosts:
+        return target_layer_costs(self.P, self.T, g.rows, g.q_len, g.ctx, self.sch.attention_device, g.prefill)
+
+    def _layer(self, who: str, kind: str, c: LayerCosts):
+        m, st = self.m, self._stage
+        yield from m.use("gpu", st(kind, "target_proj"), c.proj, who)
+        if c.attention_on_cpu:
+            yield from m.delay(st(kind, "target_attention"), c.act_d2h, who)
+            yield from m.use("cpu", st(kind, "target_attention"), c.attention, who)
+            yield from m.delay(st(kind, "target_attention"), c.act_h2d, who)
+        else:
+            yield from m.use("gpu", st(kind, "target_attention"), c.attention, who)
+        if c.kv_d2h:
+            copy = m.use("d2h", st(kind, "kv_d2h"), c.kv_d2h, who)
+            if self.sch.policy == "sequential":  # nothing overlaps, the copy included
+                yield from copy
+            else:
+                self.env.process(copy)
+        yield from m.use("gpu", st(kind, "target_ffn"), c.ffn, who)
+
+    @staticmethod
+    def _stage(kind: str, name: str) -> str:
+        return f"prefill.{name}" if kind == "prefill" else name
+
+    # ---- the draft ---------------------------------------------------------------------------------------
+    def draft_phase(self, work: tuple[DraftRow, ...], who: str):
+        """The draft's work for `work`, in micro-batches of draft_batch rows: the rows it proposes
+        for (each read first where the draft does not hold it), then the prompts it only reads.
+        With the draft KV on the host, the next micro-batch's KV is swapped in while the current
+        one drafts (double buffering)."""
+        size = self.sch.draft_batch
+        for rows in ([d for d in work if d.propose], [d for d in work if not d.propose]):
+            mbs = [rows[i:i + size] for i in range(0, len(rows), size)]
+            if mbs:
+                yield from self._draft_micro_batches(mbs, who)
+
+    def _draft_micro_batches(self, mbs: list[list[DraftRow]], who: str):
+        P, D, sch, m, env = self.P, self.D, self.sch, self.m, self.env
+        swap = self.pl.draft_kv == "cpu"
+        propose = mbs[0][0].propose
+        stage = "draft" if propose else "prefill.draft"
+
+        def swap_in(mb):
+            nbytes = float(sum(d.cached for d in mb)) * D.kv_bytes_per_token
+            yield from m.use("h2d", "draft_kv_h2d", h2d_time_s(P, nbytes), who)
+
+        pending = env.process(swap_in(mbs[0])) if swap and propose else None
+        for i, mb in enumerate(mbs):
+            if pending is not None:
+                yield pending
+                pending = env.process(swap_in(mbs[i + 1])) if i + 1 < len(mbs) else None
+            reads = [d.context - d.cached for d in mb if d.context > d.cached]
+            if reads:  # new rows' prompts (or every context, recomputed), padded to the longest
+                ctx = float(np.mean([d.cached + r / 2 for d, r in zip(mb, reads)]))
+                yield from m.use("gpu", stage, draft_step_s(P, D, len(reads), max(reads), ctx), who)
+            if propose:
+                step = draft_step_s(P, D, len(mb), 1, float(np.mean([d.context for d in mb])) + 2)  # context: the row's length
+                for _ in range(sch.gamma):
+                    yield from m.use("gpu", "draft", step, who)
+            if swap:  # write back the new entries; nothing waits for it
+                # the positions read, and the round's gamma + 1 (it re-reads its last two tokens)
+                positions = sum(reads) + (len(mb) * (sch.gamma + 1) if propose else 0)
+                env.process(m.use("d2h", "draft_kv_d2h", d2h_time_s(P, positions * D.kv_bytes_per_token), who))
+
+    def move_rows(self, tokens: float, who: str):
+        """specoffload's tail merge: the moved rows' target and draft KV (`tokens` positions in
+        all) copied within host or GPU memory."""
+        homes = [(tokens * self.T.kv_bytes_per_token, self.sch.attention_device == "gpu")]
+        if self.pl.draft_kv != "recompute":
+            homes.append((tokens * self.D.kv_bytes_per_token, self.pl.draft_kv == "gpu"))
+        for nbytes, on_gpu in homes:
+            yield from self.m.use("gpu" if on_gpu else "cpu", "merge_rows", memcpy_s(self.P, nbytes, on_gpu), who)
