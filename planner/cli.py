@@ -16,13 +16,16 @@ from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
 
-from .optimize import OptimizeResult, Ranked, make_plan, optimize, to_sim_config
+from .optimize import ADMISSIONS, OptimizeResult, Ranked, make_plan, optimize, to_sim_config
 
 
 def _describe(r: Ranked) -> str:
     s, pl = r.candidate.shape, r.candidate.placement
-    spec = f" gamma {s.gamma}, draft batch {s.draft_batch}," if s.policy in ("specoffload", "spec-serial") else ""
-    return (f"{s.policy}: {s.num_batches} x {s.target_batch} rows,{spec} prefill chunk {s.prefill_chunk}, "
+    spec = (f" gamma {s.gamma}, draft batch {s.draft_batch}, draft KV {pl.draft_kv},"
+            if s.policy in ("specoffload", "spec-serial") else "")
+    admit = (f"continuous ({s.prefill_tokens} prompt tokens a pass)" if s.admission == "continuous"
+             else f"waves (prefill chunk {s.prefill_chunk})")
+    return (f"{s.policy}: {s.num_batches} x {s.target_batch} rows,{spec} {admit}, "
             f"attention on {s.attention_device}, FFN on GPU {pl.ffn_gpu_layers} layers")
 
 
@@ -43,8 +46,11 @@ def placement_table(plan: Plan, target: ModelSpec) -> Table:
     if plan.draft:
         mem = plan.prediction["memory"]
         t.add_row("draft weights", "gpu", fmt_bytes(mem["gpu"].get("draft weights", 0)))
-        t.add_row("draft KV cache", "gpu" if pl.draft_kv == "gpu" else "cpu_pinned (swapped in per micro-batch)",
-                  fmt_bytes(mem["gpu"].get("draft KV cache") or mem["host"].get("draft KV cache", 0)))
+        where = {"gpu": "gpu", "cpu": "cpu_pinned (swapped in per micro-batch)",
+                 "recompute": "none kept (each context re-read per round, one micro-batch's buffer on the GPU)"}
+        t.add_row("draft KV cache", where[pl.draft_kv],
+                  fmt_bytes(mem["gpu"].get("draft KV cache") or mem["host"].get("draft KV cache")
+                            or mem["gpu"].get("draft KV recompute buffer", 0)))
     return t
 
 
@@ -57,11 +63,18 @@ def summary_table(plan: Plan, res: OptimizeResult) -> Table:
     t.add_row("rows", f"{sch.num_batches} x {sch.target_batch}")
     if sch.speculative:
         t.add_row("gamma / draft batch", f"{sch.gamma} / {sch.draft_batch}")
-    t.add_row("prefill chunk (rows)", str(sch.prefill_chunk))
+    if sch.admission == "continuous":
+        t.add_row("admission", f"continuous: freed rows refilled, up to {sch.prefill_tokens} prompt tokens a pass")
+    else:
+        t.add_row("admission", f"waves: static batches, prefill passes of {sch.prefill_chunk} rows")
     t.add_row("attention device / prefetch depth", f"{sch.attention_device} / {sch.prefetch_depth}")
     t.add_row("throughput (simulated)", f"[bold green]{pred['throughput_tok_s']:.2f} tok/s[/]")
     t.add_row("throughput (program estimate)", f"{pred['program_estimate_tok_s']:.2f} tok/s")
     t.add_row("time per wave / all prompts", f"{fmt_seconds(pred['total_s'])} / {fmt_seconds(pred['workload_s'])}")
+    counts = pred.get("pass_counts") or {}
+    if counts:
+        t.add_row("passes simulated", f"{counts['passes']}: {counts['prefill_passes']} prompts only, "
+                  f"{counts['mixed_passes']} with prompts beside decode rows")
     t.add_row("prefill / decode", f"{fmt_seconds(pred['prefill_s'])} / {fmt_seconds(pred['decode_s'])}")
     t.add_row("tokens per row per round", f"{pred['tokens_per_round']:.2f}")
     t.add_row("peak GPU / pinned host memory", f"{fmt_bytes(pred['peak_gpu_bytes'])} / {fmt_bytes(pred['peak_pinned_bytes'])}")
@@ -142,6 +155,7 @@ def optimize_cmd(
     acceptance_spread: Annotated[float, typer.Option(help="Standard deviation of the acceptance between rows (specrun reports it); 0: rows alike.")] = 0.0,
     workload_file: Annotated[Optional[str], typer.Option("--workload", help="Workload JSON (overrides the four flags above).")] = None,
     policy: Annotated[list[str], typer.Option(help="Restrict to these policies (repeatable).")] = [],  # noqa: B006
+    admission: Annotated[list[str], typer.Option(help="Restrict to these admission modes (repeatable): waves (static batches) | continuous (freed rows refilled, prompts prefilled inside decode passes).")] = [],  # noqa: B006
     out_path: Annotated[str, typer.Option("--out", help="Where to write the plan.")] = "plan.json",
     explain: Annotated[bool, typer.Option("--explain", help="Show how throughput moves with gamma, batch, acceptance and link.")] = False,
     pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
@@ -159,8 +173,12 @@ def optimize_cmd(
     bad = [p for p in policy if p not in POLICIES]
     if bad:
         raise InputError("argument", "--policy", f"unknown {', '.join(bad)}", " | ".join(POLICIES))
+    bad = [a for a in admission if a not in ADMISSIONS]
+    if bad:
+        raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
     with err.status("optimizing ...") as status:
-        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=lambda m: status.update(m))
+        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=lambda m: status.update(m),
+                       admissions=tuple(admission) or ADMISSIONS)
     plan = make_plan(res.best, target, draft if drf else None, tgt, drf, profile, workload)
     plan.save(out_path)
     non_spec = res.best_of(("flexgen", "sequential"))

@@ -26,7 +26,7 @@ import pulp
 
 from specplan.cost import disk_read_time_s, weights_h2d_s
 from specplan.hardware import HardwareProfile
-from specplan.memory import STAGED_HOMES, plan_memory
+from specplan.memory import STAGED_HOMES, plan_memory, stream_slot_bytes
 from specplan.models import ModelSpec
 from specplan.plan import Placement
 from specplan.workload import Workload
@@ -175,10 +175,12 @@ class ShapeProgram:
         p0 = Placement(attention="cpu_pinned", ffn="cpu_pinned", ffn_gpu_layers=0, embed="cpu_pageable",
                        lm_head="cpu_pinned", draft_kv="gpu")
         sch = shape.schedule(prefetch_depth=0)
+        if shape.recompute:  # no draft KV to place: the host/GPU choice (dk) costs and saves nothing
+            p0 = replace(p0, draft_kv="recompute")
         m_gpu_kv = plan_memory(T, self.D, sch, p0, self.W)
-        m_cpu_kv = plan_memory(T, self.D, sch, replace(p0, draft_kv="cpu"), self.W)
+        m_cpu_kv = m_gpu_kv if shape.recompute else plan_memory(T, self.D, sch, replace(p0, draft_kv="cpu"), self.W)
         weights_host = T.layers * (b.attention + b.ffn) + T.head_bytes
-        buffer = b.ffn + b.attention
+        buffer = stream_slot_bytes(T, p0)  # one slot (prefetch 0), as plan_memory counts it
         g0 = m_gpu_kv.gpu_bytes - buffer
         h0 = m_gpu_kv.host_bytes - weights_host - T.embed_bytes
         pin0 = m_gpu_kv.pinned_bytes - weights_host
@@ -288,7 +290,8 @@ class ShapeProgram:
     def exclude_like(self, shape: Shape) -> bool:
         """Forbid `shape` and every shape that differs from it only in the prefill chunk.
         Returns False when no shape is left."""
-        key = lambda s: (s.policy, s.target_batch, s.gamma, s.draft_batch, s.attention_device)  # noqa: E731
+        key = lambda s: (s.policy, s.target_batch, s.gamma, s.draft_batch, s.attention_device,  # noqa: E731
+                         s.admission, s.recompute)
         for i, s in enumerate(self.shapes):
             if key(s) == key(shape) and i not in self.excluded:
                 self.prob += self.x[i] == 0, f"exclude_{i}"
@@ -323,7 +326,7 @@ class ShapeProgram:
         pick = lambda d: next(h for h, var in d.items() if val(var) == 1)  # noqa: E731
         placement = Placement(attention=pick(self.a), ffn=pick(self.f), ffn_gpu_layers=int(val(self.n_gpu)),
                               embed="cpu_pageable", lm_head=pick(self.hd),
-                              draft_kv="cpu" if val(self.dk) else "gpu")
+                              draft_kv="recompute" if self.shapes[c].recompute else "cpu" if val(self.dk) else "gpu")
         # evaluate the bounds rather than read t_c: at small lambda the solver need not push t_c down
         round_s = max(pulp.value(e) if not isinstance(e, (int, float)) else e for e in self.round_bounds[c])
         prefill_s = max(pulp.value(e) if not isinstance(e, (int, float)) else e for e in self.prefill_bounds[c])

@@ -64,11 +64,16 @@ def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, 
                       profile: HardwareProfile) -> tuple[Placement | None, list[str]]:
     """The least memory-hungry placement that fits this shape (draft KV on the GPU when it
     can be), or None and the limits it breaks."""
-    return least_placement(target, draft, shape.schedule(prefetch_depth=0), workload, profile)
+    return least_placement(target, draft, shape.schedule(prefetch_depth=0), workload, profile,
+                           "recompute" if shape.recompute else None)
 
 
-def _shortlist(policy: str, target, draft, profile, workload) -> tuple[list[Shape], list[str], int, float]:
-    shapes = enumerate_shapes(policy, workload)
+ADMISSIONS = ("waves", "continuous")
+
+
+def _shortlist(policy: str, target, draft, profile, workload,
+               admissions=ADMISSIONS) -> tuple[list[Shape], list[str], int, float]:
+    shapes = enumerate_shapes(policy, workload, admissions=admissions)
     scored: list[tuple[float, Shape]] = []
     closest = None
     for s in shapes:
@@ -122,10 +127,11 @@ def _after_fork() -> None:
 
 
 def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-                       workload: Workload, wanted: int) -> tuple[list[Candidate], str | None, int]:
+                       workload: Workload, wanted: int,
+                       admissions=ADMISSIONS) -> tuple[list[Candidate], str | None, int]:
     """Up to `wanted` candidates of one policy from its program (each runner-up differing in
     more than the prefill chunk), why none fits if so, and how many shapes were considered."""
-    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload)
+    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions)
     if not shortlist:
         return [], "; ".join(why) or "no shape fits", n
     program = ShapeProgram(shortlist, target, draft, profile, workload)
@@ -154,12 +160,14 @@ def _simulate_or_refusal(cfg: SimConfig):
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
              policies: tuple[str, ...] = POLICIES, progress: Callable[[str], None] | None = None,
-             per_policy: dict | None = None) -> OptimizeResult:
+             per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS) -> OptimizeResult:
+    """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
+    (waves, continuous) proposed by the program, re-ranked by the simulator."""
     say = progress or (lambda msg: None)
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
-    jobs = [(policy, target, draft, profile, workload, per_policy.get(policy, 1)) for policy in policies]
+    jobs = [(policy, target, draft, profile, workload, per_policy.get(policy, 1), admissions) for policy in policies]
     workers = parallel_workers(len(jobs))
     say(f"{', '.join(policies)}: enumerating shapes and solving the program"
         + (f" in {workers} processes" if workers > 1 else ""))
@@ -206,6 +214,7 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         "stage_s": s.stage_s, "utilisation": s.utilisation,
         "peak_gpu_bytes": s.peak_gpu_bytes, "peak_pinned_bytes": s.peak_pinned_bytes,
         "memory": s.memory, "rows": s.rows, "waves": s.waves, "workload_s": s.workload_s,
+        "pass_counts": s.pass_counts, "simulated_prompts": s.simulated_prompts,
     }
     return Plan(
         target=target_name, draft=draft_name if sch.speculative else None, hardware=profile.name,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from specplan.cost import (
     d2h_time_s,
     draft_step_s,
+    expected_accepted_tokens_table,
     expected_experts_touched,
     expected_verify_passes,
     h2d_time_s,
@@ -37,14 +38,18 @@ class Shape:
     num_batches: int
     gamma: int
     draft_batch: int
-    prefill_chunk: int
+    prefill_chunk: int  # waves: rows per prefill pass
     attention_device: str
+    admission: str = "waves"
+    prefill_tokens: int = 512  # continuous: prompt tokens a pass may carry
+    recompute: bool = False  # the draft keeps no KV (placement.draft_kv = "recompute")
 
     def schedule(self, prefetch_depth: int) -> Schedule:
         return Schedule(policy=self.policy, target_batch=self.target_batch, num_batches=self.num_batches,
                         prefill_chunk=self.prefill_chunk, draft_batch=self.draft_batch, gamma=self.gamma,
                         attention_device=self.attention_device,
-                        prefetch_depth=0 if self.policy == "sequential" else prefetch_depth)
+                        prefetch_depth=0 if self.policy == "sequential" else prefetch_depth,
+                        admission=self.admission, prefill_tokens=self.prefill_tokens)
 
     @property
     def rows(self) -> int:
@@ -64,13 +69,31 @@ class Coeffs:
     serial_s: float  # time per phase that overlaps with nothing else (spec-serial's draft)
     kv_swap_s: float  # draft KV in and out per phase, if the draft KV lives on the host
     decode_expert_frac: float  # share of experts one decode pass streams (MoE)
-    prefill_passes: int
+    prefill_passes: float  # separate prefill passes per wave of rows (continuous: start-up, spread over the job)
     prefill_expert_frac: float
     prefill_gpu_s: float  # all prefill compute, target and draft
     prefill_chain_s: float  # critical path of all prefill passes, copies excluded
 
 
-def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", "gpu")) -> list[Shape]:
+def continuous_prefill_tokens(policy: str, batch: int, gamma: int, workload: Workload) -> int:
+    """The prompt-token budget of a continuous pass: room for twice the prompts a batch admits
+    per pass in steady state (rows finish in bunches), in whole prompts, one at least. A row
+    spends one pass being prefilled and (gen - 1) / E passes decoding, E its tokens a pass."""
+    per_row = 1.0 + (workload.gen_len - 1) / _tokens_per_pass(policy, gamma, workload)
+    return int(workload.max_prompt_len * max(1, math.ceil(2 * batch / per_row)))
+
+
+def _tokens_per_pass(policy: str, gamma: int, workload: Workload) -> float:
+    if policy in ("specoffload", "spec-serial"):
+        return expected_accepted_tokens_table(workload.acceptance_rates(gamma))
+    return 1.0
+
+
+def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", "gpu"),
+                     admissions=("waves", "continuous")) -> list[Shape]:
+    """Every shape of a policy: batch sizes, attention device, gamma and draft batch, and per
+    admission mode what it varies (the prefill chunk in waves; the prompt-token budget follows
+    from the batch in continuous); a speculative shape also with a draft that keeps no KV."""
     spec = policy in ("specoffload", "spec-serial")
     nb = 2 if policy in ("specoffload", "flexgen") else 1
     out = []
@@ -79,14 +102,18 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
     for b in batches:
         rows = b * nb
         chunks = sorted({min(c, rows) for c in PREFILL_CHUNKS})
-        for pc in chunks:
-            for attn in attention_devices:
-                if not spec:
-                    out.append(Shape(policy, b, nb, 0, b, pc, attn))
-                    continue
-                for g in GAMMAS:
-                    for db in sorted({min(d, b) for d in DRAFT_BATCHES}):
-                        out.append(Shape(policy, b, nb, g, db, pc, attn))
+        for attn in attention_devices:
+            for g, db in ([(g, db) for g in GAMMAS for db in sorted({min(d, b) for d in DRAFT_BATCHES})]
+                          if spec else [(0, b)]):
+                if "waves" in admissions:
+                    out += [Shape(policy, b, nb, g, db, pc, attn) for pc in chunks]
+                    if spec:
+                        out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, recompute=True))
+                if "continuous" in admissions:
+                    budget = continuous_prefill_tokens(policy, b, g, workload)
+                    out.append(Shape(policy, b, nb, g, db, chunks[0], attn, "continuous", budget))
+                    if spec:
+                        out.append(Shape(policy, b, nb, g, db, chunks[0], attn, "continuous", budget, True))
     return out
 
 
@@ -95,13 +122,31 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     P, T, D = profile, target, draft
     b, g, nb = shape.target_batch, shape.gamma, shape.num_batches
     spec = shape.policy in ("specoffload", "spec-serial")
+    continuous = shape.admission == "continuous"
     q = g + 1 if spec else 1
     gen = workload.gen_len
-    ctx = workload.mean_prompt_len + gen / 2  # mean context over the decode
-    # The prefill yields the first token; a static batch runs until its slowest row is done,
-    # so the passes follow the slowest row, while row-proportional work (draft, KV swaps,
-    # attention, FFN tokens) is done by the mean live rows of a pass (cost.expected_verify_passes).
-    if spec:
+    p = workload.mean_prompt_len
+    ctx = p + gen / 2  # mean context over the decode
+    rows = shape.rows
+    if continuous:
+        # Steady state: every slot holds a row; a row spends one pass being prefilled and
+        # (gen - 1) / E decoding, so each pass also carries the prompts of the rows that
+        # finished (pre_rows of them). Start-up (the slots filling at the budget's pace) and
+        # drain (the last rows' slowest-row tail) are paid once per job, spread over its waves.
+        per_row = 1.0 + (gen - 1) / _tokens_per_pass(shape.policy, g, workload)
+        live = float(b) * (per_row - 1.0) / per_row
+        pre_rows = b / per_row
+        waves = max(1.0, workload.num_prompts / rows)
+        passes = per_row * (1 if shape.policy == "flexgen" else nb)
+        if spec:
+            tail, _ = expected_verify_passes("spec-serial", workload.acceptance_rates(g), gen - 1, b, 1,
+                                             workload.acceptance_spread, workload.mean_acceptance)
+            passes += max(0.0, tail - (per_row - 1.0)) * nb / waves
+        startup_passes = math.ceil(rows * p / shape.prefill_tokens) / waves
+    elif spec:
+        # The prefill yields the first token; a static batch runs until its slowest row is done,
+        # so the passes follow the slowest row, while row-proportional work (draft, KV swaps,
+        # attention, FFN tokens) is done by the mean live rows of a pass (cost.expected_verify_passes).
         passes, live = expected_verify_passes(shape.policy, workload.acceptance_rates(g), gen - 1, b, nb,
                                               workload.acceptance_spread, workload.mean_acceptance)
     else:
@@ -118,7 +163,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         return gpu, cpu, chain
 
     if shape.policy == "flexgen":  # each streamed layer serves every micro-batch, one after another
-        gpu1, cpu1, chain1 = pass_costs(b, 1, ctx, shape.attention_device)
+        gpu1, cpu1, chain1 = pass_costs(b_act, 1, ctx, shape.attention_device)
         gpu_s, cpu_s, chain_s = nb * gpu1, nb * cpu1, nb * chain1
     else:
         gpu_s, cpu_s, chain_s = pass_costs(b_act, q, ctx, shape.attention_device)
@@ -126,31 +171,57 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     draft_s = kv_swap_s = 0.0
     if spec:
         n_mb = math.ceil(b_act / shape.draft_batch)
-        draft_s = n_mb * g * draft_step_s(P, D, min(shape.draft_batch, b_act), 1, ctx)
-        kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
-                     + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
+        mb = min(shape.draft_batch, b_act)
+        draft_s = n_mb * g * draft_step_s(P, D, mb, 1, ctx)
+        if shape.recompute:  # every round reads each row's context again, and swaps nothing
+            draft_s += n_mb * draft_step_s(P, D, mb, ctx, ctx / 2)
+        else:
+            kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
+                         + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
+
+    pre_tokens_in_pass = 0.0
+    if continuous:  # the prompt chunks riding in each pass, and the draft reading them beside it
+        pc = target_layer_costs(P, T, pre_rows, p, p / 2, shape.attention_device, prefill=True)
+        pre = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, pre_rows)
+        mult = nb if shape.policy == "flexgen" else 1
+        gpu_s += mult * pre
+        chain_s += mult * pre
+        pre_tokens_in_pass = mult * pre_rows * p
+        if spec and not shape.recompute:
+            read = draft_step_s(P, D, pre_rows, p, p / 2)
+            if shape.policy == "specoffload":
+                draft_s += read
+            else:
+                gpu_s += read
 
     if shape.policy == "specoffload":
         phases, serial_s, gpu_total = passes, 0.0, gpu_s + draft_s
     elif shape.policy == "spec-serial":
         phases, serial_s, gpu_total = passes, draft_s, gpu_s
+    elif continuous:
+        phases, serial_s, gpu_total = passes, 0.0, gpu_s
     else:
         phases, serial_s, gpu_total = (gen - 1) * (1 if shape.policy == "flexgen" else nb), 0.0, gpu_s
 
-    rows = shape.rows
-    n_chunks = math.ceil(rows / shape.prefill_chunk)
-    chunk_rows = rows / n_chunks
-    p = workload.mean_prompt_len
-    pre_tokens = chunk_rows * p
-    pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
-    pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_rows)
-    draft_pre = draft_step_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
     experts_frac = lambda tokens: (expected_experts_touched(tokens, T.experts, T.top_k) / T.experts  # noqa: E731
                                    if T.is_moe else 1.0)
-    decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1)
+    decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1) + pre_tokens_in_pass
+    if continuous:  # start-up: passes of prompts alone, at the budget a pass
+        n_pre = startup_passes
+        chunk_tokens = float(shape.prefill_tokens)
+        pc = target_layer_costs(P, T, chunk_tokens / p, p, p / 2, shape.attention_device, prefill=True)
+        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_tokens / p)
+        draft_pre = draft_step_s(P, D, chunk_tokens / p, p, p / 2) if spec and not shape.recompute else 0.0
+    else:
+        n_pre = math.ceil(rows / shape.prefill_chunk)
+        chunk_rows = rows / n_pre
+        chunk_tokens = chunk_rows * p
+        pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
+        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_rows)
+        draft_pre = draft_step_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
     return Coeffs(
         tokens=rows * gen, phases=phases, gpu_s=gpu_total, cpu_s=cpu_s, chain_s=chain_s, draft_s=draft_s,
         serial_s=serial_s, kv_swap_s=kv_swap_s, decode_expert_frac=experts_frac(decode_tokens),
-        prefill_passes=n_chunks, prefill_expert_frac=experts_frac(pre_tokens),
-        prefill_gpu_s=n_chunks * (pre_gpu + draft_pre), prefill_chain_s=n_chunks * pre_gpu,
+        prefill_passes=n_pre, prefill_expert_frac=experts_frac(chunk_tokens),
+        prefill_gpu_s=n_pre * (pre_gpu + draft_pre), prefill_chain_s=n_pre * pre_gpu,
     )

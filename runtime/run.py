@@ -102,13 +102,26 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
             raise InputError(draft.name, "vocab_size", f"{draft.vocab} differs from the target's {target.vocab}",
                              "a draft that shares the target's tokenizer")
     workload = Workload.from_dict(plan.workload, "plan workload")
-    if prompt_lens and max(prompt_lens) > workload.max_prompt_len:
-        workload = replace(workload, prompt_lens=tuple(prompt_lens))  # size the KV cache for what will run
+    longer = ""
+    if prompt_lens:
+        limit = target.hf_config.get("max_position_embeddings")
+        worst = max(prompt_lens) + workload.gen_len + (s.gamma if s.speculative else 0)
+        if isinstance(limit, int) and worst > limit:
+            raise InputError("prompts", f"prompt {prompt_lens.index(max(prompt_lens))}",
+                             f"{max(prompt_lens)} tokens + gen_len {workload.gen_len}"
+                             + (f" + gamma {s.gamma}" if s.speculative else "")
+                             + f" exceed {target.name}'s max_position_embeddings {limit}",
+                             f"prompts of at most {limit - worst + max(prompt_lens)} tokens")
+        if max(prompt_lens) > workload.max_prompt_len:
+            # size every row's KV for what will run, and say so if that no longer fits
+            longer = (f" with prompts of up to {max(prompt_lens)} tokens (the plan was made for "
+                      f"{workload.max_prompt_len}; each row's KV is reserved at prompt + gen_len)")
+            workload = replace(workload, prompt_lens=tuple(prompt_lens))
     need = plan_memory(target, draft if s.speculative else None, s, plan.placement, workload)
     profile = plan.hardware_profile()
     problems = need.violations(profile)
     if problems:
-        raise InfeasibleError(f"plan does not fit {profile.name}: " + "; ".join(problems))
+        raise InfeasibleError(f"plan does not fit {profile.name}{longer}: " + "; ".join(problems))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if need.gpu_bytes > free:
@@ -247,6 +260,8 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                    if rounds and c.get("drafted") else (None, None))),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
+        # the scheduler's passes as run: all of them, prompts alone, prompts beside decode rows, admissions
+        "pass_composition": dict(engine.pass_counts),
         "peak_gpu_bytes": peak_gpu,
         "gpu_bytes_by_part": engine.device_parts(),  # what the engine allocated up front, by plan_memory's names
         "host_bytes": engine.host_bytes(),
@@ -269,7 +284,8 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
             measured["resimulation_error"] = str(e)
     if sim is not None:
         at_measured = {"acceptance": alpha, "throughput_tok_s": sim.throughput_tok_s,
-                       "tokens_per_round": sim.tokens_per_round, "stage_s": sim.stage_s}
+                       "tokens_per_round": sim.tokens_per_round, "stage_s": sim.stage_s,
+                       "pass_composition": sim.pass_counts}
         comparison.append({"metric": AT_MEASURED_ACCEPTANCE, "measured": measured["throughput_tok_s"],
                            "predicted": sim.throughput_tok_s,
                            "error_pct": error_pct(measured["throughput_tok_s"], sim.throughput_tok_s)})
@@ -290,5 +306,11 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "predicted": pred,
         "predicted_at_measured_acceptance": at_measured,
         "comparison": comparison,
+        # what ran against what the simulator ran for the same plan (at the measured acceptance
+        # where there is one, else the plan's own prediction)
+        "pass_composition": {"measured": dict(engine.pass_counts),
+                             "simulated": (sim.pass_counts if sim is not None else pred.get("pass_counts")),
+                             "simulated_prompts": (sim.simulated_prompts if sim is not None
+                                                   else pred.get("simulated_prompts"))},
         "outputs": outputs,
     }

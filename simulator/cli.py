@@ -160,8 +160,8 @@ def simulate_cmd(
             except ValueError:
                 raise InputError("argument", "--window", f"got {window!r}", "START:END in seconds, e.g. 100:130") from None
             win = (lo, hi)
-        write_gantt(res.spans, gantt, f"{schedule.policy}: {tgt.name} + {drf.name if drf else 'no draft'} on {profile.name}",
-                    window_s=win)
+        write_gantt(res.spans, gantt, f"{schedule.policy} ({schedule.admission}): {tgt.name} + "
+                    f"{drf.name if drf else 'no draft'} on {profile.name}", window_s=win, marks=res.marks)
         err.print(f"wrote {gantt}")
 
     if as_json:

@@ -39,6 +39,7 @@ class SimConfig:
     placement: Placement
     mode: str = "sampled"  # per-row acceptance drawn with `seed`, or every row gains E tokens
     check_memory: bool = True  # False: simulate even if the plan does not fit (for comparisons)
+    all_prompts: bool = False  # simulate every prompt of the workload, none scaled or extrapolated
 
     def __post_init__(self) -> None:
         self.schedule.validate("simulate")
@@ -74,18 +75,25 @@ class SimResult:
     simulated_prompts: int = 0  # continuous: prompts simulated; the rest of the workload at the steady rate
     pass_counts: dict = field(default_factory=dict)  # the scheduler's counts: passes, admissions, prompt tokens carried
     passes: list | None = field(default=None, repr=False)  # the scheduler's passes, with record_spans
+    marks: list | None = field(default=None, repr=False)  # per pass (start s, admitted, prompt tokens), with record_spans
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("spans", "passes")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("spans", "passes", "marks")}
         return d
 
 
 def make_scheduler(cfg: SimConfig) -> StepScheduler:
-    """The plan's step scheduler over the prompts it simulates: one wave of rows in waves mode
-    (every wave runs alike: the result is scaled by the number of waves), every prompt of the
-    workload in continuous mode."""
+    """The plan's step scheduler over the prompts it simulates: in waves mode one wave (the
+    result is scaled by the number of waves: they run alike), in continuous mode up to
+    STEADY_WAVES waves' worth (the rest extrapolated at the steady rate); every prompt with
+    `all_prompts`."""
     sch, wl = cfg.schedule, cfg.workload
-    n = min(STEADY_WAVES * sch.rows, wl.num_prompts) if sch.admission == "continuous" else min(sch.rows, wl.num_prompts)
+    if cfg.all_prompts:
+        n = wl.num_prompts
+    elif sch.admission == "continuous":
+        n = min(STEADY_WAVES * sch.rows, wl.num_prompts)
+    else:
+        n = min(sch.rows, wl.num_prompts)
     config = SchedulerConfig.from_schedule(sch, wl.gen_len, n, cfg.placement.draft_kv)
     return StepScheduler(config, [Request(i, wl.prompt_len_of(i)) for i in range(n)])
 
@@ -124,7 +132,8 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
     generated = float(sum(r.generated for r in sched.finished))
     prompts = len(sched.requests)
     rows = min(cfg.schedule.rows, prompts)
-    waves = 1 if cfg.schedule.admission == "continuous" else -(-cfg.workload.num_prompts // prompts)
+    waves = 1 if cfg.schedule.admission == "continuous" or prompts == cfg.workload.num_prompts \
+        else -(-cfg.workload.num_prompts // prompts)
     scale = 1.0
     if cfg.schedule.admission == "continuous" and prompts < cfg.workload.num_prompts:
         a, b = rows, prompts - rows // 2
@@ -157,6 +166,7 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
         simulated_prompts=prompts,
         pass_counts=sched.counts.to_dict(),
         passes=scenario.passes if record_spans else None,
+        marks=scenario.marks if record_spans else None,
     )
 
 

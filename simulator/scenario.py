@@ -76,11 +76,13 @@ class Scenario:
         self.drawn_tokens = 0.0  # the same before the cap (its mean estimates E)
         self.prefill_done_s = 0.0  # when the last pass that carried only prompt tokens ended
         self.finish_s: list[float] = []  # when each finished row finished, in order
+        self.marks: list[tuple[float, int, int]] = []  # per pass: start s, prompts admitted, prompt tokens carried
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self):
         while (p := self.sched.next_pass()) is not None:
             self.passes.append(p)
+            self.marks.append((self.env.now, len(p.admitted), p.prefill_tokens))
             yield from self.run_pass(p)
             self.sched.complete(p, self.outcome(p))
             self.finish_s += [self.env.now] * (len(self.sched.finished) - len(self.finish_s))

@@ -3,6 +3,7 @@ constraints, the simulator's memory containers and the runtime's refusal check."
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
@@ -30,6 +31,12 @@ class MemoryNeed:
     @property
     def pinned_bytes(self) -> float:
         return sum(self.pinned.values())
+
+    def fits(self, profile: HardwareProfile) -> bool:
+        """Within every limit (what `violations` checks, without saying it)."""
+        return (self.gpu_bytes <= profile.gpu.memory_bytes - profile.gpu.reserved_bytes
+                and self.host_bytes <= profile.host.memory_bytes
+                and self.pinned_bytes <= profile.host.memory_bytes * profile.host.pinned_fraction)
 
     def violations(self, profile: HardwareProfile) -> list[str]:
         """Each limit the plan exceeds, as 'what: needs X, has Y' (empty when it fits)."""
@@ -71,20 +78,39 @@ def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
 
 
 def pass_activation_bytes(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule,
-                          workload: Workload) -> tuple[float, float]:
+                          workload: Workload, draft_kv: str = "gpu") -> tuple[float, float]:
     """Activation memory of the largest pass of the target (a prefill chunk, or a verify or
     decode batch; flexgen's micro-batches share one pass) and of the draft (its prefill in
-    draft_batch rows, or a decode step over 2 tokens a row), in bytes."""
+    draft_batch rows, or a decode step over 2 tokens a row; a recomputing draft reads whole
+    contexts), in bytes. Continuous admission computes a pass's rows one run after another, so
+    its largest piece is a decode batch or one prompt chunk of at most prefill_tokens tokens."""
     seq = workload.max_seq_len + schedule.gamma
     q = schedule.gamma + 1 if schedule.speculative else 1
     rows = schedule.target_batch * (schedule.num_batches if schedule.policy == "flexgen" else 1)
-    target_act = max(activation_bytes(target, schedule.prefill_chunk, workload.max_prompt_len, workload.max_prompt_len),
-                     activation_bytes(target, rows, q, seq))
+    p = workload.max_prompt_len
+    if schedule.admission == "continuous":
+        chunk = min(schedule.prefill_tokens, p)
+        prefill = activation_bytes(target, max(1, min(rows, schedule.prefill_tokens // chunk)), chunk, p)
+    else:
+        prefill = activation_bytes(target, schedule.prefill_chunk, p, p)
+    target_act = max(prefill, activation_bytes(target, rows, q, seq))
     draft_act = 0.0
     if draft is not None:
-        draft_act = max(activation_bytes(draft, schedule.draft_batch, workload.max_prompt_len, workload.max_prompt_len),
+        read = seq if draft_kv == "recompute" else p
+        draft_act = max(activation_bytes(draft, schedule.draft_batch, read, read),
                         activation_bytes(draft, schedule.draft_batch, 2, seq))
     return target_act, draft_act
+
+
+def stream_slot_bytes(target: ModelSpec, placement: Placement) -> float:
+    """One weight-stream buffer: the largest unit that streams, a layer (its FFN unless every FFN
+    is resident, plus its attention unless resident) or the LM head with the final norm when the
+    head streams. The program's GPU memory row and plan_memory both take it from here."""
+    b, L = target.layer_bytes, target.layers
+    streamed = (b.ffn if placement.ffn_gpu_layers < L else 0.0) + (b.attention if placement.attention != "gpu" else 0.0)
+    if placement.lm_head != "gpu":  # the head streams through the same slots
+        streamed = max(streamed, target.head_bytes + target.hidden * target.dtype_bytes)
+    return streamed
 
 
 def logits_bytes(target: ModelSpec, schedule: Schedule) -> float:
@@ -111,7 +137,9 @@ def streamed_homes(placement: Placement, layers: int) -> set[str]:
 
 
 def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
-                workload: Workload) -> MemoryNeed:
+                workload: Workload, activations: tuple[float, float] | None = None) -> MemoryNeed:
+    """`activations`: pass_activation_bytes of this schedule and draft KV home, when the caller
+    has it already (the placement ladder tries several placements of one schedule)."""
     b = target.layer_bytes
     L = target.layers
     rows = schedule.rows
@@ -139,10 +167,7 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     if not (target.tie_embeddings and placement.lm_head == placement.embed == "gpu"):
         home("lm_head", placement.lm_head, target.head_bytes)
 
-    # the largest layer that streams: its FFN unless every FFN is resident, plus attention unless resident
-    streamed = (b.ffn if placement.ffn_gpu_layers < L else 0.0) + (b.attention if placement.attention != "gpu" else 0.0)
-    if placement.lm_head != "gpu":  # the head streams through the same slots
-        streamed = max(streamed, target.head_bytes + target.hidden * target.dtype_bytes)
+    streamed = stream_slot_bytes(target, placement)
     if streamed > 0:
         slots = schedule.prefetch_depth + 1
         gpu["weight stream buffers"] = slots * streamed
@@ -155,7 +180,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     else:
         home("target KV cache", "cpu_pinned", target_kv)
 
-    act_target, act_draft = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload)
+    act_target, act_draft = activations or pass_activation_bytes(
+        target, draft if schedule.speculative else None, schedule, workload, placement.draft_kv)
     gpu["activations (target)"] = act_target
     gpu["logits (target)"] = logits_bytes(target, schedule)
     if draft is not None and schedule.speculative:
@@ -163,6 +189,8 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
         draft_kv_all = kv_cache_bytes(draft, rows, seq)
         if placement.draft_kv == "gpu":
             gpu["draft KV cache"] = draft_kv_all
+        elif placement.draft_kv == "recompute":  # one micro-batch's context, refilled every round
+            gpu["draft KV recompute buffer"] = kv_cache_bytes(draft, schedule.draft_batch, seq)
         else:
             # two micro-batches' worth: one drafts while the next is swapped in
             gpu["draft KV swap buffers"] = 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)
@@ -171,10 +199,14 @@ def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, 
     return MemoryNeed(gpu, host, pinned)
 
 
-def placement_ladder() -> tuple[Placement, ...]:
+@functools.lru_cache(maxsize=None)
+def placement_ladder(draft_kv: str | None = None) -> tuple[Placement, ...]:
     """Placements from the most GPU-hungry to the least: draft KV on the GPU, then on the
-    host, then the LM head streamed, then weights in pageable memory, then on disk."""
+    host, then the LM head streamed, then weights in pageable memory, then on disk. With
+    `draft_kv` given, every rung keeps the draft's KV there."""
     base = Placement(attention="cpu_pinned", ffn="cpu_pinned", embed="cpu_pageable", lm_head="gpu", draft_kv="gpu")
+    if draft_kv is not None:
+        return tuple(dict.fromkeys(replace(pl, draft_kv=draft_kv) for pl in placement_ladder()))
     return (base,
             replace(base, draft_kv="cpu"),
             replace(base, draft_kv="cpu", lm_head="cpu_pinned"),
@@ -183,13 +215,18 @@ def placement_ladder() -> tuple[Placement, ...]:
 
 
 def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
-                    profile: HardwareProfile) -> tuple[Placement | None, list[str]]:
+                    profile: HardwareProfile, draft_kv: str | None = None) -> tuple[Placement | None, list[str]]:
     """The first placement of the ladder that fits `schedule` (no FFN layer resident), or
     None and the limits the last one breaks. The planner starts its search from it; a
     schedule given by flags (`specplan simulate`) is placed with it."""
-    problems: list[str] = []
-    for pl in placement_ladder():
-        problems = plan_memory(target, draft, schedule, pl, workload).violations(profile)
-        if not problems:
+    need = None
+    acts: dict[bool, tuple[float, float]] = {}  # activations differ only for a draft that keeps no KV
+    for pl in placement_ladder(draft_kv):
+        key = pl.draft_kv == "recompute"
+        if key not in acts:
+            acts[key] = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload,
+                                              pl.draft_kv)
+        need = plan_memory(target, draft, schedule, pl, workload, acts[key])
+        if need.fits(profile):
             return pl, []
-    return None, problems
+    return None, need.violations(profile)

@@ -38,9 +38,16 @@ def tight_profile(gpu_bytes: float) -> HardwareProfile:
     return HardwareProfile.from_dict(toy_profile_dict(memory_bytes=gpu_bytes), "toy-tight")
 
 
+def _tok_s(cfg: SimConfig, seed: int) -> float:
+    return simulate(cfg, seed=seed).throughput_tok_s
+
+
 def brute_force(target, draft, profile, workload, seed=0):
-    """Every shape x placement x prefetch depth in the small space, scored by the simulator."""
-    best = (0.0, None)
+    """Every shape x placement x prefetch depth in the small space, scored by the simulator
+    (in processes, one per core: the simulations are independent and seeded)."""
+    from specplan.planner.optimize import map_in_processes, parallel_workers
+
+    configs = {}
     policies = ("specoffload", "spec-serial", "flexgen", "sequential")
     for policy in policies:
         for shape in shapes_mod.enumerate_shapes(policy, workload):
@@ -48,13 +55,19 @@ def brute_force(target, draft, profile, workload, seed=0):
                                                              range(target.layers + 1), ("gpu", "cpu"), (0, 1)):
                 if not shape.schedule(k).speculative and dkv == "cpu":
                     continue
+                if shape.recompute:  # the draft keeps no KV: one home, not two
+                    if dkv == "cpu":
+                        continue
+                    dkv = "recompute"
                 pl = Placement(attention=att, ffn=ffn, ffn_gpu_layers=n_gpu, embed="cpu_pageable", lm_head="gpu", draft_kv=dkv)
                 sch = shape.schedule(k)
                 if plan_memory(target, draft, sch, pl, workload).violations(profile):
                     continue
-                r = simulate(SimConfig(target, draft if sch.speculative else None, profile, workload, sch, pl), seed=seed)
-                if r.throughput_tok_s > best[0]:
-                    best = (r.throughput_tok_s, (sch, pl))
+                configs[(sch, pl)] = SimConfig(target, draft if sch.speculative else None, profile, workload, sch, pl)
+    keys = list(configs)
+    jobs = [(configs[key], seed) for key in keys]
+    scores = map_in_processes(_tok_s, jobs, parallel_workers(len(jobs)))
+    best = max(zip(scores, keys), key=lambda sk: sk[0], default=(0.0, None))
     return best
 
 
@@ -84,14 +97,18 @@ def test_no_plan_violates_memory():
         assert need.host_bytes <= profile.host.memory_bytes
 
 
-def test_program_memory_terms_equal_plan_memory():
-    """The program's linear memory rows and plan_memory are one formula, checked on many points."""
+@pytest.mark.parametrize("target,draft", [("mixtral-8x7b", "mistral-7b-v0.2"), ("smollm2-135m", "smollm2-135m-4l"),
+                                          ("llama-3.2-1b", "smollm2-135m-4l"), ("llama-3.3-70b", "llama-3.2-1b")])
+def test_program_memory_terms_equal_plan_memory(target, draft):
+    """The program's linear memory rows and plan_memory are one formula, checked on many points
+    and model shapes (a head larger than a layer, as in small models, included)."""
     import pulp
 
     profile = load_profile("rtx4090")
-    t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
+    t, d = ModelSpec.from_preset(target), ModelSpec.from_preset(draft)
     wl = Workload.make(prompt_len=256, gen_len=64, num_prompts=128)
     shapes = shapes_mod.enumerate_shapes("specoffload", wl)[::97][:6]
+    assert {s.recompute for s in shapes} == {False, True} and {s.admission for s in shapes} == {"waves", "continuous"}
     prog = ShapeProgram(shapes, t, d, profile, wl)
     for c, shape in enumerate(shapes):
         for att, n_gpu, dk, k, head in itertools.product(("gpu", "cpu_pinned", "cpu_pageable"), (0, 3), (0, 1), (0, 1),
@@ -99,7 +116,7 @@ def test_program_memory_terms_equal_plan_memory():
             fixed = {prog.x[i]: int(i == c) for i in range(len(shapes))}
             values = {"n_gpu": n_gpu, "draft_kv_host": dk, "prefetch": k}
             pl = Placement(attention=att, ffn="cpu_pinned", ffn_gpu_layers=n_gpu, embed="cpu_pageable",
-                           lm_head=head, draft_kv="cpu" if dk else "gpu")
+                           lm_head=head, draft_kv="recompute" if shape.recompute else "cpu" if dk else "gpu")
             need = plan_memory(t, d, shape.schedule(k), pl, wl)
             for var in prog.prob.variables():
                 name = var.name
