@@ -52,8 +52,8 @@ SCENARIOS = (
 
 def describe(r) -> str:
     s = r.candidate.shape
-    rows = f"{s.num_batches}x{s.target_batch}"
-    return f"{rows}, g{s.gamma}" if s.gamma else rows
+    rows = f"{s.num_batches}x{s.target_batch}" + (", cont." if s.admission == "continuous" else "")
+    return f"{rows}, g{s.gamma}" + (", kv recompute" if s.recompute else "") if s.gamma else rows
 
 
 def run(sc: Scenario, spread: float = 0.0) -> dict:

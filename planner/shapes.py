@@ -75,12 +75,14 @@ class Coeffs:
     prefill_chain_s: float  # critical path of all prefill passes, copies excluded
 
 
-def continuous_prefill_tokens(policy: str, batch: int, gamma: int, workload: Workload) -> int:
-    """The prompt-token budget of a continuous pass: room for twice the prompts a batch admits
-    per pass in steady state (rows finish in bunches), in whole prompts, one at least. A row
-    spends one pass being prefilled and (gen - 1) / E passes decoding, E its tokens a pass."""
+def continuous_prefill_tokens(policy: str, batch: int, batches: int, gamma: int, workload: Workload) -> int:
+    """The prompt-token budget of a continuous pass: room for twice the prompts the rows a
+    pass serves admit per pass in steady state (rows finish in bunches), in whole prompts,
+    one at least. A row spends one pass being prefilled and (gen - 1) / E passes decoding, E
+    its tokens a pass; a flexgen pass serves every batch."""
     per_row = 1.0 + (workload.gen_len - 1) / _tokens_per_pass(policy, gamma, workload)
-    return int(workload.max_prompt_len * max(1, math.ceil(2 * batch / per_row)))
+    served = batch * (batches if policy == "flexgen" else 1)
+    return int(workload.max_prompt_len * max(1, math.ceil(2 * served / per_row)))
 
 
 def _tokens_per_pass(policy: str, gamma: int, workload: Workload) -> float:
@@ -110,10 +112,11 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
                     if spec:
                         out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, recompute=True))
                 if "continuous" in admissions:
-                    budget = continuous_prefill_tokens(policy, b, g, workload)
-                    out.append(Shape(policy, b, nb, g, db, chunks[0], attn, "continuous", budget))
+                    # the prefill chunk sets the start-up passes (scheduler: prefill_rows prompts a pass)
+                    budget = continuous_prefill_tokens(policy, b, nb, g, workload)
+                    out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, "continuous", budget))
                     if spec:
-                        out.append(Shape(policy, b, nb, g, db, chunks[0], attn, "continuous", budget, True))
+                        out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, "continuous", budget, True))
     return out
 
 
@@ -142,7 +145,8 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
             tail, _ = expected_verify_passes("spec-serial", workload.acceptance_rates(g), gen - 1, b, 1,
                                              workload.acceptance_spread, workload.mean_acceptance)
             passes += max(0.0, tail - (per_row - 1.0)) * nb / waves
-        startup_passes = math.ceil(rows * p / shape.prefill_tokens) / waves
+        startup_tokens = max(shape.prefill_tokens, shape.prefill_chunk * workload.max_prompt_len)
+        startup_passes = math.ceil(rows * p / startup_tokens) / waves
     elif spec:
         # The prefill yields the first token; a static batch runs until its slowest row is done,
         # so the passes follow the slowest row, while row-proportional work (draft, KV swaps,
@@ -208,7 +212,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1) + pre_tokens_in_pass
     if continuous:  # start-up: passes of prompts alone, at the budget a pass
         n_pre = startup_passes
-        chunk_tokens = float(shape.prefill_tokens)
+        chunk_tokens = float(min(startup_tokens, rows * p))
         pc = target_layer_costs(P, T, chunk_tokens / p, p, p / 2, shape.attention_device, prefill=True)
         pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_tokens / p)
         draft_pre = draft_step_s(P, D, chunk_tokens / p, p, p / 2) if spec and not shape.recompute else 0.0

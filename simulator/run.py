@@ -52,14 +52,14 @@ class SimConfig:
 
 @dataclass
 class SimResult:
-    throughput_tok_s: float
+    throughput_tok_s: float  # the job's: every prompt's tokens over workload_s
     total_s: float  # one wave of rows in flight (continuous: every prompt)
     prefill_s: float
     decode_s: float
     generated_tokens: float
     rows: int
     waves: int  # num_prompts / rows in flight, rounded up
-    workload_s: float  # all prompts: waves * total_s
+    workload_s: float  # all prompts: full waves * total_s + the last, partial wave (continuous: total_s)
     rounds: int
     tokens_per_round: float  # mean tokens a row gains per verification (1 without a draft)
     accepted_per_round: float  # the same before the last round's cap at gen_len (estimates E)
@@ -109,48 +109,65 @@ def acceptance_factors(cfg: SimConfig, n: int, seed: int | None = None) -> dict[
     return dict(enumerate(row_acceptance_factors(wl.mean_acceptance, spread, n, rng_rows).tolist()))
 
 
-def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = None, outcomes=None) -> SimResult:
-    t0 = time.perf_counter()
-    need = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload)
-    if cfg.check_memory:
-        problems = need.violations(cfg.profile)
-        if problems:
-            raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+def _run(cfg: SimConfig, sched: StepScheduler, need, seed: int, record_spans: bool, outcomes):
+    """One scenario to its end on a fresh machine: (scenario, machine, end time s)."""
     env = simpy.Environment()
     machine = Machine(env, cfg.profile, record_spans=record_spans)
     if cfg.check_memory:
         static = need.gpu_bytes - sum(v for k, v in need.gpu.items() if k.startswith("activations"))
         machine.allocate("gpu", static, "resident weights, buffers and caches")
         machine.allocate("pinned", need.pinned_bytes, "pinned weights and caches")
-    seed = cfg.workload.seed if seed is None else seed
     rng = np.random.default_rng(seed)
-    sched = make_scheduler(cfg)
     scenario = Scenario(machine, cfg, rng, sched, acceptance_factors(cfg, len(sched.requests), seed), outcomes)
     env.process(scenario.run())
     env.run()
-    total = env.now
+    return scenario, machine, env.now
+
+
+def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = None, outcomes=None) -> SimResult:
+    """Simulate the plan. `throughput_tok_s` is the job's: all its prompts' tokens over
+    `workload_s` (waves: full waves alike, and a last, partial wave simulated on its own)."""
+    t0 = time.perf_counter()
+    need = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload)
+    if cfg.check_memory:
+        problems = need.violations(cfg.profile)
+        if problems:
+            raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+    seed = cfg.workload.seed if seed is None else seed
+    sched = make_scheduler(cfg)
+    scenario, machine, total = _run(cfg, sched, need, seed, record_spans, outcomes)
     generated = float(sum(r.generated for r in sched.finished))
+    wl = cfg.workload
     prompts = len(sched.requests)
     rows = min(cfg.schedule.rows, prompts)
-    waves = 1 if cfg.schedule.admission == "continuous" or prompts == cfg.workload.num_prompts \
-        else -(-cfg.workload.num_prompts // prompts)
+    continuous = cfg.schedule.admission == "continuous"
+    waves = 1 if continuous or prompts == wl.num_prompts else -(-wl.num_prompts // prompts)
     scale = 1.0
-    if cfg.schedule.admission == "continuous" and prompts < cfg.workload.num_prompts:
+    job_s, job_tokens = total, generated
+    if continuous and prompts < wl.num_prompts:
         a, b = rows, prompts - rows // 2
         steady_s_per_prompt = float(np.polyfit(np.arange(a, b), np.asarray(scenario.finish_s[a:b]), 1)[0])
-        scale = (total + (cfg.workload.num_prompts - prompts) * steady_s_per_prompt) / total
-        generated *= cfg.workload.num_prompts / prompts
+        scale = (total + (wl.num_prompts - prompts) * steady_s_per_prompt) / total
+        generated *= wl.num_prompts / prompts
         total *= scale
+        job_s, job_tokens = total, generated
+    elif waves > 1:
+        job_s, job_tokens = (waves - 1) * total, (waves - 1) * generated
+        rest = wl.num_prompts - (waves - 1) * prompts
+        last = StepScheduler(sched.config, [Request(i, wl.prompt_len_of((waves - 1) * prompts + i)) for i in range(rest)])
+        _, _, last_s = _run(cfg, last, need, seed + 1, False, None)
+        job_s += last_s
+        job_tokens += float(sum(r.generated for r in last.finished))
     row_rounds = max(scenario.row_rounds, 1)
     return SimResult(
-        throughput_tok_s=generated / total if total > 0 else 0.0,
+        throughput_tok_s=job_tokens / job_s if job_s > 0 else 0.0,
         total_s=total,
         prefill_s=scenario.prefill_done_s,
         decode_s=total - scenario.prefill_done_s,
         generated_tokens=generated,
         rows=rows,
         waves=waves,
-        workload_s=waves * total,
+        workload_s=job_s,
         rounds=scenario.verify_rounds,
         tokens_per_round=scenario.gained_tokens / row_rounds,
         accepted_per_round=scenario.drawn_tokens / row_rounds,

@@ -83,16 +83,17 @@ def pass_activation_bytes(target: ModelSpec, draft: ModelSpec | None, schedule: 
     decode batch; flexgen's micro-batches share one pass) and of the draft (its prefill in
     draft_batch rows, or a decode step over 2 tokens a row; a recomputing draft reads whole
     contexts), in bytes. Continuous admission computes a pass's rows one run after another, so
-    its largest piece is a decode batch or one prompt chunk of at most prefill_tokens tokens."""
+    its largest piece is a decode batch, the start-up's prefill_chunk prompts, or the prompts
+    of at most prefill_tokens tokens a later pass carries."""
     seq = workload.max_seq_len + schedule.gamma
     q = schedule.gamma + 1 if schedule.speculative else 1
     rows = schedule.target_batch * (schedule.num_batches if schedule.policy == "flexgen" else 1)
     p = workload.max_prompt_len
+    # waves' prefill passes, and continuous admission's start-up passes, take prefill_chunk prompts
+    prefill = activation_bytes(target, schedule.prefill_chunk, p, p)
     if schedule.admission == "continuous":
         chunk = min(schedule.prefill_tokens, p)
-        prefill = activation_bytes(target, max(1, min(rows, schedule.prefill_tokens // chunk)), chunk, p)
-    else:
-        prefill = activation_bytes(target, schedule.prefill_chunk, p, p)
+        prefill = max(prefill, activation_bytes(target, max(1, min(rows, schedule.prefill_tokens // chunk)), chunk, p))
     target_act = max(prefill, activation_bytes(target, rows, q, seq))
     draft_act = 0.0
     if draft is not None:

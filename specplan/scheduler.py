@@ -35,7 +35,9 @@ and the two admission modes only in when slots are refilled:
                  decoded until its slowest row is done
     continuous   a freed slot is refilled at once; the new row's prompt is prefilled in chunks
                  inside the passes that decode the others, at most `prefill_tokens` prompt
-                 tokens per pass, against the weights those passes stream anyway
+                 tokens per pass, against the weights those passes stream anyway; until the
+                 first row finishes (start-up) a pass may carry `prefill_rows` whole prompts
+                 instead, so the slots fill as fast as a wave's prefill passes fill them
 
 Token counts are floats so that the simulator's expected-value mode (every row gains E tokens
 per verification) runs through the same code; the engine gains whole tokens.
@@ -226,6 +228,7 @@ class StepScheduler:
         self.waiting: deque[Request] = deque(self.requests)
         self.slots = [None] * self.config.slots
         self._turn = 0  # the group the next pass starts looking from
+        self._longest = max((r.prompt_len for r in self.requests), default=1)
         self._index = 0
         self._wave_prefilled = True  # waves: the current wave's prompts are all in
 
@@ -353,7 +356,7 @@ class StepScheduler:
         """Every decoding row of `groups` (verify or decode), then prompt chunks for the
         prefilling rows within the pass's prefill token budget (continuous admission)."""
         work: list[RowWork] = []
-        budget = self.config.prefill_tokens
+        budget = self._budget()
         q = self.config.gamma + 1 if decode_kind == "verify" else 1
         for g in groups:
             for s in self._group_slots(g):
@@ -368,6 +371,12 @@ class StepScheduler:
                     work.append(RowWork(s, "prefill", row.computed, n, row.computed + n == row.request.prompt_len))
         return tuple(work)
 
+    def _budget(self) -> int:
+        """Prompt tokens this pass may carry: `prefill_tokens`, or at start-up (no row has
+        finished yet) as many as `prefill_rows` prompts, if that is more."""
+        cfg = self.config
+        return cfg.prefill_tokens if self.finished else max(cfg.prefill_tokens, cfg.prefill_rows * self._longest)
+
     def _free_slots(self, groups) -> list[int]:
         return [s for g in groups for s in self._group_slots(g) if self.slots[s] is None]
 
@@ -381,7 +390,7 @@ class StepScheduler:
         """Refill the free slots of `groups` with as many prompts as this pass can start prefilling."""
         if self.config.admission != "continuous":
             return ()
-        budget = self.config.prefill_tokens - sum(
+        budget = self._budget() - sum(
             r.request.prompt_len - r.computed for g in groups for s in self._group_slots(g)
             if (r := self.slots[s]) is not None and r.prefilling)
         out = []
