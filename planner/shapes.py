@@ -95,7 +95,8 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
                      admissions=("waves", "continuous")) -> list[Shape]:
     """Every shape of a policy: batch sizes, attention device, gamma and draft batch, and per
     admission mode what it varies (the prefill chunk in waves; the prompt-token budget follows
-    from the batch in continuous); a speculative shape also with a draft that keeps no KV."""
+    from the batch in continuous, offered when there are more prompts than rows: else no
+    slot is ever refilled); a speculative shape also with a draft that keeps no KV."""
     spec = policy in ("specoffload", "spec-serial")
     nb = 2 if policy in ("specoffload", "flexgen") else 1
     out = []
@@ -111,7 +112,7 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
                     out += [Shape(policy, b, nb, g, db, pc, attn) for pc in chunks]
                     if spec:
                         out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, recompute=True))
-                if "continuous" in admissions:
+                if "continuous" in admissions and workload.num_prompts > rows:  # else nothing to refill
                     # the prefill chunk sets the start-up passes (scheduler: prefill_rows prompts a pass)
                     budget = continuous_prefill_tokens(policy, b, nb, g, workload)
                     out.append(Shape(policy, b, nb, g, db, chunks[-1], attn, "continuous", budget))

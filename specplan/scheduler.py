@@ -169,7 +169,7 @@ class Outcome:
     eos: frozenset[int] = frozenset()
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     request: Request
     computed: int = 0  # prompt tokens already in the target's KV cache
@@ -333,10 +333,11 @@ class StepScheduler:
     def _draft_rows(self, g: int) -> tuple[DraftRow, ...]:
         """Proposals for the decoding rows of group g that have none."""
         out = []
+        slots = self.slots
         for s in self._group_slots(g):
-            row = self.slots[s]
-            if row is not None and row.decoding and not row.proposed:
-                context = int(row.length) - 2
+            row = slots[s]
+            if row is not None and not row.proposed and not row.done and row.computed >= row.request.prompt_len:
+                context = int(row.request.prompt_len + row.generated) - 2
                 cached = context if row.draft_ready else 0
                 out.append(DraftRow(s, cached, context))
                 self.counts.draft_prefill_tokens += max(0, context - cached)
@@ -358,17 +359,19 @@ class StepScheduler:
         work: list[RowWork] = []
         budget = self._budget()
         q = self.config.gamma + 1 if decode_kind == "verify" else 1
+        slots = self.slots
         for g in groups:
             for s in self._group_slots(g):
-                row = self.slots[s]
-                if row is None:
+                row = slots[s]
+                if row is None or row.done:
                     continue
-                if row.decoding:
-                    work.append(RowWork(s, decode_kind, int(row.length) - 1, q))
-                elif row.prefilling and budget > 0:
-                    n = min(row.request.prompt_len - row.computed, budget)
+                p = row.request.prompt_len
+                if row.computed >= p:
+                    work.append(RowWork(s, decode_kind, int(p + row.generated) - 1, q))
+                elif budget > 0:
+                    n = min(p - row.computed, budget)
                     budget -= n
-                    work.append(RowWork(s, "prefill", row.computed, n, row.computed + n == row.request.prompt_len))
+                    work.append(RowWork(s, "prefill", row.computed, n, row.computed + n == p))
         return tuple(work)
 
     def _budget(self) -> int:
