@@ -32,6 +32,10 @@ from .milp import Candidate, ShapeProgram, estimate, solver_name
 from .shapes import Shape, coefficients, enumerate_shapes
 
 PER_POLICY = {"specoffload": 4, "spec-serial": 2, "flexgen": 2, "sequential": 1}
+# Candidates the simulator replays: each policy's best, and any other the program puts within
+# this fraction of the best estimate (the simulator moved no default candidate by more than
+# 10% from its estimate but flexgen 2 x 192, which it put at 0.67x; validation.md section 5)
+RERANK_WITHIN = 0.8
 SHAPES_IN_PROGRAM = 32
 
 
@@ -182,6 +186,9 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     if not candidates:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
 
+    top = max(c.estimate_tok_s for c in candidates)
+    firsts = {id(next(c for c in candidates if c.shape.policy == p)) for p in {c.shape.policy for c in candidates}}
+    candidates = [c for c in candidates if id(c) in firsts or c.estimate_tok_s >= RERANK_WITHIN * top]
     ranked: list[Ranked] = []
     workers = parallel_workers(len(candidates))
     say(f"simulating {len(candidates)} candidates" + (f" in {workers} processes" if workers > 1 else ""))

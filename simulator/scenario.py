@@ -102,18 +102,24 @@ class Scenario:
 
     def groups_of(self, p: Pass) -> list[Group]:
         """The pass's row groups: verify / decode rows batch by batch, then the prompt chunks."""
-        slots = self.sched.slots
-        groups = []
         per = self.sched.config.group_rows
+        by_group: dict[int, list] = {}
+        chunks = []
+        for w in p.rows:
+            if w.kind == "prefill":
+                chunks.append(w)
+            else:
+                by_group.setdefault(w.slot // per, []).append(w)
+        groups = []
+        slots = self.sched.slots
         for g in p.groups:
-            work = [w for w in p.rows if w.kind != "prefill" and w.slot // per == g]
-            if work:
-                ctx = float(np.mean([slots[w.slot].length for w in work]))
+            work = by_group.get(g)
+            if work:  # the rows' mean length (fractional in expected mode)
+                ctx = sum(slots[w.slot].request.prompt_len + slots[w.slot].generated for w in work) / len(work)
                 groups.append(Group(len(work), float(work[0].tokens), ctx))
-        chunks = p.of_kind("prefill")
         if chunks:
-            q = float(np.mean([w.tokens for w in chunks]))
-            ctx = float(np.mean([w.start + w.tokens / 2 for w in chunks]))
+            q = sum(w.tokens for w in chunks) / len(chunks)
+            ctx = sum(w.start + w.tokens / 2 for w in chunks) / len(chunks)
             groups.append(Group(len(chunks), q, ctx, prefill=True))
         return groups
 
@@ -124,20 +130,23 @@ class Scenario:
         if self.outcomes is not None:
             out = self.outcomes(p)
         else:
-            gained = {w.slot: 1.0 for w in p.rows if w.kind != "verify" and (w.kind != "prefill" or w.last)}
-            verify = p.of_kind("verify")
+            gained = {w.slot: 1.0 for w in p.rows if w.kind == "decode" or (w.kind == "prefill" and w.last)}
+            verify = [w.slot for w in p.rows if w.kind == "verify"]
             if verify:
-                gained.update(zip([w.slot for w in verify], self._accepted([w.slot for w in verify])))
+                gained.update(zip(verify, self._accepted(verify).tolist()))
             out = Outcome(gained)
-        slots, gen = self.sched.slots, self.wl.gen_len
-        decoded = [w for w in p.rows if w.kind != "prefill"]
-        if decoded:
-            drawn = [out.gained.get(w.slot, 0.0) for w in decoded]
-            capped = [min(d, gen - slots[w.slot].generated) for d, w in zip(drawn, decoded)]
+        if p.decode_rows:
+            slots, gen, got = self.sched.slots, self.wl.gen_len, out.gained
+            drawn = capped = 0.0
+            for w in p.rows:
+                if w.kind != "prefill":
+                    d = got.get(w.slot, 0.0)
+                    drawn += d
+                    capped += min(d, gen - slots[w.slot].generated)
             self.verify_rounds += 1
-            self.row_rounds += len(decoded)
-            self.gained_tokens += float(sum(capped))
-            self.drawn_tokens += float(sum(drawn))
+            self.row_rounds += p.decode_rows
+            self.gained_tokens += capped
+            self.drawn_tokens += drawn
         return out
 
     def _accepted(self, slots: list[int]) -> np.ndarray:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 POLICIES = ("specoffload", "spec-serial", "flexgen", "sequential")
 ADMISSIONS = ("continuous", "waves")
@@ -108,8 +109,7 @@ class Request:
     prompt_len: int
 
 
-@dataclass(frozen=True)
-class RowWork:
+class RowWork(NamedTuple):  # immutable, and cheap to make: a pass makes one per row
     """What one row computes in a pass: `tokens` new positions starting at position `start`."""
 
     slot: int
@@ -119,8 +119,7 @@ class RowWork:
     last: bool = True  # prefill: this chunk completes the prompt (its logits give the first token)
 
 
-@dataclass(frozen=True)
-class DraftRow:
+class DraftRow(NamedTuple):
     """The draft's work for one row: read positions [cached, context) it does not hold yet
     (a new row's prompt, or every round under draft_kv='recompute'), then, if `propose`,
     gamma steps from the row's last two tokens."""
@@ -141,16 +140,11 @@ class Pass:
     admitted: tuple[tuple[int, int], ...] = ()  # (slot, request id) filled before this pass
     moves: tuple[tuple[int, int, float], ...] = ()  # (from slot, to slot, tokens held) before this pass
 
+    prefill_tokens: int = 0  # prompt tokens the pass carries (set when the scheduler emits it)
+    decode_rows: int = 0  # rows that verify or decode
+
     def of_kind(self, kind: str) -> tuple[RowWork, ...]:
         return tuple(w for w in self.rows if w.kind == kind)
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(w.tokens for w in self.rows if w.kind == "prefill")
-
-    @property
-    def decode_rows(self) -> int:
-        return sum(1 for w in self.rows if w.kind != "prefill")
 
     def signature(self) -> tuple:
         """What the agreement test compares: row sets and token counts, draft rows, admissions, moves."""
@@ -230,15 +224,19 @@ class StepScheduler:
         self._turn = 0  # the group the next pass starts looking from
         self._longest = max((r.prompt_len for r in self.requests), default=1)
         self._index = 0
-        self._wave_prefilled = True  # waves: the current wave's prompts are all in
+        self._wave_prefilling = False  # waves: the current wave's prompts are not all in yet
 
     # ---- the loop's two calls -----------------------------------------------------------------------
     def next_pass(self) -> Pass | None:
         """The next pass, or None when every prompt has finished."""
         cfg = self.config
         admitted = self._admit_wave() if cfg.admission == "waves" else ()
-        if cfg.admission == "waves" and self._prefilling_slots():
-            return self._emit(self._wave_prefill_pass(admitted))
+        if admitted:
+            self._wave_prefilling = True
+        if self._wave_prefilling:  # waves: a wave's prompts first, in passes of their own
+            if self._prefilling_slots():
+                return self._emit(self._wave_prefill_pass(admitted))
+            self._wave_prefilling = False
         plan = {"specoffload": self._specoffload, "spec-serial": self._spec_serial,
                 "flexgen": self._flexgen, "sequential": self._sequential}[cfg.policy]
         p = plan(admitted)
@@ -454,15 +452,13 @@ class StepScheduler:
         return tuple(moves)
 
     def _emit(self, p: Pass) -> Pass:
-        p = Pass(self._index, p.groups, p.rows, p.draft_first, p.draft_beside, p.admitted, p.moves)
+        pre = sum(w.tokens for w in p.rows if w.kind == "prefill")
+        p = Pass(self._index, p.groups, p.rows, p.draft_first, p.draft_beside, p.admitted, p.moves, pre,
+                 sum(1 for w in p.rows if w.kind != "prefill"))
         assert p.rows, "a pass computes at least one row"
-        drafted = {d.slot for d in p.draft_first}
-        assert all(self.slots[w.slot].proposed or w.slot in drafted for w in p.of_kind("verify")), \
-            "every verified row has a proposal"
         self._index += 1
         c = self.counts
         c.passes += 1
-        pre = p.prefill_tokens
         c.prefill_tokens += pre
         if pre and p.decode_rows:
             c.mixed_passes += 1

@@ -198,3 +198,25 @@ def test_calibration_scales_each_stage_to_the_run_as_it_ran():
         assert factor == pytest.approx(stage_total(m["stage_s"], stage) / stage_total(as_ran.stage_s, stage))
     # a CPU run against the rtx4090 profile: off by orders of magnitude before, far closer after
     assert abs(c.error_after_pct) < abs(c.error_before_pct) / 10
+
+
+def test_report_gives_the_passes_run_beside_the_simulators():
+    """specrun's report: the scheduler's pass composition as run (continuous: prompts carried
+    by decode passes) and as the simulator ran the same plan."""
+    plan = make_plan(policy="spec-serial")
+    plan = replace(plan, schedule=replace(plan.schedule, num_batches=1, admission="continuous", prefill_tokens=8),
+                   workload={**plan.workload, "num_prompts": 8})
+    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+    ran = report["pass_composition"]["measured"]
+    assert ran == report["measured"]["pass_composition"]
+    assert ran["admitted"] == 8 and ran["mixed_passes"] > 0 and ran["prefill_tokens_in_decode_passes"] > 0
+    sim = report["pass_composition"]["simulated"]
+    assert sim is not None and sim["admitted"] == report["pass_composition"]["simulated_prompts"]
+
+
+def test_a_prompt_past_the_models_positions_is_refused_before_any_weight(no_weights):
+    spec = ModelSpec.from_preset("tiny-llama")
+    limit = spec.hf_config["max_position_embeddings"]
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        run_plan(make_plan(), "tiny-llama", "tiny-draft", random_weights=True, device="cpu",
+                 prompts=[[1] * (limit - 2), [1, 2, 3]])
