@@ -78,17 +78,18 @@ class Coeffs:
 def continuous_prefill_tokens(policy: str, batch: int, batches: int, gamma: int, workload: Workload) -> int:
     """The prompt-token budget of a continuous pass: room for twice the prompts the rows a
     pass serves admit per pass in steady state (rows finish in bunches), in whole prompts,
-    one at least. A row spends one pass being prefilled and (gen - 1) / E passes decoding, E
-    its tokens a pass; a flexgen pass serves every batch."""
-    per_row = 1.0 + (workload.gen_len - 1) / _tokens_per_pass(policy, gamma, workload)
+    one at least; a flexgen pass serves every batch."""
+    per_row = row_passes(policy, gamma, workload)
     served = batch * (batches if policy == "flexgen" else 1)
     return int(workload.max_prompt_len * max(1, math.ceil(2 * served / per_row)))
 
 
-def _tokens_per_pass(policy: str, gamma: int, workload: Workload) -> float:
-    if policy in ("specoffload", "spec-serial"):
-        return expected_accepted_tokens_table(workload.acceptance_rates(gamma))
-    return 1.0
+def row_passes(policy: str, gamma: int, workload: Workload) -> float:
+    """Passes a row spends in its slot under continuous admission: one being prefilled, then
+    (gen - 1) / E decoding, E the tokens it gains a pass (1 without a draft)."""
+    spec = policy in ("specoffload", "spec-serial")
+    tokens = expected_accepted_tokens_table(workload.acceptance_rates(gamma)) if spec else 1.0
+    return 1.0 + (workload.gen_len - 1) / tokens
 
 
 def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", "gpu"),
@@ -138,7 +139,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         # finished (pre_rows of them). Start-up (the slots filling at the budget's pace) and
         # drain (rows of every age thinning out, and the slowest row's tail) are paid once
         # per job, spread over its waves.
-        per_row = 1.0 + (gen - 1) / _tokens_per_pass(shape.policy, g, workload)
+        per_row = row_passes(shape.policy, g, workload)
         live = float(b) * (per_row - 1.0) / per_row
         pre_rows = b / per_row
         waves = max(1.0, workload.num_prompts / rows)

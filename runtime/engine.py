@@ -58,7 +58,7 @@ from .weights import RESIDENT, WeightStore
 
 
 def runs(slots: list[int]) -> list[slice]:
-    """Sorted slots as maximal slices of consecutive ones."""
+    """Slots, in their order, as maximal slices of ascending consecutive ones."""
     out: list[slice] = []
     for s in slots:
         if out and out[-1].stop == s:
@@ -120,7 +120,6 @@ class Engine:
         self.gen_len, self.greedy, self.temperature, self.seed = gen_len, sampling == "greedy", temperature, seed
         self.eos = torch.tensor(eos) if eos else None
         self.stats = stats or Stats(device)
-        self.prompts_cap = rows  # the job's prompts, at most the plan's rows, size the batches
         self.gamma = schedule.gamma if schedule.speculative else 0
         self.max_prompt_len = max_prompt_len
         self.max_len = max_len = max_prompt_len + gen_len + self.gamma  # verify writes gamma + 1 positions
@@ -384,10 +383,10 @@ class Engine:
                 load = self.draft_swap is not None and rows[0].propose  # prompts to read have nothing to load
                 if load:
                     self.draft_swap.begin()
-                    self._draft_load(slots, 0, mbs[0])
+                    self._draft_load(0, mbs[0])
                 for i, mb in enumerate(mbs):
                     if load and i + 1 < len(mbs):
-                        self._draft_load(slots, i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
+                        self._draft_load(i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
                     self._draft_micro_batch(slots, i, mb, group)
         if self.cuda:
             self.draft_stream.synchronize()  # this thread waits; the target's stream does not
@@ -419,7 +418,7 @@ class Engine:
                 if self.proposal_q is None:
                     self.proposal_q = torch.zeros(self.slots_n, self.gamma, q.shape[-1], device=q.device)
                 self.proposal_q[idx.to(q.device)] = q
-        self._draft_store(slots, i, mb, [d.slot for d in mb], start)
+        self._draft_store(i, mb, start)
 
     def _draft_steps(self, slots: Slots, idx: torch.Tensor, crows, group: int):
         """gamma draft steps from each row's last two tokens: x [B, gamma] (CPU), q [B, gamma, V] or None."""
@@ -461,7 +460,7 @@ class Engine:
 
     # With the draft KV on the host, micro-batch i of a propose uses swap buffer i % 2; see
     # draftkv.py for the copies and their ordering.
-    def _draft_load(self, slots: Slots, i: int, mb: list[DraftRow]) -> None:
+    def _draft_load(self, i: int, mb: list[DraftRow]) -> None:
         """Queue the copy of the positions the draft holds of each row of mb into buffer i % 2."""
         self.draft_swap.load(i % 2, [d.slot for d in mb], [d.cached for d in mb])
 
@@ -477,18 +476,18 @@ class Engine:
         if self.placement.draft_kv == "recompute":
             return [(slice(0, n), slice(0, n))]
         out, k = [], 0
-        for sl in runs(mb_slots) if mb_slots == sorted(mb_slots) else [slice(s, s + 1) for s in mb_slots]:
+        for sl in runs(mb_slots):
             m = sl.stop - sl.start
             out.append((sl, slice(k, k + m)))
             k += m
         return out
 
-    def _draft_store(self, slots: Slots, i: int, mb: list[DraftRow], mb_slots: list[int], start: torch.Tensor) -> None:
+    def _draft_store(self, i: int, mb: list[DraftRow], start: torch.Tensor) -> None:
         """Queue the write-back of the positions the draft just wrote for the rows of mb, [start, new length)."""
         if self.draft_swap is None:
             return
         end = self.draft.cache.lengths[:len(mb)]
-        self.draft_swap.store(i % 2, mb_slots, list(zip(start.tolist(), end.tolist())))
+        self.draft_swap.store(i % 2, [d.slot for d in mb], list(zip(start.tolist(), end.tolist())))
 
     def warmup(self, prompts: list[list[int]]) -> None:
         """The first rows' prefill and one decode round, at the run's shapes, for the caller not

@@ -115,7 +115,7 @@ class Scenario:
         for g in p.groups:
             work = by_group.get(g)
             if work:  # the rows' mean length (fractional in expected mode)
-                ctx = sum(slots[w.slot].request.prompt_len + slots[w.slot].generated for w in work) / len(work)
+                ctx = sum(slots[w.slot].length for w in work) / len(work)
                 groups.append(Group(len(work), float(work[0].tokens), ctx))
         if chunks:
             q = sum(w.tokens for w in chunks) / len(chunks)

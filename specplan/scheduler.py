@@ -178,10 +178,6 @@ class Row:
         return self.computed < self.request.prompt_len
 
     @property
-    def decoding(self) -> bool:
-        return not self.prefilling and not self.done
-
-    @property
     def length(self) -> float:
         """Tokens of the row so far: prompt and generated."""
         return self.request.prompt_len + self.generated
@@ -334,8 +330,8 @@ class StepScheduler:
         slots = self.slots
         for s in self._group_slots(g):
             row = slots[s]
-            if row is not None and not row.proposed and not row.done and row.computed >= row.request.prompt_len:
-                context = int(row.request.prompt_len + row.generated) - 2
+            if row is not None and not row.proposed and not row.done and not row.prefilling:
+                context = int(row.length) - 2
                 cached = context if row.draft_ready else 0
                 out.append(DraftRow(s, cached, context))
                 self.counts.draft_prefill_tokens += max(0, context - cached)
