@@ -54,7 +54,10 @@ def _solver(time_limit_s: float = 20.0):
     try:
         import highspy  # noqa: F401
 
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
+        # one thread: the planner already runs one program per core, and HiGHS's own worker
+        # threads then spin against the other process (on 2 cores, optimize --gpu rtx4090 took
+        # 8.2 s median with HiGHS's default threads and 6.7 s with one, to the same plans)
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-6, threads=1)
     except Exception:  # noqa: BLE001 - fall back to the CBC binary that ships with PuLP
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
 
