@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from specplan.cli import JsonOpt, err, hardware, print_json
+from specplan.fileio import check_writable
 from specplan.units import parse_bytes
 
 MEASURED_DIR = Path("hwprofiles") / "measured"
@@ -34,6 +35,8 @@ def profile_cmd(
 
     models = [ModelSpec.resolve(target)] + ([ModelSpec.resolve(draft)] if draft else [])
     cap = parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
+    # the default name comes from the device, known only after measuring: probe its folder
+    check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")
     t0 = time.perf_counter()
     with err.status("profiling ...") as status:
         def progress(msg: str, rate: float | None = None) -> None:
@@ -46,6 +49,20 @@ def profile_cmd(
     if as_json:
         return print_json(prof.to_dict())
     hardware(str(path), None, None, None, None, False)
+
+
+def check_same_plan(rep: dict, p, report_path: str, plan_path: str) -> None:
+    """A report calibrates only the plan it ran: same models, hardware, schedule and placement."""
+    from specplan.errors import InputError
+
+    ran = rep.get("plan") if isinstance(rep.get("plan"), dict) else {}
+    mine = p.to_dict()
+    for key in ("target", "draft", "hardware", "schedule", "placement"):
+        if ran.get(key) != mine.get(key):
+            shown = (lambda v: v if isinstance(v, (str, type(None))) else "another")  # noqa: E731
+            raise InputError(report_path, f"plan.{key}", f"the report ran {shown(ran.get(key))!s} {key}, "
+                             f"{plan_path} has {shown(mine.get(key))!s}",
+                             f"the report of a run of {plan_path} (specrun --plan {plan_path})")
 
 
 def calibrate_cmd(
@@ -70,6 +87,9 @@ def calibrate_cmd(
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
     p = Plan.load(plan)
+    check_same_plan(rep, p, report, plan)
+    if out:
+        check_writable(out, "--out")
     prof = load_profile(gpu) if gpu else p.hardware_profile()
     cal = calibrate(rep, p, prof)
     path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"

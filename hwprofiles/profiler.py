@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specplan.host import cpu_device_name, cpu_model
 from specplan import __version__
 from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, head_op_name, step_op_name
 from specplan.hardware import SCHEMA_VERSION, HardwareProfile
@@ -353,16 +354,6 @@ def step_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 # ---- the whole profile -------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _total_ram_bytes() -> float:
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -437,7 +428,7 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
         gpu_name = torch.cuda.get_device_name(dev)
         mem = float(total)
     else:
-        gpu_name = f"CPU as device ({_cpu_model()})"
+        gpu_name = cpu_device_name()
         mem = float(gpu_memory_bytes or ram / 2)
         reserved = 0.0
     if gpu_memory_bytes:
@@ -457,13 +448,13 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
                       if dev.type == "cpu" else ""),
             "date": _dt.date.today().isoformat(), "tool_version": __version__, "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda, "driver_version": _driver_version() if dev.type == "cuda" else None,
-            "device_name": gpu_name, "cpu_model": _cpu_model(), "profiled_ranges": ranges},
+            "device_name": gpu_name, "cpu_model": cpu_model(), "profiled_ranges": ranges},
         "gpu": {"name": gpu_name, "memory_bytes": mem, "peak_flops_per_s": {**dev_flops, "float16": dev_flops["bfloat16"]},
                 "memory_bandwidth_bytes_per_s": dev_bw, "matmul_efficiency": 1.0, "bandwidth_efficiency": 1.0,
                 "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved},
         "link": {"name": "measured", **paths, "duplex_factor": link["duplex_factor"],
                  "disk_read_bytes_per_s": disk_bw},
-        "host": {"name": _cpu_model(), "memory_bytes": ram, "cores": os.cpu_count() or 1,
+        "host": {"name": cpu_model(), "memory_bytes": ram, "cores": os.cpu_count() or 1,
                  "matmul_flops_per_s": host_flops, "memory_bandwidth_bytes_per_s": host_bw,
                  "attention_efficiency": 1.0, "pinned_fraction": 0.9},
         "kernels": kernels,

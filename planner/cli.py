@@ -11,6 +11,7 @@ from rich.table import Table
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
 from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
+from specplan.fileio import check_writable
 from specplan.models import ModelSpec
 from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
@@ -173,9 +174,14 @@ def optimize_cmd(
     bad = [p for p in policy if p not in POLICIES]
     if bad:
         raise InputError("argument", "--policy", f"unknown {', '.join(bad)}", " | ".join(POLICIES))
+    if drf is None and policy and all(p in ("specoffload", "spec-serial") for p in policy):
+        raise InputError("argument", "--policy", f"{', '.join(policy)} drafts tokens and --draft is none",
+                         "a --draft model, or --policy flexgen | sequential")
     bad = [a for a in admission if a not in ADMISSIONS]
     if bad:
         raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
+    workload.check_positions(workload_file or "argument", tgt, drf)
+    check_writable(out_path, "--out")
     with err.status("optimizing ...") as status:
         res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=lambda m: status.update(m),
                        admissions=tuple(admission) or ADMISSIONS)

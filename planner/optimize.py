@@ -13,9 +13,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from specplan import __version__
@@ -112,17 +112,19 @@ def parallel_workers(n: int) -> int:
 def map_in_processes(fn: Callable, jobs: list, workers: int) -> list:
     """[fn(*job) for job in jobs], in forked processes when workers > 1. Every job is
     deterministic (seeded simulations, a deterministic solver), so results do not depend on
-    `workers`."""
+    `workers`. The workers ignore Ctrl-C; the parent gets it, and leaving the pool (done or
+    interrupted) terminates them, so nothing runs on and no worker prints a traceback."""
     if workers <= 1:
         return [fn(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_after_fork) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_after_fork) as pool:
+        return pool.starmap(fn, jobs, chunksize=1)
 
 
 def _after_fork() -> None:
-    """HiGHS keeps a pool of worker threads; a forked child inherits the pool's state but not
-    its threads, and its first solve then spins forever. Start the child with a fresh pool."""
+    """Ctrl-C is the parent's to handle. HiGHS keeps a pool of worker threads; a forked child
+    inherits the pool's state but not its threads, and its first solve then spins forever:
+    start the child with a fresh pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import highspy
     except ImportError:

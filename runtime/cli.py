@@ -11,18 +11,17 @@ line saying why, before any weight is read.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from specplan.errors import InputError
-from specplan.fileio import write_json
+from specplan.fileio import check_writable, read_text, write_json
 from specplan.units import fmt_bytes, fmt_seconds
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -33,13 +32,10 @@ err = Console(stderr=True)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def read_prompts(path: Path, model_dir: Path | None, vocab: int, seed: int = 0) -> list[list[int]]:
-    """One prompt per line: whitespace-separated token ids, else text through the model
-    directory's tokenizer, else (no tokenizer) seeded random ids, one per word."""
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise InputError(str(path), "file", f"cannot be read ({e.strerror})", "a text file, one prompt per line") from None
+def read_prompts(path: Path, model_dir: Path | None, vocab: int) -> list[list[int]]:
+    """One prompt per line: whitespace-separated token ids, or text through the model
+    directory's tokenizer (a text line with no tokenizer to read it is refused)."""
+    lines = [ln for ln in read_text(path, "a UTF-8 text file, one prompt per line").splitlines() if ln.strip()]
     tokenizer = None
     if model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
@@ -53,8 +49,9 @@ def read_prompts(path: Path, model_dir: Path | None, vocab: int, seed: int = 0) 
         elif tokenizer is not None:
             ids = tokenizer.encode(line)
         else:
-            rng = random.Random(seed * 1_000_003 + i)
-            ids = [rng.randrange(vocab) for _ in words]
+            raise InputError(str(path), f"line {i + 1}", "is text, and the target has no tokenizer to read it "
+                             f"({'a preset has none' if model_dir is None else f'none in {model_dir}'})",
+                             "token ids separated by spaces, or --target a model directory with a tokenizer")
         if not ids or max(ids) >= vocab:
             raise InputError(str(path), f"line {i + 1}", "is empty or has token ids outside the vocabulary",
                              f"ids in [0, {vocab})")
@@ -124,6 +121,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")] = None,
     warmup: Annotated[Optional[bool], typer.Option("--warmup/--no-warmup", help="Before timing, prefill the first wave and decode one round, so one-time CUDA costs (kernel loading, library handles) are not timed. Default: on for CUDA, off for the CPU.")] = None,
     torch_profile: Annotated[Optional[Path], typer.Option("--torch-profile", help="Run under torch.profiler and write its per-operator table (CPU and CUDA time) to this text file. Slows the run: its numbers are for finding hot spots, not for the report.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run a plan made for another device, or one this machine's memory looks too small for, with a warning instead of a refusal.")] = False,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.plan import Plan
@@ -135,20 +133,25 @@ def run(
 
     from .run import resolve_model, run_plan
 
+    from specplan.progress import steps
+
+    check_writable(report, "--report")
+    if torch_profile is not None:
+        check_writable(torch_profile, "--torch-profile")
     the_plan = Plan.load(str(plan))
     token_ids = None
     if prompts is not None:
         spec, weights_dir = resolve_model(target)
         folder = Path(target) if Path(target).is_dir() else weights_dir
-        token_ids = read_prompts(prompts, folder, spec.vocab, seed)
+        token_ids = read_prompts(prompts, folder, spec.vocab)
 
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task(f"{the_plan.schedule.policy}: tokens", total=None)
+    def warn(msg: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+    with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
         result = run_plan(the_plan, target, draft, device=device, prompts=token_ids, random_weights=random_weights,
                           max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed,
-                          warmup=warmup, torch_profile=torch_profile,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+                          warmup=warmup, torch_profile=torch_profile, force=force, warn=warn, progress=bar.set)
     write_json(report, result)
     err.print(f"report written to {report}", highlight=False)
     if as_json:

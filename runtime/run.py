@@ -122,12 +122,59 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
     problems = need.violations(profile)
     if problems:
         raise InfeasibleError(f"plan does not fit {profile.name}{longer}: " + "; ".join(problems))
+    return need
+
+
+def device_name(device: torch.device) -> str:
+    """The name a profile measured on this device carries (HardwareProfile.gpu.name)."""
     if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from specplan.host import cpu_device_name
+
+    return cpu_device_name()
+
+
+def machine_problems(plan: Plan, need: MemoryNeed, device: torch.device) -> list[str]:
+    """Why this plan should not run on this machine: made for another device (its
+    predictions would be another machine's), or more host, pinned or device memory than
+    this machine has now. Empty when it may run."""
+    from specplan.host import meminfo_bytes
+
+    problems = []
+    profile = plan.hardware_profile()
+    here = device_name(device)
+    if profile.gpu.name and profile.gpu.name != here:
+        problems.append(f"it was made for {profile.name} ({profile.gpu.name}) and this device is {here}, "
+                        "so its predictions are not this machine's (profile it: specplan profile, then "
+                        "specplan optimize --gpu hwprofiles/measured/NAME.json)")
+    available = meminfo_bytes("MemAvailable")
+    host_need = need.host_bytes + (need.gpu_bytes if device.type == "cpu" else 0.0)
+    if available is not None and host_need > available:
+        problems.append(f"it needs {fmt_bytes(host_need)} of host memory"
+                        + (" (on the CPU the device's share is host memory too)" if device.type == "cpu" else "")
+                        + f" and {fmt_bytes(available)} is available here")
+    if device.type == "cuda":
+        total = meminfo_bytes("MemTotal")
+        if total is not None and need.pinned_bytes > total * profile.host.pinned_fraction:
+            problems.append(f"it pins {fmt_bytes(need.pinned_bytes)} of host memory, more than "
+                            f"{profile.host.pinned_fraction:.0%} of this machine's {fmt_bytes(total)}")
         free, _ = torch.cuda.mem_get_info(device)
         if need.gpu_bytes > free:
-            raise InfeasibleError(f"plan needs {fmt_bytes(need.gpu_bytes)} of GPU memory, "
-                                  f"{torch.cuda.get_device_name(device)} has {fmt_bytes(free)} free now")
-    return need
+            problems.append(f"it needs {fmt_bytes(need.gpu_bytes)} of GPU memory and {here} has {fmt_bytes(free)} free now")
+    return problems
+
+
+def check_machine(plan: Plan, need: MemoryNeed, device: torch.device, force: bool,
+                  warn: Callable[[str], None] | None = None) -> list[str]:
+    """Refuse (InfeasibleError) a plan this machine cannot run as planned, or with `force`
+    pass each reason to `warn` and go on. Returns the reasons."""
+    problems = machine_problems(plan, need, device)
+    if problems and not force:
+        raise InfeasibleError("the plan does not fit this machine: " + "; ".join(problems)
+                              + " (--force runs it anyway)")
+    for p in problems:
+        (warn or (lambda m: None))(p)
+    return problems
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -137,11 +184,14 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
              device: str = "auto", prompts: list[list[int]] | None = None, random_weights: bool = False,
              max_rows: int | None = None, dtype: str | None = None, ignore_eos: bool | None = None,
              seed: int = 0, draft_seed: int | None = None, warmup: bool | None = None,
-             torch_profile: str | Path | None = None,
+             torch_profile: str | Path | None = None, force: bool = False,
+             warn: Callable[[str], None] | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
     generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
-    decode round untimed first; `torch_profile` writes torch.profiler's operator table there."""
+    decode round untimed first; `torch_profile` writes torch.profiler's operator table there.
+    A plan made for another device, or that this machine's memory cannot hold, is refused
+    before any weight is read, unless `force` (then each reason goes to `warn`)."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
     dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
@@ -157,6 +207,12 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     if not prompts or min(len(p) for p in prompts) < 1:
         raise InputError("prompts", "prompts", "are empty", "at least one prompt of at least one token")
     need = check_plan(plan, tspec, dspec, dev, [len(p) for p in prompts])
+    forced = check_machine(plan, need, dev, force, warn)
+    from specplan.host import busy_warning, machine_load
+
+    load = machine_load()
+    if (busy := busy_warning(load, "this run's timings")) and warn is not None:
+        warn(busy)
 
     # Only now is any weight read.
     tck = open_checkpoint(tspec, tdir, random_weights, seed)
@@ -193,7 +249,9 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
             t0 = time.perf_counter()
             outputs = engine.generate(prompts, tick)
             wall_s = time.perf_counter() - t0
-        return build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
+        rep = build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
+        rep["machine"] = {"load_at_start": load, "load_at_end": machine_load(0.1), "forced_past": forced}
+        return rep
     finally:
         engine.close()
 

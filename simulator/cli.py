@@ -10,6 +10,7 @@ from rich.table import Table
 
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
 from specplan.errors import InfeasibleError, InputError
+from specplan.fileio import check_writable
 from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
@@ -73,6 +74,20 @@ def same_rows_schedule(base: Schedule, policy: str) -> Schedule:
     return replace(base, policy=policy, gamma=0, num_batches=1, target_batch=rows, prefetch_depth=0)
 
 
+def _window(text: str) -> tuple[float, float]:
+    """START:END in seconds, START < END, both finite and >= 0."""
+    import math
+
+    expected = "START:END in seconds with START < END, e.g. 100:130"
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError("argument", "--window", f"got {text!r}", expected) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise InputError("argument", "--window", f"got {text!r}", expected)
+    return lo, hi
+
+
 def simulate_cmd(
     plan: Annotated[Optional[str], typer.Option("--plan", help="A plan.json from `specplan optimize`; flags below are ignored except outputs.")] = None,
     gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name or JSON file.")] = "rtx4090",
@@ -127,6 +142,14 @@ def simulate_cmd(
         placement = default_placement(tgt, drf, schedule, workload, profile)
     if mode not in ("sampled", "expected"):
         raise InputError("argument", "--mode", f"got {mode!r}", "sampled | expected")
+    win = _window(window) if window else None
+    if window and not gantt:
+        raise InputError("argument", "--window", "is given without --gantt", "--gantt FILE.png --window START:END")
+    workload.check_positions(plan or "argument", tgt, drf if schedule.speculative else None,
+                             extra_tokens=schedule.gamma if schedule.speculative else 0)
+    for path, flag in ((trace, "--trace"), (gantt, "--gantt")):
+        if path:
+            check_writable(path, flag)
 
     want_spans = bool(trace or gantt)
     cfg = SimConfig(tgt, drf, profile, workload, schedule, placement, mode=mode, check_memory=not ignore_memory)
@@ -153,13 +176,9 @@ def simulate_cmd(
     if gantt and res.spans is not None:
         from .trace import write_gantt
 
-        win = None
-        if window:
-            try:
-                lo, hi = (float(v) for v in window.split(":"))
-            except ValueError:
-                raise InputError("argument", "--window", f"got {window!r}", "START:END in seconds, e.g. 100:130") from None
-            win = (lo, hi)
+        if win is not None and win[0] >= res.total_s:
+            raise InputError("argument", "--window", f"starts at {win[0]:g} s, after the run's end at {res.total_s:.1f} s",
+                             f"a window inside 0:{res.total_s:.1f}")
         write_gantt(res.spans, gantt, f"{schedule.policy} ({schedule.admission}): {tgt.name} + "
                     f"{drf.name if drf else 'no draft'} on {profile.name}", window_s=win, marks=res.marks)
         err.print(f"wrote {gantt}")

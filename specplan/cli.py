@@ -160,25 +160,70 @@ def _register_subcommands() -> None:
     register(app)
 
 
-def run_app(typer_app: typer.Typer) -> None:
-    """Run a Typer app the specplan way: a user error is one red line on stderr and its exit code."""
-    try:
-        typer_app(standalone_mode=False)
-    except SpecplanError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except (typer.Exit, SystemExit) as e:
-        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+EXIT_CODES = {0: "success", 1: "internal error (a bug: SPECPLAN_DEBUG=1 shows the traceback)",
+              2: "usage or input error: the message names the option, file or field",
+              3: "does not fit: no plan, or the plan does not fit this machine", 130: "interrupted (Ctrl-C)"}
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+
+def _usage_error(e: Exception) -> bool:
+    """click's usage errors, from the click typer bundles (typer._click, typer >= 0.22) or from
+    click itself (older typer): both carry exit_code and format_message."""
+    return hasattr(e, "exit_code") and hasattr(e, "format_message") and type(e).__name__ != "Exit"
+
+
+def _one_line_warnings() -> None:
+    """Python warnings as one clean stderr line (no source line), once per message."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def run_app(typer_app: typer.Typer) -> None:
+    """Run a Typer app the specplan way: every error a user can make is one red line on stderr
+    and a documented exit code (EXIT_CODES); Ctrl-C is 130; a traceback only for a bug with
+    SPECPLAN_DEBUG=1."""
+    import os
+
+    debug = os.environ.get("SPECPLAN_DEBUG") == "1"
+    _one_line_warnings()
+    try:
+        rv = typer_app(standalone_mode=False)
+    except SpecplanError as e:
+        fail(str(e), e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
         raise
+    except Exception as e:  # noqa: BLE001 - the one place every other error ends
+        if _usage_error(e):
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                sys.stdout.write(ctx.get_help() + "\n")
+                sys.exit(0)
+            fail(f"{e.format_message()}{where}", 2 if e.exit_code not in (0, 1) else e.exit_code or 2)
+        if isinstance(e, BrokenPipeError):  # `| head` closed the pipe: not an error of ours
+            sys.exit(1)
+        if debug:
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (set SPECPLAN_DEBUG=1 for the traceback)", 1)
+    # without standalone mode typer returns an Exit's code (Ctrl-C inside a command is Exit(130))
+    if rv == 130:
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
 
 
 def main() -> None:

@@ -48,18 +48,60 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def check_writable(path: str | Path, source: str) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a directory, a path
+    under a file, or a folder where no file can be created (probed with a temporary file in
+    the nearest folder that exists; missing folders below it are created when writing).
+    `source` names the option, e.g. "--out"."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(source, str(path), "is a directory", "a file path")
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(source, str(path), f"cannot be created: {parent} is not a directory", "a path in a writable directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as e:
+        raise InputError(source, str(path), f"cannot be written ({e.strerror} in {parent})",
+                         "a path in a writable directory") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def read_text(path: str | Path, expected: str) -> str:
+    """A UTF-8 text file, or one line naming the file and what was wrong."""
     path = Path(path)
     try:
-        text = path.read_text()
+        return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise InputError(str(path), "file", "does not exist", "a readable JSON file") from None
+        raise InputError(str(path), "file", "does not exist", expected) from None
+    except IsADirectoryError:
+        raise InputError(str(path), "file", "is a directory", expected) from None
     except OSError as e:
-        raise InputError(str(path), "file", f"cannot be read ({e.strerror})") from None
+        raise InputError(str(path), "file", f"cannot be read ({e.strerror})", expected) from None
+    except UnicodeDecodeError as e:
+        raise InputError(str(path), f"byte {e.start}", "is not UTF-8 text", expected) from None
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    text = read_text(path, "a readable JSON file (UTF-8)")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant(path))
     except json.JSONDecodeError as e:
         raise InputError(str(path), f"line {e.lineno} column {e.colno}", f"invalid JSON ({e.msg})") from None
+
+
+def _no_constant(path: Path):
+    """json accepts NaN and Infinity, which are not JSON and no profile or plan value may be."""
+    def refuse(name: str):
+        raise InputError(str(path), "value", f"{name} is not a JSON number", "finite numbers")
+    return refuse
 
 
 def sha256_of(obj: Any) -> str:

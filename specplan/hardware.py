@@ -10,6 +10,7 @@ Measured kernel tables, when present, take precedence over roofline estimates.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,22 @@ from .tables import KernelTable
 SCHEMA_VERSION = 1
 
 
+# What a machine's numbers can physically be, by the field's unit (a profile outside these was
+# mistyped or measured wrong, and would send the solver and simulator to absurd answers):
+# bandwidths 1 MB/s - 100 TB/s, memories 1 MB (toy test machines) - 1 PB, FLOP/s 100 MFLOP/s - 1 EFLOP/s,
+# latencies and launch costs under a second
+PLAUSIBLE = {"bytes_per_s": (1e6, 1e14, "1e6 - 1e14 B/s"), "memory_bytes": (1e6, 1e15, "1e6 - 1e15 bytes"),
+             "flops_per_s": (1e8, 1e18, "1e8 - 1e18 FLOP/s"), "_s": (0.0, 1.0, "0 - 1 s")}
+
+
+def _plausible(v: float, key: str, where: str, source: str) -> None:
+    for unit, (lo, hi, text) in PLAUSIBLE.items():
+        if key.endswith(unit) or where.endswith(unit):
+            if not lo <= v <= hi:
+                raise InputError(source, f"{where}.{key}", f"got {v:g}, not physically plausible", text)
+            return
+
+
 def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, default: Any = ...) -> float:
     if key not in d:
         if default is not ...:
@@ -30,8 +47,11 @@ def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, d
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise InputError(source, f"{where}.{key}", f"got {v!r}", "a number")
+    if not math.isfinite(v):
+        raise InputError(source, f"{where}.{key}", f"got {v}", "a finite number")
     if v < 0 or (positive and v == 0):
         raise InputError(source, f"{where}.{key}", f"got {v}", "a positive number" if positive else "a number >= 0")
+    _plausible(float(v), key, where, source)
     return float(v)
 
 
@@ -84,15 +104,19 @@ class GpuSpec:
         flops = _obj(d, "peak_flops_per_s", source, w)
         for k in flops:
             _num(flops, k, source, f"{w}.peak_flops_per_s")
+        memory, reserved = _num(d, "memory_bytes", source, w), _num(d, "reserved_bytes", source, w, positive=False)
+        if reserved >= memory:
+            raise InputError(source, "gpu.reserved_bytes", f"{reserved:g} is not below memory_bytes {memory:g}",
+                             "the share of the card a plan may not use")
         return cls(
             name=str(d.get("name", "")),
-            memory_bytes=_num(d, "memory_bytes", source, w),
+            memory_bytes=memory,
             peak_flops_per_s=dict(flops),
             memory_bandwidth_bytes_per_s=_num(d, "memory_bandwidth_bytes_per_s", source, w),
             matmul_efficiency=_fraction(d, "matmul_efficiency", source, w),
             bandwidth_efficiency=_fraction(d, "bandwidth_efficiency", source, w),
             kernel_launch_s=_num(d, "kernel_launch_s", source, w, positive=False),
-            reserved_bytes=_num(d, "reserved_bytes", source, w, positive=False),
+            reserved_bytes=reserved,
         )
 
     def flops_per_s(self, dtype: str) -> float:
@@ -260,6 +284,12 @@ class HardwareProfile:
         if gpu_memory_bytes is not None:
             if gpu_memory_bytes <= 0:
                 raise InputError("argument", "--gpu-mem", f"got {gpu_memory_bytes}", "a positive size")
+            if gpu_memory_bytes > p.gpu.memory_bytes:
+                from .units import fmt_bytes
+
+                raise InputError("argument", "--gpu-mem", f"{fmt_bytes(gpu_memory_bytes)} is more than {p.name}'s "
+                                 f"{fmt_bytes(p.gpu.memory_bytes)}; it can only cap the card's memory",
+                                 f"at most {fmt_bytes(p.gpu.memory_bytes)}")
             p = replace(p, gpu=replace(p.gpu, memory_bytes=float(gpu_memory_bytes)))
             notes.append(f"gpu-mem-{gpu_memory_bytes / 1e9:g}GB")
         if notes:

@@ -57,6 +57,18 @@ class Workload:
                         d.get("sampling", "greedy"), d.get("temperature", 1.0), d.get("seed", 0), source=source,
                         acceptance_spread=d.get("acceptance_spread", 0.0))
 
+    def check_positions(self, source: str, *models, extra_tokens: int = 0) -> None:
+        """Refuse a workload whose longest row (prompt + gen_len, plus `extra_tokens` of a
+        verification window) passes a model's maximum positions."""
+        need = self.max_seq_len + extra_tokens
+        for m in models:
+            if m is not None and need > m.max_positions:
+                field = "prompt_len + gen_len" + (f" + gamma {extra_tokens}" if extra_tokens else "")
+                raise InputError(source, field, f"{self.max_prompt_len} + {self.gen_len}"
+                                 + (f" + {extra_tokens}" if extra_tokens else "")
+                                 + f" = {need} tokens exceeds {m.name}'s {m.max_positions} positions",
+                                 f"at most {m.max_positions} tokens a row")
+
     @classmethod
     def from_file(cls, path: str) -> "Workload":
         return cls.from_dict(read_json(path), path)

@@ -99,7 +99,7 @@ def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_pat
     make_plan().save(str(plan))
     report = tmp_path / "out" / "report.json"
     code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--draft", "tiny-draft",
-                           "--random-weights", "--device", "cpu", "--report", str(report), "--json")
+                           "--random-weights", "--device", "cpu", "--report", str(report), "--json", "--force")
     assert code == 0
     shown = json.loads(out)
     saved = json.loads(report.read_text())
@@ -121,7 +121,7 @@ def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_pat
     assert {k for k in rows if k.startswith("stage_s.")} == {f"stage_s.{k}" for k in again["stage_s"]}
     assert rows["stage_s.h2d"]["predicted"] == again["stage_s"]["h2d"] != 0.01
     code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--draft", "tiny-draft",
-                           "--random-weights", "--device", "cpu", "--report", str(report), "--max-rows", "3")
+                           "--random-weights", "--device", "cpu", "--report", str(report), "--max-rows", "3", "--force")
     assert code == 0 and "throughput_tok_s" in out and len(json.loads(report.read_text())["outputs"]) == 3
 
 
@@ -137,7 +137,7 @@ def test_specrun_reads_a_hf_directory_and_prompt_file(monkeypatch, capsys, tmp_p
     report = tmp_path / "report.json"
     code, _, err = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", str(tmp_path / "model"),
                            "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu", "--report", str(report),
-                           "--ignore-eos")
+                           "--ignore-eos", "--force")
     assert code == 0, err
     outputs = json.loads(report.read_text())["outputs"]
     with torch.no_grad():
@@ -148,13 +148,18 @@ def test_specrun_reads_a_hf_directory_and_prompt_file(monkeypatch, capsys, tmp_p
             assert got == ids[0, len(prompt):].tolist()
 
 
-def test_prompt_lines_without_a_tokenizer_become_seeded_ids(tmp_path):
+def test_prompt_lines_are_ids_or_need_a_tokenizer(tmp_path):
     f = tmp_path / "p.txt"
+    f.write_text("1 2 3\n\n4 5\n")
+    assert cli.read_prompts(f, None, vocab=256) == [[1, 2, 3], [4, 5]]
     f.write_text("1 2 3\nthe quick brown fox\n")
-    a = cli.read_prompts(f, None, vocab=256, seed=0)
-    assert a[0] == [1, 2, 3] and len(a[1]) == 4 and a == cli.read_prompts(f, None, vocab=256, seed=0)
+    with pytest.raises(InputError, match="line 2: is text, and the target has no tokenizer"):
+        cli.read_prompts(f, None, vocab=256)
     f.write_text("1 2 999\n")
     with pytest.raises(InputError, match="outside the vocabulary"):
+        cli.read_prompts(f, None, vocab=256)
+    f.write_bytes(b"1 2 \xff\xfe\n")
+    with pytest.raises(InputError, match="not UTF-8"):
         cli.read_prompts(f, None, vocab=256)
 
 
@@ -163,7 +168,7 @@ def test_warmup_leaves_outputs_and_counts_unchanged(sampling):
     plan = make_plan()
     if sampling != "greedy":  # the warm-up must not advance the seeded generators either
         plan = replace(plan, workload={**plan.workload, "sampling": sampling, "temperature": 1.0})
-    kw = dict(random_weights=True, device="cpu")
+    kw = dict(random_weights=True, device="cpu", force=True)
     cold = run_plan(plan, "tiny-llama", "tiny-draft", warmup=False, **kw)
     warm = run_plan(plan, "tiny-llama", "tiny-draft", warmup=True, **kw)
     assert warm["outputs"] == cold["outputs"]
@@ -174,7 +179,8 @@ def test_warmup_leaves_outputs_and_counts_unchanged(sampling):
 
 def test_torch_profile_writes_operator_tables(tmp_path):
     path = tmp_path / "ops.txt"
-    run_plan(make_plan(policy="flexgen"), "tiny-llama", None, random_weights=True, device="cpu", torch_profile=path)
+    run_plan(make_plan(policy="flexgen"), "tiny-llama", None, random_weights=True, device="cpu", torch_profile=path,
+             force=True)
     text = path.read_text()
     assert "# by device time" in text and "# by host time" in text and "aten::" in text
 
@@ -186,7 +192,7 @@ def test_calibration_scales_each_stage_to_the_run_as_it_ran():
     from specplan.simulator.run import simulate_plan
 
     plan = make_plan(policy="spec-serial")
-    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu", force=True)
     m, profile = report["measured"], plan.hardware_profile()
     c = calibrate(report, plan, profile)
     assert c.measured_acceptance == m["acceptance_per_token"]
@@ -206,7 +212,7 @@ def test_report_gives_the_passes_run_beside_the_simulators():
     plan = make_plan(policy="spec-serial")
     plan = replace(plan, schedule=replace(plan.schedule, num_batches=1, admission="continuous", prefill_tokens=8),
                    workload={**plan.workload, "num_prompts": 8})
-    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu", force=True)
     ran = report["pass_composition"]["measured"]
     assert ran == report["measured"]["pass_composition"]
     assert ran["admitted"] == 8 and ran["mixed_passes"] > 0 and ran["prefill_tokens_in_decode_passes"] > 0
@@ -220,3 +226,28 @@ def test_a_prompt_past_the_models_positions_is_refused_before_any_weight(no_weig
     with pytest.raises(InputError, match="max_position_embeddings"):
         run_plan(make_plan(), "tiny-llama", "tiny-draft", random_weights=True, device="cpu",
                  prompts=[[1] * (limit - 2), [1, 2, 3]])
+
+
+def test_a_plan_for_another_device_is_refused_or_forced_with_a_warning(no_weights, monkeypatch):
+    with pytest.raises(InfeasibleError, match=r"made for rtx4090 \(NVIDIA GeForce RTX 4090\) and this device is "
+                                              r"CPU as device.*--force runs it anyway"):
+        run_plan(make_plan(), "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+    # forced, the reason becomes a warning and the run goes on (to the weights, refused here)
+    said = []
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        run_plan(make_plan(), "tiny-llama", "tiny-draft", random_weights=True, device="cpu", force=True, warn=said.append)
+    assert len(said) >= 1 and "made for rtx4090" in said[0]
+
+
+def test_a_plan_this_machines_memory_cannot_hold_is_refused(no_weights, monkeypatch):
+    from specplan import host
+    from specplan.host import cpu_device_name
+    from specplan.plan import Plan as P
+
+    plan = make_plan()
+    prof = plan.hardware_profile()
+    here = replace(prof, gpu=replace(prof.gpu, name=cpu_device_name()))
+    monkeypatch.setattr(P, "hardware_profile", lambda self: here)  # a profile of this very device
+    monkeypatch.setattr(host, "meminfo_bytes", lambda key: 1e3)  # and a machine with 1 kB free
+    with pytest.raises(InfeasibleError, match=r"host memory \(on the CPU.*1.00 KB is available here"):
+        run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
