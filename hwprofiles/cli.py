@@ -37,12 +37,28 @@ def profile_cmd(
     cap = parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
     # the default name comes from the device, known only after measuring: probe its folder
     check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")
-    t0 = time.perf_counter()
-    with err.status("profiling ...") as status:
-        def progress(msg: str, rate: float | None = None) -> None:
-            status.update(f"{msg}" + (f"  [{rate / 1e9:.2f} GB/s]" if rate else ""))
+    from specplan.host import busy_warning, machine_load
+    from specplan.progress import steps
 
-        prof = profile_machine(models, quick=quick, device=device, gpu_memory_bytes=cap, name=name, on_progress=progress)
+    load = machine_load()
+    if busy := busy_warning(load, "the measured speeds"):
+        err.print(f"[yellow]warning:[/] {busy}", highlight=False, soft_wrap=True)
+    t0 = time.perf_counter()
+    # the profiler's stages: link, disk, GEMM, then per model shape FFN + projections and attention, the draft step
+    shapes = {(m.hidden, m.ffn_inner, m.dtype) for m in models}
+    stages = 3 + 2 * len(shapes) + len(models) + (len(models) > 1)
+    with steps(err, "profiling", total=stages, quiet=as_json) as bar:
+        started = [False]
+
+        def progress(msg: str, rate: float | None = None) -> None:
+            if rate is None:  # a new stage: the one before is done
+                if started[0]:
+                    bar.advance()
+                started[0] = True
+            bar.say(f"{msg}" + (f"  [{rate / 1e9:.2f} GB/s]" if rate else ""))
+
+        prof = profile_machine(models, quick=quick, device=device, gpu_memory_bytes=cap, name=name, on_progress=progress,
+                               load=load)
     path = Path(out) if out else MEASURED_DIR / f"{prof.name}.json"
     prof.save(path)
     err.print(f"profiled in {time.perf_counter() - t0:.1f} s; wrote {path}")
@@ -83,13 +99,13 @@ def calibrate_cmd(
 
     from .calibrate import calibrate
 
+    if out:
+        check_writable(out, "--out")
     rep = read_json(report)
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
     p = Plan.load(plan)
     check_same_plan(rep, p, report, plan)
-    if out:
-        check_writable(out, "--out")
     prof = load_profile(gpu) if gpu else p.hardware_profile()
     cal = calibrate(rep, p, prof)
     path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"

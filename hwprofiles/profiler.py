@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specplan.host import cpu_device_name, cpu_model
+from specplan.host import cpu_device_name, cpu_model, machine_load
 from specplan import __version__
 from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, head_op_name, step_op_name
 from specplan.hardware import SCHEMA_VERSION, HardwareProfile
@@ -378,10 +378,12 @@ def _driver_version() -> str | None:
 @cuda_sdpa_kernels()  # kernels timed with the attention kernels the runtime uses
 def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str = "auto",
                     gpu_memory_bytes: float | None = None, name: str | None = None,
-                    on_progress: Callable[[str, float | None], None] | None = None) -> HardwareProfile:
+                    on_progress: Callable[[str, float | None], None] | None = None,
+                    load: dict | None = None) -> HardwareProfile:
     grid = QUICK if quick else FULL
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     say = on_progress or (lambda msg, rate=None: None)
+    load = machine_load() if load is None else load  # recorded: a profile taken on a busy machine is slow
     cpu = torch.device("cpu")
     ram = _total_ram_bytes()
     if dev.type == "cuda":
@@ -448,7 +450,7 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
                       if dev.type == "cpu" else ""),
             "date": _dt.date.today().isoformat(), "tool_version": __version__, "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda, "driver_version": _driver_version() if dev.type == "cuda" else None,
-            "device_name": gpu_name, "cpu_model": cpu_model(), "profiled_ranges": ranges},
+            "device_name": gpu_name, "cpu_model": cpu_model(), "profiled_ranges": ranges, "machine_load": load},
         "gpu": {"name": gpu_name, "memory_bytes": mem, "peak_flops_per_s": {**dev_flops, "float16": dev_flops["bfloat16"]},
                 "memory_bandwidth_bytes_per_s": dev_bw, "matmul_efficiency": 1.0, "bandwidth_efficiency": 1.0,
                 "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved},

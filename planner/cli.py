@@ -182,8 +182,10 @@ def optimize_cmd(
         raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
     workload.check_positions(workload_file or "argument", tgt, drf)
     check_writable(out_path, "--out")
-    with err.status("optimizing ...") as status:
-        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=lambda m: status.update(m),
+    from specplan.progress import steps
+
+    with steps(err, "optimizing", quiet=as_json) as bar:
+        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=bar,
                        admissions=tuple(admission) or ADMISSIONS)
     plan = make_plan(res.best, target, draft if drf else None, tgt, drf, profile, workload)
     plan.save(out_path)

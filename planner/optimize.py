@@ -25,6 +25,7 @@ from specplan.hardware import HardwareProfile
 from specplan.memory import least_placement
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
+from specplan.progress import Steps
 from specplan.simulator.run import SimConfig, SimResult, simulate
 from specplan.workload import Workload
 
@@ -109,15 +110,30 @@ def parallel_workers(n: int) -> int:
     return max(1, min(n, cores))
 
 
-def map_in_processes(fn: Callable, jobs: list, workers: int) -> list:
-    """[fn(*job) for job in jobs], in forked processes when workers > 1. Every job is
-    deterministic (seeded simulations, a deterministic solver), so results do not depend on
-    `workers`. The workers ignore Ctrl-C; the parent gets it, and leaving the pool (done or
-    interrupted) terminates them, so nothing runs on and no worker prints a traceback."""
+def map_in_processes(fn: Callable, jobs: list, workers: int, done: Callable[[], None] | None = None) -> list:
+    """[fn(*job) for job in jobs], in forked processes when workers > 1, calling `done()` as
+    each job ends. Every job is deterministic (seeded simulations, a deterministic solver), so
+    results do not depend on `workers`. The workers ignore Ctrl-C; the parent gets it, and
+    leaving the pool (done or interrupted) terminates them, so nothing runs on and no worker
+    prints a traceback."""
+    tick = done or (lambda: None)
     if workers <= 1:
-        return [fn(*job) for job in jobs]
+        results = []
+        for job in jobs:
+            results.append(fn(*job))
+            tick()
+        return results
     with multiprocessing.get_context("fork").Pool(workers, initializer=_after_fork) as pool:
-        return pool.starmap(fn, jobs, chunksize=1)
+        results = []
+        for r in pool.imap(_call, [(fn, job) for job in jobs], chunksize=1):
+            results.append(r)
+            tick()
+        return results
+
+
+def _call(fn_job):
+    fn, job = fn_job
+    return fn(*job)
 
 
 def _after_fork() -> None:
@@ -165,11 +181,13 @@ def _simulate_or_refusal(cfg: SimConfig):
 
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
-             policies: tuple[str, ...] = POLICIES, progress: Callable[[str], None] | None = None,
+             policies: tuple[str, ...] = POLICIES, progress: Steps | None = None,
              per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS) -> OptimizeResult:
     """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
-    (waves, continuous) proposed by the program, re-ranked by the simulator."""
-    say = progress or (lambda msg: None)
+    (waves, continuous) proposed by the program, re-ranked by the simulator. `progress` hears
+    each phase and counts its jobs (policies solved, candidates simulated)."""
+    bar = progress or Steps(None, None)
+    say = bar.say
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
@@ -180,7 +198,8 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     candidates: list[Candidate] = []
     infeasible: dict[str, str] = {}
     considered = 0
-    for policy, (found, why, n) in zip(policies, map_in_processes(_policy_candidates, jobs, workers)):
+    bar.set(0, len(jobs))
+    for policy, (found, why, n) in zip(policies, map_in_processes(_policy_candidates, jobs, workers, bar.advance)):
         considered += n
         candidates += found
         if why is not None:
@@ -195,7 +214,8 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     workers = parallel_workers(len(candidates))
     say(f"simulating {len(candidates)} candidates" + (f" in {workers} processes" if workers > 1 else ""))
     configs = [(to_sim_config(c, target, draft, profile, workload),) for c in candidates]
-    for c, res in zip(candidates, map_in_processes(_simulate_or_refusal, configs, workers)):
+    bar.set(0, len(configs))
+    for c, res in zip(candidates, map_in_processes(_simulate_or_refusal, configs, workers, bar.advance)):
         if isinstance(res, InfeasibleError):  # the program's memory terms are an upper bound; this is a guard
             infeasible.setdefault(c.shape.policy, str(res))
             continue

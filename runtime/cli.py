@@ -163,7 +163,7 @@ def run(
 def main() -> None:
     from specplan.cli import run_app
 
-    run_app(app)
+    run_app(app, prog="specrun")
 
 
 if __name__ == "__main__":

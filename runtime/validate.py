@@ -165,7 +165,8 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
-             progress: Callable[[str], None] | None = None) -> list[Row]:
+             progress: Callable[[str], None] | None = None,
+             run_done: Callable[[], None] | None = None) -> list[Row]:
     from specplan.simulator.run import simulate_as_run
 
     from .run import run_plan
@@ -186,6 +187,8 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
                            random_weights=random_weights, seed=0, draft_seed=0)
             measured.append(rep["measured"]["throughput_tok_s"])
             reports.append(rep)
+            if run_done is not None:
+                run_done()
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
@@ -199,7 +202,11 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
                   m.get("acceptance_per_token"), m.get("tokens_per_round"), stages)
         if peers and not plan.schedule.speculative:
             say(f"[{i + 1}/{len(cases)}] {case.label}: transformers + accelerate")
-            runs = [run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0) for _ in range(repeat)]
+            runs = []
+            for _ in range(repeat):
+                runs.append(run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0))
+                if run_done is not None:
+                    run_done()
             row.peer = {**sorted(runs, key=lambda p: p["tok_s"])[repeat // 2], "runs_tok_s": [p["tok_s"] for p in runs]}
         rows.append(row)
     return rows
@@ -278,7 +285,7 @@ def validate_cmd(
     target: Annotated[str, typer.Option(help="Target model: a preset (random weights) or a HF directory (its weights).")] = "smollm2-135m",
     draft: Annotated[str, typer.Option(help="Draft: with random weights and the target's seed, a truncated self-draft.")] = "smollm2-135m-4l",
     gpu_mem: Annotated[str, typer.Option("--gpu-mem", help="Memory the plans may use on the compute device (forces streaming).")] = "300MB",
-    repeat: Annotated[Optional[int], typer.Option(help="Runs per workload (default 2 quick, 3 full).")] = None,
+    repeat: Annotated[Optional[int], typer.Option(min=1, help="Runs per workload (default 2 quick, 3 full).")] = None,
     peers: Annotated[bool, typer.Option("--peers", help="Also run transformers + accelerate offload on the non-speculative workloads.")] = False,
     out_dir: Annotated[str, typer.Option("--out-dir", help="Where to write validation.json, .csv and .png.")] = "validation",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -296,25 +303,39 @@ def validate_cmd(
         import torch
 
         torch.set_num_threads(threads)
+    from specplan.fileio import check_writable
+    from specplan.host import busy_warning, machine_load
+    from specplan.progress import steps
+
     t0 = time.perf_counter()
     cap = parse_bytes(gpu_mem, "argument", "--gpu-mem")
-    with err.status("validating ...") as status:
+    for name in ("validation.json", "validation.csv", "validation.png", "profile.json"):
+        check_writable(Path(out_dir) / name, "--out-dir")
+    load = machine_load()
+    if busy := busy_warning(load, "the measured throughputs"):
+        err.print(f"[yellow]warning:[/] {busy}", highlight=False, soft_wrap=True)
+    cases = QUICK_CASES if quick else FULL_CASES
+    runs = repeat or (2 if quick else 3)
+    # units of work: each run, each peer run, and the profile when one is taken
+    total = len(cases) * runs + (0 if profile else runs) + (runs * sum(c.policy in ("flexgen", "sequential") for c in cases) if peers else 0)
+    with steps(err, "validating", total=total, quiet=as_json) as bar:
         if profile:
             prof = load_profile(profile, gpu_memory_bytes=cap)
         else:
             from specplan.hwprofiles.profiler import profile_machine
 
-            status.update("profiling this machine (--quick)")
+            bar.say("profiling this machine (--quick)")
             prof = profile_machine([ModelSpec.resolve(target), ModelSpec.resolve(draft)], quick=True, device=device,
-                                   gpu_memory_bytes=cap)
+                                   gpu_memory_bytes=cap, on_progress=lambda msg, rate=None: bar.say(f"profiling: {msg}"))
+            bar.advance(runs)
             prof.save(f"{out_dir}/profile.json")
-        rows = validate(target, draft, prof, QUICK_CASES if quick else FULL_CASES, repeat or (2 if quick else 3),
-                        peers=peers, device=device, progress=status.update)
+        rows = validate(target, draft, prof, cases, runs, peers=peers, device=device, progress=bar.say,
+                        run_done=bar.advance)
     abs_err = [abs(r.error_pct) for r in rows]
     meta = {"target": target, "draft": draft, "profile": prof.name, "device": device, "gpu_mem": gpu_mem,
             "threads": threads, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
             "median_abs_error_pct": statistics.median(abs_err), "max_abs_error_pct": max(abs_err),
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": time.perf_counter() - t0, "machine_load_at_start": load, "machine_load_at_end": machine_load(0.1),
             "title": f"{target} + {draft} on {prof.provenance.device_name}"}
     paths = write_outputs(rows, out_dir, meta)
     err.print(f"wrote {', '.join(paths.values())} in {meta['wall_s']:.0f} s")

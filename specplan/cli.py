@@ -172,10 +172,16 @@ def _usage_error(e: Exception) -> bool:
 
 
 def _one_line_warnings() -> None:
-    """Python warnings as one clean stderr line (no source line), once per message."""
+    """Python warnings as one clean stderr line (no source line), once per kind and place:
+    an out-of-range kernel lookup warns once, not once per context length."""
     import warnings
 
+    seen: set = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
+        if (category, filename, lineno) in seen:
+            return
+        seen.add((category, filename, lineno))
         err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
     warnings.showwarning = show
@@ -186,7 +192,7 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_app(typer_app: typer.Typer) -> None:
+def run_app(typer_app: typer.Typer, prog: str = "specplan") -> None:
     """Run a Typer app the specplan way: every error a user can make is one red line on stderr
     and a documented exit code (EXIT_CODES); Ctrl-C is 130; a traceback only for a bug with
     SPECPLAN_DEBUG=1."""
@@ -195,7 +201,7 @@ def run_app(typer_app: typer.Typer) -> None:
     debug = os.environ.get("SPECPLAN_DEBUG") == "1"
     _one_line_warnings()
     try:
-        rv = typer_app(standalone_mode=False)
+        rv = typer_app(standalone_mode=False, prog_name=prog)
     except SpecplanError as e:
         fail(str(e), e.exit_code)
     except (KeyboardInterrupt, typer.Abort):

@@ -75,6 +75,7 @@ class Provenance:
     device_name: str | None = None
     cpu_model: str | None = None
     profiled_ranges: dict = field(default_factory=dict)
+    machine_load: dict = field(default_factory=dict)  # other processes' use of the cores while measuring (specplan.host)
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "Provenance":
@@ -290,6 +291,12 @@ class HardwareProfile:
                 raise InputError("argument", "--gpu-mem", f"{fmt_bytes(gpu_memory_bytes)} is more than {p.name}'s "
                                  f"{fmt_bytes(p.gpu.memory_bytes)}; it can only cap the card's memory",
                                  f"at most {fmt_bytes(p.gpu.memory_bytes)}")
+            if gpu_memory_bytes <= p.gpu.reserved_bytes:
+                from .units import fmt_bytes
+
+                raise InputError("argument", "--gpu-mem", f"{fmt_bytes(gpu_memory_bytes)} leaves nothing beside the "
+                                 f"{fmt_bytes(p.gpu.reserved_bytes)} {p.name} reserves (CUDA context, allocator)",
+                                 f"more than {fmt_bytes(p.gpu.reserved_bytes)}")
             p = replace(p, gpu=replace(p.gpu, memory_bytes=float(gpu_memory_bytes)))
             notes.append(f"gpu-mem-{gpu_memory_bytes / 1e9:g}GB")
         if notes:
