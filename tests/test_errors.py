@@ -262,3 +262,26 @@ def test_ctrl_c_during_specrun_exits_130_and_writes_nothing(tmp_path):
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr and "interrupted" in res.stderr
     assert listing(tmp_path) == before
+
+
+# ---- the busy-machine check -----------------------------------------------------------------------------
+
+
+def test_busy_cores_are_warned_about_and_a_quiet_machine_is_not(monkeypatch):
+    from specplan import host
+
+    quiet = {"cores": 2, "loadavg_1m": 0.1, "others_busy_cores": 0.05}
+    busy = {"cores": 2, "loadavg_1m": 1.9, "others_busy_cores": 1.0}
+    assert host.busy_warning(quiet, "timings") is None
+    assert host.busy_warning({**quiet, "others_busy_cores": None}, "timings") is None  # no /proc: nothing to say
+    assert "other processes are using 1.0 of 2 cores" in host.busy_warning(busy, "timings")
+    # the sample subtracts this process's own CPU time from the machine's
+    ticks = iter([(100.0, 1000.0), (100.0 + 0.3 * os.sysconf("SC_CLK_TCK"), 1100.0)])
+    monkeypatch.setattr(host, "_busy_jiffies", lambda: next(ticks))
+    monkeypatch.setattr(host.time, "sleep", lambda s: None)
+    clock = iter([0.0, 0.3])
+    monkeypatch.setattr(host.time, "monotonic", lambda: next(clock))
+    times = iter([os.times_result((0, 0, 0, 0, 0)), os.times_result((0.1, 0, 0, 0, 0))])
+    monkeypatch.setattr(host.os, "times", lambda: next(times))
+    load = host.machine_load(0.3)
+    assert load["others_busy_cores"] == pytest.approx(1.0 - 0.1 / 0.3, abs=1e-3)
