@@ -285,3 +285,54 @@ def test_busy_cores_are_warned_about_and_a_quiet_machine_is_not(monkeypatch):
     monkeypatch.setattr(host.os, "times", lambda: next(times))
     load = host.machine_load(0.3)
     assert load["others_busy_cores"] == pytest.approx(1.0 - 0.1 / 0.3, abs=1e-3)
+
+
+# ---- internal errors and warnings ------------------------------------------------------------------------
+
+
+def _main_in_process(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    from specplan import cli
+
+    monkeypatch.setattr(sys, "argv", ["specplan", *argv])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_a_bug_is_one_line_and_exit_1_and_its_traceback_needs_debug(monkeypatch, capsys):
+    from specplan import models
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(models.ModelSpec, "from_preset", classmethod(lambda cls, name: broken()))
+    monkeypatch.delenv("SPECPLAN_DEBUG", raising=False)
+    code, err = _main_in_process(monkeypatch, capsys, ["models", "tiny-llama"])
+    assert code == 1 and err.strip() == ("error: internal error: ZeroDivisionError: a bug "
+                                         "(set SPECPLAN_DEBUG=1 for the traceback)")
+    monkeypatch.setenv("SPECPLAN_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        _main_in_process(monkeypatch, capsys, ["models", "tiny-llama"])
+
+
+def test_a_python_warning_is_one_clean_line_once(monkeypatch, capsys):
+    import warnings
+
+    from specplan import models
+
+    real = models.ModelSpec.from_preset.__func__
+
+    def noisy(cls, name):
+        for ctx in (1, 2, 3):
+            warnings.warn(f"context={ctx} is outside the profiled range", UserWarning)
+        return real(cls, name)
+
+    monkeypatch.setattr(models.ModelSpec, "from_preset", classmethod(noisy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, err = _main_in_process(monkeypatch, capsys, ["models", "tiny-llama", "--json"])
+    assert code == 0
+    assert err.strip().splitlines() == ["warning: context=1 is outside the profiled range"]
