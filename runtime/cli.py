@@ -33,32 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def read_prompts(path: Path, model_dir: Path | None, vocab: int) -> list[list[int]]:
-    """One prompt per line: whitespace-separated token ids, or text through the model
-    directory's tokenizer (a text line with no tokenizer to read it is refused)."""
-    lines = [ln for ln in read_text(path, "a UTF-8 text file, one prompt per line").splitlines() if ln.strip()]
-    tokenizer = None
-    if model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
+    """The token ids of every prompt in a prompts file (runtime.jobio.read_dataset)."""
+    from .jobio import read_dataset
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    prompts = []
-    for i, line in enumerate(lines):
-        words = line.split()
-        if all(w.isdigit() for w in words):
-            ids = [int(w) for w in words]
-        elif tokenizer is not None:
-            ids = tokenizer.encode(line)
-        else:
-            raise InputError(str(path), f"line {i + 1}", "is text, and the target has no tokenizer to read it "
-                             f"({'a preset has none' if model_dir is None else f'none in {model_dir}'})",
-                             "token ids separated by spaces, or --target a model directory with a tokenizer")
-        if not ids or max(ids) >= vocab:
-            raise InputError(str(path), f"line {i + 1}", "is empty or has token ids outside the vocabulary",
-                             f"ids in [0, {vocab})")
-        prompts.append(ids)
-    if not prompts:
-        raise InputError(str(path), "file", "has no prompts", "one prompt per line")
-    return prompts
+    return [list(r.ids) for r in read_dataset(path, model_dir, vocab).rows]
 
 
 def _fmt(metric: str, v) -> str:
@@ -122,6 +100,14 @@ def run(
     warmup: Annotated[Optional[bool], typer.Option("--warmup/--no-warmup", help="Before timing, prefill the first wave and decode one round, so one-time CUDA costs (kernel loading, library handles) are not timed. Default: on for CUDA, off for the CPU.")] = None,
     torch_profile: Annotated[Optional[Path], typer.Option("--torch-profile", help="Run under torch.profiler and write its per-operator table (CPU and CUDA time) to this text file. Slows the run: its numbers are for finding hot spots, not for the report.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Run a plan made for another device, or one this machine's memory looks too small for, with a warning instead of a refusal.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", help="The dataset job: write one JSON line per prompt as it finishes (id, text, token ids, finish reason, counts) to this file.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ).")] = False,
+    column: Annotated[Optional[str], typer.Option("--column", help="The text column of a .jsonl, parquet or datasets input (default: prompt, else messages).")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")] = None,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
+    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", help="Seed of the sampling streams (default: the plan's workload seed).")] = None,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.plan import Plan
@@ -138,26 +124,78 @@ def run(
     check_writable(report, "--report")
     if torch_profile is not None:
         check_writable(torch_profile, "--torch-profile")
+    if (resume or column) and output is None:
+        raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
+    if output is not None and prompts is None:
+        raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
-    token_ids = None
-    if prompts is not None:
-        spec, weights_dir = resolve_model(target)
-        folder = Path(target) if Path(target).is_dir() else weights_dir
-        token_ids = read_prompts(prompts, folder, spec.vocab)
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                                  ("seed", sample_seed)) if v is not None}
 
     def warn(msg: str) -> None:
         err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
-    with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
-        result = run_plan(the_plan, target, draft, device=device, prompts=token_ids, random_weights=random_weights,
-                          max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed,
-                          warmup=warmup, torch_profile=torch_profile, force=force, warn=warn, progress=bar.set)
+    kw = dict(device=device, random_weights=random_weights, max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos,
+              seed=seed, draft_seed=draft_seed, warmup=warmup, torch_profile=torch_profile, force=force, warn=warn,
+              sampling=sampling)
+    if output is not None:
+        result = _dataset_job(the_plan, plan, target, draft, prompts, output, resume, column, stop, as_json, kw)
+        if result is None:
+            return
+    else:
+        token_ids = None
+        if prompts is not None:
+            spec, weights_dir = resolve_model(target)
+            folder = Path(target) if Path(target).is_dir() else weights_dir
+            token_ids = read_prompts(prompts, folder, spec.vocab)
+        with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
+            result = run_plan(the_plan, target, draft, prompts=token_ids, progress=bar.set, **kw)
     write_json(report, result)
     err.print(f"report written to {report}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2) + "\n")
     else:
         print_table(result)
+
+
+def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prompts: Path, output: Path, resume: bool,
+                 column: str | None, stop: list[str], as_json: bool, kw: dict):
+    """Run the rows of `prompts` not yet in `output`; the report, or None when none was left."""
+    from dataclasses import replace
+
+    from specplan.progress import steps
+
+    from .job import Job, identity_of, load_tokenizer
+    from .jobio import JobWriter, read_dataset
+    from .run import resolve_model, run_plan
+
+    check_writable(output, "--output")
+    spec, weights_dir = resolve_model(target)
+    folder = Path(target) if Path(target).is_dir() else weights_dir
+    data = read_dataset(prompts, folder, spec.vocab, column)
+    if stop:
+        data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
+    writer, done = JobWriter.open(output, identity_of(plan_path, target, draft, data, kw["sampling"]), resume)
+    try:
+        todo = [i for i, r in enumerate(data.rows) if r.id not in done]
+        if kw.get("max_rows"):
+            todo = todo[:kw["max_rows"]]
+        if done:
+            err.print(f"resuming {output}: {len(done)} of {len(data.rows)} rows done, {len(todo)} to run", highlight=False)
+        if not todo:
+            err.print(f"{output}: every row is done", highlight=False)
+            return None
+        gen_len = the_plan.workload.get("gen_len", 128) if isinstance(the_plan.workload, dict) else 128
+        with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
+            job = Job(data, todo, writer, load_tokenizer(folder), gen_len, steps=bar)
+            result = run_plan(the_plan, target, draft, prompts=job.prompts, limits=job.limits, stop=job.stop,
+                              on_finish=job.finish, on_engine=lambda e: setattr(job, "engine", e),
+                              **{k: v for k, v in kw.items() if k != "max_rows"})
+    finally:
+        writer.close()
+    err.print(f"wrote {writer.written} rows to {output}", highlight=False)
+    result.pop("outputs", None)  # they are in the output file
+    return result
 
 
 def main() -> None:

@@ -79,23 +79,26 @@ class Slots:
     rounds: torch.Tensor  # [S] verifications the row took part in (speculative policies)
     accepted: torch.Tensor  # [S] drafted tokens the row had accepted
     request: torch.Tensor  # [S] which prompt the slot holds (-1: none)
+    limit: torch.Tensor  # [S] tokens the row may generate (its max_tokens, at most the plan's gen_len)
 
     @classmethod
     def empty(cls, n: int, width: int) -> "Slots":
         z = torch.zeros(n, dtype=torch.long)
         return cls(torch.zeros(n, width, dtype=torch.long), z.clone(), z.clone(), torch.ones(n, dtype=torch.bool),
-                   z.clone(), z.clone(), torch.full((n,), -1, dtype=torch.long))
+                   z.clone(), z.clone(), torch.full((n,), -1, dtype=torch.long), z.clone())
 
-    def fill(self, slot: int, request: int, prompt: list[int]) -> None:
+    def fill(self, slot: int, request: int, prompt: list[int], limit: int) -> None:
         self.seq[slot, :len(prompt)] = torch.tensor(prompt)
         self.length[slot] = self.prompt_len[slot] = len(prompt)
         self.done[slot] = False
         self.rounds[slot] = self.accepted[slot] = 0
         self.request[slot] = request
+        self.limit[slot] = limit
 
     def move(self, src: int, dst: int) -> None:
         """Slot dst takes what slot src holds; src is left empty (the caches are the caller's)."""
-        for t in (self.seq, self.length, self.prompt_len, self.done, self.rounds, self.accepted, self.request):
+        for t in (self.seq, self.length, self.prompt_len, self.done, self.rounds, self.accepted, self.request,
+                  self.limit):
             t[dst] = t[src]
         self.request[src], self.done[src] = -1, True
 
@@ -111,13 +114,15 @@ class Slots:
 class Engine:
     def __init__(self, schedule: Schedule, placement: Placement, target: Checkpoint, draft: Checkpoint | None,
                  device: torch.device, *, rows: int, max_prompt_len: int, gen_len: int, sampling: str = "greedy",
-                 temperature: float = 1.0, seed: int = 0, eos: list[int] | None = None, stats: Stats | None = None):
+                 temperature: float = 1.0, seed: int = 0, eos: list[int] | None = None, stats: Stats | None = None,
+                 top_p: float = 1.0, top_k: int = 0):
         self.schedule, self.placement, self.device = schedule, placement, device
         self.cuda = device.type == "cuda"
         self._kernels = ExitStack()  # process-wide kernel choices held for the engine's life
         if self.cuda:
             self._kernels.enter_context(cuda_sdpa_kernels())
         self.gen_len, self.greedy, self.temperature, self.seed = gen_len, sampling == "greedy", temperature, seed
+        self.top_p, self.top_k = top_p, top_k
         self.eos = torch.tensor(eos) if eos else None
         self.stats = stats or Stats(device)
         self.gamma = schedule.gamma if schedule.speculative else 0
@@ -153,6 +158,9 @@ class Engine:
         self.draft_stream = torch.cuda.Stream(device) if self.cuda and self.draft is not None else None
         self._gens: dict[tuple[str, int], torch.Generator] = {}
         self._progress: Callable[[int], None] | None = None
+        self._stop: Callable[[int, list[int]], bool] | None = None
+        self._stopped: set[int] = set()
+        self._limits: list[int] | None = None
         self.passes: list[Pass] = []  # what ran, for the report and the agreement test
         self.outcomes: list[Outcome] = []
         self.pass_counts: dict = {}
@@ -202,8 +210,13 @@ class Engine:
             self._gens[key] = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 3 * group + offset)
         return self._gens[key]
 
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution: temperature, then top-k and top-p (the target's filtered p
+        is what speculative sampling reproduces exactly; the draft proposes from the same filter)."""
+        return probs(logits, self.temperature, self.top_p, self.top_k)
+
     def _choose(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return logits.argmax(-1) if self.greedy else sample(probs(logits, self.temperature), gen)
+        return logits.argmax(-1) if self.greedy else sample(self._probs(logits), gen)
 
     def _sync(self) -> None:
         if self.cuda:
@@ -215,7 +228,8 @@ class Engine:
         L, P = slots.length[idx], slots.prompt_len[idx]
         m = cand.shape[1]
         j = torch.arange(m)
-        k = torch.minimum(count, self.gen_len - (L - P)).masked_fill(slots.done[idx], 0)
+        limit = slots.limit[idx]
+        k = torch.minimum(count, limit - (L - P)).masked_fill(slots.done[idx], 0)
         eos_hit = torch.zeros_like(slots.done[idx])
         if self.eos is not None:
             hit = torch.isin(cand, self.eos) & (j < k[:, None])
@@ -225,17 +239,30 @@ class Engine:
         r = idx[:, None].expand(-1, m)
         slots.seq[r[keep], (L[:, None] + j)[keep]] = cand[keep]
         slots.length[idx] = L + k
-        slots.done[idx] = slots.done[idx] | eos_hit | (L + k - P >= self.gen_len)
+        slots.done[idx] = slots.done[idx] | eos_hit | (L + k - P >= limit)
         self.target.cache.lengths[idx] = L + k - 1
         if self._progress is not None:
             self._progress(int(k.sum()))
         return k
 
+    def _reason(self, req: int, tokens: list[int]) -> str:
+        if req in self._stopped:
+            return "stop"
+        if self.eos is not None and tokens and tokens[-1] in self.eos.tolist():
+            return "eos"
+        return "length"
+
     # ---- the job ----------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None, *,
+                 limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
+                 on_finish: Callable[[int, list[int], str], None] | None = None) -> list[list[int]]:
         """Generated token ids per prompt (prompt excluded), in prompt order: the scheduler's
-        passes, run one after another until every prompt has finished."""
-        self._progress = progress
+        passes, run one after another until every prompt has finished. `limits` caps each
+        row's tokens (at most gen_len); `stop(request, tokens)` ends a row when it returns
+        True; `on_finish(request, tokens, reason)` hears each row as it finishes (reason:
+        eos, stop or length)."""
+        self._progress, self._stop, self._stopped = progress, stop, set()
+        self._limits = [min(n, self.gen_len) for n in limits] if limits is not None else None
         sched = StepScheduler(self._config(len(prompts)), [Request(i, len(p)) for i, p in enumerate(prompts)])
         assert sched.config.slots <= self.slots_n
         slots = Slots.empty(self.slots_n, self.max_prompt_len + self.gen_len)
@@ -255,6 +282,8 @@ class Engine:
                         req = int(slots.request[s])
                         out[req] = slots.generated(s)
                         self.row_rounds[req], self.row_accepted[req] = int(slots.rounds[s]), int(slots.accepted[s])
+                        if on_finish is not None:
+                            on_finish(req, out[req], self._reason(req, out[req]))
                         slots.request[s] = -1
         self._sync()
         self.pass_counts = sched.counts.to_dict()
@@ -269,7 +298,7 @@ class Engine:
         if p.moves:
             self.stats.count("merged_rows", len(p.moves))
         for slot, req in p.admitted:
-            slots.fill(slot, req, prompts[req])
+            slots.fill(slot, req, prompts[req], self._limits[req] if self._limits is not None else self.gen_len)
             self.target.cache.lengths[slot] = 0
         group = p.groups[0]
         if p.draft_first:
@@ -327,6 +356,13 @@ class Engine:
                         first = self._choose(lg, self._gen("first", group)).cpu()
                         kept = self._append(slots, idx, first[:, None], torch.ones_like(first))
                         gained.update(zip(idx.tolist(), kept.tolist()))
+        if self._stop is not None:  # a stop string ends its row here, as an EOS would
+            for s in gained:
+                if not bool(slots.done[s]) and self._stop(int(slots.request[s]), slots.generated(s)):
+                    slots.done[s] = True
+                    self._stopped.add(int(slots.request[s]))
+        # rows that ended before the plan's gen_len (EOS, a stop string, their own max_tokens):
+        # the scheduler frees their slots now
         eos = frozenset(s for s in gained if bool(slots.done[s]) and
                         int(slots.length[s] - slots.prompt_len[s]) < self.gen_len)
         return Outcome(gained, eos)
@@ -341,7 +377,7 @@ class Engine:
             n, nxt = verify_greedy(xd, logits)
         else:
             q = self.proposal_q[idx.to(self.device)]
-            n, nxt = verify_sampling(xd, q, probs(logits, self.temperature), self._gen("target", group))
+            n, nxt = verify_sampling(xd, q, self._probs(logits), self._gen("target", group))
         n, nxt = n.cpu(), nxt.cpu()
         cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
         cand[torch.arange(len(n)), n] = nxt
@@ -434,7 +470,7 @@ class Engine:
             if self.greedy:
                 t = logits.argmax(-1)
             else:
-                qs.append(probs(logits, self.temperature))
+                qs.append(self._probs(logits))
                 t = sample(qs[-1], self._gen("draft", group))
             xs.append(t)
             tokens = t[:, None].cpu()

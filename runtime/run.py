@@ -58,6 +58,23 @@ def random_prompts(workload: Workload, vocab: int, n: int, seed: int | None = No
     return [[rng.randrange(vocab) for _ in range(workload.prompt_len_of(i))] for i in range(n)]
 
 
+def eos_ids(spec: ModelSpec, folder: Path | None) -> list[int] | None:
+    """The ids that end a row: config.json's eos_token_id and generation_config.json's (a chat
+    model often ends its turn with a token only the latter names)."""
+    found: list[int] = []
+    sources = [spec.hf_config]
+    if folder is not None and (folder / "generation_config.json").exists():
+        from specplan.fileio import read_json
+
+        sources.append(read_json(folder / "generation_config.json"))
+    for d in sources:
+        v = d.get("eos_token_id") if isinstance(d, dict) else None
+        for i in ([v] if isinstance(v, int) else v if isinstance(v, list) else []):
+            if isinstance(i, int) and i not in found:
+                found.append(i)
+    return found or None
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,12 +203,18 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
              seed: int = 0, draft_seed: int | None = None, warmup: bool | None = None,
              torch_profile: str | Path | None = None, force: bool = False,
              warn: Callable[[str], None] | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int], None] | None = None, sampling: dict | None = None,
+             limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
+             on_finish: Callable[[int, list[int], str], None] | None = None,
+             on_engine: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
     generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
     decode round untimed first; `torch_profile` writes torch.profiler's operator table there.
     A plan made for another device, or that this machine's memory cannot hold, is refused
-    before any weight is read, unless `force` (then each reason goes to `warn`)."""
+    before any weight is read, unless `force` (then each reason goes to `warn`).
+    `sampling` ({temperature, top_p, top_k, seed}; temperature 0 is greedy) overrides the
+    plan's; `limits`, `stop` and `on_finish` go to Engine.generate (the dataset job);
+    `on_engine(engine)` hears the engine once it is built."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
     dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
@@ -222,14 +245,19 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     dck = open_checkpoint(dspec, ddir, random_weights, dseed) if dspec is not None else None
     if ignore_eos is None:
         ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths
-    eos = tspec.hf_config.get("eos_token_id")
-    eos = None if ignore_eos or eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos = None if ignore_eos else eos_ids(tspec, tdir)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     stats = Stats(dev)
+    sample = {"temperature": workload.temperature if workload.sampling != "greedy" else 0.0, "top_p": 1.0,
+              "top_k": 0, "seed": workload.seed + seed} | (sampling or {})
     engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=min(len(prompts), plan.schedule.rows),
-                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len, sampling=workload.sampling,
-                    temperature=workload.temperature, seed=workload.seed + seed, eos=eos, stats=stats)
+                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len,
+                    sampling="greedy" if sample["temperature"] == 0 else "sampling",
+                    temperature=sample["temperature"] or 1.0, seed=sample["seed"], eos=eos, stats=stats,
+                    top_p=sample["top_p"], top_k=sample["top_k"])
+    if on_engine is not None:
+        on_engine(engine)
     total = len(prompts) * workload.gen_len
     done = [0]
 
@@ -247,7 +275,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
         stats.label_regions = torch_profile is not None
         with _maybe_profiled(torch_profile, dev):
             t0 = time.perf_counter()
-            outputs = engine.generate(prompts, tick)
+            outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish)
             wall_s = time.perf_counter() - t0
         rep = build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
         rep["machine"] = {"load_at_start": load, "load_at_end": machine_load(0.1), "forced_past": forced}

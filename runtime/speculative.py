@@ -18,8 +18,20 @@ import torch
 import torch.nn.functional as F
 
 
-def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.softmax(logits.float() / temperature, dim=-1)
+def probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """softmax(logits / temperature) over the tokens top-k and top-p keep (the smallest set of
+    most likely tokens whose probability reaches top_p; never empty), renormalised."""
+    x = logits.float() / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        p = F.softmax(sorted_x, dim=-1)
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # the mass before a token already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return F.softmax(x, dim=-1)
 
 
 def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -95,3 +95,57 @@ def test_residual_falls_back_to_p_when_draft_equals_target():
     n, nxt = verify_sampling(draft, P[:, :GAMMA], P, gen)
     assert n.tolist() == [GAMMA] * 8  # p(x) / q(x) = 1: everything accepted
     assert ((nxt >= 0) & (nxt < V)).all()
+
+
+def test_top_k_and_top_p_keep_the_most_likely_tokens():
+    from specplan.runtime.speculative import probs
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    assert probs(logits, 1.0, top_k=1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    full = probs(logits, 1.0)
+    kept = probs(logits, 1.0, top_p=0.8)  # 0.64 + 0.24 reaches 0.8: two tokens
+    assert (kept > 0).tolist() == [[True, False, True, False]]
+    assert kept[0, 0] / kept[0, 2] == pytest.approx(full[0, 0] / full[0, 2])
+    assert (probs(logits, 1.0, top_p=0.01) > 0).sum() == 1  # never empty
+
+
+def test_speculative_sampling_at_temperature_and_top_p_matches_target_only_sampling():
+    """At temperature 0.8, top-p 0.9, the tokens speculative sampling emits follow what
+    target-only sampling draws (two-sample chi-square per position), and a verifier that
+    checks the drafts against the unfiltered target fails the same test."""
+    from scipy.stats import chi2_contingency
+
+    from specplan.runtime.speculative import probs
+
+    v, n_rows = 12, 30_000
+    g = torch.Generator().manual_seed(3)
+    base = 2.0 * torch.randn(GAMMA + 1, v, generator=g)
+    lt, ld = base + 0.7 * torch.randn(GAMMA + 1, v, generator=g), base[:GAMMA] + 0.7 * torch.randn(GAMMA, v, generator=g)
+    p, q = probs(lt, 0.8, top_p=0.9), probs(ld, 0.8, top_p=0.9)
+    assert (p == 0).any(), "top-p should drop tokens here"
+
+    def emitted(p_verify, seed):
+        gen = torch.Generator().manual_seed(seed)
+        Q, P = q.expand(n_rows, -1, -1), p_verify.expand(n_rows, -1, -1)
+        draft = sample(Q, gen)
+        n, nxt = verify_sampling(draft, Q, P, gen)
+        tokens = torch.cat([draft, torch.zeros(n_rows, 1, dtype=torch.long)], 1)
+        tokens[torch.arange(n_rows), n] = nxt
+        return [tokens[n >= i, i] for i in range(GAMMA + 1)]
+
+    def worst_p_value(by_position, seed):
+        gen = torch.Generator().manual_seed(seed)
+        worst = 1.0
+        for i, tokens in enumerate(by_position):
+            reference = sample(p[i].expand(len(tokens), -1), gen)  # target-only sampling, same count
+            table = torch.stack([torch.bincount(tokens, minlength=v), torch.bincount(reference, minlength=v)])
+            table = table[:, table.sum(0) > 0]
+            worst = min(worst, chi2_contingency(table.numpy())[1])
+        return worst
+
+    good = emitted(p, seed=11)
+    assert all(len(t) > 1000 for t in good)
+    assert worst_p_value(good, seed=12) > 1e-3
+    assert all((p[i][t] > 0).all() for i, t in enumerate(good))  # nothing top-p dropped is ever emitted
+    broken = emitted(probs(lt, 0.8), seed=11)  # verifier against the unfiltered target
+    assert worst_p_value(broken, seed=12) < 1e-6

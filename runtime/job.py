@@ -1,0 +1,91 @@
+"""The dataset job: specrun --prompts DATA --output OUT.jsonl [--resume].
+
+Rows are read and checked first (runtime.jobio), the output is opened (or resumed) before
+any weight is read, and each row's result is appended the moment the engine finishes it:
+id, text, token ids, finish reason (eos / stop / length), prompt and generated token counts,
+and the drafted tokens it kept per verification. The measured-vs-predicted report is written
+at the end as for any specrun.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from specplan.errors import InputError
+from specplan.fileio import sha256_of
+
+from .jobio import Dataset, JobWriter, job_identity
+
+
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class Job:
+    """The per-row callbacks of one dataset job, given to run_plan."""
+
+    def __init__(self, dataset: Dataset, todo: list[int], writer: JobWriter, tokenizer, gen_len: int,
+                 steps=None, now: Callable[[], float] = time.perf_counter):
+        self.rows, self.todo, self.writer, self.tok = dataset.rows, todo, writer, tokenizer
+        self.gen_len, self.steps, self.now = gen_len, steps, now
+        self.engine = None
+        self.done_rows = self.tokens = 0
+        self.t0 = now()
+        if any(dataset.rows[i].stop for i in todo) and tokenizer is None:
+            raise InputError(str(dataset.path), "stop", "needs a tokenizer to find stop strings, and the target has none",
+                             "--target a model directory with a tokenizer")
+        self.limits = [min(self.rows[i].max_tokens or gen_len, gen_len) for i in todo]
+        self.prompts = [list(self.rows[i].ids) for i in todo]
+        # a stop string spans at most this many tokens (a token is at least one character)
+        self._window = {k: max(map(len, self.rows[i].stop)) + 8 for k, i in enumerate(todo) if self.rows[i].stop}
+
+    def stop(self, request: int, tokens: list[int]) -> bool:
+        w = self._window.get(request)
+        if w is None:
+            return False
+        return stop_at(self.tok.decode(tokens[-w:]), self.rows[self.todo[request]].stop) is not None
+
+    def finish(self, request: int, tokens: list[int], reason: str) -> None:
+        row = self.rows[self.todo[request]]
+        text = None
+        if self.tok is not None:
+            text = self.tok.decode(tokens, skip_special_tokens=True)
+            if reason == "stop":
+                cut = stop_at(text, row.stop)
+                text = text[:cut] if cut is not None else text
+        rounds = self.engine.row_rounds[request] if self.engine is not None else 0
+        accepted = self.engine.row_accepted[request] if self.engine is not None else 0
+        self.writer.write({"id": row.id, "text": text, "token_ids": tokens, "finish_reason": reason,
+                           "prompt_tokens": len(row.ids), "generated_tokens": len(tokens),
+                           "accepted_per_verification": accepted / rounds if rounds else None})
+        self.done_rows += 1
+        self.tokens += len(tokens)
+        if self.steps is not None:
+            dt = max(self.now() - self.t0, 1e-9)
+            acc = ""
+            if self.engine is not None and self.engine.gamma:
+                r, a = sum(self.engine.row_rounds), sum(self.engine.row_accepted)
+                acc = f", {1 + a / r:.2f} tokens a verification" if r else ""
+            self.steps.say(f"{self.done_rows}/{len(self.todo)} rows, {self.tokens / dt:.1f} tok/s{acc}")
+            self.steps.advance()
+
+
+def identity_of(plan_path: Path, target: str, draft: str | None, dataset: Dataset, sampling: dict) -> dict:
+    from specplan.fileio import read_json
+
+    return job_identity(sha256_of(read_json(plan_path)), str(target), None if draft is None else str(draft),
+                        dataset, sampling)
+
+
+def load_tokenizer(model_dir: Path | None) -> Any:
+    from .cli import TOKENIZER_FILES
+
+    if model_dir is None or not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

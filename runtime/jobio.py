@@ -1,0 +1,303 @@
+"""The dataset job's files: the prompts it reads and the results it streams to disk.
+
+Input (`read_dataset`): .txt (one prompt per line: token ids, or text through the target's
+tokenizer), .jsonl (one object a line: `id`, and `prompt` or `messages`, the latter through
+the tokenizer's chat template), .parquet, or a Hugging Face `datasets` directory saved with
+`save_to_disk` (both read with pyarrow; `column` picks the text column). A row may set
+`max_tokens` and `stop`; rows without an id get their line (or row) number.
+
+Output (`JobWriter`): one JSON object a line, appended as each row finishes, flushed at
+once and fsync'd at a bounded interval, so a crash loses at most the rows of the last
+interval; a torn last line (a kill mid-write) is cut off when the job resumes, never read as
+a result. Beside it, `OUT.job.json` records hashes of the plan, the models and the input, and
+`--resume` refuses an output made by another job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specplan.errors import InputError
+from specplan.fileio import read_text, write_json
+
+ROW_FIELDS = {"id", "prompt", "messages", "max_tokens", "stop"}
+# per-row sampling (temperature, top_p, top_k, seed) is not run per row yet: refused with a
+# pointer to the command-line flags, rather than silently ignored
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "seed"}
+FSYNC_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    ids: tuple[int, ...]  # the prompt's token ids (chat template applied)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Dataset:
+    path: Path
+    rows: list[JobRow]
+    sha256: str  # of the input file (or directory's files), for resume
+    chat: bool = False  # some row went through the chat template
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _ids_or_none(text: str) -> list[int] | None:
+    words = text.split()
+    return [int(w) for w in words] if words and all(w.isdigit() for w in words) else None
+
+
+class _Encoder:
+    """Text -> token ids through the target's tokenizer, loaded on first need."""
+
+    def __init__(self, model_dir: Path | None, source: str):
+        self.model_dir, self.source, self._tok = model_dir, source, None
+
+    def tokenizer(self, where: str):
+        if self._tok is None:
+            from .cli import TOKENIZER_FILES
+
+            if self.model_dir is None or not any((self.model_dir / f).exists() for f in TOKENIZER_FILES):
+                raise InputError(self.source, where, "is text, and the target has no tokenizer to read it "
+                                 f"({'a preset has none' if self.model_dir is None else f'none in {self.model_dir}'})",
+                                 "token ids separated by spaces, or --target a model directory with a tokenizer")
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        return self._tok
+
+    def text(self, text: str, where: str) -> list[int]:
+        ids = _ids_or_none(text)
+        return ids if ids is not None else self.tokenizer(where).encode(text)
+
+    def chat(self, messages: Any, where: str) -> list[int]:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise InputError(self.source, f"{where}: messages", "is not a list of {role, content} objects",
+                             '[{"role": "user", "content": "..."}]')
+        tok = self.tokenizer(where)
+        if not getattr(tok, "chat_template", None):
+            raise InputError(self.source, f"{where}: messages", f"need a chat template and {self.model_dir} has none",
+                             "a tokenizer_config.json with chat_template, or rows with 'prompt'")
+        # the template writes its own special tokens (BOS, turn markers) into the text
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+
+
+def _row(obj: dict, where: str, fallback_id: str, enc: _Encoder, source: str) -> JobRow:
+    if not isinstance(obj, dict):
+        raise InputError(source, where, "is not a JSON object", '{"id": ..., "prompt": "..."}')
+    sampling = SAMPLING_FIELDS & set(obj)
+    if sampling:
+        raise InputError(source, f"{where}: {', '.join(sorted(sampling))}", "per-row sampling is not supported yet",
+                         "the same for every row: specrun --temperature / --top-p / --top-k / --sample-seed")
+    unknown = set(obj) - ROW_FIELDS
+    if unknown:
+        raise InputError(source, f"{where}: {', '.join(sorted(unknown))}", "unknown field", ", ".join(sorted(ROW_FIELDS)))
+    if ("prompt" in obj) == ("messages" in obj):
+        raise InputError(source, where, "needs exactly one of 'prompt' and 'messages'", '"prompt": "..." or "messages": [...]')
+    rid = obj.get("id", fallback_id)
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise InputError(source, f"{where}: id", f"got {rid!r}", "a string or an integer")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise InputError(source, f"{where}: prompt", "is empty or not a string", "a non-empty string")
+        ids = enc.text(obj["prompt"], where)
+    else:
+        ids = enc.chat(obj["messages"], where)
+    mt = obj.get("max_tokens")
+    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
+        raise InputError(source, f"{where}: max_tokens", f"got {mt!r}", "a positive integer")
+    stop = obj.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InputError(source, f"{where}: stop", f"got {obj.get('stop')!r}", "a string or a list of non-empty strings")
+    return JobRow(str(rid), tuple(ids), mt, tuple(stop))
+
+
+def _arrow_rows(path: Path, column: str | None):
+    """(where, record) from a parquet file or a `save_to_disk` directory of arrow files."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(str(path), "file", "is parquet or a datasets directory, which needs pyarrow",
+                         "pip install pyarrow, or a .jsonl / .txt file") from None
+    if path.is_dir():
+        files = sorted(path.glob("*.arrow"))
+        if not files:
+            raise InputError(str(path), "directory", "holds no .arrow files", "a directory written by datasets' save_to_disk")
+        tables = []
+        for f in files:
+            with pa.memory_map(str(f)) as src:
+                try:
+                    tables.append(pa.ipc.open_stream(src).read_all())
+                except pa.ArrowInvalid:
+                    tables.append(pa.ipc.open_file(src).read_all())
+        table = pa.concat_tables(tables)
+    else:
+        table = pq.read_table(str(path))
+    names = table.column_names
+    text_col = column or ("prompt" if "prompt" in names else "messages" if "messages" in names else None)
+    if text_col is None or text_col not in names:
+        raise InputError(str(path), f"column {column or 'prompt'}", "does not exist",
+                         f"--column one of {', '.join(names)}")
+    keep = [c for c in names if c in ROW_FIELDS | SAMPLING_FIELDS and c != text_col] + [text_col]
+    for i, rec in enumerate(table.select(keep).to_pylist()):
+        text = rec.pop(text_col)
+        key = "messages" if isinstance(text, list) else "prompt"
+        yield f"row {i}", {k: v for k, v in rec.items() if v is not None} | {key: text}
+
+
+def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: str | None = None) -> Dataset:
+    """Every row of a dataset job, tokenized and checked (see the module's docstring)."""
+    path = Path(path)
+    source = str(path)
+    enc = _Encoder(model_dir, source)
+    rows: list[JobRow] = []
+    chat = False
+    if not path.exists():
+        raise InputError(source, "file", "does not exist", "a .txt, .jsonl or .parquet file or a datasets directory")
+    if path.is_dir() or path.suffix == ".parquet":
+        for where, obj in _arrow_rows(path, column):
+            chat |= "messages" in obj
+            rows.append(_row(obj, where, where.split()[-1], enc, source))
+    elif path.suffix in (".jsonl", ".json"):
+        if column is not None:
+            obj_key = column
+        for n, line in enumerate(read_text(path, "a UTF-8 JSONL file, one object a line").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(source, f"line {n}", f"is not JSON ({e.msg} at column {e.colno})",
+                                 '{"id": ..., "prompt": "..."} a line') from None
+            if column is not None and isinstance(obj, dict):
+                if obj_key not in obj:
+                    raise InputError(source, f"line {n}: {obj_key}", "is missing", f"a '{obj_key}' field (--column)")
+                obj = {k: v for k, v in obj.items() if k in ROW_FIELDS | SAMPLING_FIELDS and k not in ("prompt", "messages")} \
+                    | {("messages" if isinstance(obj[obj_key], list) else "prompt"): obj[obj_key]}
+            chat |= isinstance(obj, dict) and "messages" in obj
+            rows.append(_row(obj, f"line {n}", str(n), enc, source))
+    else:
+        for n, line in enumerate(read_text(path, "a UTF-8 text file, one prompt per line").splitlines(), 1):
+            if line.strip():
+                rows.append(JobRow(str(n), tuple(enc.text(line, f"line {n}"))))
+    if not rows:
+        raise InputError(source, "file", "has no prompts", "one prompt per line or row")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if r.id in seen:
+            raise InputError(source, f"id {r.id!r}", f"appears twice (rows {seen[r.id] + 1} and {i + 1})", "unique ids")
+        seen[r.id] = i
+        if max(r.ids) >= vocab or min(r.ids) < 0:
+            raise InputError(source, f"id {r.id!r}", "has token ids outside the vocabulary", f"ids in [0, {vocab})")
+    return Dataset(path, rows, _file_hash(path), chat)
+
+
+# ---- writing and resuming -----------------------------------------------------------------------------
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".job.json")
+
+
+def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset, sampling: dict) -> dict:
+    """What makes two runs the same job: resuming one with another's output is refused."""
+    return {"plan": plan_sha, "target": target, "draft": draft, "input": str(dataset.path),
+            "input_sha256": dataset.sha256, "sampling": sampling}
+
+
+def read_done(output: Path) -> tuple[set[str], int]:
+    """Ids already in `output`, and the byte length of its complete lines (a torn last line,
+    from a kill mid-write, is not counted and is cut off before appending)."""
+    if not output.exists():
+        return set(), 0
+    data = output.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
+    done: set[str] = set()
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise InputError(str(output), f"line {n}", "is not a result line of specrun",
+                             "an output written by specrun --output") from None
+    return done, end
+
+
+@dataclass
+class JobWriter:
+    """Appends one result line per finished row; flushes each line, fsyncs every
+    FSYNC_EVERY_S seconds and at close."""
+
+    path: Path
+    fsync_every_s: float = FSYNC_EVERY_S
+    written: int = 0
+    _fh: Any = field(default=None, repr=False)
+    _synced_at: float = 0.0
+
+    @classmethod
+    def open(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
+        side = sidecar_path(output)
+        done: set[str] = set()
+        end = 0
+        if resume and (output.exists() or side.exists()):
+            if not side.exists():
+                raise InputError(str(output), "job", f"has no {side.name} beside it, so which job wrote it is unknown",
+                                 "an output written by specrun --output, with its .job.json")
+            from specplan.fileio import read_json
+
+            theirs = read_json(side)
+            diff = [k for k in identity if theirs.get(k) != identity[k]]
+            if diff:
+                raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
+                                 "--resume with the plan, models, input and sampling that wrote it, or a new --output")
+            done, end = read_done(output)
+        elif output.exists() and not resume:
+            raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
+        write_json(side, identity)
+        fh = open(output, "r+b" if output.exists() else "wb")
+        fh.truncate(end)  # drop a torn last line
+        fh.seek(end)
+        w = cls(output, _fh=fh, _synced_at=time.monotonic())
+        return w, done
+
+    def write(self, record: dict) -> None:
+        self._fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self._fh.flush()
+        self.written += 1
+        if time.monotonic() - self._synced_at >= self.fsync_every_s:
+            os.fsync(self._fh.fileno())
+            self._synced_at = time.monotonic()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,200 @@
+"""The dataset job (specrun --prompts DATA --output OUT.jsonl [--resume]): inputs read and
+checked with their line numbers, results streamed one line per row, a torn last line cut
+off on resume, another job's output refused, per-row max_tokens and stop strings ending rows
+inside the engine, and a kill-and-resume run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from specplan.errors import InputError
+from specplan.models import ModelSpec
+
+from specplan.runtime.jobio import JobWriter, read_dataset, read_done, sidecar_path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["<pad>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "user:", "assistant:", "a", "dog"]
+
+
+def tokenizer_dir(d: Path, chat: bool = True) -> Path:
+    """A word-level tokenizer (ids < tiny-llama's 256), saved as a HF tokenizer, with a chat
+    template or without."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    if chat:
+        fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
+    fast.save_pretrained(d)
+    return d
+
+
+def write_lines(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+
+def test_jsonl_rows_keep_their_ids_and_get_line_numbers_otherwise(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [{"id": "a", "prompt": "5 6 7"}, "", {"prompt": "8 9", "max_tokens": 3},
+                                           {"id": 7, "prompt": "1 2", "stop": "x"}])
+    rows = read_dataset(f, None, 256).rows
+    assert [(r.id, r.ids, r.max_tokens, r.stop) for r in rows] == [
+        ("a", (5, 6, 7), None, ()), ("3", (8, 9), 3, ()), ("7", (1, 2), None, ("x",))]
+
+
+def test_messages_go_through_the_chat_template(tmp_path):
+    tdir = tokenizer_dir(tmp_path / "tok")
+    f = write_lines(tmp_path / "d.jsonl", [{"id": "c", "messages": [{"role": "user", "content": "hello world"}]},
+                                           {"id": "t", "prompt": "the cat sat"}])
+    rows = read_dataset(f, tdir, 256).rows
+    assert rows[0].ids == (9, 2, 3, 10)  # "user: hello world assistant:", word by word
+    assert rows[1].ids == (4, 5, 6)
+
+
+@pytest.mark.parametrize("rows, column, match", [
+    (['{"id": 1, "prompt": "1 2"', ], None, r"line 1: is not JSON"),
+    ([{"id": 1, "prompt": "1 2"}, "[1, 2"], None, r"line 2: is not JSON"),
+    ([{"id": "x", "prompt": "1"}, {"id": "x", "prompt": "2"}], None, r"id 'x': appears twice \(rows 1 and 2\)"),
+    ([{"id": 1, "text": "1 2"}], "prompt", r"line 1: prompt: is missing"),
+    ([{"id": 1, "prompt": "1 2", "temperature": 0.5}], None, r"line 1: temperature: per-row sampling is not supported"),
+    ([{"id": 1, "prompt": "1 2", "colour": "red"}], None, r"line 1: colour: unknown field"),
+    ([{"id": 1}], None, r"line 1: needs exactly one of 'prompt' and 'messages'"),
+    ([{"id": 1, "prompt": "1 2", "max_tokens": 0}], None, r"line 1: max_tokens: got 0"),
+    ([{"id": 1, "prompt": "1 999"}], None, r"id '1': has token ids outside the vocabulary"),
+    ([{"id": 1, "prompt": "hello there"}], None, r"line 1: is text, and the target has no tokenizer"),
+    ([{"id": 1, "messages": [{"role": "user", "content": "hi"}]}], None, r"line 1: is text, and the target has no tokenizer"),
+])
+def test_bad_rows_are_refused_with_their_line(tmp_path, rows, column, match):
+    f = write_lines(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InputError, match=match):
+        read_dataset(f, None, 256, column)
+
+
+def test_a_missing_chat_template_is_refused(tmp_path):
+    tdir = tokenizer_dir(tmp_path / "tok", chat=False)
+    f = write_lines(tmp_path / "d.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "hello"}]}])
+    with pytest.raises(InputError, match="need a chat template"):
+        read_dataset(f, tdir, 256)
+
+
+# ---- writing and resuming -------------------------------------------------------------------------------
+
+
+def test_a_torn_last_line_is_cut_off_and_the_job_goes_on(tmp_path):
+    out = tmp_path / "out.jsonl"
+    ident = {"plan": "p", "input_sha256": "i"}
+    w, done = JobWriter.open(out, ident, resume=False)
+    w.write({"id": "a", "token_ids": [1]})
+    w.write({"id": "b", "token_ids": [2]})
+    w.close()
+    with open(out, "ab") as f:
+        f.write(b'{"id": "c", "tok')  # a kill mid-write
+    assert read_done(out)[0] == {"a", "b"}
+    w, done = JobWriter.open(out, ident, resume=True)
+    assert done == {"a", "b"}
+    w.write({"id": "c", "token_ids": [3]})
+    w.close()
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_resume_refuses_another_jobs_output_and_a_new_job_an_existing_one(tmp_path):
+    out = tmp_path / "out.jsonl"
+    w, _ = JobWriter.open(out, {"plan": "p", "input_sha256": "i"}, resume=False)
+    w.close()
+    with pytest.raises(InputError, match=r"out.jsonl.job.json: input_sha256: differ from this job's"):
+        JobWriter.open(out, {"plan": "p", "input_sha256": "other"}, resume=True)
+    with pytest.raises(InputError, match=r"exists \(expected --resume"):
+        JobWriter.open(out, {"plan": "p", "input_sha256": "i"}, resume=False)
+    sidecar_path(out).unlink()
+    with pytest.raises(InputError, match="has no out.jsonl.job.json beside it"):
+        JobWriter.open(out, {"plan": "p", "input_sha256": "i"}, resume=True)
+
+
+# ---- rows that end early, and the whole job ----------------------------------------------------------------
+
+
+def _engine(gen_len=8):
+    from specplan.plan import Placement, Schedule
+    from specplan.runtime.checkpoint import open_checkpoint
+    from specplan.runtime.engine import Engine
+
+    spec = ModelSpec.from_preset("tiny-llama")
+    sch = Schedule(policy="spec-serial", target_batch=4, num_batches=1, prefill_chunk=4, draft_batch=4, gamma=3,
+                   prefetch_depth=1, admission="continuous", prefill_tokens=32).validate()
+    pl = Placement(attention="gpu", ffn="gpu", embed="gpu", lm_head="gpu", draft_kv="gpu")
+    t, d = open_checkpoint(spec, None, True, 0), open_checkpoint(spec, None, True, 0)
+    return Engine(sch, pl, t, d, torch.device("cpu"), rows=4, max_prompt_len=8, gen_len=gen_len)
+
+
+def test_max_tokens_and_stop_end_rows_inside_the_engine_and_free_their_slots():
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 250) for _ in range(rng.randrange(3, 8))] for _ in range(10)]
+    whole = _engine().generate(prompts)
+    finished: dict[int, tuple[list[int], str]] = {}
+    # row 2 stops as soon as it has produced its third token (a "stop string" on ids)
+    limits = [3 if i % 3 == 0 else 8 for i in range(10)]
+    out = _engine().generate(prompts, limits=limits, stop=lambda r, toks: r == 2 and len(toks) >= 3,
+                             on_finish=lambda r, toks, why: finished.setdefault(r, (toks, why)))
+    for i in range(10):
+        n = 3 if i % 3 == 0 or i == 2 else 8
+        assert out[i] == whole[i][:n] if i != 2 else out[i][:3] == whole[i][:3]
+        assert finished[i][0] == out[i]
+        assert finished[i][1] == ("stop" if i == 2 else "length")
+    assert len(out[2]) <= 3 + 3  # a verification may add up to gamma tokens past the stop before it is seen
+
+
+def test_a_killed_job_resumed_three_times_equals_an_uninterrupted_one(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kill_resume as kr
+
+    args = kr.make_job(tmp_path, prompts=24, gen_len=12, rows=4)
+    kr.specrun([*args, "--output", str(tmp_path / "whole.jsonl")], tmp_path)
+    whole = kr.results(tmp_path / "whole.jsonl")
+    killed = kr.kill_and_resume(tmp_path, args, kills=3, rng=random.Random(1), total=24, say=lambda m: None)
+    assert sorted(killed) == sorted(whole) == sorted(f"row-{i}" for i in range(24))
+    assert killed == whole
+
+
+def test_specrun_writes_text_and_finish_reasons_for_a_chat_dataset(tmp_path, monkeypatch, capsys):
+    from specplan.runtime import cli
+
+    spec = ModelSpec.from_preset("tiny-llama")
+    cfg = transformers.CONFIG_MAPPING["llama"].from_dict(spec.hf_config)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(model_dir)
+    tokenizer_dir(model_dir)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kill_resume as kr
+
+    kr.make_job(tmp_path, prompts=6, gen_len=6, rows=4)
+    write_lines(tmp_path / "chat.jsonl", [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": "the cat sat on a mat"}], "max_tokens": 2 + i % 3}
+        for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(sys, "argv", ["specrun", "--plan", str(tmp_path / "plan.json"), "--target", str(model_dir),
+                                      "--draft", str(model_dir), "--device", "cpu", "--force", "--ignore-eos",
+                                      "--prompts", str(tmp_path / "chat.jsonl"), "--output", str(out),
+                                      "--report", str(tmp_path / "r.json")])
+    try:
+        cli.main()
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == [f"c{i}" for i in range(6)]
+    for r in lines:
+        i = int(r["id"][1:])
+        assert r["generated_tokens"] == len(r["token_ids"]) == 2 + i % 3 and r["finish_reason"] == "length"
+        assert isinstance(r["text"], str) and r["prompt_tokens"] == 8
+    assert "outputs" not in json.loads((tmp_path / "r.json").read_text())
