@@ -166,6 +166,8 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     from specplan.progress import steps
 
     from .job import Job, identity_of, load_tokenizer
+    from specplan.workload import Workload
+
     from .jobio import JobWriter, read_dataset
     from .run import resolve_model, run_plan
 
@@ -175,7 +177,7 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     data = read_dataset(prompts, folder, spec.vocab, column)
     if stop:
         data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
-    writer, done = JobWriter.open(output, identity_of(plan_path, target, draft, data, kw["sampling"]), resume)
+    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, kw["sampling"]), resume)
     try:
         todo = [i for i, r in enumerate(data.rows) if r.id not in done]
         if kw.get("max_rows"):
@@ -185,12 +187,21 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
         if not todo:
             err.print(f"{output}: every row is done", highlight=False)
             return None
-        gen_len = the_plan.workload.get("gen_len", 128) if isinstance(the_plan.workload, dict) else 128
+        gen_len = Workload.from_dict(the_plan.workload, "plan workload").gen_len
+        limit = spec.max_positions
+        for i in todo:  # named by id here, before any weight is read (run_plan would name the index)
+            r = data.rows[i]
+            if len(r.ids) + gen_len > limit:
+                raise InputError(str(prompts), f"id {r.id!r}", f"{len(r.ids)} prompt tokens + gen_len {gen_len} "
+                                 f"exceed {spec.name}'s {limit} positions", f"prompts of at most {limit - gen_len} tokens")
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
             job = Job(data, todo, writer, load_tokenizer(folder), gen_len, steps=bar)
+            def started(engine) -> None:  # every refusal has passed: the output may be written now
+                job.engine = engine
+                writer.start()
+
             result = run_plan(the_plan, target, draft, prompts=job.prompts, limits=job.limits, stop=job.stop,
-                              on_finish=job.finish, on_engine=lambda e: setattr(job, "engine", e),
-                              **{k: v for k, v in kw.items() if k != "max_rows"})
+                              on_finish=job.finish, on_engine=started, **{k: v for k, v in kw.items() if k != "max_rows"})
     finally:
         writer.close()
     err.print(f"wrote {writer.written} rows to {output}", highlight=False)

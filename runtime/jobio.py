@@ -261,8 +261,13 @@ class JobWriter:
     _fh: Any = field(default=None, repr=False)
     _synced_at: float = 0.0
 
+    identity: dict = field(default_factory=dict)
+    _end: int = 0  # where appending starts: after the last complete line
+
     @classmethod
-    def open(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
+    def prepare(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
+        """Check the output against this job and read what is done; writes nothing (start()
+        does, once the run is sure to begin, so a refused plan leaves no file behind)."""
         side = sidecar_path(output)
         done: set[str] = set()
         end = 0
@@ -280,12 +285,23 @@ class JobWriter:
             done, end = read_done(output)
         elif output.exists() and not resume:
             raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
-        write_json(side, identity)
-        fh = open(output, "r+b" if output.exists() else "wb")
-        fh.truncate(end)  # drop a torn last line
-        fh.seek(end)
-        w = cls(output, _fh=fh, _synced_at=time.monotonic())
+        return cls(output, identity=identity, _end=end), done
+
+    @classmethod
+    def open(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
+        w, done = cls.prepare(output, identity, resume)
+        w.start()
         return w, done
+
+    def start(self) -> None:
+        """Record the job beside the output and open it for appending (a torn last line cut)."""
+        if self._fh is not None:
+            return
+        write_json(sidecar_path(self.path), self.identity)
+        fh = open(self.path, "r+b" if self.path.exists() else "wb")
+        fh.truncate(self._end)
+        fh.seek(self._end)
+        self._fh, self._synced_at = fh, time.monotonic()
 
     def write(self, record: dict) -> None:
         self._fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())

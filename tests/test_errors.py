@@ -97,6 +97,19 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "latin1.txt"], 2, "latin1.txt"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "text.txt"], 2, "line 1"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "long.txt"], 2, "max_position_embeddings"),
+    # the dataset job: its input and output are checked before any weight is read
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-bad.jsonl", "--output", "o.jsonl"], 2, "line 2"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-dup.jsonl", "--output", "o.jsonl"], 2, "id 'a'"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-long.jsonl", "--output", "o.jsonl"], 2, "id 'long'"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--column", "text"],
+     2, "line 1: text"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-chat.jsonl", "--output", "o.jsonl"], 2, "line 1"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "other.jsonl", "--resume"],
+     2, "other.jsonl.job.json"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "other.jsonl"], 2, "--output"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--resume"], 2, "--resume"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--device", "cpu"],
+     3, "made for rtx4090"),
     # plans that do not fit: exit 3
     ("specplan", ["optimize", "--gpu-mem", "1GB"], 2, "--gpu-mem"),
     ("specplan", ["optimize", "--gpu-mem", "2GB"], 3, "no plan fits: specoffload: GPU memory"),
@@ -136,6 +149,13 @@ def write_files(d: Path) -> None:
     (d / "long.txt").write_text(" ".join(["1"] * 5000) + "\n")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "workload-unknown.json").write_text(json.dumps({"gen_length": 5}))
+    (d / "data.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "b", "prompt": "4 5"}\n')
+    (d / "data-bad.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "b", "prompt": "4 5"\n')
+    (d / "data-dup.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "a", "prompt": "4 5"}\n')
+    (d / "data-long.jsonl").write_text(json.dumps({"id": "long", "prompt": " ".join(["7"] * 2000)}) + "\n")
+    (d / "data-chat.jsonl").write_text(json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (d / "other.jsonl").write_text('{"id": "a", "token_ids": [1]}\n')
+    (d / "other.jsonl.job.json").write_text(json.dumps({"plan": "another", "input_sha256": "another"}))
     (d / "workload-negative.json").write_text(json.dumps({"gen_len": -1}))
     prof = load_profile("rtx4090").to_dict()
 
