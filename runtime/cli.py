@@ -138,18 +138,28 @@ def run(
     kw = dict(device=device, random_weights=random_weights, max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos,
               seed=seed, draft_seed=draft_seed, warmup=warmup, torch_profile=torch_profile, force=force, warn=warn,
               sampling=sampling)
-    if output is not None:
-        result = _dataset_job(the_plan, plan, target, draft, prompts, output, resume, column, stop, as_json, kw)
-        if result is None:
-            return
-    else:
-        token_ids = None
-        if prompts is not None:
-            spec, weights_dir = resolve_model(target)
-            folder = Path(target) if Path(target).is_dir() else weights_dir
-            token_ids = read_prompts(prompts, folder, spec.vocab)
-        with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
-            result = run_plan(the_plan, target, draft, prompts=token_ids, progress=bar.set, **kw)
+    from .run import Interrupted
+
+    try:
+        if output is not None:
+            result = _dataset_job(the_plan, plan, target, draft, prompts, output, resume, column, stop, as_json, kw)
+            if result is None:
+                return
+        else:
+            token_ids = None
+            if prompts is not None:
+                spec, weights_dir = resolve_model(target)
+                folder = Path(target) if Path(target).is_dir() else weights_dir
+                token_ids = read_prompts(prompts, folder, spec.vocab)
+            with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
+                result = run_plan(the_plan, target, draft, prompts=token_ids, progress=bar.set, **kw)
+    except Interrupted as e:  # keep the report of what ran, then end as Ctrl-C does
+        e.report.pop("outputs", None) if output is not None else None
+        write_json(report, e.report)
+        i = e.report["interrupted"]
+        err.print(f"{i['rows_finished']} of {i['rows']} rows finished before the interrupt; their report: {report}",
+                  highlight=False)
+        raise KeyboardInterrupt from None
     write_json(report, result)
     err.print(f"report written to {report}", highlight=False)
     if as_json:

@@ -268,6 +268,7 @@ class Engine:
         slots = Slots.empty(self.slots_n, self.max_prompt_len + self.gen_len)
         self.target.cache.lengths.zero_()
         out: list[list[int]] = [[] for _ in prompts]
+        self.finished_outputs = out  # filled as rows finish: what an interrupted run has to show
         self.row_rounds, self.row_accepted = [0] * len(prompts), [0] * len(prompts)  # for the acceptance spread
         self.passes, self.outcomes = [], []
         with ThreadPoolExecutor(1, thread_name_prefix="draft") as pool:

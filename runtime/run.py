@@ -273,15 +273,34 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
         stats.label_regions = torch_profile is not None
-        with _maybe_profiled(torch_profile, dev):
-            t0 = time.perf_counter()
-            outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish)
+        t0 = time.perf_counter()
+        try:
+            with _maybe_profiled(torch_profile, dev):
+                outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish)
+                wall_s = time.perf_counter() - t0
+        except KeyboardInterrupt:
+            # the report of what ran: the rows that finished, over the time until the interrupt
             wall_s = time.perf_counter() - t0
+            rep = build_report(plan, engine, stats, [o for o in engine.finished_outputs if o], wall_s, dev, need,
+                               tspec, dspec, simulate_again=False)
+            rep["interrupted"] = {"after_s": wall_s, "rows_finished": sum(1 for o in engine.finished_outputs if o),
+                                  "rows": len(prompts)}
+            rep["machine"] = {"load_at_start": load, "forced_past": forced}
+            raise Interrupted(rep) from None
         rep = build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
         rep["machine"] = {"load_at_start": load, "load_at_end": machine_load(0.1), "forced_past": forced}
         return rep
     finally:
         engine.close()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying the report of what ran (finished rows only; the
+    throughput counts their tokens over the time until the interrupt)."""
+
+    def __init__(self, report: dict):
+        super().__init__()
+        self.report = report
 
 
 @contextmanager
@@ -308,7 +327,8 @@ def _maybe_profiled(path: str | Path | None, device: torch.device):
 
 
 def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,
-                 device: torch.device, need: MemoryNeed, target: ModelSpec, draft: ModelSpec | None) -> dict[str, Any]:
+                 device: torch.device, need: MemoryNeed, target: ModelSpec, draft: ModelSpec | None,
+                 simulate_again: bool = True) -> dict[str, Any]:
     stage_s = stats.stage_s()
     c = stats.counts
     generated = sum(len(o) for o in outputs)
@@ -363,7 +383,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     # left of the error is the timing model's. Stage times are compared with that simulation.
     at_measured, sim = None, None
     alpha = measured["acceptance_per_token"]
-    if pred and alpha is not None:  # alpha: only a speculative run drafts
+    if pred and alpha is not None and simulate_again:  # alpha: only a speculative run drafts
         try:
             sim = simulate_as_run(plan, target, draft, plan.hardware_profile(), measured)
         except SpecplanError as e:  # a finished run's report is kept whatever the simulator says

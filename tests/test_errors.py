@@ -242,13 +242,17 @@ def doc_rows() -> str:
 # ---- Ctrl-C --------------------------------------------------------------------------------------------
 
 
-def _interrupt_after(entry: str, args: list[str], cwd: Path, seconds: float) -> subprocess.CompletedProcess:
-    """Start a command, send SIGINT to its process group after `seconds` (what a terminal's
-    Ctrl-C does: the workers get it too), and wait for it."""
+def _interrupt_after(entry: str, args: list[str], cwd: Path, seconds: float,
+                     ready: Path | None = None) -> subprocess.CompletedProcess:
+    """Start a command, send SIGINT to its process group `seconds` after it started (or after
+    the file `ready` appeared): what a terminal's Ctrl-C does, the workers get it too."""
     env = {k: v for k, v in os.environ.items() if k != "SPECPLAN_DEBUG"}
     env.update(NO_COLOR="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", ENTRY[entry], *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while ready is not None and not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(seconds)
     assert p.poll() is None, "the command ended before it could be interrupted"
     os.killpg(p.pid, signal.SIGINT)
@@ -271,17 +275,30 @@ def test_ctrl_c_during_optimize_exits_130_and_writes_nothing(tmp_path):
     assert _no_process_left(str(out)), "a planner worker outlived the interrupt"
 
 
-def test_ctrl_c_during_specrun_exits_130_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("job", [False, True], ids=["prompts", "dataset job"])
+def test_ctrl_c_during_specrun_exits_130_and_keeps_only_the_report_of_what_ran(tmp_path, job):
     write_files(tmp_path)
-    before = listing(tmp_path)
-    # a plan long enough to be interrupted mid-run: 64 prompts of 48 tokens, 64 generated
-    plan = _plan(workload=Workload.make(prompt_len=48, gen_len=64, num_prompts=64).to_dict())
+    # a plan long enough to be interrupted mid-run on any machine: 64 prompts of 48 tokens, 240 generated
+    plan = _plan(workload=Workload.make(prompt_len=48, gen_len=240, num_prompts=64).to_dict())
     plan.save(str(tmp_path / "plan.json"))
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": " ".join(["5"] * 48)}) + "\n"
+                                                for i in range(64)))
+    before = listing(tmp_path)
+    extra = ["--prompts", "big.jsonl", "--output", "out.jsonl"] if job else []
+    # the dataset job opens its output once the engine is built: interrupt a second into the run
     res = _interrupt_after("specrun", ["--plan", "plan.json", *SPEC, "--device", "cpu", "--force",
-                                       "--report", "r.json"], tmp_path, 6.0)
+                                       "--report", "r.json", *extra], tmp_path, 1.5 if job else 7.0,
+                           ready=tmp_path / "out.jsonl" if job else None)
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr and "interrupted" in res.stderr
-    assert listing(tmp_path) == before
+    # the report of what ran is written whole (atomically); nothing else, no temporary file
+    new = listing(tmp_path) - before
+    assert new == ({"r.json", "out.jsonl", "out.jsonl.job.json"} if job else {"r.json"}), new
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["interrupted"]["rows"] == 64 and rep["interrupted"]["rows_finished"] < 64
+    if job:  # every finished row is in the output, whole
+        lines = (tmp_path / "out.jsonl").read_text().splitlines()
+        assert len(lines) == rep["interrupted"]["rows_finished"] and all(json.loads(x)["id"] for x in lines)
 
 
 # ---- the busy-machine check -----------------------------------------------------------------------------

@@ -198,3 +198,24 @@ def test_specrun_writes_text_and_finish_reasons_for_a_chat_dataset(tmp_path, mon
         assert r["generated_tokens"] == len(r["token_ids"]) == 2 + i % 3 and r["finish_reason"] == "length"
         assert isinstance(r["text"], str) and r["prompt_tokens"] == 8
     assert "outputs" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_parquet_and_a_datasets_directory_are_read_with_their_columns(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["p0", "p1"], "text": ["1 2 3", "4 5"], "max_tokens": [3, None]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    rows = read_dataset(tmp_path / "d.parquet", None, 256, column="text").rows
+    assert [(r.id, r.ids, r.max_tokens) for r in rows] == [("p0", (1, 2, 3), 3), ("p1", (4, 5), None)]
+    with pytest.raises(InputError, match=r"column prompt: does not exist \(expected --column one of id, text"):
+        read_dataset(tmp_path / "d.parquet", None, 256)
+    # save_to_disk's layout: arrow IPC stream shards beside dataset_info.json and state.json
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (ds / "dataset_info.json").write_text("{}")
+    (ds / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    again = read_dataset(ds, None, 256, column="text").rows
+    assert again == rows
