@@ -154,7 +154,6 @@ def run(
             with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
                 result = run_plan(the_plan, target, draft, prompts=token_ids, progress=bar.set, **kw)
     except Interrupted as e:  # keep the report of what ran, then end as Ctrl-C does
-        e.report.pop("outputs", None) if output is not None else None
         write_json(report, e.report)
         i = e.report["interrupted"]
         err.print(f"{i['rows_finished']} of {i['rows']} rows finished before the interrupt; their report: {report}",
@@ -215,7 +214,6 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     finally:
         writer.close()
     err.print(f"wrote {writer.written} rows to {output}", highlight=False)
-    result.pop("outputs", None)  # they are in the output file
     return result
 
 

@@ -255,20 +255,23 @@ class Engine:
     # ---- the job ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None, *,
                  limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
-                 on_finish: Callable[[int, list[int], str], None] | None = None) -> list[list[int]]:
+                 on_finish: Callable[[int, list[int], str], None] | None = None,
+                 keep_outputs: bool = True) -> list[list[int] | None]:
         """Generated token ids per prompt (prompt excluded), in prompt order: the scheduler's
         passes, run one after another until every prompt has finished. `limits` caps each
         row's tokens (at most gen_len); `stop(request, tokens)` ends a row when it returns
         True; `on_finish(request, tokens, reason)` hears each row as it finishes (reason:
-        eos, stop or length)."""
+        eos, stop or length). Without `keep_outputs` (a dataset job, whose rows go to disk as
+        they finish) the list holds None and only `row_tokens` counts are kept."""
         self._progress, self._stop, self._stopped = progress, stop, set()
         self._limits = [min(n, self.gen_len) for n in limits] if limits is not None else None
         sched = StepScheduler(self._config(len(prompts)), [Request(i, len(p)) for i, p in enumerate(prompts)])
         assert sched.config.slots <= self.slots_n
         slots = Slots.empty(self.slots_n, self.max_prompt_len + self.gen_len)
         self.target.cache.lengths.zero_()
-        out: list[list[int]] = [[] for _ in prompts]
+        out: list[list[int] | None] = [None] * len(prompts)
         self.finished_outputs = out  # filled as rows finish: what an interrupted run has to show
+        self.row_tokens: list[int | None] = [None] * len(prompts)  # tokens each finished row generated
         self.row_rounds, self.row_accepted = [0] * len(prompts), [0] * len(prompts)  # for the acceptance spread
         self.passes, self.outcomes = [], []
         with ThreadPoolExecutor(1, thread_name_prefix="draft") as pool:
@@ -281,10 +284,12 @@ class Engine:
                     s = w.slot
                     if slots.done[s] and slots.request[s] >= 0:
                         req = int(slots.request[s])
-                        out[req] = slots.generated(s)
+                        tokens = slots.generated(s)
+                        self.row_tokens[req] = len(tokens)
+                        out[req] = tokens if keep_outputs else None
                         self.row_rounds[req], self.row_accepted[req] = int(slots.rounds[s]), int(slots.accepted[s])
                         if on_finish is not None:
-                            on_finish(req, out[req], self._reason(req, out[req]))
+                            on_finish(req, tokens, self._reason(req, tokens))
                         slots.request[s] = -1
         self._sync()
         self.pass_counts = sched.counts.to_dict()

@@ -276,18 +276,21 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
         t0 = time.perf_counter()
         try:
             with _maybe_profiled(torch_profile, dev):
-                outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish)
+                outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish,
+                                          keep_outputs=on_finish is None)
                 wall_s = time.perf_counter() - t0
         except KeyboardInterrupt:
             # the report of what ran: the rows that finished, over the time until the interrupt
             wall_s = time.perf_counter() - t0
-            rep = build_report(plan, engine, stats, [o for o in engine.finished_outputs if o], wall_s, dev, need,
-                               tspec, dspec, simulate_again=False)
-            rep["interrupted"] = {"after_s": wall_s, "rows_finished": sum(1 for o in engine.finished_outputs if o),
-                                  "rows": len(prompts)}
+            done = [i for i, n in enumerate(engine.row_tokens) if n is not None]
+            kept = [engine.finished_outputs[i] for i in done] if on_finish is None else None
+            rep = build_report(plan, engine, stats, kept, wall_s, dev, need, tspec, dspec, simulate_again=False,
+                               lengths=[engine.row_tokens[i] for i in done])
+            rep["interrupted"] = {"after_s": wall_s, "rows_finished": len(done), "rows": len(prompts)}
             rep["machine"] = {"load_at_start": load, "forced_past": forced}
             raise Interrupted(rep) from None
-        rep = build_report(plan, engine, stats, outputs, wall_s, dev, need, tspec, dspec)
+        rep = build_report(plan, engine, stats, outputs if on_finish is None else None, wall_s, dev, need, tspec,
+                           dspec, lengths=engine.row_tokens)
         rep["machine"] = {"load_at_start": load, "load_at_end": machine_load(0.1), "forced_past": forced}
         return rep
     finally:
@@ -326,12 +329,15 @@ def _maybe_profiled(path: str | Path | None, device: torch.device):
 # ---- the report ---------------------------------------------------------------------------------------
 
 
-def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]], wall_s: float,
+def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[int]] | None, wall_s: float,
                  device: torch.device, need: MemoryNeed, target: ModelSpec, draft: ModelSpec | None,
-                 simulate_again: bool = True) -> dict[str, Any]:
+                 simulate_again: bool = True, lengths: list[int] | None = None) -> dict[str, Any]:
+    """The report of a run: `lengths` are the tokens each reported row generated; `outputs`
+    their token ids, or None when they went elsewhere (a dataset job's output file)."""
     stage_s = stats.stage_s()
     c = stats.counts
-    generated = sum(len(o) for o in outputs)
+    lengths = [len(o) for o in outputs] if lengths is None else lengths
+    generated = sum(lengths)
     h2d_bytes = c.get("h2d_bytes", 0.0) + c.get("prefill.h2d_bytes", 0.0)
     h2d_s = stage_s.get("h2d", 0.0) + stage_s.get("prefill.h2d", 0.0)
     rounds = c.get("rounds", 0.0)
@@ -344,10 +350,10 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         device_name = "cpu"
     measured = {
         "throughput_tok_s": generated / wall_s if wall_s > 0 else None,
-        "decode_tok_s": (generated - len(outputs)) / max(wall_s - stage_s.get("prefill", 0.0), 1e-12),
+        "decode_tok_s": (generated - len(lengths)) / max(wall_s - stage_s.get("prefill", 0.0), 1e-12),
         "wall_s": wall_s,
         "generated_tokens": generated,
-        "rows": len(outputs),
+        "rows": len(lengths),
         "stage_s": stage_s,
         "h2d_bytes": h2d_bytes,
         "h2d_bytes_per_s": h2d_bytes / h2d_s if h2d_s > 0 else None,
@@ -418,5 +424,5 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                              "simulated": (sim.pass_counts if sim is not None else pred.get("pass_counts")),
                              "simulated_prompts": (sim.simulated_prompts if sim is not None
                                                    else pred.get("simulated_prompts"))},
-        "outputs": outputs,
+        **({"outputs": outputs} if outputs is not None else {}),
     }
