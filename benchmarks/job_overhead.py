@@ -32,7 +32,7 @@ def main() -> None:
         d = Path(tmp)
         args = kr.make_job(d, a.prompts, a.gen_len)
         # the same prompts as token ids, one a line: plain specrun reads them without a job
-        ids = [json.loads(x)["prompt"] for x in (d / "data.jsonl").read_text().splitlines()]
+        ids = [" ".join(map(str, json.loads(x)["prompt"])) for x in (d / "data.jsonl").read_text().splitlines()]
         (d / "ids.txt").write_text("\n".join(ids) + "\n")
         plain = [x if x != "data.jsonl" else "ids.txt" for x in args]
         for i in range(a.repeat):

@@ -39,7 +39,7 @@ def make_job(d: Path, prompts: int, gen_len: int, rows: int = 8, seed: int = 0) 
     rng = random.Random(seed)
     with open(d / "data.jsonl", "w") as f:
         for i in range(prompts):
-            ids = " ".join(str(rng.randrange(1, 250)) for _ in range(rng.randrange(4, 17)))
+            ids = [rng.randrange(1, 250) for _ in range(rng.randrange(4, 17))]  # token ids: a list
             f.write(json.dumps({"id": f"row-{i}", "prompt": ids}) + "\n")
     # the draft: the target's own first layers (same seed), so drafts are often accepted
     return ["--plan", "plan.json", "--target", "tiny-llama", "--draft", "tiny-llama", "--random-weights",

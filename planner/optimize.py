@@ -16,6 +16,7 @@ import platform
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from specplan import __version__
@@ -113,9 +114,9 @@ def parallel_workers(n: int) -> int:
 def map_in_processes(fn: Callable, jobs: list, workers: int, done: Callable[[], None] | None = None) -> list:
     """[fn(*job) for job in jobs], in forked processes when workers > 1, calling `done()` as
     each job ends. Every job is deterministic (seeded simulations, a deterministic solver), so
-    results do not depend on `workers`. The workers ignore Ctrl-C; the parent gets it, and
-    leaving the pool (done or interrupted) terminates them, so nothing runs on and no worker
-    prints a traceback."""
+    results do not depend on `workers`. The workers ignore Ctrl-C; the parent gets it and
+    terminates them, so nothing runs on and no worker prints a traceback. A worker that dies
+    (killed for memory) fails the call (BrokenProcessPool) rather than hanging it."""
     tick = done or (lambda: None)
     if workers <= 1:
         results = []
@@ -123,24 +124,32 @@ def map_in_processes(fn: Callable, jobs: list, workers: int, done: Callable[[], 
             results.append(fn(*job))
             tick()
         return results
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_after_fork) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_after_fork)
+    try:
+        futures = [pool.submit(fn, *job) for job in jobs]
         results = []
-        for r in pool.imap(_call, [(fn, job) for job in jobs], chunksize=1):
-            results.append(r)
+        for f in futures:  # in order; tick as each one is collected
+            results.append(f.result())
             tick()
+        pool.shutdown()
         return results
-
-
-def _call(fn_job):
-    fn, job = fn_job
-    return fn(*job)
+    except BaseException:
+        for p in list(getattr(pool, "_processes", {}).values()):  # do not wait for jobs nobody will read
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def _after_fork() -> None:
-    """Ctrl-C is the parent's to handle. HiGHS keeps a pool of worker threads; a forked child
-    inherits the pool's state but not its threads, and its first solve then spins forever:
-    start the child with a fresh pool."""
+    """Ctrl-C is the parent's to handle, and so is the console: a warning in a worker goes
+    to stderr as one plain line (the parent's Rich console, and its lock, stay the parent's).
+    HiGHS keeps a pool of worker threads; a forked child inherits the pool's state but not
+    its threads, and its first solve then spins forever: start the child with a fresh pool."""
+    import warnings
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.showwarning = lambda message, category, *a, **k: sys.stderr.write(f"warning: {message}\n")
     try:
         import highspy
     except ImportError:

@@ -104,7 +104,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ).")] = False,
     column: Annotated[Optional[str], typer.Option("--column", help="The text column of a .jsonl, parquet or datasets input (default: prompt, else messages).")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")] = None,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
     sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", help="Seed of the sampling streams (default: the plan's workload seed).")] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
@@ -124,6 +124,8 @@ def run(
     check_writable(report, "--report")
     if torch_profile is not None:
         check_writable(torch_profile, "--torch-profile")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
     if output is not None and prompts is None:
@@ -186,7 +188,11 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     data = read_dataset(prompts, folder, spec.vocab, column)
     if stop:
         data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
-    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, kw["sampling"]), resume)
+    # every setting that changes what a row generates is part of the job (resume refuses a change)
+    settings = {"sampling": kw["sampling"], "stop": list(stop), "column": column, "seed": kw["seed"],
+                "draft_seed": kw["draft_seed"], "random_weights": kw["random_weights"], "dtype": kw["dtype"],
+                "ignore_eos": kw["ignore_eos"]}
+    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, settings), resume)
     try:
         todo = [i for i, r in enumerate(data.rows) if r.id not in done]
         if kw.get("max_rows"):
@@ -198,11 +204,14 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
             return None
         gen_len = Workload.from_dict(the_plan.workload, "plan workload").gen_len
         limit = spec.max_positions
+        extra = gen_len + (the_plan.schedule.gamma if the_plan.schedule.speculative else 0)  # + a verify window
         for i in todo:  # named by id here, before any weight is read (run_plan would name the index)
             r = data.rows[i]
-            if len(r.ids) + gen_len > limit:
-                raise InputError(str(prompts), f"id {r.id!r}", f"{len(r.ids)} prompt tokens + gen_len {gen_len} "
-                                 f"exceed {spec.name}'s {limit} positions", f"prompts of at most {limit - gen_len} tokens")
+            if len(r.ids) + extra > limit:
+                raise InputError(str(prompts), f"id {r.id!r}", f"{len(r.ids)} prompt tokens + gen_len {gen_len}"
+                                 + (f" + gamma {the_plan.schedule.gamma}" if extra > gen_len else "")
+                                 + f" exceed {spec.name}'s {limit} positions",
+                                 f"prompts of at most {limit - extra} tokens")
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
             job = Job(data, todo, writer, load_tokenizer(folder), gen_len, steps=bar)
             def started(engine) -> None:  # every refusal has passed: the output may be written now

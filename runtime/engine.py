@@ -363,8 +363,12 @@ class Engine:
                         kept = self._append(slots, idx, first[:, None], torch.ones_like(first))
                         gained.update(zip(idx.tolist(), kept.tolist()))
         if self._stop is not None:  # a stop string ends its row here, as an EOS would
+            eos_ids = self.eos.tolist() if self.eos is not None else []
             for s in gained:
-                if not bool(slots.done[s]) and self._stop(int(slots.request[s]), slots.generated(s)):
+                tokens = slots.generated(s)
+                if slots.request[s] < 0 or (bool(slots.done[s]) and tokens and tokens[-1] in eos_ids):
+                    continue  # ended at EOS: that is its reason
+                if self._stop(int(slots.request[s]), tokens):  # checked even on its last allowed token
                     slots.done[s] = True
                     self._stopped.add(int(slots.request[s]))
         # rows that ended before the plan's gen_len (EOS, a stop string, their own max_tokens):

@@ -38,25 +38,47 @@ class Job:
         if any(dataset.rows[i].stop for i in todo) and tokenizer is None:
             raise InputError(str(dataset.path), "stop", "needs a tokenizer to find stop strings, and the target has none",
                              "--target a model directory with a tokenizer")
-        self.limits = [min(self.rows[i].max_tokens or gen_len, gen_len) for i in todo]
+        for i in todo:
+            r = dataset.rows[i]
+            if r.max_tokens is not None and r.max_tokens > gen_len:
+                raise InputError(str(dataset.path), f"id {r.id!r}: max_tokens",
+                                 f"{r.max_tokens} is more than the plan's gen_len {gen_len} (each row's KV is sized by it)",
+                                 f"at most {gen_len}, or a plan made with --gen-len {r.max_tokens}")
+        self.limits = [self.rows[i].max_tokens or gen_len for i in todo]
         self.prompts = [list(self.rows[i].ids) for i in todo]
-        # a stop string spans at most this many tokens (a token is at least one character)
-        self._window = {k: max(map(len, self.rows[i].stop)) + 8 for k, i in enumerate(todo) if self.rows[i].stop}
+        # a stop string spans at most as many tokens as it has bytes (a token is at least one
+        # byte); each check decodes from that far before the tokens not yet checked
+        self._back = {k: max(len(x.encode()) for x in self.rows[i].stop) for k, i in enumerate(todo) if self.rows[i].stop}
+        self._checked: dict[int, int] = {}
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=False)  # a stop may be a special token's text
 
     def stop(self, request: int, tokens: list[int]) -> bool:
-        w = self._window.get(request)
-        if w is None:
+        back = self._back.get(request)
+        if back is None:
             return False
-        return stop_at(self.tok.decode(tokens[-w:]), self.rows[self.todo[request]].stop) is not None
+        start = max(0, self._checked.get(request, 0) - back)
+        self._checked[request] = len(tokens)
+        return stop_at(self._decode(tokens[start:]), self.rows[self.todo[request]].stop) is not None
+
+    def _cut(self, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], str]:
+        """The shortest prefix of tokens whose text holds a stop string, and that text up to it."""
+        for k in range(1, len(tokens) + 1):
+            text = self._decode(tokens[:k])
+            at = stop_at(text, stops)
+            if at is not None:
+                return tokens[:k], text[:at]
+        return tokens, self.tok.decode(tokens, skip_special_tokens=True)
 
     def finish(self, request: int, tokens: list[int], reason: str) -> None:
         row = self.rows[self.todo[request]]
         text = None
         if self.tok is not None:
-            text = self.tok.decode(tokens, skip_special_tokens=True)
-            if reason == "stop":
-                cut = stop_at(text, row.stop)
-                text = text[:cut] if cut is not None else text
+            if reason == "stop":  # tokens drafted past the stop in the same pass are dropped too
+                tokens, text = self._cut(tokens, row.stop)
+            else:
+                text = self.tok.decode(tokens, skip_special_tokens=True)
         rounds = self.engine.row_rounds[request] if self.engine is not None else 0
         accepted = self.engine.row_accepted[request] if self.engine is not None else 0
         self.writer.write({"id": row.id, "text": text, "token_ids": tokens, "finish_reason": reason,
@@ -74,11 +96,15 @@ class Job:
             self.steps.advance()
 
 
-def identity_of(plan_path: Path, target: str, draft: str | None, dataset: Dataset, sampling: dict) -> dict:
+def identity_of(plan_path: Path, target: str, draft: str | None, dataset: Dataset, settings: dict) -> dict:
+    """The job's identity: the plan's content, the models (directories resolved), the input's
+    content, and every setting that changes what a row generates (`settings`)."""
     from specplan.fileio import read_json
 
-    return job_identity(sha256_of(read_json(plan_path)), str(target), None if draft is None else str(draft),
-                        dataset, sampling)
+    def where(name: str | None) -> str | None:
+        return None if name is None else str(Path(name).resolve()) if Path(name).exists() else str(name)
+
+    return job_identity(sha256_of(read_json(plan_path)), where(target), where(draft), dataset, settings)
 
 
 def load_tokenizer(model_dir: Path | None) -> Any:

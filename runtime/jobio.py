@@ -65,7 +65,13 @@ def _file_hash(path: Path) -> str:
 
 def _ids_or_none(text: str) -> list[int] | None:
     words = text.split()
-    return [int(w) for w in words] if words and all(w.isdigit() for w in words) else None
+    return [int(w) for w in words] if words and all(w.isascii() and w.isdigit() for w in words) else None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at \n only (str.splitlines also splits at U+2028 and other characters a
+    JSON string may hold raw)."""
+    return [ln.rstrip("\r") for ln in text.split("\n")]
 
 
 class _Encoder:
@@ -122,11 +128,18 @@ def _row(obj: dict, where: str, fallback_id: str, enc: _Encoder, source: str) ->
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise InputError(source, f"{where}: id", f"got {rid!r}", "a string or an integer")
     if "prompt" in obj:
-        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-            raise InputError(source, f"{where}: prompt", "is empty or not a string", "a non-empty string")
-        ids = enc.text(obj["prompt"], where)
+        prompt = obj["prompt"]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = prompt  # token ids, given as a list
+        elif isinstance(prompt, str) and prompt.strip():
+            ids = enc.tokenizer(where).encode(prompt)  # a string is text (ids go in a list)
+        else:
+            raise InputError(source, f"{where}: prompt", "is empty, or neither a string nor a list of token ids",
+                             'a non-empty string, or a list of token ids')
     else:
         ids = enc.chat(obj["messages"], where)
+    if not ids:
+        raise InputError(source, f"{where}: prompt", "has no tokens", "a prompt of at least one token")
     mt = obj.get("max_tokens")
     if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
         raise InputError(source, f"{where}: max_tokens", f"got {mt!r}", "a positive integer")
@@ -167,7 +180,7 @@ def _arrow_rows(path: Path, column: str | None):
     keep = [c for c in names if c in ROW_FIELDS | SAMPLING_FIELDS and c != text_col] + [text_col]
     for i, rec in enumerate(table.select(keep).to_pylist()):
         text = rec.pop(text_col)
-        key = "messages" if isinstance(text, list) else "prompt"
+        key = "messages" if isinstance(text, list) and text and isinstance(text[0], dict) else "prompt"
         yield f"row {i}", {k: v for k, v in rec.items() if v is not None} | {key: text}
 
 
@@ -187,7 +200,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
     elif path.suffix in (".jsonl", ".json"):
         if column is not None:
             obj_key = column
-        for n, line in enumerate(read_text(path, "a UTF-8 JSONL file, one object a line").splitlines(), 1):
+        for n, line in enumerate(_lines(read_text(path, "a UTF-8 JSONL file, one object a line")), 1):
             if not line.strip():
                 continue
             try:
@@ -198,14 +211,19 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
             if column is not None and isinstance(obj, dict):
                 if obj_key not in obj:
                     raise InputError(source, f"line {n}: {obj_key}", "is missing", f"a '{obj_key}' field (--column)")
-                obj = {k: v for k, v in obj.items() if k in ROW_FIELDS | SAMPLING_FIELDS and k not in ("prompt", "messages")} \
-                    | {("messages" if isinstance(obj[obj_key], list) else "prompt"): obj[obj_key]}
+                v = obj[obj_key]
+                key = "messages" if isinstance(v, list) and v and isinstance(v[0], dict) else "prompt"
+                obj = {k: x for k, x in obj.items() if k in ROW_FIELDS | SAMPLING_FIELDS and k not in ("prompt", "messages")} \
+                    | {key: v}
             chat |= isinstance(obj, dict) and "messages" in obj
             rows.append(_row(obj, f"line {n}", str(n), enc, source))
     else:
-        for n, line in enumerate(read_text(path, "a UTF-8 text file, one prompt per line").splitlines(), 1):
+        for n, line in enumerate(_lines(read_text(path, "a UTF-8 text file, one prompt per line")), 1):
             if line.strip():
-                rows.append(JobRow(str(n), tuple(enc.text(line, f"line {n}"))))
+                ids = enc.text(line, f"line {n}")
+                if not ids:
+                    raise InputError(source, f"line {n}", "has no tokens", "a prompt of at least one token")
+                rows.append(JobRow(str(n), tuple(ids)))
     if not rows:
         raise InputError(source, "file", "has no prompts", "one prompt per line or row")
     seen: dict[str, int] = {}
@@ -225,10 +243,10 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".job.json")
 
 
-def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset, sampling: dict) -> dict:
+def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset, settings: dict) -> dict:
     """What makes two runs the same job: resuming one with another's output is refused."""
-    return {"plan": plan_sha, "target": target, "draft": draft, "input": str(dataset.path),
-            "input_sha256": dataset.sha256, "sampling": sampling}
+    return {"plan": plan_sha, "target": target, "draft": draft, "input": str(dataset.path.resolve()),
+            "input_sha256": dataset.sha256, "settings": settings}
 
 
 def read_done(output: Path) -> tuple[set[str], int]:
@@ -278,6 +296,8 @@ class JobWriter:
             from specplan.fileio import read_json
 
             theirs = read_json(side)
+            if not isinstance(theirs, dict):
+                raise InputError(str(side), "top level", "is not a JSON object", "the .job.json specrun wrote")
             diff = [k for k in identity if theirs.get(k) != identity[k]]
             if diff:
                 raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",

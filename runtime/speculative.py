@@ -29,6 +29,7 @@ def probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: i
         sorted_x, order = x.sort(dim=-1, descending=True)
         p = F.softmax(sorted_x, dim=-1)
         drop_sorted = (p.cumsum(-1) - p) >= top_p  # the mass before a token already reaches top_p
+        drop_sorted[..., 0] = False  # the most likely token always stays
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return F.softmax(x, dim=-1)

@@ -75,7 +75,14 @@ class Machine:
         unit = self.res[resource]
         wait = unit.acquire()
         if wait is not None:
-            yield wait
+            try:
+                yield wait
+            except BaseException:  # interrupted while queued: leave the queue (or pass the unit on)
+                if wait in unit.waiters:
+                    unit.waiters.remove(wait)
+                elif wait.triggered:
+                    unit.release()
+                raise
         if resource == "h2d" and self.res["d2h"].busy:
             seconds /= self.profile.link.duplex_factor  # both directions at once share the link
         elif resource == "d2h" and self.res["h2d"].busy:

@@ -77,7 +77,7 @@ def read_text(path: str | Path, expected: str) -> str:
     """A UTF-8 text file, or one line naming the file and what was wrong."""
     path = Path(path)
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the text
     except FileNotFoundError:
         raise InputError(str(path), "file", "does not exist", expected) from None
     except IsADirectoryError:

@@ -149,10 +149,10 @@ def write_files(d: Path) -> None:
     (d / "long.txt").write_text(" ".join(["1"] * 5000) + "\n")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (d / "workload-unknown.json").write_text(json.dumps({"gen_length": 5}))
-    (d / "data.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "b", "prompt": "4 5"}\n')
-    (d / "data-bad.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "b", "prompt": "4 5"\n')
-    (d / "data-dup.jsonl").write_text('{"id": "a", "prompt": "1 2 3"}\n{"id": "a", "prompt": "4 5"}\n')
-    (d / "data-long.jsonl").write_text(json.dumps({"id": "long", "prompt": " ".join(["7"] * 2000)}) + "\n")
+    (d / "data.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "b", "prompt": [4, 5]}\n')
+    (d / "data-bad.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "b", "prompt": [4, 5]\n')
+    (d / "data-dup.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "a", "prompt": [4, 5]}\n')
+    (d / "data-long.jsonl").write_text(json.dumps({"id": "long", "prompt": [7] * 2000}) + "\n")
     (d / "data-chat.jsonl").write_text(json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (d / "other.jsonl").write_text('{"id": "a", "token_ids": [1]}\n')
     (d / "other.jsonl.job.json").write_text(json.dumps({"plan": "another", "input_sha256": "another"}))
@@ -281,7 +281,7 @@ def test_ctrl_c_during_specrun_exits_130_and_keeps_only_the_report_of_what_ran(t
     # a plan long enough to be interrupted mid-run on any machine: 64 prompts of 48 tokens, 240 generated
     plan = _plan(workload=Workload.make(prompt_len=48, gen_len=240, num_prompts=64).to_dict())
     plan.save(str(tmp_path / "plan.json"))
-    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": " ".join(["5"] * 48)}) + "\n"
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": [5] * 48}) + "\n"
                                                 for i in range(64)))
     before = listing(tmp_path)
     extra = ["--prompts", "big.jsonl", "--output", "out.jsonl"] if job else []

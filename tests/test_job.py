@@ -46,8 +46,8 @@ def write_lines(path: Path, rows) -> Path:
 
 
 def test_jsonl_rows_keep_their_ids_and_get_line_numbers_otherwise(tmp_path):
-    f = write_lines(tmp_path / "d.jsonl", [{"id": "a", "prompt": "5 6 7"}, "", {"prompt": "8 9", "max_tokens": 3},
-                                           {"id": 7, "prompt": "1 2", "stop": "x"}])
+    f = write_lines(tmp_path / "d.jsonl", [{"id": "a", "prompt": [5, 6, 7]}, "", {"prompt": [8, 9], "max_tokens": 3},
+                                           {"id": 7, "prompt": [1, 2], "stop": "x"}])
     rows = read_dataset(f, None, 256).rows
     assert [(r.id, r.ids, r.max_tokens, r.stop) for r in rows] == [
         ("a", (5, 6, 7), None, ()), ("3", (8, 9), 3, ()), ("7", (1, 2), None, ("x",))]
@@ -63,15 +63,17 @@ def test_messages_go_through_the_chat_template(tmp_path):
 
 
 @pytest.mark.parametrize("rows, column, match", [
-    (['{"id": 1, "prompt": "1 2"', ], None, r"line 1: is not JSON"),
-    ([{"id": 1, "prompt": "1 2"}, "[1, 2"], None, r"line 2: is not JSON"),
-    ([{"id": "x", "prompt": "1"}, {"id": "x", "prompt": "2"}], None, r"id 'x': appears twice \(rows 1 and 2\)"),
-    ([{"id": 1, "text": "1 2"}], "prompt", r"line 1: prompt: is missing"),
-    ([{"id": 1, "prompt": "1 2", "temperature": 0.5}], None, r"line 1: temperature: per-row sampling is not supported"),
-    ([{"id": 1, "prompt": "1 2", "colour": "red"}], None, r"line 1: colour: unknown field"),
+    (['{"id": 1, "prompt": [1, 2]', ], None, r"line 1: is not JSON"),
+    ([{"id": 1, "prompt": [1, 2]}, "[1, 2"], None, r"line 2: is not JSON"),
+    ([{"id": "x", "prompt": [1]}, {"id": "x", "prompt": [2]}], None, r"id 'x': appears twice \(rows 1 and 2\)"),
+    ([{"id": 1, "text": [1, 2]}], "prompt", r"line 1: prompt: is missing"),
+    ([{"id": 1, "prompt": [1, 2], "temperature": 0.5}], None, r"line 1: temperature: per-row sampling is not supported"),
+    ([{"id": 1, "prompt": [1, 2], "colour": "red"}], None, r"line 1: colour: unknown field"),
     ([{"id": 1}], None, r"line 1: needs exactly one of 'prompt' and 'messages'"),
-    ([{"id": 1, "prompt": "1 2", "max_tokens": 0}], None, r"line 1: max_tokens: got 0"),
-    ([{"id": 1, "prompt": "1 999"}], None, r"id '1': has token ids outside the vocabulary"),
+    ([{"id": 1, "prompt": [1, 2], "max_tokens": 0}], None, r"line 1: max_tokens: got 0"),
+    ([{"id": 1, "prompt": [1, 999]}], None, r"id '1': has token ids outside the vocabulary"),
+    ([{"id": 1, "prompt": "2024"}], None, r"line 1: is text, and the target has no tokenizer"),
+    ([{"id": 1, "prompt": []}], None, r"line 1: prompt: is empty"),
     ([{"id": 1, "prompt": "hello there"}], None, r"line 1: is text, and the target has no tokenizer"),
     ([{"id": 1, "messages": [{"role": "user", "content": "hi"}]}], None, r"line 1: is text, and the target has no tokenizer"),
 ])
@@ -204,7 +206,7 @@ def test_parquet_and_a_datasets_directory_are_read_with_their_columns(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    table = pa.table({"id": ["p0", "p1"], "text": ["1 2 3", "4 5"], "max_tokens": [3, None]})
+    table = pa.table({"id": ["p0", "p1"], "text": [[1, 2, 3], [4, 5]], "max_tokens": [3, None]})
     pq.write_table(table, tmp_path / "d.parquet")
     rows = read_dataset(tmp_path / "d.parquet", None, 256, column="text").rows
     assert [(r.id, r.ids, r.max_tokens) for r in rows] == [("p0", (1, 2, 3), 3), ("p1", (4, 5), None)]
@@ -219,3 +221,26 @@ def test_parquet_and_a_datasets_directory_are_read_with_their_columns(tmp_path):
     (ds / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
     again = read_dataset(ds, None, 256, column="text").rows
     assert again == rows
+
+
+def test_a_stop_string_is_found_across_passes_and_cuts_tokens_and_text(tmp_path):
+    from specplan.runtime.job import Job
+    from specplan.runtime.jobio import Dataset, JobRow
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir(tmp_path / "tok")))
+    rows = [JobRow("s", (2,), None, ("cat sat",)), JobRow("n", (2,), 3)]
+    written = []
+
+    class Writer:
+        def write(self, rec):
+            written.append(rec)
+
+    job = Job(Dataset(tmp_path / "d.jsonl", rows, "h"), [0, 1], Writer(), tok, gen_len=8)
+    assert job.limits == [8, 3]
+    assert not job.stop(0, [4, 5])  # "the cat": not yet
+    assert job.stop(0, [4, 5, 6, 7])  # "the cat sat on": the stop spans the last check's end
+    assert not job.stop(1, [4, 5, 6])  # a row without stop strings never stops
+    job.finish(0, [4, 5, 6, 7], "stop")
+    assert written[0]["token_ids"] == [4, 5, 6] and written[0]["text"] == "the "
+    with pytest.raises(InputError, match="max_tokens: 9 is more than the plan's gen_len 8"):
+        Job(Dataset(tmp_path / "d.jsonl", [JobRow("x", (2,), 9)], "h"), [0], Writer(), tok, gen_len=8)
