@@ -131,6 +131,10 @@ def run(
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
+    greedy = temperature == 0 or (temperature is None and the_plan.workload.get("sampling", "greedy") == "greedy")
+    if greedy and (top_p < 1.0 or top_k > 0):
+        raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
+                         "--temperature T (> 0) with it")
     sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                                   ("seed", sample_seed)) if v is not None}
 

@@ -58,6 +58,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["simulate", "--window", "1:2"], 2, "--window"),
     ("specplan", ["models", "mixtral-8x7b", "--dtype", "int3"], 2, "dtype"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--device", "tpu"], 2, "--device"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--top-p", "0.9"], 2, "--top-p"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--temperature", "0.8", "--top-p", "0"], 2, "--top-p"),
     # unknown names
     ("specplan", ["optimize", "--gpu", "rtx409"], 2, "rtx409"),
     ("specplan", ["optimize", "--target", "nosuchmodel"], 2, "nosuchmodel"),
