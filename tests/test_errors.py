@@ -120,6 +120,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
                  "--random-weights"], 3, "host memory"),
 ]
 # messages that name this machine (its CPU, its free memory): checked, but not compared with docs/errors.md
+# (nor those that quote the OS's reason an output under /proc cannot be written)
 MACHINE_SPECIFIC = {"made for rtx4090", "host memory"}
 
 ENTRY = {"specplan": "specplan.cli", "specrun": "specplan.runtime.cli"}
@@ -228,7 +229,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, files, tmp_path):
     assert names in errors[0], errors[0]
     assert listing(d) == before, "files were left behind"
     assert wall < 30, f"took {wall:.1f} s to refuse"  # refusals come before the work (README commands: under 5 s)
-    if not any(m in names for m in MACHINE_SPECIFIC):
+    # /proc refusals carry the OS's words (which differ as root and as a user): not compared
+    if not any(m in names for m in MACHINE_SPECIFIC) and not any(a.startswith("/proc") for a in args):
         assert doc_row(case, code, errors[0]) in doc_rows(), "docs/errors.md is out of date: python scripts/error_table.py"
 
 
