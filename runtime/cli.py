@@ -29,7 +29,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 out = Console()
 err = Console(stderr=True)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def read_prompts(path: Path, model_dir: Path | None, vocab: int) -> list[list[int]]:
@@ -141,7 +140,12 @@ def run(
     def warn(msg: str) -> None:
         err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
-    kw = dict(device=device, random_weights=random_weights, max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos,
+    from specplan.host import busy_warning, machine_load
+
+    load = machine_load()  # once, before the run: other processes holding the cores slow every timing
+    if busy := busy_warning(load, "this run's timings"):
+        warn(busy)
+    kw = dict(load=load, device=device, random_weights=random_weights, max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos,
               seed=seed, draft_seed=draft_seed, warmup=warmup, torch_profile=torch_profile, force=force, warn=warn,
               sampling=sampling)
     from .run import Interrupted
@@ -179,11 +183,10 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     from dataclasses import replace
 
     from specplan.progress import steps
-
-    from .job import Job, identity_of, load_tokenizer
     from specplan.workload import Workload
 
-    from .jobio import JobWriter, read_dataset
+    from .job import Job, identity_of
+    from .jobio import JobWriter, load_tokenizer, read_dataset
     from .run import resolve_model, run_plan
 
     check_writable(output, "--output")
@@ -217,12 +220,12 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
                                  + f" exceed {spec.name}'s {limit} positions",
                                  f"prompts of at most {limit - extra} tokens")
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
-            job = Job(data, todo, writer, load_tokenizer(folder), gen_len, steps=bar)
+            job = Job(data, todo, writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar)
             def started(engine) -> None:  # every refusal has passed: the output may be written now
                 job.engine = engine
                 writer.start()
 
-            result = run_plan(the_plan, target, draft, prompts=job.prompts, limits=job.limits, stop=job.stop,
+            result = run_plan(the_plan, target, draft, prompts=job.prompts, limits=job.limits, stop=job.stops,
                               on_finish=job.finish, on_engine=started, **{k: v for k, v in kw.items() if k != "max_rows"})
     finally:
         writer.close()

@@ -365,10 +365,9 @@ class Engine:
         if self._stop is not None:  # a stop string ends its row here, as an EOS would
             eos_ids = self.eos.tolist() if self.eos is not None else []
             for s in gained:
-                tokens = slots.generated(s)
-                if slots.request[s] < 0 or (bool(slots.done[s]) and tokens and tokens[-1] in eos_ids):
+                if slots.request[s] < 0 or (bool(slots.done[s]) and int(slots.seq[s, slots.length[s] - 1]) in eos_ids):
                     continue  # ended at EOS: that is its reason
-                if self._stop(int(slots.request[s]), tokens):  # checked even on its last allowed token
+                if self._stop(int(slots.request[s]), slots.generated(s)):  # even on its last allowed token
                     slots.done[s] = True
                     self._stopped.add(int(slots.request[s]))
         # rows that ended before the plan's gen_len (EOS, a stop string, their own max_tokens):

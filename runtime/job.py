@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from specplan.errors import InputError
 from specplan.fileio import sha256_of
@@ -50,6 +50,12 @@ class Job:
         # byte); each check decodes from that far before the tokens not yet checked
         self._back = {k: max(len(x.encode()) for x in self.rows[i].stop) for k, i in enumerate(todo) if self.rows[i].stop}
         self._checked: dict[int, int] = {}
+
+    @property
+    def stops(self) -> Callable[[int, list[int]], bool] | None:
+        """The engine's stop check, or None when no row has a stop string (then the engine
+        checks nothing per row and pass)."""
+        return self.stop if self._back else None
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=False)  # a stop may be a special token's text
@@ -105,13 +111,3 @@ def identity_of(plan_path: Path, target: str, draft: str | None, dataset: Datase
         return None if name is None else str(Path(name).resolve()) if Path(name).exists() else str(name)
 
     return job_identity(sha256_of(read_json(plan_path)), where(target), where(draft), dataset, settings)
-
-
-def load_tokenizer(model_dir: Path | None) -> Any:
-    from .cli import TOKENIZER_FILES
-
-    if model_dir is None or not any((model_dir / f).exists() for f in TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

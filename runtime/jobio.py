@@ -47,6 +47,7 @@ class Dataset:
     rows: list[JobRow]
     sha256: str  # of the input file (or directory's files), for resume
     chat: bool = False  # some row went through the chat template
+    tokenizer: Any = None  # the one that read the text rows, if any did
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -74,6 +75,18 @@ def _lines(text: str) -> list[str]:
     return [ln.rstrip("\r") for ln in text.split("\n")]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def load_tokenizer(model_dir: Path | None) -> Any:
+    """The model directory's tokenizer, or None when it has none (a preset, or weights only)."""
+    if model_dir is None or not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
 class _Encoder:
     """Text -> token ids through the target's tokenizer, loaded on first need."""
 
@@ -82,15 +95,11 @@ class _Encoder:
 
     def tokenizer(self, where: str):
         if self._tok is None:
-            from .cli import TOKENIZER_FILES
-
-            if self.model_dir is None or not any((self.model_dir / f).exists() for f in TOKENIZER_FILES):
+            self._tok = load_tokenizer(self.model_dir)
+            if self._tok is None:
                 raise InputError(self.source, where, "is text, and the target has no tokenizer to read it "
                                  f"({'a preset has none' if self.model_dir is None else f'none in {self.model_dir}'})",
                                  "token ids separated by spaces, or --target a model directory with a tokenizer")
-            from transformers import AutoTokenizer
-
-            self._tok = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         return self._tok
 
     def text(self, text: str, where: str) -> list[int]:
@@ -233,7 +242,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
         seen[r.id] = i
         if max(r.ids) >= vocab or min(r.ids) < 0:
             raise InputError(source, f"id {r.id!r}", "has token ids outside the vocabulary", f"ids in [0, {vocab})")
-    return Dataset(path, rows, _file_hash(path), chat)
+    return Dataset(path, rows, _file_hash(path), chat, enc._tok)
 
 
 # ---- writing and resuming -----------------------------------------------------------------------------

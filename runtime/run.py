@@ -206,7 +206,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
              progress: Callable[[int, int], None] | None = None, sampling: dict | None = None,
              limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
              on_finish: Callable[[int, list[int], str], None] | None = None,
-             on_engine: Callable[[Any], None] | None = None) -> dict[str, Any]:
+             on_engine: Callable[[Any], None] | None = None, load: dict | None = None) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
     generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
     decode round untimed first; `torch_profile` writes torch.profiler's operator table there.
@@ -214,7 +214,8 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     before any weight is read, unless `force` (then each reason goes to `warn`).
     `sampling` ({temperature, top_p, top_k, seed}; temperature 0 is greedy) overrides the
     plan's; `limits`, `stop` and `on_finish` go to Engine.generate (the dataset job);
-    `on_engine(engine)` hears the engine once it is built."""
+    `on_engine(engine)` hears the engine once it is built; `load` (specplan.host.machine_load,
+    sampled by the caller before the run) is recorded in the report."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
     dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
@@ -231,11 +232,6 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
         raise InputError("prompts", "prompts", "are empty", "at least one prompt of at least one token")
     need = check_plan(plan, tspec, dspec, dev, [len(p) for p in prompts])
     forced = check_machine(plan, need, dev, force, warn)
-    from specplan.host import busy_warning, machine_load
-
-    load = machine_load()
-    if (busy := busy_warning(load, "this run's timings")) and warn is not None:
-        warn(busy)
 
     # Only now is any weight read.
     tck = open_checkpoint(tspec, tdir, random_weights, seed)
@@ -291,7 +287,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
             raise Interrupted(rep) from None
         rep = build_report(plan, engine, stats, outputs if on_finish is None else None, wall_s, dev, need, tspec,
                            dspec, lengths=engine.row_tokens)
-        rep["machine"] = {"load_at_start": load, "load_at_end": machine_load(0.1), "forced_past": forced}
+        rep["machine"] = {"load_at_start": load, "forced_past": forced}
         return rep
     finally:
         engine.close()

@@ -218,7 +218,7 @@ def run_app(typer_app: typer.Typer, prog: str = "specplan") -> None:
             if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
                 sys.stdout.write(ctx.get_help() + "\n")
                 sys.exit(0)
-            fail(f"{e.format_message()}{where}", 2 if e.exit_code not in (0, 1) else e.exit_code or 2)
+            fail(f"{e.format_message()}{where}", 2)  # a usage error is the user's: 2, whatever click says
         if isinstance(e, BrokenPipeError):  # `| head` closed the pipe: not an error of ours
             sys.exit(1)
         if debug:
