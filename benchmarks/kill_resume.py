@@ -1,7 +1,11 @@
 """Kill test of the dataset job: SIGKILL specrun at random moments, resume each time, and
-check that the output holds every id exactly once and equals an uninterrupted run (greedy).
+check that the output holds every id exactly once and equals an uninterrupted run.
 
-    python benchmarks/kill_resume.py [--prompts 200] [--gen-len 32] [--kills 3] [--seed 0]
+    python benchmarks/kill_resume.py [--prompts 200] [--gen-len 32] [--kills 3] [--seed 0] [--sample]
+
+Greedy by default; --sample runs at --temperature 0.8 --top-p 0.9 with rows that set their
+own sampling (greedy, a seed, a top-k), which holds because a row's random stream is keyed by
+its seed and place in the input, not by when or beside what it ran.
 
 tiny-llama shapes with random weights and a self-draft, on this CPU. Prints what each kill
 left (complete rows, a torn line or not) and the verdict; exits 1 if the outputs differ.
@@ -24,7 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_job(d: Path, prompts: int, gen_len: int, rows: int = 8, seed: int = 0) -> list[str]:
+ROW_SAMPLING = [{}, {"temperature": 0.0}, {"seed": 1000}, {"top_k": 20}]  # cycled over the rows with --sample
+
+
+def make_job(d: Path, prompts: int, gen_len: int, rows: int = 8, seed: int = 0, sample: bool = False) -> list[str]:
     """plan.json and data.jsonl in d; returns the specrun arguments of the job."""
     sys.path.insert(0, str(ROOT))
     from specplan.plan import Placement, Plan, Schedule
@@ -40,10 +47,12 @@ def make_job(d: Path, prompts: int, gen_len: int, rows: int = 8, seed: int = 0) 
     with open(d / "data.jsonl", "w") as f:
         for i in range(prompts):
             ids = [rng.randrange(1, 250) for _ in range(rng.randrange(4, 17))]  # token ids: a list
-            f.write(json.dumps({"id": f"row-{i}", "prompt": ids}) + "\n")
+            own = ROW_SAMPLING[i % len(ROW_SAMPLING)] if sample else {}
+            f.write(json.dumps({"id": f"row-{i}", "prompt": ids, **own}) + "\n")
     # the draft: the target's own first layers (same seed), so drafts are often accepted
     return ["--plan", "plan.json", "--target", "tiny-llama", "--draft", "tiny-llama", "--random-weights",
-            "--draft-seed", "0", "--device", "cpu", "--force", "--threads", "1", "--prompts", "data.jsonl"]
+            "--draft-seed", "0", "--device", "cpu", "--force", "--threads", "1", "--prompts", "data.jsonl",
+            *(["--temperature", "0.8", "--top-p", "0.9"] if sample else [])]
 
 
 def specrun(args: list[str], cwd: Path, kill_at_rows: int | None = None, output: Path | None = None) -> tuple[int, float]:
@@ -100,10 +109,11 @@ def main() -> int:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample", action="store_true", help="temperature 0.8, top-p 0.9, and rows with their own sampling")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        args = make_job(d, a.prompts, a.gen_len)
+        args = make_job(d, a.prompts, a.gen_len, sample=a.sample)
         _, full_s = specrun([*args, "--output", str(d / "whole.jsonl")], d)
         whole = results(d / "whole.jsonl")
         print(f"uninterrupted: {len(whole)} rows in {full_s:.1f} s")

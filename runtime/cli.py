@@ -105,7 +105,7 @@ def run(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")] = None,
     top_p: Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
-    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", help="Seed of the sampling streams (default: the plan's workload seed).")] = None,
+    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
@@ -127,11 +127,13 @@ def run(
         raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
+    if output is not None and report.resolve() in (output.resolve(), output.with_name(output.name + ".job.json").resolve()):
+        raise InputError("argument", "--report", f"is {report}, which the dataset job writes too", "another path")
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
     greedy = temperature == 0 or (temperature is None and the_plan.workload.get("sampling", "greedy") == "greedy")
-    if greedy and (top_p < 1.0 or top_k > 0):
+    if greedy and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks each row (its own temperature)
         raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
                          "--temperature T (> 0) with it")
     sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
@@ -183,11 +185,11 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
     from dataclasses import replace
 
     from specplan.progress import steps
-    from specplan.workload import Workload
+    from specplan.workload import Workload, check_row_positions
 
     from .job import Job, identity_of
     from .jobio import JobWriter, load_tokenizer, read_dataset
-    from .run import resolve_model, run_plan
+    from .run import resolve_model, run_plan, run_sampling
 
     check_writable(output, "--output")
     spec, weights_dir = resolve_model(target)
@@ -210,23 +212,18 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
             err.print(f"{output}: every row is done", highlight=False)
             return None
         gen_len = Workload.from_dict(the_plan.workload, "plan workload").gen_len
-        limit = spec.max_positions
-        extra = gen_len + (the_plan.schedule.gamma if the_plan.schedule.speculative else 0)  # + a verify window
+        gamma = the_plan.schedule.gamma if the_plan.schedule.speculative else 0
         for i in todo:  # named by id here, before any weight is read (run_plan would name the index)
-            r = data.rows[i]
-            if len(r.ids) + extra > limit:
-                raise InputError(str(prompts), f"id {r.id!r}", f"{len(r.ids)} prompt tokens + gen_len {gen_len}"
-                                 + (f" + gamma {the_plan.schedule.gamma}" if extra > gen_len else "")
-                                 + f" exceed {spec.name}'s {limit} positions",
-                                 f"prompts of at most {limit - extra} tokens")
+            check_row_positions(str(prompts), f"id {data.rows[i].id!r}", len(data.rows[i].ids), gen_len, gamma, spec)
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
-            job = Job(data, todo, writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar)
+            base = run_sampling(Workload.from_dict(the_plan.workload, "plan workload"), kw["sampling"], kw["seed"])
+            job = Job(data, todo, writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar, base=base)
             def started(engine) -> None:  # every refusal has passed: the output may be written now
                 job.engine = engine
                 writer.start()
 
             result = run_plan(the_plan, target, draft, prompts=job.prompts, limits=job.limits, stop=job.stops,
-                              on_finish=job.finish, on_engine=started, **{k: v for k, v in kw.items() if k != "max_rows"})
+                              on_finish=job.finish, on_engine=started, row_sampling=job.sampling, **{k: v for k, v in kw.items() if k != "max_rows"})
     finally:
         writer.close()
     err.print(f"wrote {writer.written} rows to {output}", highlight=False)

@@ -52,7 +52,8 @@ from .checkpoint import Checkpoint
 from .draftkv import DraftKVSwap
 from .kvcache import KVCache
 from .model import Model, Step
-from .speculative import probs, sample, verify_greedy, verify_sampling
+from .sampling import ACCEPT, DRAFT, TOKEN, RowSampling, RowTable, SamplingParams, draw
+from .speculative import verify_greedy, verify_sampling
 from .stats import Stats
 from .weights import RESIDENT, WeightStore
 
@@ -113,16 +114,16 @@ class Slots:
 
 class Engine:
     def __init__(self, schedule: Schedule, placement: Placement, target: Checkpoint, draft: Checkpoint | None,
-                 device: torch.device, *, rows: int, max_prompt_len: int, gen_len: int, sampling: str = "greedy",
-                 temperature: float = 1.0, seed: int = 0, eos: list[int] | None = None, stats: Stats | None = None,
-                 top_p: float = 1.0, top_k: int = 0):
+                 device: torch.device, *, rows: int, max_prompt_len: int, gen_len: int,
+                 sampling: SamplingParams | None = None, eos: list[int] | None = None, stats: Stats | None = None):
         self.schedule, self.placement, self.device = schedule, placement, device
         self.cuda = device.type == "cuda"
         self._kernels = ExitStack()  # process-wide kernel choices held for the engine's life
         if self.cuda:
             self._kernels.enter_context(cuda_sdpa_kernels())
-        self.gen_len, self.greedy, self.temperature, self.seed = gen_len, sampling == "greedy", temperature, seed
-        self.top_p, self.top_k = top_p, top_k
+        self.gen_len = gen_len
+        self.sampling = sampling or SamplingParams()  # for rows a generate call gives no sampling of their own
+        self.table = RowTable([])  # the sampling of the current generate call's rows
         self.eos = torch.tensor(eos) if eos else None
         self.stats = stats or Stats(device)
         self.gamma = schedule.gamma if schedule.speculative else 0
@@ -156,7 +157,6 @@ class Engine:
             self.proposal = torch.zeros(rows, max(self.gamma, 1), dtype=torch.long)  # x per slot, awaiting verification
             self.proposal_q: torch.Tensor | None = None  # q per slot, when sampling (made on first use)
         self.draft_stream = torch.cuda.Stream(device) if self.cuda and self.draft is not None else None
-        self._gens: dict[tuple[str, int], torch.Generator] = {}
         self._progress: Callable[[int], None] | None = None
         self._stop: Callable[[int, list[int]], bool] | None = None
         self._stopped: set[int] = set()
@@ -200,23 +200,16 @@ class Engine:
             b["draft_kv_cache"] = self.draft_swap.host.nbytes
         return b
 
-    def _gen(self, role: str, group: int) -> torch.Generator | None:
-        """The sampling stream of one role for one batch of rows (seeded, so runs repeat)."""
-        if self.greedy:
-            return None
-        key = (role, group)
-        if key not in self._gens:
-            offset = {"first": 0, "draft": 1, "target": 2}[role]
-            self._gens[key] = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 3 * group + offset)
-        return self._gens[key]
+    @staticmethod
+    def _requests(slots: Slots, idx: torch.Tensor) -> torch.Tensor:
+        """The requests slots idx hold (a slot already emptied counts as request 0: whatever it
+        computes is not kept)."""
+        return slots.request[idx].clamp_min(0)
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The sampling distribution: temperature, then top-k and top-p (the target's filtered p
-        is what speculative sampling reproduces exactly; the draft proposes from the same filter)."""
-        return probs(logits, self.temperature, self.top_p, self.top_k)
-
-    def _choose(self, logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return logits.argmax(-1) if self.greedy else sample(self._probs(logits), gen)
+    def _choose(self, logits: torch.Tensor, slots: Slots, idx: torch.Tensor) -> torch.Tensor:
+        """The target's next token for rows idx from logits [B, V]: each row's own sampling,
+        its draw keyed by the position the token lands at."""
+        return self.table.choose(logits, self._requests(slots, idx), slots.length[idx])
 
     def _sync(self) -> None:
         if self.cuda:
@@ -256,14 +249,17 @@ class Engine:
     def generate(self, prompts: list[list[int]], progress: Callable[[int], None] | None = None, *,
                  limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
                  on_finish: Callable[[int, list[int], str], None] | None = None,
-                 keep_outputs: bool = True) -> list[list[int] | None]:
+                 keep_outputs: bool = True, sampling: list[RowSampling] | None = None) -> list[list[int] | None]:
         """Generated token ids per prompt (prompt excluded), in prompt order: the scheduler's
         passes, run one after another until every prompt has finished. `limits` caps each
         row's tokens (at most gen_len); `stop(request, tokens)` ends a row when it returns
         True; `on_finish(request, tokens, reason)` hears each row as it finishes (reason:
         eos, stop or length). Without `keep_outputs` (a dataset job, whose rows go to disk as
-        they finish) the list holds None and only `row_tokens` counts are kept."""
+        they finish) the list holds None and only `row_tokens` counts are kept. `sampling` gives
+        each prompt its own (default: the engine's, each row's stream keyed by its index)."""
         self._progress, self._stop, self._stopped = progress, stop, set()
+        self.table = RowTable(sampling if sampling is not None else [self.sampling.row(i) for i in range(len(prompts))])
+        assert len(self.table.key) == len(prompts)
         self._limits = [min(n, self.gen_len) for n in limits] if limits is not None else None
         sched = StepScheduler(self._config(len(prompts)), [Request(i, len(p)) for i, p in enumerate(prompts)])
         assert sched.config.slots <= self.slots_n
@@ -306,13 +302,11 @@ class Engine:
         for slot, req in p.admitted:
             slots.fill(slot, req, prompts[req], self._limits[req] if self._limits is not None else self.gen_len)
             self.target.cache.lengths[slot] = 0
-        group = p.groups[0]
         if p.draft_first:
-            self.propose(slots, p.draft_first, group)
-        job = pool.submit(self.propose, slots, p.draft_beside, 1 - group if len(p.groups) == 1 else group) \
-            if p.draft_beside else None
+            self.propose(slots, p.draft_first)
+        job = pool.submit(self.propose, slots, p.draft_beside) if p.draft_beside else None
         try:
-            outcome = self.target_pass(p, slots, group)
+            outcome = self.target_pass(p, slots)
         finally:
             if job is not None:
                 job.result()
@@ -322,7 +316,7 @@ class Engine:
         return outcome
 
     # ---- the target's pass ------------------------------------------------------------------------------------
-    def target_pass(self, p: Pass, slots: Slots, group: int) -> Outcome:
+    def target_pass(self, p: Pass, slots: Slots) -> Outcome:
         """One walk over the target's layers for every row of the pass; keep what it produced."""
         cache = self.target.cache
         steps: list[Step] = []
@@ -346,11 +340,11 @@ class Engine:
                 self.stats.count("passes", 1)
             verify = [(sl, lg) for (k, sl, _), lg in zip(parts, logits) if k == "verify"]
             if verify:
-                self._verify(slots, verify, group, gained)
+                self._verify(slots, verify, gained)
             for (kind, sl, w), lg in zip(parts, logits):
                 idx = torch.arange(sl.start, sl.stop)
                 if kind == "decode":
-                    t = self._choose(lg[:, -1], self._gen("target", group)).cpu()
+                    t = self._choose(lg[:, -1], slots, idx).cpu()
                     active = ~slots.done[idx]
                     kept = self._append(slots, idx, t[:, None], torch.ones_like(t))
                     self.stats.count("rounds", int(active.sum()))
@@ -359,7 +353,7 @@ class Engine:
                 elif kind == "prefill":
                     cache.lengths[sl] = w.start + w.tokens
                     if w.last:  # the prompt is in: its last logits give the row's first token
-                        first = self._choose(lg, self._gen("first", group)).cpu()
+                        first = self._choose(lg, slots, idx).cpu()
                         kept = self._append(slots, idx, first[:, None], torch.ones_like(first))
                         gained.update(zip(idx.tolist(), kept.tolist()))
         if self._stop is not None:  # a stop string ends its row here, as an EOS would
@@ -376,17 +370,20 @@ class Engine:
                         int(slots.length[s] - slots.prompt_len[s]) < self.gen_len)
         return Outcome(gained, eos)
 
-    def _verify(self, slots: Slots, parts: list[tuple[slice, torch.Tensor]], group: int, gained: dict) -> None:
+    def _verify(self, slots: Slots, parts: list[tuple[slice, torch.Tensor]], gained: dict) -> None:
         """Keep the accepted prefix of every verified row's proposal, and the target's next token."""
         idx = torch.cat([torch.arange(sl.start, sl.stop) for sl, _ in parts])
         logits = torch.cat([lg for _, lg in parts]) if len(parts) > 1 else parts[0][1]  # [B, gamma + 1, V]
         x = self.proposal[idx, :self.gamma]
         xd = x.to(self.device)
-        if self.greedy:
+        req = self._requests(slots, idx)
+        if self.table.all_greedy(req):
             n, nxt = verify_greedy(xd, logits)
-        else:
+        else:  # greedy rows among them verify with one-hot p and q, which is greedy verification
             q = self.proposal_q[idx.to(self.device)]
-            n, nxt = verify_sampling(xd, q, self._probs(logits), self._gen("target", group))
+            at = slots.length[idx][:, None] + torch.arange(self.gamma + 1)  # where each position's token lands
+            n, nxt = verify_sampling(xd, q, self.table.probs(logits, req), self.table.uniform(req, at[:, :-1], ACCEPT),
+                                     self.table.uniform(req, at, TOKEN))
         n, nxt = n.cpu(), nxt.cpu()
         cand = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
         cand[torch.arange(len(n)), n] = nxt
@@ -416,7 +413,7 @@ class Engine:
         return out
 
     # ---- the draft ----------------------------------------------------------------------------------------------
-    def propose(self, slots: Slots, work: tuple[DraftRow, ...], group: int) -> None:
+    def propose(self, slots: Slots, work: tuple[DraftRow, ...]) -> None:
         """The draft's work: for the rows it proposes for, gamma tokens each (kept per slot for
         their verification), in micro-batches of draft_batch rows; then the prompts it only reads."""
         size = self.schedule.draft_batch
@@ -432,11 +429,11 @@ class Engine:
                 for i, mb in enumerate(mbs):
                     if load and i + 1 < len(mbs):
                         self._draft_load(i + 1, mbs[i + 1])  # copied in while micro-batch i drafts
-                    self._draft_micro_batch(slots, i, mb, group)
+                    self._draft_micro_batch(slots, i, mb)
         if self.cuda:
             self.draft_stream.synchronize()  # this thread waits; the target's stream does not
 
-    def _draft_micro_batch(self, slots: Slots, i: int, mb: list[DraftRow], group: int) -> None:
+    def _draft_micro_batch(self, slots: Slots, i: int, mb: list[DraftRow]) -> None:
         idx = torch.tensor([d.slot for d in mb])
         crows = self._draft_rows(i, [d.slot for d in mb], fresh=not mb[0].propose)
         cache = self.draft.cache
@@ -457,7 +454,7 @@ class Engine:
         for crow, part in crows:
             cache.lengths[crow] = ctx[part]
         if mb[0].propose:
-            x, q = self._draft_steps(slots, idx, crows, group)
+            x, q = self._draft_steps(slots, idx, crows)
             self.proposal[idx, :self.gamma] = x
             if q is not None:
                 if self.proposal_q is None:
@@ -465,22 +462,23 @@ class Engine:
                 self.proposal_q[idx.to(q.device)] = q
         self._draft_store(i, mb, start)
 
-    def _draft_steps(self, slots: Slots, idx: torch.Tensor, crows, group: int):
+    def _draft_steps(self, slots: Slots, idx: torch.Tensor, crows):
         """gamma draft steps from each row's last two tokens: x [B, gamma] (CPU), q [B, gamma, V] or None."""
         cache = self.draft.cache
         tokens = slots.last(idx, 2)
+        req, at = self._requests(slots, idx), slots.length[idx]
         xs, qs = [], []
-        for _ in range(self.gamma):
+        for i in range(self.gamma):
             pick = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
             steps = [Step(crow, tokens[part], pick[part]) for crow, part in crows]
             logits = torch.cat(self.draft.forward(steps))
             for crow, _ in crows:
                 cache.lengths[crow] += tokens.shape[1]
-            if self.greedy:
+            if self.table.greedy:
                 t = logits.argmax(-1)
-            else:
-                qs.append(self._probs(logits))
-                t = sample(qs[-1], self._gen("draft", group))
+            else:  # q for every row (one-hot for a greedy one): a verification may mix them
+                qs.append(self.table.probs(logits, req))
+                t = draw(qs[-1], self.table.uniform(req, at + i, DRAFT))
             xs.append(t)
             tokens = t[:, None].cpu()
         return torch.stack(xs, 1).cpu(), (torch.stack(qs, 1) if qs else None)
@@ -544,7 +542,6 @@ class Engine:
             self.generate(prompts[:self.slots_n])
         finally:
             self.gen_len = saved
-            self._gens.clear()  # sampling starts from the seeds again
             for model in (self.target, self.draft):
                 if model is not None:
                     model.store.reset()  # units the warm-up prefetched would not be copied (or counted) again

@@ -17,6 +17,7 @@ from specplan.errors import InputError
 from specplan.fileio import sha256_of
 
 from .jobio import Dataset, JobWriter, job_identity
+from .sampling import SamplingParams
 
 
 def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
@@ -29,7 +30,7 @@ class Job:
     """The per-row callbacks of one dataset job, given to run_plan."""
 
     def __init__(self, dataset: Dataset, todo: list[int], writer: JobWriter, tokenizer, gen_len: int,
-                 steps=None, now: Callable[[], float] = time.perf_counter):
+                 steps=None, now: Callable[[], float] = time.perf_counter, base: SamplingParams | None = None):
         self.rows, self.todo, self.writer, self.tok = dataset.rows, todo, writer, tokenizer
         self.gen_len, self.steps, self.now = gen_len, steps, now
         self.engine = None
@@ -45,6 +46,21 @@ class Job:
                                  f"{r.max_tokens} is more than the plan's gen_len {gen_len} (each row's KV is sized by it)",
                                  f"at most {gen_len}, or a plan made with --gen-len {r.max_tokens}")
         self.limits = [self.rows[i].max_tokens or gen_len for i in todo]
+        # each row's own sampling fields, and its index in the input (which, with the job's seed,
+        # keys the stream of a row that sets no seed: the same whether or not the job resumed)
+        self.sampling = [{"index": i, **dict(self.rows[i].sampling)} for i in todo]
+        base = base or SamplingParams()
+        for i, fields in zip(todo, self.sampling):
+            # a row's own top_p / top_k on a greedy row would be ignored: refused (the command
+            # line's filters do not apply to a row that sets temperature 0 itself)
+            own = [k for k in ("top_p", "top_k") if k in fields and fields[k] != {"top_p": 1.0, "top_k": 0}[k]]
+            if own and base.row(**fields).greedy:
+                raise InputError(str(dataset.path), f"id {self.rows[i].id!r}: {own[0]}",
+                                 "filters sampling, and this row is greedy (temperature 0)",
+                                 "a temperature > 0 on the row or --temperature")
+        if (base.top_p < 1 or base.top_k > 0) and all(base.row(**f).greedy for f in self.sampling):
+            raise InputError("argument", "--top-p" if base.top_p < 1 else "--top-k",
+                             "filters sampling, and every row of this job is greedy", "--temperature T (> 0) with it")
         self.prompts = [list(self.rows[i].ids) for i in todo]
         # a stop string spans at most as many tokens as it has bytes (a token is at least one
         # byte); each check decodes from that far before the tokens not yet checked

@@ -4,7 +4,9 @@ Input (`read_dataset`): .txt (one prompt per line: token ids, or text through th
 tokenizer), .jsonl (one object a line: `id`, and `prompt` or `messages`, the latter through
 the tokenizer's chat template), .parquet, or a Hugging Face `datasets` directory saved with
 `save_to_disk` (both read with pyarrow; `column` picks the text column). A row may set
-`max_tokens` and `stop`; rows without an id get their line (or row) number.
+`max_tokens`, `stop`, and its own sampling (`temperature`, 0 greedy; `top_p`; `top_k`;
+`seed`, which keys its random stream by itself); rows without an id get their line (or row)
+number.
 
 Output (`JobWriter`): one JSON object a line, appended as each row finishes, flushed at
 once and fsync'd at a bounded interval, so a crash loses at most the rows of the last
@@ -18,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,8 @@ from typing import Any
 from specplan.errors import InputError
 from specplan.fileio import read_text, write_json
 
-ROW_FIELDS = {"id", "prompt", "messages", "max_tokens", "stop"}
-# per-row sampling (temperature, top_p, top_k, seed) is not run per row yet: refused with a
-# pointer to the command-line flags, rather than silently ignored
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "seed"}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")  # a row's own sampling (sampling.SamplingParams.row)
+ROW_FIELDS = {"id", "prompt", "messages", "max_tokens", "stop", *SAMPLING_FIELDS}
 FSYNC_EVERY_S = 2.0
 
 
@@ -39,6 +39,7 @@ class JobRow:
     ids: tuple[int, ...]  # the prompt's token ids (chat template applied)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    sampling: tuple[tuple[str, float | int], ...] = ()  # the SAMPLING_FIELDS the row sets, in that order
 
 
 @dataclass
@@ -124,10 +125,6 @@ class _Encoder:
 def _row(obj: dict, where: str, fallback_id: str, enc: _Encoder, source: str) -> JobRow:
     if not isinstance(obj, dict):
         raise InputError(source, where, "is not a JSON object", '{"id": ..., "prompt": "..."}')
-    sampling = SAMPLING_FIELDS & set(obj)
-    if sampling:
-        raise InputError(source, f"{where}: {', '.join(sorted(sampling))}", "per-row sampling is not supported yet",
-                         "the same for every row: specrun --temperature / --top-p / --top-k / --sample-seed")
     unknown = set(obj) - ROW_FIELDS
     if unknown:
         raise InputError(source, f"{where}: {', '.join(sorted(unknown))}", "unknown field", ", ".join(sorted(ROW_FIELDS)))
@@ -156,7 +153,30 @@ def _row(obj: dict, where: str, fallback_id: str, enc: _Encoder, source: str) ->
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise InputError(source, f"{where}: stop", f"got {obj.get('stop')!r}", "a string or a list of non-empty strings")
-    return JobRow(str(rid), tuple(ids), mt, tuple(stop))
+    return JobRow(str(rid), tuple(ids), mt, tuple(stop), _row_sampling(obj, where, source))
+
+
+def _row_sampling(obj: dict, where: str, source: str) -> tuple[tuple[str, float | int], ...]:
+    """The sampling fields a row sets, checked."""
+    import math
+
+    out = []
+    for name in SAMPLING_FIELDS:
+        if name not in obj:
+            continue
+        v = obj[name]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        integer = number and isinstance(v, int)
+        ok, expected = {
+            "temperature": (number and v >= 0, "a number >= 0 (0 is greedy)"),
+            "top_p": (number and 0 < v <= 1, "a probability mass in (0, 1]"),
+            "top_k": (integer and v >= 0, "an integer >= 0 (0 keeps every token)"),
+            "seed": (integer and -2 ** 63 <= v < 2 ** 64, "an integer"),
+        }[name]
+        if not ok:
+            raise InputError(source, f"{where}: {name}", f"got {v!r}", expected)
+        out.append((name, float(v) if name in ("temperature", "top_p") else v))
+    return tuple(out)
 
 
 def _arrow_rows(path: Path, column: str | None):
@@ -186,7 +206,7 @@ def _arrow_rows(path: Path, column: str | None):
     if text_col is None or text_col not in names:
         raise InputError(str(path), f"column {column or 'prompt'}", "does not exist",
                          f"--column one of {', '.join(names)}")
-    keep = [c for c in names if c in ROW_FIELDS | SAMPLING_FIELDS and c != text_col] + [text_col]
+    keep = [c for c in names if c in ROW_FIELDS and c != text_col] + [text_col]
     for i, rec in enumerate(table.select(keep).to_pylist()):
         text = rec.pop(text_col)
         key = "messages" if isinstance(text, list) and text and isinstance(text[0], dict) else "prompt"
@@ -222,7 +242,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
                     raise InputError(source, f"line {n}: {obj_key}", "is missing", f"a '{obj_key}' field (--column)")
                 v = obj[obj_key]
                 key = "messages" if isinstance(v, list) and v and isinstance(v[0], dict) else "prompt"
-                obj = {k: x for k, x in obj.items() if k in ROW_FIELDS | SAMPLING_FIELDS and k not in ("prompt", "messages")} \
+                obj = {k: x for k, x in obj.items() if k in ROW_FIELDS and k not in ("prompt", "messages")} \
                     | {key: v}
             chat |= isinstance(obj, dict) and "messages" in obj
             rows.append(_row(obj, f"line {n}", str(n), enc, source))
@@ -279,14 +299,19 @@ def read_done(output: Path) -> tuple[set[str], int]:
 
 @dataclass
 class JobWriter:
-    """Appends one result line per finished row; flushes each line, fsyncs every
-    FSYNC_EVERY_S seconds and at close."""
+    """Appends one result line per finished row and flushes it at once; a timer thread
+    fsyncs what was written at most FSYNC_EVERY_S seconds later (and close does), so a
+    machine crash loses at most that interval's rows whether or not more rows finish."""
 
     path: Path
     fsync_every_s: float = FSYNC_EVERY_S
     written: int = 0
+    syncs: int = 0  # fsyncs of the output so far
     _fh: Any = field(default=None, repr=False)
-    _synced_at: float = 0.0
+    _dirty: bool = False  # written since the last fsync
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _syncer: threading.Thread | None = field(default=None, repr=False)
 
     identity: dict = field(default_factory=dict)
     _end: int = 0  # where appending starts: after the last complete line
@@ -327,22 +352,55 @@ class JobWriter:
         if self._fh is not None:
             return
         write_json(sidecar_path(self.path), self.identity)
-        fh = open(self.path, "r+b" if self.path.exists() else "wb")
+        new = not self.path.exists()
+        fh = open(self.path, "r+b" if not new else "wb")
         fh.truncate(self._end)
         fh.seek(self._end)
-        self._fh, self._synced_at = fh, time.monotonic()
+        if new:  # the file's directory entry survives a crash too
+            _fsync_dir(self.path.parent)
+        self._fh = fh
+        self._syncer = threading.Thread(target=self._sync_loop, name="output-fsync", daemon=True)
+        self._syncer.start()
 
     def write(self, record: dict) -> None:
-        self._fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
-        self._fh.flush()
-        self.written += 1
-        if time.monotonic() - self._synced_at >= self.fsync_every_s:
-            os.fsync(self._fh.fileno())
-            self._synced_at = time.monotonic()
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+            self.written += 1
+            self._dirty = True
+
+    def _sync(self) -> None:
+        with self._lock:
+            if self._dirty and self._fh is not None:
+                os.fsync(self._fh.fileno())
+                self._dirty = False
+                self.syncs += 1
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.fsync_every_s):
+            self._sync()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+        if self._fh is None:
+            return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        self._sync()
+        with self._lock:
             self._fh.close()
             self._fh = None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not every filesystem lets a directory be opened; the data itself is still synced
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

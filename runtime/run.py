@@ -27,11 +27,12 @@ from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
 from specplan.plan import Plan
 from specplan.simulator.run import simulate_as_run
 from specplan.units import fmt_bytes
-from specplan.workload import Workload
+from specplan.workload import Workload, check_row_positions
 
 from .checkpoint import open_checkpoint, torch_dtype
 from .engine import Engine
 from .model import check_supported
+from .sampling import SamplingParams
 from .stats import Stats
 
 
@@ -121,14 +122,9 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
     workload = Workload.from_dict(plan.workload, "plan workload")
     longer = ""
     if prompt_lens:
-        limit = target.hf_config.get("max_position_embeddings")
-        worst = max(prompt_lens) + workload.gen_len + (s.gamma if s.speculative else 0)
-        if isinstance(limit, int) and worst > limit:
-            raise InputError("prompts", f"prompt {prompt_lens.index(max(prompt_lens))}",
-                             f"{max(prompt_lens)} tokens + gen_len {workload.gen_len}"
-                             + (f" + gamma {s.gamma}" if s.speculative else "")
-                             + f" exceed {target.name}'s max_position_embeddings {limit}",
-                             f"prompts of at most {limit - worst + max(prompt_lens)} tokens")
+        longest = max(prompt_lens)
+        check_row_positions("prompts", f"prompt {prompt_lens.index(longest)}", longest, workload.gen_len,
+                            s.gamma if s.speculative else 0, target, draft if s.speculative else None)
         if max(prompt_lens) > workload.max_prompt_len:
             # size every row's KV for what will run, and say so if that no longer fits
             longer = (f" with prompts of up to {max(prompt_lens)} tokens (the plan was made for "
@@ -197,6 +193,14 @@ def check_machine(plan: Plan, need: MemoryNeed, device: torch.device, force: boo
 # ---- running -----------------------------------------------------------------------------------------
 
 
+def run_sampling(workload: Workload, sampling: dict | None, seed: int = 0) -> SamplingParams:
+    """A run's sampling: the plan's workload (greedy, or its temperature), its seed offset by
+    the run's `seed`, and what `sampling` ({temperature, top_p, top_k, seed}) sets."""
+    base = {"temperature": workload.temperature if workload.sampling != "greedy" else 0.0, "top_p": 1.0,
+            "top_k": 0, "seed": workload.seed + seed}
+    return SamplingParams(**(base | (sampling or {})))
+
+
 def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | ModelSpec | None = None, *,
              device: str = "auto", prompts: list[list[int]] | None = None, random_weights: bool = False,
              max_rows: int | None = None, dtype: str | None = None, ignore_eos: bool | None = None,
@@ -206,14 +210,16 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
              progress: Callable[[int, int], None] | None = None, sampling: dict | None = None,
              limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
              on_finish: Callable[[int, list[int], str], None] | None = None,
-             on_engine: Callable[[Any], None] | None = None, load: dict | None = None) -> dict[str, Any]:
+             on_engine: Callable[[Any], None] | None = None, load: dict | None = None,
+             row_sampling: list[dict] | None = None) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
     generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
     decode round untimed first; `torch_profile` writes torch.profiler's operator table there.
     A plan made for another device, or that this machine's memory cannot hold, is refused
     before any weight is read, unless `force` (then each reason goes to `warn`).
     `sampling` ({temperature, top_p, top_k, seed}; temperature 0 is greedy) overrides the
-    plan's; `limits`, `stop` and `on_finish` go to Engine.generate (the dataset job);
+    plan's; `row_sampling` gives per prompt the fields its row sets itself and "index" (its
+    place in the input, which with the seed keys a row's stream when it sets no seed); `limits`, `stop` and `on_finish` go to Engine.generate (the dataset job);
     `on_engine(engine)` hears the engine once it is built; `load` (specplan.host.machine_load,
     sampled by the caller before the run) is recorded in the report."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
@@ -245,13 +251,11 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     stats = Stats(dev)
-    sample = {"temperature": workload.temperature if workload.sampling != "greedy" else 0.0, "top_p": 1.0,
-              "top_k": 0, "seed": workload.seed + seed} | (sampling or {})
+    base = run_sampling(workload, sampling, seed)
+    rows = None if row_sampling is None else [base.row(**r) for r in row_sampling]
     engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=min(len(prompts), plan.schedule.rows),
-                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len,
-                    sampling="greedy" if sample["temperature"] == 0 else "sampling",
-                    temperature=sample["temperature"] or 1.0, seed=sample["seed"], eos=eos, stats=stats,
-                    top_p=sample["top_p"], top_k=sample["top_k"])
+                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len, sampling=base,
+                    eos=eos, stats=stats)
     if on_engine is not None:
         on_engine(engine)
     total = len(prompts) * workload.gen_len
@@ -273,7 +277,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
         try:
             with _maybe_profiled(torch_profile, dev):
                 outputs = engine.generate(prompts, tick, limits=limits, stop=stop, on_finish=on_finish,
-                                          keep_outputs=on_finish is None)
+                                          keep_outputs=on_finish is None, sampling=rows)
                 wall_s = time.perf_counter() - t0
         except KeyboardInterrupt:
             # the report of what ran: the rows that finished, over the time until the interrupt

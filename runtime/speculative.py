@@ -9,7 +9,8 @@ Greedy: accept x_i while it is the target's argmax; the output is exactly target
 greedy decoding. Sampling (Leviathan et al. 2023; Chen et al. 2023): accept x_i with
 probability min(1, p(x_i) / q(x_i)); at the first rejection sample from
 norm(max(0, p - q)); after gamma acceptances sample the bonus from p. Every emitted token
-is then distributed exactly as the target's p, whatever the draft's q.
+is then distributed exactly as the target's p, whatever the draft's q. A greedy row has
+one-hot p and q (sampling.probs), and the same rule is then greedy verification.
 """
 
 from __future__ import annotations
@@ -17,28 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """softmax(logits / temperature) over the tokens top-k and top-p keep (the smallest set of
-    most likely tokens whose probability reaches top_p; never empty), renormalised."""
-    x = logits.float() / temperature
-    if 0 < top_k < x.shape[-1]:
-        kth = x.topk(top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        p = F.softmax(sorted_x, dim=-1)
-        drop_sorted = (p.cumsum(-1) - p) >= top_p  # the mass before a token already reaches top_p
-        drop_sorted[..., 0] = False  # the most likely token always stays
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
-    return F.softmax(x, dim=-1)
-
-
-def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of p [..., V]."""
-    flat = p.reshape(-1, p.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(p.shape[:-1])
+from .sampling import draw
 
 
 def leading_true(mask: torch.Tensor) -> torch.Tensor:
@@ -52,14 +32,15 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[tor
     return n, choice.gather(1, n[:, None]).squeeze(1)
 
 
-def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """draft [B, gamma] drawn from q [B, gamma, V]; p [B, gamma + 1, V] the target's probabilities."""
+def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u_accept: torch.Tensor,
+                    u_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft [B, gamma] drawn from q [B, gamma, V]; p [B, gamma + 1, V] the target's
+    probabilities; u_accept [B, gamma] the accept tests' uniforms and u_token [B, gamma + 1]
+    the uniform for the token emitted at each position (sampling.uniform)."""
     B, gamma = draft.shape
     px = p[:, :gamma].gather(-1, draft[..., None]).squeeze(-1)
     qx = q.gather(-1, draft[..., None]).squeeze(-1)  # > 0: x was drawn from q
-    r = torch.rand(B, gamma, generator=generator, device=p.device)
-    n = leading_true(r * qx < px)  # r < p/q, without dividing
+    n = leading_true(u_accept.to(p.device) * qx < px)  # u < p/q, without dividing
     rows = torch.arange(B, device=p.device)
     # q is padded with a zero distribution at position gamma, so the "residual" there is p
     # itself: the bonus token comes out of the same line as the corrections.
@@ -68,4 +49,4 @@ def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     residual = (p_n - q_n).clamp_min(0)
     # p == q up to rounding leaves nothing to resample from; then p is the right distribution.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    return n, sample(residual, generator)
+    return n, draw(residual, u_token.to(p.device).gather(1, n[:, None]).squeeze(1))

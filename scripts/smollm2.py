@@ -198,6 +198,7 @@ def generate(model_dir: Path, prompts: list[list[int]], gen_len: int, sampling: 
     from specplan.plan import Schedule
     from specplan.runtime.checkpoint import open_checkpoint
     from specplan.runtime.engine import Engine
+    from specplan.runtime.sampling import SamplingParams
     from specplan.runtime.weights import RESIDENT
 
     spec = ModelSpec.resolve(str(model_dir))
@@ -207,7 +208,7 @@ def generate(model_dir: Path, prompts: list[list[int]], gen_len: int, sampling: 
                      gamma=0, attention_device="gpu", prefetch_depth=0)
     engine = Engine(sched, RESIDENT, ck, None, torch.device("cpu"), rows=rows,
                     max_prompt_len=max(len(p) for p in prompts), gen_len=gen_len,
-                    sampling="sampling" if sampling else "greedy", temperature=1.0, seed=seed, eos=None)
+                    sampling=SamplingParams(temperature=1.0 if sampling else 0.0, seed=seed), eos=None)
     try:
         outs = engine.generate(prompts)
     finally:

@@ -60,14 +60,7 @@ class Workload:
     def check_positions(self, source: str, *models, extra_tokens: int = 0) -> None:
         """Refuse a workload whose longest row (prompt + gen_len, plus `extra_tokens` of a
         verification window) passes a model's maximum positions."""
-        need = self.max_seq_len + extra_tokens
-        for m in models:
-            if m is not None and need > m.max_positions:
-                field = "prompt_len + gen_len" + (f" + gamma {extra_tokens}" if extra_tokens else "")
-                raise InputError(source, field, f"{self.max_prompt_len} + {self.gen_len}"
-                                 + (f" + {extra_tokens}" if extra_tokens else "")
-                                 + f" = {need} tokens exceeds {m.name}'s {m.max_positions} positions",
-                                 f"at most {m.max_positions} tokens a row")
+        check_row_positions(source, "prompt_len", self.max_prompt_len, self.gen_len, extra_tokens, *models)
 
     @classmethod
     def from_file(cls, path: str) -> "Workload":
@@ -141,3 +134,16 @@ class Workload:
 
 def _rate(a: Any) -> Any:
     return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+
+
+def check_row_positions(source: str, where: str, prompt_tokens: int, gen_len: int, gamma: int, *models) -> None:
+    """The one rule for a row's length: its prompt + gen_len, plus gamma (the verification
+    window writes that far past the last kept token), must fit each model's positions
+    (max_position_embeddings). `where` names the row (a field, a prompt's index, an id)."""
+    need = prompt_tokens + gen_len + gamma
+    for m in models:
+        if m is not None and need > m.max_positions:
+            raise InputError(source, where, f"{prompt_tokens} prompt tokens + gen_len {gen_len}"
+                             + (f" + gamma {gamma}" if gamma else "")
+                             + f" = {need} exceed {m.name}'s max_position_embeddings {m.max_positions}",
+                             f"prompts of at most {m.max_positions - gen_len - gamma} tokens")

@@ -43,7 +43,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["optimize", "--num-prompts", "-3"], 2, "num_prompts"),
     ("specplan", ["optimize", "--acceptance", "1.5"], 2, "acceptance"),
     ("specplan", ["optimize", "--gen-len", "1000000"], 2, "gen_len"),
-    ("specplan", ["optimize", "--target", "smollm2-135m", "--draft", "none", "--prompt-len", "9000"], 2, "positions"),
+    ("specplan", ["optimize", "--target", "smollm2-135m", "--draft", "none", "--prompt-len", "9000"], 2, "prompt_len"),
     ("specplan", ["optimize", "--gpu-mem", "200GB"], 2, "--gpu-mem"),
     ("specplan", ["optimize", "--gpu-mem", "lots"], 2, "--gpu-mem"),
     ("specplan", ["optimize", "--host-mem", "0"], 2, "--host-mem"),
@@ -106,6 +106,14 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--column", "text"],
      2, "line 1: text"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-chat.jsonl", "--output", "o.jsonl"], 2, "line 1"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--report", "o.jsonl"],
+     2, "--report"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-temp.jsonl", "--output", "o.jsonl"], 2,
+     "line 2: temperature"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data-greedy-top-p.jsonl", "--output", "o.jsonl"], 2,
+     "id 'b': top_p"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--top-k", "5"], 2,
+     "--top-k"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "other.jsonl", "--resume"],
      2, "other.jsonl.job.json"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "other.jsonl"], 2, "--output"),
@@ -156,6 +164,9 @@ def write_files(d: Path) -> None:
     (d / "data-bad.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "b", "prompt": [4, 5]\n')
     (d / "data-dup.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "a", "prompt": [4, 5]}\n')
     (d / "data-long.jsonl").write_text(json.dumps({"id": "long", "prompt": [7] * 2000}) + "\n")
+    (d / "data-temp.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3]}\n{"id": "b", "prompt": [4], "temperature": -1}\n')
+    (d / "data-greedy-top-p.jsonl").write_text('{"id": "a", "prompt": [1, 2, 3], "temperature": 0.7, "top_p": 0.9}\n'
+                                               '{"id": "b", "prompt": [4, 5], "top_p": 0.9}\n')
     (d / "data-chat.jsonl").write_text(json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (d / "other.jsonl").write_text('{"id": "a", "token_ids": [1]}\n')
     (d / "other.jsonl.job.json").write_text(json.dumps({"plan": "another", "input_sha256": "another"}))

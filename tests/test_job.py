@@ -67,7 +67,11 @@ def test_messages_go_through_the_chat_template(tmp_path):
     ([{"id": 1, "prompt": [1, 2]}, "[1, 2"], None, r"line 2: is not JSON"),
     ([{"id": "x", "prompt": [1]}, {"id": "x", "prompt": [2]}], None, r"id 'x': appears twice \(rows 1 and 2\)"),
     ([{"id": 1, "text": [1, 2]}], "prompt", r"line 1: prompt: is missing"),
-    ([{"id": 1, "prompt": [1, 2], "temperature": 0.5}], None, r"line 1: temperature: per-row sampling is not supported"),
+    ([{"id": 1, "prompt": [1, 2], "temperature": -0.5}], None, r"line 1: temperature: got -0.5"),
+    ([{"id": 1, "prompt": [1, 2], "temperature": True}], None, r"line 1: temperature: got True"),
+    ([{"id": 1, "prompt": [1, 2], "top_p": 0}], None, r"line 1: top_p: got 0 \(expected a probability mass"),
+    ([{"id": 1, "prompt": [1, 2], "top_k": 1.5}], None, r"line 1: top_k: got 1.5"),
+    ([{"id": 1, "prompt": [1, 2], "seed": "7"}], None, r"line 1: seed: got '7'"),
     ([{"id": 1, "prompt": [1, 2], "colour": "red"}], None, r"line 1: colour: unknown field"),
     ([{"id": 1}], None, r"line 1: needs exactly one of 'prompt' and 'messages'"),
     ([{"id": 1, "prompt": [1, 2], "max_tokens": 0}], None, r"line 1: max_tokens: got 0"),
@@ -110,6 +114,30 @@ def test_a_torn_last_line_is_cut_off_and_the_job_goes_on(tmp_path):
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "c"]
 
 
+def test_written_rows_are_fsynced_within_the_interval_even_when_no_more_rows_come(tmp_path, monkeypatch):
+    import os
+    import threading
+    import time
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(time.monotonic()), real(fd)))
+    w, _ = JobWriter.prepare(tmp_path / "out.jsonl", {"plan": "p"}, resume=False)
+    w.fsync_every_s = 0.05
+    w.start()
+    synced.clear()  # the new file's directory entry
+    t0 = time.monotonic()
+    w.write({"id": "a", "token_ids": [1]})
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced and w.syncs == 1 and synced[0] - t0 < 2  # no second write was needed
+    time.sleep(0.2)
+    assert w.syncs == 1  # nothing new written: nothing synced
+    w.close()
+    assert not any(t.name == "output-fsync" for t in threading.enumerate())
+
+
 def test_resume_refuses_another_jobs_output_and_a_new_job_an_existing_one(tmp_path):
     out = tmp_path / "out.jsonl"
     w, _ = JobWriter.open(out, {"plan": "p", "input_sha256": "i"}, resume=False)
@@ -139,6 +167,35 @@ def _engine(gen_len=8):
     return Engine(sch, pl, t, d, torch.device("cpu"), rows=4, max_prompt_len=8, gen_len=gen_len)
 
 
+def test_rows_sample_by_their_own_settings_whatever_their_batch(tmp_path):
+    """Per-row sampling in one batch (spec-serial, continuous admission, 4 slots for 10 rows):
+    greedy rows equal a greedy run, a top-k 1 row is greedy too, sampled rows differ from
+    greedy, and a sampled row's tokens depend on its seed only, not on which rows ran beside
+    it (the same row alone, or among others, gives the same tokens)."""
+    from specplan.runtime.sampling import SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 250) for _ in range(rng.randrange(3, 8))] for _ in range(10)]
+    greedy = _engine().generate(prompts)
+    base = SamplingParams(temperature=1.0, seed=5)
+    rows = [base.row(i, temperature=0.0) if i % 3 == 0 else base.row(i, top_k=1) if i % 3 == 1
+            else base.row(i, seed=100 + i, top_p=0.9) for i in range(10)]
+    mixed = _engine().generate(prompts, sampling=rows)
+    for i in range(10):
+        if i % 3 != 2:
+            assert mixed[i] == greedy[i], i
+    sampled = [i for i in range(10) if i % 3 == 2]
+    assert any(mixed[i] != greedy[i] for i in sampled)
+    for i in sampled:  # alone, and among other rows in another order
+        assert _engine().generate([prompts[i]], sampling=[rows[i]])[0] == mixed[i]
+    order = [8, 2, 0, 5, 3]
+    again = _engine().generate([prompts[i] for i in order], sampling=[rows[i] for i in order])
+    assert [again[order.index(i)] for i in (2, 5, 8)] == [mixed[i] for i in (2, 5, 8)]
+    # a row's own seed keys its stream: the same seed at another index gives the same tokens
+    moved = _engine().generate([prompts[0], prompts[2]], sampling=[rows[0], base.row(7, seed=102, top_p=0.9)])
+    assert moved[1] == mixed[2]
+
+
 def test_max_tokens_and_stop_end_rows_inside_the_engine_and_free_their_slots():
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 250) for _ in range(rng.randrange(3, 8))] for _ in range(10)]
@@ -166,6 +223,27 @@ def test_a_killed_job_resumed_three_times_equals_an_uninterrupted_one(tmp_path):
     killed = kr.kill_and_resume(tmp_path, args, kills=3, rng=random.Random(1), total=24, say=lambda m: None)
     assert sorted(killed) == sorted(whole) == sorted(f"row-{i}" for i in range(24))
     assert killed == whole
+
+
+def test_a_sampled_job_with_per_row_settings_resumes_to_the_same_output(tmp_path):
+    """Temperature 0.8, top-p 0.9 from the command line, rows with their own temperature, seed
+    or top-k: killed twice and resumed, the output equals the uninterrupted run's, and the
+    rows' own settings show (greedy rows equal a greedy run, sampled rows do not)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kill_resume as kr
+
+    args = kr.make_job(tmp_path, prompts=16, gen_len=12, rows=4, sample=True)
+    kr.specrun([*args, "--output", str(tmp_path / "whole.jsonl")], tmp_path)
+    whole = kr.results(tmp_path / "whole.jsonl")
+    killed = kr.kill_and_resume(tmp_path, args, kills=2, rng=random.Random(2), total=16, say=lambda m: None)
+    assert killed == whole
+    (tmp_path / "g").mkdir()
+    greedy_args = kr.make_job(tmp_path / "g", prompts=16, gen_len=12, rows=4)
+    kr.specrun([*greedy_args, "--output", str(tmp_path / "g" / "greedy.jsonl")], tmp_path / "g")
+    greedy = kr.results(tmp_path / "g" / "greedy.jsonl")
+    own = kr.ROW_SAMPLING
+    assert all(whole[f"row-{i}"] == greedy[f"row-{i}"] for i in range(16) if own[i % len(own)] == {"temperature": 0.0})
+    assert sum(whole[f"row-{i}"] != greedy[f"row-{i}"] for i in range(16) if own[i % len(own)] != {"temperature": 0.0}) >= 6
 
 
 def test_specrun_writes_text_and_finish_reasons_for_a_chat_dataset(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from specplan.models import ModelSpec
 from specplan.plan import SPECULATIVE, Placement, Schedule
 from specplan.runtime.checkpoint import random_checkpoint, state_dict_checkpoint
 from specplan.runtime.engine import Engine
+from specplan.runtime.sampling import SamplingParams
 from specplan.runtime.stats import Stats
 from specplan.runtime.weights import RESIDENT
 
@@ -59,7 +60,8 @@ def run_engine(policy: str, target, draft=None, placement: Placement = STREAMED,
                         prefetch_depth=0 if policy == "sequential" else 1).validate()
     stats = Stats(CPU)
     engine = Engine(schedule, placement, target, draft if spec else None, CPU, rows=schedule.rows,
-                    max_prompt_len=max(len(p) for p in prompts), gen_len=GEN, sampling=sampling, seed=seed,
+                    max_prompt_len=max(len(p) for p in prompts), gen_len=GEN,
+                    sampling=SamplingParams(temperature=0.0 if sampling == "greedy" else 1.0, seed=seed),
                     eos=eos, stats=stats)
     try:
         return engine.generate(prompts), stats.counts
@@ -154,8 +156,8 @@ def test_draft_kv_on_the_host_drafts_what_a_gpu_resident_draft_kv_drafts(llama, 
     proposals: dict[str, list] = {"cpu": [], "gpu": []}
     real = Engine.propose
     for where in ("cpu", "gpu"):
-        def spy(self, slots, work, group, where=where):
-            real(self, slots, work, group)
+        def spy(self, slots, work, where=where):
+            real(self, slots, work)
             proposals[where].append([(d.slot, self.proposal[d.slot].tolist()) for d in work if d.propose])
         monkeypatch.setattr(Engine, "propose", spy)
         out, _ = run_engine("spec-serial", target, drafts["unrelated tiny-draft"], replace(STREAMED, draft_kv=where),
