@@ -201,6 +201,33 @@ def measure_launch_s(device: torch.device) -> float:
     return median_time_s(lambda: x.add_(1), device, 20, warmup=3)
 
 
+def measure_host_issue(model: ModelSpec, device: torch.device, repeat: int) -> dict:
+    """The host's time to issue the runtime's work for `model`'s structure, from passes of its
+    tiny twin (runtime.profiling.tiny_twin), where the kernels themselves cost next to nothing
+    (their launches are part of what is measured):
+      host_layer_s  the slope over layers (2 -> 18) of a one-group pass: one layer, one group;
+      host_pass_s   the rest of a pass: embedding, positions, LM head;
+      host_expert_s for an MoE structure, one expert's share of a layer (gather, SwiGLU,
+                    scatter): a pass of 64 rows, which reaches every expert, against one
+                    row, which reaches top_k of them; host_layer_s is then the rest.
+    Medians of `repeat` passes, after a warm-up."""
+    from specplan.runtime.profiling import forward_timer, tiny_twin
+
+    def one(spec: ModelSpec, rows: int = 1) -> float:
+        return median_time_s(forward_timer(spec, device, rows), device, repeat, warmup=3)
+
+    lo, hi = 2, 18
+    t_lo, t_hi = one(tiny_twin(model, lo)), one(tiny_twin(model, hi))
+    layer_s = max(t_hi - t_lo, 0.0) / (hi - lo)
+    out = {"host_layer_s": layer_s, "host_pass_s": max(t_lo - lo * layer_s, 0.0), "host_expert_s": 0.0}
+    if model.is_moe and model.experts > model.top_k:
+        t_all = one(tiny_twin(model, hi), rows=64)
+        expert_s = max(t_all - t_hi, 0.0) / (hi * (model.experts - model.top_k))
+        out["host_expert_s"] = expert_s
+        out["host_layer_s"] = max(layer_s - model.top_k * expert_s, 0.0)
+    return out
+
+
 def _rand(shape, device, dtype, std=0.02):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
 
@@ -424,6 +451,8 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
     if len(models) > 1:
         say(f"kernels: {models[-1].name} whole decode step")
         kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)
+    say(f"host: issuing {models[0].name}'s layers")
+    host_issue = measure_host_issue(models[0], dev, max(grid.repeat, 20))
 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -453,7 +482,9 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
             "device_name": gpu_name, "cpu_model": cpu_model(), "profiled_ranges": ranges, "machine_load": load},
         "gpu": {"name": gpu_name, "memory_bytes": mem, "peak_flops_per_s": {**dev_flops, "float16": dev_flops["bfloat16"]},
                 "memory_bandwidth_bytes_per_s": dev_bw, "matmul_efficiency": 1.0, "bandwidth_efficiency": 1.0,
-                "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved},
+                "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved, **host_issue,
+                "shares_host_cores": dev.type == "cpu",
+                "lanes": max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if dev.type == "cpu" else 1},
         "link": {"name": "measured", **paths, "duplex_factor": link["duplex_factor"],
                  "disk_read_bytes_per_s": disk_bw},
         "host": {"name": cpu_model(), "memory_bytes": ram, "cores": os.cpu_count() or 1,

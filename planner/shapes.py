@@ -167,9 +167,10 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer costs."""
         c = target_layer_costs(P, T, rows, q_len, context, device)
         head = target_head_s(P, T, rows * q_len)
-        gpu = T.layers * (c.proj + c.ffn + (0.0 if c.attention_on_cpu else c.attention)) + head
-        cpu = T.layers * c.attention if c.attention_on_cpu else 0.0
-        chain = T.layers * (c.proj + c.ffn + c.attention + c.act_d2h + c.act_h2d) + head
+        on_cpu = c.attention_on_cpu and not P.gpu.shares_host_cores  # else the "GPU"'s own cores run it
+        gpu = T.layers * (c.proj + c.ffn + c.host + (0.0 if on_cpu else c.attention)) + head
+        cpu = T.layers * c.attention if on_cpu else 0.0
+        chain = T.layers * (c.proj + c.ffn + c.host + c.attention + c.act_d2h + c.act_h2d) + head
         return gpu, cpu, chain
 
     if shape.policy == "flexgen":  # each streamed layer serves every micro-batch, one after another
@@ -192,7 +193,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     pre_tokens_in_pass = 0.0
     if continuous:  # the prompt chunks riding in each pass, and the draft reading them beside it
         pc = target_layer_costs(P, T, pre_rows, p, p / 2, shape.attention_device, prefill=True)
-        pre = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, pre_rows)
+        pre = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, pre_rows)
         mult = nb if shape.policy == "flexgen" else 1
         gpu_s += mult * pre
         chain_s += mult * pre
@@ -205,7 +206,10 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
                 gpu_s += read
 
     if shape.policy == "specoffload":
-        phases, serial_s, gpu_total = passes, 0.0, gpu_s + draft_s
+        # target and draft kernels share the GPU; a pool of host cores with a lane for each
+        # thread runs them at once (simulator.machine)
+        parallel = P.gpu.shares_host_cores and P.gpu.lanes >= 2
+        phases, serial_s, gpu_total = passes, 0.0, max(gpu_s, draft_s) if parallel else gpu_s + draft_s
     elif shape.policy == "spec-serial":
         phases, serial_s, gpu_total = passes, draft_s, gpu_s
     elif continuous:
@@ -220,14 +224,14 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         n_pre = startup_passes
         chunk_tokens = float(min(startup_tokens, rows * p))
         pc = target_layer_costs(P, T, chunk_tokens / p, p, p / 2, shape.attention_device, prefill=True)
-        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_tokens / p)
+        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_tokens / p)
         draft_pre = draft_step_s(P, D, chunk_tokens / p, p, p / 2) if spec and not shape.recompute else 0.0
     else:
         n_pre = math.ceil(rows / shape.prefill_chunk)
         chunk_rows = rows / n_pre
         chunk_tokens = chunk_rows * p
         pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
-        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn) + target_head_s(P, T, chunk_rows)
+        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
         draft_pre = draft_step_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
     # tokens per wave, as the job earns them: a last, partial wave takes a whole wave's time
     # (continuous admission has no waves; its start-up and drain are spread above)

@@ -30,19 +30,29 @@ def visible(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, de
     return mask[:, None]
 
 
+def group_mask(start: torch.Tensor, q_len: int, kv_len: int, window: int | None, groups: int,
+               device: torch.device) -> torch.Tensor:
+    """The mask `attend` applies, [B, 1, groups * q_len, kv_len]: `visible` repeated for the
+    query heads that share a KV head. The same for every layer of a pass, so a pass builds it
+    once per row group (runtime.model)."""
+    return visible(start, q_len, kv_len, window, device).repeat(1, 1, groups, 1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-           window: int | None = None) -> torch.Tensor:
+           window: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, q_len, H, D]; k, v [B, kv_len, KV, D] (cache views, any strides); -> [B, q_len, H, D].
 
     Runs on k's device in k's dtype. Grouped-query attention without copying the cache:
     the H / KV query heads that share a KV head are folded into the query axis
     ([B, KV, G * q_len, D]), so SDPA sees one KV head per group and any backend applies.
+    `mask` is group_mask's for these shapes, when the caller built it already.
     """
     B, q_len, H, D = q.shape
     kv_heads = k.shape[2]
     g = H // kv_heads
     q = q.to(k.device, k.dtype).transpose(1, 2).reshape(B, kv_heads, g * q_len, D)
-    mask = visible(start, q_len, k.shape[1], window, k.device).repeat(1, 1, g, 1)
+    if mask is None:
+        mask = group_mask(start, q_len, k.shape[1], window, g, k.device)
     out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(B, H, q_len, D).transpose(1, 2)
 

@@ -105,7 +105,7 @@ def run(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")] = None,
     top_p: Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
-    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")] = None,
+    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", min=0, max=2 ** 63 - 1, help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
@@ -117,12 +117,15 @@ def run(
         torch.set_num_threads(threads)
 
     from .run import resolve_model, run_plan
+    from .sampling import MIN_TEMPERATURE
 
     from specplan.progress import steps
 
     check_writable(report, "--report")
     if torch_profile is not None:
         check_writable(torch_profile, "--torch-profile")
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise InputError("argument", "--temperature", f"got {temperature}", f"0 (greedy) or at least {MIN_TEMPERATURE}")
     if not 0.0 < top_p <= 1.0:
         raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
     if (resume or column) and output is None:

@@ -28,6 +28,8 @@ from typing import Any
 from specplan.errors import InputError
 from specplan.fileio import read_text, write_json
 
+from .sampling import MAX_SEED, MIN_TEMPERATURE
+
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")  # a row's own sampling (sampling.SamplingParams.row)
 ROW_FIELDS = {"id", "prompt", "messages", "max_tokens", "stop", *SAMPLING_FIELDS}
 FSYNC_EVERY_S = 2.0
@@ -168,10 +170,10 @@ def _row_sampling(obj: dict, where: str, source: str) -> tuple[tuple[str, float 
         number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         integer = number and isinstance(v, int)
         ok, expected = {
-            "temperature": (number and v >= 0, "a number >= 0 (0 is greedy)"),
+            "temperature": (number and (v == 0 or v >= MIN_TEMPERATURE), f"0 (greedy) or a number >= {MIN_TEMPERATURE}"),
             "top_p": (number and 0 < v <= 1, "a probability mass in (0, 1]"),
             "top_k": (integer and v >= 0, "an integer >= 0 (0 keeps every token)"),
-            "seed": (integer and -2 ** 63 <= v < 2 ** 64, "an integer"),
+            "seed": (integer and 0 <= v < MAX_SEED, "an integer in [0, 2^63)"),
         }[name]
         if not ok:
             raise InputError(source, f"{where}: {name}", f"got {v!r}", expected)
@@ -312,6 +314,7 @@ class JobWriter:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _syncer: threading.Thread | None = field(default=None, repr=False)
+    _error: OSError | None = field(default=None, repr=False)  # a failed fsync of the timer thread
 
     identity: dict = field(default_factory=dict)
     _end: int = 0  # where appending starts: after the last complete line
@@ -363,6 +366,8 @@ class JobWriter:
         self._syncer.start()
 
     def write(self, record: dict) -> None:
+        if self._error is not None:  # the timer's fsync failed: say so here, not never
+            raise self._error
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         with self._lock:
             self._fh.write(line)
@@ -371,15 +376,22 @@ class JobWriter:
             self._dirty = True
 
     def _sync(self) -> None:
+        """fsync what was written, outside the lock (a slow disk must not hold up a write);
+        the file stays open until close, which joins this thread first."""
         with self._lock:
-            if self._dirty and self._fh is not None:
-                os.fsync(self._fh.fileno())
-                self._dirty = False
-                self.syncs += 1
+            if not self._dirty or self._fh is None:
+                return
+            self._dirty = False
+            fd = self._fh.fileno()
+        os.fsync(fd)
+        self.syncs += 1
 
     def _sync_loop(self) -> None:
-        while not self._stop.wait(self.fsync_every_s):
-            self._sync()
+        try:
+            while not self._stop.wait(self.fsync_every_s):
+                self._sync()
+        except OSError as e:
+            self._error = e
 
     def close(self) -> None:
         if self._fh is None:
@@ -387,10 +399,14 @@ class JobWriter:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
-        self._sync()
-        with self._lock:
-            self._fh.close()
-            self._fh = None
+        try:
+            self._sync()
+        finally:
+            with self._lock:
+                self._fh.close()
+                self._fh = None
+        if self._error is not None:
+            raise self._error
 
 
 def _fsync_dir(path: Path) -> None:

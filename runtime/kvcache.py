@@ -54,15 +54,22 @@ class KVCache:
         """Bytes of one row's keys and values at one position, all layers."""
         return self.nbytes // (self.rows * self.max_len)
 
-    def write(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, q_len, kv_heads, head_dim] at each row's next q_len positions."""
+    def write_index(self, rows: slice, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where `write` puts q_len new positions of rows: (row index [B, 1], positions [B, q_len])
+        on the cache's device. The same at every layer of a pass (lengths change between
+        passes), so a pass computes it once per row group and hands it to each write."""
         start = self.lengths[rows]
-        q_len = k.shape[1]
         end = int(start.max()) + q_len
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: a row needs position {end - 1}, cache holds {self.max_len}")
         pos = (start[:, None] + torch.arange(q_len)).to(self.device, non_blocking=self.device.type == "cuda")
-        b = torch.arange(k.shape[0], device=self.device)[:, None]
+        return torch.arange(len(start), device=self.device)[:, None], pos
+
+    def write(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor,
+              index: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Store k, v [B, q_len, kv_heads, head_dim] at each row's next q_len positions
+        (`index`: write_index's, when the caller has it)."""
+        b, pos = index if index is not None else self.write_index(rows, k.shape[1])
         # Asynchronous only towards the GPU: a non-blocking copy to the CPU may return before
         # the data has landed, and the CPU reads it at once.
         async_ok = self.device.type == "cuda"

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specplan.cost import ACTIVATION_SLICE_TOKENS, LOGITS_CHUNK_TOKENS, rows_per_slice
+from specplan.cost import ACTIVATION_SLICE_TOKENS, LOGITS_CHUNK_TOKENS, MASK_HOLD_BYTES, rows_per_slice
 from specplan.errors import InputError
 from specplan.models import ModelSpec
 
-from .attention import attend
+from .attention import attend, group_mask
 from .kvcache import KVCache
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -148,6 +148,18 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
 # ---- a pass over the layers -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What every layer of a pass needs of one row group and nothing changes within the pass:
+    the rows' cache lengths, where their new K/V go, and the attention mask. Built once per
+    pass and group (Model._forward), not once per layer."""
+
+    start: torch.Tensor  # [B] cache lengths before this pass (CPU)
+    past: int  # the longest of them
+    write_index: tuple[torch.Tensor, torch.Tensor]  # KVCache.write_index
+    mask: torch.Tensor | None  # attention.group_mask on the device attention runs on; None: too large to hold
+
+
 @dataclass
 class Step:
     """One micro-batch of a pass: `tokens` [B, q_len] for cache rows `rows`, written at the
@@ -206,10 +218,11 @@ class Model:
             for s in steps:
                 pos = self.cache.lengths[s.rows][:, None] + torch.arange(s.tokens.shape[1])
                 ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device, non_blocking=True), xs[0].dtype))
+            geos = [self.geometry(s) for s in steps]
         for i in range(L):
             w = store.acquire(i)
             for j, s in enumerate(steps):
-                xs[j] = self.layer(i, w, xs[j], s, ropes[j])
+                xs[j] = self.layer(i, w, xs[j], s, ropes[j], geos[j])
             store.release(i)
         w = store.acquire(L)
         with self._timed("head"):
@@ -217,7 +230,20 @@ class Model:
         store.release(L)
         return out
 
-    def layer(self, i: int, w: dict, x: torch.Tensor, step: Step, rope) -> torch.Tensor:
+    def geometry(self, step: Step) -> Geometry:
+        q_len = step.tokens.shape[1]
+        start = self.cache.lengths[step.rows]  # a view: lengths change between passes, not within one
+        past = int(start.max())
+        groups = self.spec.heads // self.spec.kv_heads
+        # prefill (nothing cached) attends to its fresh keys where they were computed
+        kv_len, where = (q_len, self.device) if past == 0 else (past + q_len, self.cache.device)
+        # a small mask (decode, verify) is kept for the pass; a prefill chunk's would hold
+        # rows x groups x q_len x kv_len bytes beside every slice's, so it is built per layer
+        small = len(start) * groups * q_len * kv_len <= MASK_HOLD_BYTES
+        return Geometry(start, past, self.cache.write_index(step.rows, q_len),
+                        group_mask(start, q_len, kv_len, self.window, groups, where) if small else None)
+
+    def layer(self, i: int, w: dict, x: torch.Tensor, step: Step, rope, geo: Geometry | None = None) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
         # Intermediates are dropped as soon as they are used: what is alive at once is what
@@ -230,7 +256,7 @@ class Model:
             del h
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         with self._timed("attention"):
-            o = self.attention(i, step, q, k, v)
+            o = self.attention(i, step, q, k, v, geo or self.geometry(step))
             del q, k, v
         with self._timed("proj"):
             x = x + linear(o.reshape(B, T, -1), w, "self_attn.o_proj")
@@ -239,16 +265,14 @@ class Model:
             x = x + ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec)
         return x
 
-    def attention(self, i: int, step: Step, q, k, v) -> torch.Tensor:
-        start = self.cache.lengths[step.rows]
-        self.cache.write(i, step.rows, k, v)
-        past = int(start.max())
-        if past == 0:
+    def attention(self, i: int, step: Step, q, k, v, geo: Geometry) -> torch.Tensor:
+        self.cache.write(i, step.rows, k, v, geo.write_index)
+        if geo.past == 0:
             # Prefill: nothing cached before these tokens, so attend to the fresh keys where
             # they were computed instead of reading them back from a (CPU) cache.
-            return attend(q, k, v, start, self.window)
-        kc, vc = self.cache.view(i, step.rows, past + q.shape[1])
-        return attend(q, kc, vc, start, self.window).to(q.device, q.dtype, non_blocking=True)
+            return attend(q, k, v, geo.start, self.window, geo.mask)
+        kc, vc = self.cache.view(i, step.rows, geo.past + q.shape[1])
+        return attend(q, kc, vc, geo.start, self.window, geo.mask).to(q.device, q.dtype, non_blocking=True)
 
     def head(self, x: torch.Tensor, step: Step, w: dict) -> torch.Tensor:
         if step.pick is not None:

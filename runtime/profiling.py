@@ -25,3 +25,26 @@ def decode_step_timer(spec: ModelSpec, device: torch.device, rows: int, context:
     tokens = torch.randint(0, spec.vocab, (rows, 1), generator=torch.Generator().manual_seed(seed))
     step = Step(rows=slice(0, rows), tokens=tokens, pick=torch.zeros(rows, dtype=torch.long))
     return lambda: model.forward([step])
+
+
+def tiny_twin(spec: ModelSpec, layers: int) -> ModelSpec:
+    """`spec`'s structure (family, biases, experts and top-k, dtype) at shapes too small to
+    compute anything: what running it costs is the host's issuing of the runtime's work."""
+    cfg = dict(spec.hf_config) | {"num_hidden_layers": layers, "hidden_size": 64, "num_attention_heads": 2,
+                                  "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128,
+                                  "vocab_size": 256}
+    cfg.pop("sliding_window", None)
+    return ModelSpec.from_hf_config(cfg, f"{spec.name}-tiny{layers}").with_dtype(spec.dtype)
+
+
+def forward_timer(spec: ModelSpec, device: torch.device, rows: int = 1) -> Callable[[], object]:
+    """A closure running one single-token pass of `spec` (resident on `device`) over one
+    group of `rows` rows at context 8: the runtime's per-layer and per-pass issuing."""
+    dtype = torch_dtype(spec, spec.name)
+    store = WeightStore(random_checkpoint(spec, dtype, 0), RESIDENT, device)
+    cache = KVCache(spec.layers, rows, 9, spec.kv_heads, spec.head_dim, dtype, device)
+    cache.lengths[:] = 8
+    model = Model(spec, store, cache, device)
+    tokens = torch.randint(0, spec.vocab, (rows, 1), generator=torch.Generator().manual_seed(0))
+    step = Step(rows=slice(0, rows), tokens=tokens, pick=torch.zeros(rows, dtype=torch.long))
+    return lambda: model.forward([step])

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specplan.workload import MIN_TEMPERATURE  # noqa: F401 (re-exported: a temperature is 0 or at least this)
+
 MASK32 = 0xFFFFFFFF
+MAX_SEED = 2 ** 63  # seeds are in [0, MAX_SEED): every one keys its own stream
 # which draw at a position: the draft's proposal, the accept test of that proposal, and the
 # target's token (the first token, a decode token, a correction or the bonus)
 DRAFT, ACCEPT, TOKEN = 1, 2, 3
@@ -75,7 +78,9 @@ def draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = p.double().cumsum(-1)
     total = cdf[..., -1]
     v = torch.minimum(u.to(cdf.device) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, v[..., None], right=True).squeeze(-1)
+    # in range even if p were all zero or NaN (sampling refuses the temperatures that could
+    # make it so: MIN_TEMPERATURE)
+    return torch.searchsorted(cdf, v[..., None], right=True).squeeze(-1).clamp_max(p.shape[-1] - 1)
 
 
 def _per_row(v, x: torch.Tensor, dtype) -> torch.Tensor:
@@ -101,7 +106,10 @@ def probs(logits: torch.Tensor, temperature, top_p=1.0, top_k=0) -> torch.Tensor
         kth = sorted_x.gather(-1, (kk - 1).clamp(0, V - 1).expand(sorted_x.shape[:-1] + (1,)))
         sorted_x = sorted_x.masked_fill((kk > 0) & (sorted_x < kth), float("-inf"))
         p = F.softmax(sorted_x, dim=-1)
-        drop = (p.cumsum(-1) - p) >= _per_row(tp, x, torch.float32)  # the mass before a token already reaches top_p
+        tpr = _per_row(tp, x, torch.float32)
+        # the mass before a token already reaches top_p; only for rows that ask for top-p (a
+        # float32 cumsum reaches 1 before the tail, so top_p = 1 must mean no cut at all)
+        drop = ((p.cumsum(-1) - p) >= tpr) & (tpr < 1)
         drop[..., 0] = False  # the most likely token always stays
         drop = drop | torch.isinf(sorted_x)
         x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))

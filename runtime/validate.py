@@ -99,6 +99,11 @@ class Row:
         return error_pct(self.measured, self.planned_tok_s)
 
 
+def _spec(name: str, dtype: str | None) -> ModelSpec:
+    spec = ModelSpec.resolve(name)
+    return spec.with_dtype(dtype) if dtype else spec
+
+
 def make_case_plan(case: Case, target_name: str, draft_name: str | None, target: ModelSpec, draft: ModelSpec | None,
                    profile: HardwareProfile, acceptance: float) -> Plan:
     from specplan.planner.optimize import Candidate, Ranked, make_plan
@@ -125,7 +130,7 @@ def plan_weight_bytes_on_device(plan: Plan) -> float:
     return float(sum(gpu.get(k, 0.0) for k in keys))
 
 
-def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, seed: int) -> dict:
+def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, seed: int, dtype: str | None = None) -> dict:
     """The same model (same random weights) and workload through transformers + accelerate
     offload: device_map with a memory cap equal to the plan's, the rest offloaded to disk."""
     import tempfile
@@ -137,7 +142,7 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
     from .checkpoint import random_checkpoint, torch_dtype
     from .run import random_prompts
 
-    spec = ModelSpec.resolve(target_name)
+    spec = _spec(target_name, dtype)
     dtype = torch_dtype(spec)
     cfg = {k: v for k, v in spec.hf_config.items() if not k.startswith("_")}
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -166,13 +171,13 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
              progress: Callable[[str], None] | None = None,
-             run_done: Callable[[], None] | None = None) -> list[Row]:
+             run_done: Callable[[], None] | None = None, dtype: str | None = None) -> list[Row]:
     from specplan.simulator.run import simulate_as_run
 
     from .run import run_plan
 
     say = progress or (lambda m: None)
-    target, draft = ModelSpec.resolve(target_name), ModelSpec.resolve(draft_name)
+    target, draft = _spec(target_name, dtype), _spec(draft_name, dtype)
     # presets run with random weights (the draft with the target's seed: a truncated self-draft);
     # model directories with safetensors run their real weights
     random_weights = not any(Path(target_name).glob("*.safetensors")) if Path(target_name).is_dir() else True
@@ -184,7 +189,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         for r in range(repeat):
             say(f"[{i + 1}/{len(cases)}] {case.label}: run {r + 1}/{repeat}")
             rep = run_plan(plan, target_name, draft_name if plan.schedule.speculative else None, device=device,
-                           random_weights=random_weights, seed=0, draft_seed=0)
+                           random_weights=random_weights, seed=0, draft_seed=0, dtype=dtype)
             measured.append(rep["measured"]["throughput_tok_s"])
             reports.append(rep)
             if run_done is not None:
@@ -204,7 +209,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
             say(f"[{i + 1}/{len(cases)}] {case.label}: transformers + accelerate")
             runs = []
             for _ in range(repeat):
-                runs.append(run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0))
+                runs.append(run_peer_accelerate(target_name, plan, plan_weight_bytes_on_device(plan), seed=0, dtype=dtype))
                 if run_done is not None:
                     run_done()
             row.peer = {**sorted(runs, key=lambda p: p["tok_s"])[repeat // 2], "runs_tok_s": [p["tok_s"] for p in runs]}
@@ -291,6 +296,7 @@ def validate_cmd(
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads for profiling and runs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Run (and profile) the models in this dtype instead of their own, e.g. float32 on a CPU without native bfloat16 matmul.")] = None,
 ) -> None:
     """Profile, plan a set of workloads, run each with specrun, and compare measured with predicted."""
     from rich.table import Table
@@ -325,15 +331,15 @@ def validate_cmd(
             from specplan.hwprofiles.profiler import profile_machine
 
             bar.say("profiling this machine (--quick)")
-            prof = profile_machine([ModelSpec.resolve(target), ModelSpec.resolve(draft)], quick=True, device=device,
+            prof = profile_machine([_spec(target, dtype), _spec(draft, dtype)], quick=True, device=device,
                                    gpu_memory_bytes=cap, on_progress=lambda msg, rate=None: bar.say(f"profiling: {msg}"))
             bar.advance(runs)
             prof.save(f"{out_dir}/profile.json")
         rows = validate(target, draft, prof, cases, runs, peers=peers, device=device, progress=bar.say,
-                        run_done=bar.advance)
+                        run_done=bar.advance, dtype=dtype)
     abs_err = [abs(r.error_pct) for r in rows]
     meta = {"target": target, "draft": draft, "profile": prof.name, "device": device, "gpu_mem": gpu_mem,
-            "threads": threads, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
+            "threads": threads, "dtype": dtype, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
             "median_abs_error_pct": statistics.median(abs_err), "max_abs_error_pct": max(abs_err),
             "wall_s": time.perf_counter() - t0, "machine_load_at_start": load, "machine_load_at_end": machine_load(0.1),
             "title": f"{target} + {draft} on {prof.provenance.device_name}"}

@@ -25,21 +25,26 @@ class Span:
 
 
 class Unit:
-    """A capacity-one FIFO resource, lighter than simpy.Resource: taking a free unit costs no
-    event (the holder goes on at once), and a release hands the unit to the longest waiter.
-    The simulator makes tens of thousands of uses per run; this halves its events."""
+    """A FIFO resource of `capacity` identical lanes (one, unless the device is a pool of host
+    cores), lighter than simpy.Resource: taking a free lane costs no event (the holder goes on
+    at once), and a release hands the lane to the longest waiter. The simulator makes tens of
+    thousands of uses per run; this halves its events."""
 
-    __slots__ = ("env", "busy", "waiters")
+    __slots__ = ("env", "capacity", "free", "waiters")
 
-    def __init__(self, env: simpy.Environment):
+    def __init__(self, env: simpy.Environment, capacity: int = 1):
         self.env = env
-        self.busy = False
+        self.capacity = self.free = capacity
         self.waiters: deque[simpy.Event] = deque()
 
+    @property
+    def busy(self) -> bool:
+        return self.free < self.capacity
+
     def acquire(self) -> simpy.Event | None:
-        """None if the unit was free and is now the caller's; else an event to wait on."""
-        if not self.busy:
-            self.busy = True
+        """None if a lane was free and is now the caller's; else an event to wait on."""
+        if self.free:
+            self.free -= 1
             return None
         ev = self.env.event()
         self.waiters.append(ev)
@@ -47,9 +52,9 @@ class Unit:
 
     def release(self) -> None:
         if self.waiters:
-            self.waiters.popleft().succeed()  # ownership passes on; busy stays set
+            self.waiters.popleft().succeed()  # the lane passes on
         else:
-            self.busy = False
+            self.free += 1
 
 
 class Machine:
@@ -57,6 +62,11 @@ class Machine:
         self.env = env
         self.profile = profile
         self.res = {name: Unit(env) for name in RESOURCES}
+        if profile.gpu.shares_host_cores:
+            # the "GPU" is the host's cores: its work and the CPU's take lanes of one pool (a
+            # lane: the cores one thread of work uses; the target's and the draft's threads
+            # run at once only when there are two)
+            self.res["gpu"] = self.res["cpu"] = Unit(env, profile.gpu.lanes)
         gpu_cap = profile.gpu.memory_bytes - profile.gpu.reserved_bytes
         pinned_cap = profile.host.memory_bytes * profile.host.pinned_fraction
         self.gpu_mem = simpy.Container(env, capacity=gpu_cap, init=gpu_cap)

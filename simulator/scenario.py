@@ -236,6 +236,8 @@ class Scenario:
             else:
                 self.env.process(copy)
         yield from m.use("gpu", st(kind, "target_ffn"), c.ffn, who)
+        # the host's issuing beyond what the layer's device work hid: the device waits for it
+        yield from m.use("gpu", st(kind, "target_host"), c.host, who)
 
     @staticmethod
     def _stage(kind: str, name: str) -> str:

@@ -20,6 +20,7 @@ LOGITS_CHUNK_TOKENS = 1024  # the runtime computes the LM head over at most this
 # sliced), which bounds activation memory without changing the bytes streamed per pass.
 ACTIVATION_SLICE_TOKENS = 4096
 ACTIVATION_TOKEN_OVERHEAD_BYTES = 16  # per token: positions, fp32 norm statistics, routing weights
+MASK_HOLD_BYTES = 1 << 20  # a row group's attention mask up to this size is built once a pass and held (runtime.model)
 
 # ---- speculative decoding --------------------------------------------------------------
 
@@ -345,15 +346,39 @@ def lm_head_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *,
 
 def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
     """One forward step of a model held entirely on the GPU (the draft): every layer's
-    projections, attention against its GPU KV cache, FFN, then the LM head. A measured
-    whole-step table, when the profile has one, is used for single-token steps."""
+    projections, attention against its GPU KV cache, FFN, then the LM head, and the host's
+    issuing of it (host_issue_s). A measured whole-step table, when the profile has one, is
+    used for single-token steps: it timed the runtime's own step, issuing included."""
     table = profile.kernel(step_op_name(model, "gpu"))
     if table is not None and q_len == 1:
         return table(rows, context)
     tokens = rows * q_len
     per_layer = (attn_proj_time_s(profile, model, tokens) + attention_time_s(profile, model, rows, q_len, context, device="gpu")
                  + ffn_time_s(profile, model, tokens))
-    return model.layers * per_layer + lm_head_time_s(profile, model, tokens)
+    device_s = model.layers * per_layer + lm_head_time_s(profile, model, tokens)
+    return device_s + host_issue_s(profile, device_s, model.layers * layer_host_s(profile, model, tokens)
+                                   + profile.gpu.host_pass_s)
+
+
+# ---- the host thread that issues the work --------------------------------------------------------
+
+
+def layer_host_s(profile: HardwareProfile, model: ModelSpec, tokens: float) -> float:
+    """Host seconds the runtime spends issuing one layer for one row group of `tokens` tokens:
+    the layer's own calls, and an MoE layer's per expert it runs."""
+    g = profile.gpu
+    experts = expected_experts_touched(tokens, model.experts, model.top_k) if model.is_moe else 0.0
+    return g.host_layer_s + experts * g.host_expert_s
+
+
+def host_issue_s(profile: HardwareProfile, device_s: float, host_s: float) -> float:
+    """What issuing `host_s` of work adds to its `device_s`: on a device that is the host's own
+    cores, all of it (one thread issues and computes); on a GPU, the part the device work does
+    not hide (the host runs ahead of the kernels it queued), so a host-bound step is predicted
+    host-bound."""
+    if profile.gpu.shares_host_cores:
+        return host_s
+    return max(0.0, host_s - device_s)
 
 
 # ---- comparing a prediction with a measurement ----------------------------------------------
@@ -392,6 +417,7 @@ class LayerCosts:
     act_h2d: float  # attention output back
     kv_d2h: float  # prefill with a host KV cache: the chunk's K/V to the host
     ffn: float  # experts / MLP on the GPU
+    host: float = 0.0  # what the host's issuing adds beyond the layer's device work (host_issue_s)
 
 
 def target_layer_costs(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, ctx: float,
@@ -400,19 +426,24 @@ def target_layer_costs(profile: HardwareProfile, model: ModelSpec, rows: float, 
     proj = attn_proj_time_s(profile, model, tokens) * stage_factor(profile, "target_proj")
     ffn = ffn_time_s(profile, model, tokens) * stage_factor(profile, "target_ffn")
     att_factor = stage_factor(profile, "target_attention")
+    issue = layer_host_s(profile, model, tokens)
     if prefill or attention_device == "gpu":  # prefill attention always runs next to the fresh K/V
         att = attention_time_s(profile, model, rows, q_len, ctx, device="gpu") * att_factor
         kv = d2h_time_s(profile, tokens * model.kv_bytes_per_token_per_layer) if prefill and attention_device == "cpu" else 0.0
-        return LayerCosts(proj, att, False, 0.0, 0.0, kv, ffn)
+        return LayerCosts(proj, att, False, 0.0, 0.0, kv, ffn, host_issue_s(profile, proj + att + ffn, issue))
     qkv = tokens * (model.heads + 2 * model.kv_heads) * model.head_dim * model.dtype_bytes
     out = tokens * model.heads * model.head_dim * model.dtype_bytes
     att = attention_time_s(profile, model, rows, q_len, ctx, device="cpu") * att_factor
+    # CPU attention runs on the issuing thread itself, so only the GPU work hides issuing
     return LayerCosts(proj, att, True, d2h_time_s(profile, qkv) * att_factor, h2d_time_s(profile, out) * att_factor,
-                      0.0, ffn)
+                      0.0, ffn, host_issue_s(profile, proj + ffn, issue))
 
 
 def target_head_s(profile: HardwareProfile, model: ModelSpec, tokens: float) -> float:
-    return lm_head_time_s(profile, model, tokens) * stage_factor(profile, "target_head")
+    """The LM head of a target pass, and the pass's fixed host part (embedding, positions,
+    choosing tokens: GpuSpec.host_pass_s), which is issued once per pass like the head."""
+    head = lm_head_time_s(profile, model, tokens) * stage_factor(profile, "target_head")
+    return head + host_issue_s(profile, head, profile.gpu.host_pass_s)
 
 
 def draft_step_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:
@@ -460,7 +491,10 @@ def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float
         accumulator and the gathered input of the expert at work (1 + share hidden), the
         intermediates for that expert's share of the tokens only, the share taken as twice
         the uniform top_k / experts (routing is uneven);
-      and ACTIVATION_TOKEN_OVERHEAD_BYTES of small tensors.
+      and ACTIVATION_TOKEN_OVERHEAD_BYTES of small tensors;
+    and for the whole pass, what runtime.model.Geometry holds: each token's K/V write position
+    and each row's length and number (int64), and the repeated boolean mask when it is at most
+    MASK_HOLD_BYTES (a larger one is built per layer, as counted above).
     tests/test_memory_activations.py checks this against the live tensors of a forward."""
     b = model.dtype_bytes
     tokens = rows * q_len
@@ -474,5 +508,9 @@ def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float
         ffn = sliced * (((4 + share) * h + 2 * model.ffn_inner * share) * b + small)
     else:
         ffn = sliced * ((3 * h + 2 * model.ffn_inner) * b + small)
-    held = (tokens - sliced) * h * b + tokens * 2 * d * b  # other slices' hidden states; RoPE cos/sin
+    # other slices' hidden states; RoPE cos/sin; where each token's K/V is written and each
+    # row's cache length and row number, held for the pass (runtime.model.Geometry), int64
+    held = (tokens - sliced) * h * b + tokens * 2 * d * b + (tokens + 2 * rows) * 8
+    mask = tokens * g * context  # a group's boolean mask, held for the pass when it is small
+    held += mask if mask <= MASK_HOLD_BYTES else 0
     return held + max(attention, ffn)

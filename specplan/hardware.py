@@ -55,6 +55,20 @@ def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, d
     return float(v)
 
 
+def _lanes(d: dict, source: str, where: str) -> int:
+    v = d.get("lanes", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1024:
+        raise InputError(source, f"{where}.lanes", f"got {v!r}", "an integer in 1 - 1024")
+    return v
+
+
+def _bool(d: dict, key: str, source: str, where: str, default: bool = False) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise InputError(source, f"{where}.{key}", f"got {v!r}", "true or false")
+    return v
+
+
 def _obj(d: dict, key: str, source: str, where: str) -> dict:
     v = d.get(key)
     if not isinstance(v, dict):
@@ -98,6 +112,15 @@ class GpuSpec:
     bandwidth_efficiency: float  # fraction of memory bandwidth a streaming kernel reaches
     kernel_launch_s: float  # fixed cost per kernel, dominates tiny decode steps
     reserved_bytes: float  # CUDA context, allocator slack: memory a plan may not use
+    # The host thread's time to issue the runtime's work, apart from the work itself (measured
+    # by the profiler on the runtime's own code at shapes too small to compute anything):
+    host_layer_s: float = 0.0  # one layer (norms, projections, RoPE, KV write, attention, MLP) for one row group
+    host_expert_s: float = 0.0  # each expert an MoE layer runs (gather, SwiGLU, scatter)
+    host_pass_s: float = 0.0  # a pass's fixed part: embedding, positions, LM head, choosing the tokens
+    # The device is the host's own cores (a CPU profiled as the device): its "GPU" and "CPU"
+    # work, and the host thread's issuing, share one pool of cores and cannot overlap.
+    shares_host_cores: bool = False
+    lanes: int = 1  # with shares_host_cores: threads of work the cores run at once (cores / torch threads)
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "GpuSpec":
@@ -118,6 +141,11 @@ class GpuSpec:
             bandwidth_efficiency=_fraction(d, "bandwidth_efficiency", source, w),
             kernel_launch_s=_num(d, "kernel_launch_s", source, w, positive=False),
             reserved_bytes=reserved,
+            host_layer_s=_num(d, "host_layer_s", source, w, positive=False, default=0.0),
+            host_expert_s=_num(d, "host_expert_s", source, w, positive=False, default=0.0),
+            host_pass_s=_num(d, "host_pass_s", source, w, positive=False, default=0.0),
+            shares_host_cores=_bool(d, "shares_host_cores", source, w),
+            lanes=_lanes(d, source, w),
         )
 
     def flops_per_s(self, dtype: str) -> float:

@@ -10,6 +10,7 @@ from .errors import InputError, require
 from .fileio import read_json
 
 SAMPLING_MODES = ("greedy", "sampling")
+MIN_TEMPERATURE = 1e-3  # a sampling temperature is at least this (0 means greedy where allowed): smaller ones overflow logits / T
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class Workload:
                     f"got {s!r} with mean acceptance {m:.3g}",
                     f"0, or below sqrt(mean (1 - mean)) = {(m * (1 - m)) ** 0.5:.3g} (the largest spread of a rate)")
         require(self.sampling in SAMPLING_MODES, source, "sampling", f"got {self.sampling!r}", " or ".join(SAMPLING_MODES))
-        require(self.temperature > 0, source, "temperature", f"got {self.temperature!r}", "a number > 0")
+        require(self.temperature >= MIN_TEMPERATURE, source, "temperature", f"got {self.temperature!r}",
+                f"a number >= {MIN_TEMPERATURE}")
 
     @property
     def mean_acceptance(self) -> float:

@@ -69,6 +69,8 @@ def test_messages_go_through_the_chat_template(tmp_path):
     ([{"id": 1, "text": [1, 2]}], "prompt", r"line 1: prompt: is missing"),
     ([{"id": 1, "prompt": [1, 2], "temperature": -0.5}], None, r"line 1: temperature: got -0.5"),
     ([{"id": 1, "prompt": [1, 2], "temperature": True}], None, r"line 1: temperature: got True"),
+    ([{"id": 1, "prompt": [1, 2], "temperature": 1e-9}], None, r"line 1: temperature: got 1e-09"),
+    ([{"id": 1, "prompt": [1, 2], "seed": -1}], None, r"line 1: seed: got -1"),
     ([{"id": 1, "prompt": [1, 2], "top_p": 0}], None, r"line 1: top_p: got 0 \(expected a probability mass"),
     ([{"id": 1, "prompt": [1, 2], "top_k": 1.5}], None, r"line 1: top_k: got 1.5"),
     ([{"id": 1, "prompt": [1, 2], "seed": "7"}], None, r"line 1: seed: got '7'"),
@@ -129,9 +131,9 @@ def test_written_rows_are_fsynced_within_the_interval_even_when_no_more_rows_com
     t0 = time.monotonic()
     w.write({"id": "a", "token_ids": [1]})
     deadline = time.monotonic() + 5
-    while not synced and time.monotonic() < deadline:
+    while w.syncs == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert synced and w.syncs == 1 and synced[0] - t0 < 2  # no second write was needed
+    assert w.syncs == 1 and len(synced) == 1 and synced[0] - t0 < 2  # no second write was needed
     time.sleep(0.2)
     assert w.syncs == 1  # nothing new written: nothing synced
     w.close()

@@ -218,3 +218,16 @@ def test_rows_whose_keys_share_a_half_draw_unrelated_numbers():
         ua, ub = uniform(torch.tensor([a]), at[None], TOKEN)[0], uniform(torch.tensor([b]), at[None], TOKEN)[0]
         assert abs(pearsonr(ua.numpy(), ub.numpy())[0]) < 0.1
         assert ((ua - ub).abs() < 1e-6).sum() == 0
+
+
+def test_a_row_without_top_p_keeps_its_tail_beside_a_row_with_one():
+    """top_p = 1 means no cut, even when another row of the batch filters (a float32 cumsum
+    reaches 1 before the tail of a large vocabulary)."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 49152, generator=g)
+    alone = probs(logits[:1], 1.0)
+    beside = probs(logits, 1.0, torch.tensor([1.0, 0.9]), torch.tensor([0, 0]))
+    assert torch.equal(beside[0] > 0, alone[0] > 0)
+    peaked = -torch.arange(1000.0) / 2
+    peaked[0] = 20
+    assert (probs(peaked[None], 1.0, 1.0, 50) > 0).sum() == 50  # top-k alone keeps k
