@@ -228,6 +228,35 @@ def measure_host_issue(model: ModelSpec, device: torch.device, repeat: int) -> d
     return out
 
 
+def measure_lane_factor(model: ModelSpec, repeat: int = 3) -> float:
+    """On a CPU profiled as the device: the speed one thread of decode-shaped work keeps while a
+    second runs the same at once (each on its own torch thread), from fresh weights larger
+    than the cache, as the runtime's target and draft threads run (median of `repeat`)."""
+    dt = TORCH_DTYPES.get(model.dtype, torch.float32)
+    h, f = model.hidden, model.ffn_inner
+    weights = _copies(lambda: _rand((f, h), torch.device("cpu"), dt), f * h * model.dtype_bytes)
+    x = _rand((16, h), torch.device("cpu"), dt, 1.0)
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        return time.perf_counter() - t0
+
+    work()
+    factors = []
+    for _ in range(repeat):
+        alone = work()
+        took: list[float] = []
+        threads = [threading.Thread(target=lambda: took.append(work())) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        factors.append(min(1.0, alone / max(took)))
+    return float(np.median(factors))
+
+
 def _rand(shape, device, dtype, std=0.02):
     return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype)
 
@@ -451,6 +480,11 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
     if len(models) > 1:
         say(f"kernels: {models[-1].name} whole decode step")
         kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)
+    lanes = max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if dev.type == "cpu" else 1
+    lane_factor = 1.0
+    if lanes > 1:
+        say("host: two threads of work at once")
+        lane_factor = measure_lane_factor(models[0])
     say(f"host: issuing {models[0].name}'s layers")
     host_issue = measure_host_issue(models[0], dev, max(grid.repeat, 20))
 
@@ -484,7 +518,7 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
                 "memory_bandwidth_bytes_per_s": dev_bw, "matmul_efficiency": 1.0, "bandwidth_efficiency": 1.0,
                 "kernel_launch_s": measure_launch_s(dev), "reserved_bytes": reserved, **host_issue,
                 "shares_host_cores": dev.type == "cpu",
-                "lanes": max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if dev.type == "cpu" else 1},
+                "lanes": lanes, "lane_factor": lane_factor},
         "link": {"name": "measured", **paths, "duplex_factor": link["duplex_factor"],
                  "disk_read_bytes_per_s": disk_bw},
         "host": {"name": cpu_model(), "memory_bytes": ram, "cores": os.cpu_count() or 1,

@@ -93,6 +93,8 @@ class Machine:
                 elif wait.triggered:
                     unit.release()
                 raise
+        if unit.capacity > 1 and unit.free < unit.capacity - 1:
+            seconds /= self.profile.gpu.lane_factor  # another lane of the pool is busy: they share the cores' memory
         if resource == "h2d" and self.res["d2h"].busy:
             seconds /= self.profile.link.duplex_factor  # both directions at once share the link
         elif resource == "d2h" and self.res["h2d"].busy:

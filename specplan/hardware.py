@@ -121,6 +121,7 @@ class GpuSpec:
     # work, and the host thread's issuing, share one pool of cores and cannot overlap.
     shares_host_cores: bool = False
     lanes: int = 1  # with shares_host_cores: threads of work the cores run at once (cores / torch threads)
+    lane_factor: float = 1.0  # the speed each lane keeps while another is busy too (they share memory bandwidth)
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "GpuSpec":
@@ -146,6 +147,7 @@ class GpuSpec:
             host_pass_s=_num(d, "host_pass_s", source, w, positive=False, default=0.0),
             shares_host_cores=_bool(d, "shares_host_cores", source, w),
             lanes=_lanes(d, source, w),
+            lane_factor=_fraction(d, "lane_factor", source, w) if "lane_factor" in d else 1.0,
         )
 
     def flops_per_s(self, dtype: str) -> float:

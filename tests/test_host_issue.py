@@ -73,6 +73,8 @@ def test_host_fields_are_checked():
         _profile(host_layer_s=5.0)  # not plausible: a second and more a layer
     with pytest.raises(InputError, match="gpu.lanes"):
         _profile(lanes=0)
+    with pytest.raises(InputError, match="gpu.lane_factor"):
+        _profile(lane_factor=1.5)
     p = _profile(host_layer_s=1e-4, shares_host_cores=True)
     again = HardwareProfile.from_dict(p.to_dict(), "round trip")
     assert again.gpu == p.gpu
@@ -96,6 +98,10 @@ def test_on_shared_cores_cpu_attention_and_the_draft_queue_on_the_same_pool():
     assert t_shared.throughput_tok_s < t_apart.throughput_tok_s
     # two lanes (two cores, one torch thread each): the draft's thread runs beside the target's
     assert t_two.throughput_tok_s > t_shared.throughput_tok_s
+    # lanes that slow each other while both are busy land in between
+    slowed = _profile(memory_bandwidth_bytes_per_s=1e10, shares_host_cores=True, lanes=2, lane_factor=0.6)
+    t_slowed = simulate(SimConfig(MODEL, MODEL, slowed, wl, sch, pl), seed=0)
+    assert t_shared.throughput_tok_s < t_slowed.throughput_tok_s < t_two.throughput_tok_s
     # every second of work is still done, only no longer at once
     assert t_shared.stage_s["target_attention"] == pytest.approx(t_apart.stage_s["target_attention"], rel=1e-6)
 
@@ -110,3 +116,6 @@ def test_the_profiler_measures_the_runtimes_issuing_on_its_tiny_twin():
     assert 1e-6 < got["host_layer_s"] < 0.05 and got["host_pass_s"] >= 0 and got["host_expert_s"] == 0
     moe = measure_host_issue(MOE, torch.device("cpu"), repeat=5)
     assert moe["host_expert_s"] > 0
+    from specplan.hwprofiles.profiler import measure_lane_factor
+
+    assert 0 < measure_lane_factor(MODEL, repeat=1) <= 1
