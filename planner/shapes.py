@@ -17,6 +17,7 @@ from specplan.cost import (
     expected_experts_touched,
     expected_verify_passes,
     h2d_time_s,
+    pool_pair_s,
     target_head_s,
     target_layer_costs,
 )
@@ -206,12 +207,8 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
                 gpu_s += read
 
     if shape.policy == "specoffload":
-        # target and draft kernels share the GPU; a pool of host cores with a lane for each
-        # thread runs them at once (simulator.machine)
-        parallel = P.gpu.shares_host_cores and P.gpu.lanes >= 2
-        overlap = min(gpu_s, draft_s)  # while both run, each at lane_factor of its speed
-        both = max(gpu_s, draft_s) + overlap * (1.0 / P.gpu.lane_factor - 1.0)
-        phases, serial_s, gpu_total = passes, 0.0, min(both, gpu_s + draft_s) if parallel else gpu_s + draft_s
+        # target and draft kernels share the GPU (a pool of host cores may run them at once)
+        phases, serial_s, gpu_total = passes, 0.0, pool_pair_s(P, gpu_s, draft_s)
     elif shape.policy == "spec-serial":
         phases, serial_s, gpu_total = passes, draft_s, gpu_s
     elif continuous:

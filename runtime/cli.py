@@ -116,7 +116,10 @@ def run(
 
         torch.set_num_threads(threads)
 
-    from .run import resolve_model, run_plan
+    from specplan.workload import Workload
+
+    from .jobio import sidecar_path
+    from .run import resolve_model, run_plan, run_sampling
     from .sampling import MIN_TEMPERATURE
 
     from specplan.progress import steps
@@ -130,17 +133,18 @@ def run(
         raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
-    if output is not None and report.resolve() in (output.resolve(), output.with_name(output.name + ".job.json").resolve()):
+    if output is not None and report.resolve() in (output.resolve(), sidecar_path(output).resolve()):
         raise InputError("argument", "--report", f"is {report}, which the dataset job writes too", "another path")
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
-    greedy = temperature == 0 or (temperature is None and the_plan.workload.get("sampling", "greedy") == "greedy")
-    if greedy and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks each row (its own temperature)
-        raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
-                         "--temperature T (> 0) with it")
+    workload = Workload.from_dict(the_plan.workload, "plan workload")
     sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                                   ("seed", sample_seed)) if v is not None}
+    base = run_sampling(workload, sampling, seed)
+    if base.temperature == 0 and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks its rows
+        raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
+                         "--temperature T (> 0) with it")
 
     def warn(msg: str) -> None:
         err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
@@ -157,7 +161,8 @@ def run(
 
     try:
         if output is not None:
-            result = _dataset_job(the_plan, plan, target, draft, prompts, output, resume, column, stop, as_json, kw)
+            result = _dataset_job(the_plan, workload, base, plan, target, draft, prompts, output, resume, column, stop,
+                                  as_json, kw)
             if result is None:
                 return
         else:
@@ -182,17 +187,17 @@ def run(
         print_table(result)
 
 
-def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prompts: Path, output: Path, resume: bool,
-                 column: str | None, stop: list[str], as_json: bool, kw: dict):
+def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: str | None, prompts: Path, output: Path,
+                 resume: bool, column: str | None, stop: list[str], as_json: bool, kw: dict):
     """Run the rows of `prompts` not yet in `output`; the report, or None when none was left."""
     from dataclasses import replace
 
     from specplan.progress import steps
-    from specplan.workload import Workload, check_row_positions
+    from specplan.workload import check_row_positions
 
     from .job import Job, identity_of
     from .jobio import JobWriter, load_tokenizer, read_dataset
-    from .run import resolve_model, run_plan, run_sampling
+    from .run import resolve_model, run_plan
 
     check_writable(output, "--output")
     spec, weights_dir = resolve_model(target)
@@ -214,12 +219,11 @@ def _dataset_job(the_plan, plan_path: Path, target: str, draft: str | None, prom
         if not todo:
             err.print(f"{output}: every row is done", highlight=False)
             return None
-        gen_len = Workload.from_dict(the_plan.workload, "plan workload").gen_len
+        gen_len = workload.gen_len
         gamma = the_plan.schedule.gamma if the_plan.schedule.speculative else 0
         for i in todo:  # named by id here, before any weight is read (run_plan would name the index)
             check_row_positions(str(prompts), f"id {data.rows[i].id!r}", len(data.rows[i].ids), gen_len, gamma, spec)
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
-            base = run_sampling(Workload.from_dict(the_plan.workload, "plan workload"), kw["sampling"], kw["seed"])
             job = Job(data, todo, writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar, base=base)
             def started(engine) -> None:  # every refusal has passed: the output may be written now
                 job.engine = engine

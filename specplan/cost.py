@@ -381,6 +381,18 @@ def host_issue_s(profile: HardwareProfile, device_s: float, host_s: float) -> fl
     return max(0.0, host_s - device_s)
 
 
+def pool_pair_s(profile: HardwareProfile, a_s: float, b_s: float) -> float:
+    """Two threads of work taking a_s and b_s alone, on a device that is a pool of host cores
+    with a lane for each (gpu.lanes >= 2): at once, each at gpu.lane_factor of its speed while
+    both run (as simulator.machine slows a use that starts beside another), never longer than
+    one after the other. Otherwise one after the other."""
+    g = profile.gpu
+    if not (g.shares_host_cores and g.lanes >= 2):
+        return a_s + b_s
+    short, long_ = sorted((a_s, b_s))
+    return min(short / g.lane_factor + (long_ - short), a_s + b_s)
+
+
 # ---- comparing a prediction with a measurement ----------------------------------------------
 
 

@@ -119,3 +119,13 @@ def test_the_profiler_measures_the_runtimes_issuing_on_its_tiny_twin():
     from specplan.hwprofiles.profiler import measure_lane_factor
 
     assert 0 < measure_lane_factor(MODEL, repeat=1) <= 1
+
+
+def test_two_threads_on_a_pool_of_cores_overlap_as_the_lane_factor_allows():
+    gpu = _profile()
+    assert cost.pool_pair_s(gpu, 1.0, 0.5) == 1.5  # one GPU: one after the other
+    free = _profile(shares_host_cores=True, lanes=2)
+    assert cost.pool_pair_s(free, 1.0, 0.5) == 1.0  # two lanes that do not slow each other
+    slowed = _profile(shares_host_cores=True, lanes=2, lane_factor=0.5)
+    assert cost.pool_pair_s(slowed, 1.0, 0.5) == pytest.approx(1.5)  # the shorter at half speed
+    assert cost.pool_pair_s(_profile(shares_host_cores=True, lanes=2, lane_factor=0.25), 1.0, 0.5) == 1.5  # capped
