@@ -104,6 +104,9 @@ def calibrate_cmd(
     rep = read_json(report)
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
+    if not str(rep["measured"].get("stage_timing", "per-layer")).startswith("per-layer"):
+        raise InputError(report, "measured.stage_timing", "holds the per-pass stages only",
+                         "the report of a run with --timing")
     p = Plan.load(plan)
     check_same_plan(rep, p, report, plan)
     prof = load_profile(gpu) if gpu else p.hardware_profile()

@@ -291,8 +291,9 @@ def _layer_weights(model: ModelSpec, device: torch.device, dt: torch.dtype, grou
     """One layer's tensors under the runtime's names (random; only shapes matter for timing),
     those of the given tensor groups (attention, ffn, router, norm) or all."""
     from specplan.runtime.checkpoint import random_checkpoint, tensor_group
+    from specplan.runtime.model import fuse_layer
 
-    return {name: t.to(device) for name, t in random_checkpoint(model, dt).layer(0).items()
+    return {name: t.to(device) for name, t in fuse_layer(random_checkpoint(model, dt).layer(0)).items()
             if groups is None or tensor_group(name) in groups}
 
 
@@ -304,7 +305,7 @@ def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     h, f = model.hidden, model.ffn_inner
-    weights = _Cycle(_copies(lambda: (_rand((f, h), device, dt), _rand((f, h), device, dt), _rand((h, f), device, dt)),
+    weights = _Cycle(_copies(lambda: (_rand((2 * f, h), device, dt), _rand((h, f), device, dt)),
                              3 * h * f * model.dtype_bytes))
     norm = torch.ones(h, device=device, dtype=dt)
     secs = []
@@ -321,7 +322,7 @@ def ffn_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     """What the runtime's `target_proj` stage runs: input norm, q/k/v projections, RoPE, and
     later the o projection with its residual add."""
-    from specplan.runtime.model import apply_rope, linear, rms_norm, rope_cos_sin, rope_inv_freq
+    from specplan.runtime.model import linear, qkv_proj, rope_cos_sin, rope_inv_freq
 
     dt = TORCH_DTYPES.get(model.dtype, torch.bfloat16)
     # the attention weights alone: n copies of a whole MoE layer would fill the GPU with experts
@@ -336,11 +337,7 @@ def attn_proj_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
         def run():
             w = layers.next()
-            hs = rms_norm(x, w["input_layernorm.weight"], model.rms_norm_eps)
-            q = linear(hs, w, "self_attn.q_proj").view(1, t, model.heads, model.head_dim)
-            k = linear(hs, w, "self_attn.k_proj").view(1, t, model.kv_heads, model.head_dim)
-            linear(hs, w, "self_attn.v_proj")
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = qkv_proj(x, w, model, (cos, sin))[:, :, :model.heads]
             return x + linear(q.reshape(1, t, -1), w, "self_attn.o_proj")
         secs.append(median_time_s(run, device, grid.repeat))
     return {"axes": ["tokens"], "grid": [list(grid.ffn_tokens)], "seconds": secs}

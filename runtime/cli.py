@@ -74,9 +74,13 @@ def print_table(report: dict) -> None:
         e = p.get("error_pct")
         shown = f"{value / 1e9:.2f} GB/s" if metric == "h2d_bytes_per_s" and value else _fmt(metric, value)
         t.add_row(metric, shown, _fmt(metric, p.get("predicted")), "-" if e is None else f"{e:+.1f}")
+    notes = []
     if report.get("predicted_at_measured_acceptance"):
-        t.caption = ("stage times are predicted by simulating the plan again at the measured acceptance "
+        notes.append("stage times are predicted by simulating the plan again at the measured acceptance "
                      f"({report['predicted_at_measured_acceptance']['acceptance']:.3f})")
+    if not m.get("stage_timing", "").startswith("per-layer"):
+        notes.append("per-layer stages not timed: run with --timing to measure them")
+    t.caption = "; ".join(notes) or None
     out.print(t)
 
 
@@ -107,6 +111,7 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
     sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", min=0, max=2 ** 63 - 1, help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")] = None,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
+    timing: Annotated[bool, typer.Option("--timing", help="Also time the stages that run once per layer (target proj / attention / ffn / head, each weight copy) and compare them with the simulator's. Off by default: those timers slow a run by a few percent.")] = False,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.plan import Plan
@@ -156,7 +161,7 @@ def run(
         warn(busy)
     kw = dict(load=load, device=device, random_weights=random_weights, max_rows=max_rows, dtype=dtype, ignore_eos=ignore_eos,
               seed=seed, draft_seed=draft_seed, warmup=warmup, torch_profile=torch_profile, force=force, warn=warn,
-              sampling=sampling)
+              sampling=sampling, timing=timing)
     from .run import Interrupted
 
     try:

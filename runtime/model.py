@@ -98,25 +98,72 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, written into x (each product rounded as out of place);
+    the one temporary is the rotated copy."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rotated = torch.cat((-x2, x1), dim=-1).mul_(sin)
+    return x.mul_(cos).add_(rotated)
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    # in place: two FFN-wide intermediates at a time, not three (cost.activation_bytes)
-    a = F.silu(F.linear(x, gate), inplace=True)
-    return F.linear(a.mul_(F.linear(x, up)), down)
+# Projections that read the same input are fused when the weights are loaded (fuse_layer):
+# one GEMM where there were three (q, k, v) or two (gate, up), each of the pieces a slice of
+# the fused output. Fewer, larger kernels: less issue time per layer (docs/validation.md, 10).
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _expert_fusions(tensors: dict) -> dict[str, tuple[str, ...]]:
+    experts = {n[:-len("w1.weight")] for n in tensors if n.startswith("block_sparse_moe.experts.") and n.endswith(".w1.weight")}
+    return {p + "w13": (p + "w1", p + "w3") for p in sorted(experts)}
+
+
+def fuse_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's checkpoint tensors with q|k|v, gate|up and each expert's w1|w3 concatenated
+    along the output dimension (weights, and biases where there are any); the rest as given."""
+    out = dict(tensors)
+    for fused, parts in (FUSED | _expert_fusions(tensors)).items():
+        for kind in ("weight", "bias"):
+            names = [f"{p}.{kind}" for p in parts]
+            if all(n in out for n in names):
+                out[f"{fused}.{kind}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) with gate|up fused [2F, H]: the 2F-wide product is the one
+    FFN-wide intermediate, worked on in place (cost.activation_bytes)."""
+    f = gate_up.shape[0] // 2
+    # one batched GEMM [2, tokens, F]: gate and up each come out contiguous, so the product
+    # is formed in gate's half and goes into down_proj without a copy
+    gate, up = torch.matmul(x.reshape(-1, x.shape[-1]), gate_up.view(2, f, -1).transpose(1, 2))
+    return F.linear(F.silu(gate, inplace=True).mul_(up), down).view(*x.shape[:-1], -1)
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
     if not spec.is_moe:
-        return swiglu(x, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+        return swiglu(x, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
     return moe(x, w, spec)
+
+
+def qkv_proj(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope) -> torch.Tensor:
+    """Input norm, the fused q|k|v projection and RoPE on the q and k heads, in place: one
+    packed tensor [B, T, heads + 2 * kv_heads, head_dim] (split_qkv gives the three views)."""
+    B, T, _ = x.shape
+    h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
+    packed = linear(h, w, "self_attn.qkv_proj").view(B, T, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    apply_rope_(packed[:, :, :spec.heads + spec.kv_heads], *rope)
+    return packed
+
+
+def split_qkv(packed: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return packed.split((spec.heads, spec.kv_heads, spec.kv_heads), dim=2)
 
 
 def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -140,7 +187,7 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
         token, slot = tokens[end:end + n], slots[end:end + n]
         end += n
         p = f"block_sparse_moe.experts.{e}."
-        y = swiglu(x[token], w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"])
+        y = swiglu(x[token], w[p + "w13.weight"], w[p + "w2.weight"])
         out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
     return out.view(shape)
 
@@ -191,7 +238,9 @@ class Model:
         self.window = sliding_window(spec)
 
     def _timed(self, stage: str):
-        return self.stats.region(f"{self.name}_{stage}") if self.stats is not None else nullcontext()
+        if self.stats is None or not self.stats.per_layer:
+            return nullcontext()
+        return self.stats.region(f"{self.name}_{stage}")
 
     @torch.inference_mode()
     def forward(self, steps: list[Step], logits: bool = True) -> list[torch.Tensor]:
@@ -249,30 +298,33 @@ class Model:
         # Intermediates are dropped as soon as they are used: what is alive at once is what
         # cost.activation_bytes counts (and what the plan reserves GPU memory for).
         with self._timed("proj"):
-            h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
-            q = linear(h, w, "self_attn.q_proj").view(B, T, spec.heads, spec.head_dim)
-            k = linear(h, w, "self_attn.k_proj").view(B, T, spec.kv_heads, spec.head_dim)
-            v = linear(h, w, "self_attn.v_proj").view(B, T, spec.kv_heads, spec.head_dim)
-            del h
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            packed = qkv_proj(x, w, spec, rope)
         with self._timed("attention"):
-            o = self.attention(i, step, q, k, v, geo or self.geometry(step))
-            del q, k, v
+            o = self.attention(i, step, packed, geo or self.geometry(step))
+            del packed
+        # The residual adds go into x, the pass's own hidden state: one hidden-wide tensor fewer
+        # while the FFN runs.
         with self._timed("proj"):
-            x = x + linear(o.reshape(B, T, -1), w, "self_attn.o_proj")
+            x.add_(linear(o.reshape(B, T, -1), w, "self_attn.o_proj"))
             del o
         with self._timed("ffn"):
-            x = x + ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec)
+            x.add_(ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec))
         return x
 
-    def attention(self, i: int, step: Step, q, k, v, geo: Geometry) -> torch.Tensor:
-        self.cache.write(i, step.rows, k, v, geo.write_index)
+    def attention(self, i: int, step: Step, packed: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        """Attention of one layer from the packed q|k|v (qkv_proj); the output on the compute device."""
         if geo.past == 0:
             # Prefill: nothing cached before these tokens, so attend to the fresh keys where
             # they were computed instead of reading them back from a (CPU) cache.
+            q, k, v = split_qkv(packed, self.spec)
+            self.cache.write(i, step.rows, k, v, geo.write_index)
             return attend(q, k, v, geo.start, self.window, geo.mask)
+        # Decode / verify: q, k and v go to the cache's device in one copy, not three.
+        cache_device = self.cache.device
+        q, k, v = split_qkv(packed.to(cache_device, non_blocking=cache_device.type == "cuda"), self.spec)
+        self.cache.write(i, step.rows, k, v, geo.write_index)
         kc, vc = self.cache.view(i, step.rows, geo.past + q.shape[1])
-        return attend(q, kc, vc, geo.start, self.window, geo.mask).to(q.device, q.dtype, non_blocking=True)
+        return attend(q, kc, vc, geo.start, self.window, geo.mask).to(packed.device, packed.dtype, non_blocking=True)
 
     def head(self, x: torch.Tensor, step: Step, w: dict) -> torch.Tensor:
         if step.pick is not None:

@@ -211,7 +211,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
              limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
              on_finish: Callable[[int, list[int], str], None] | None = None,
              on_engine: Callable[[Any], None] | None = None, load: dict | None = None,
-             row_sampling: list[dict] | None = None) -> dict[str, Any]:
+             row_sampling: list[dict] | None = None, timing: bool = False) -> dict[str, Any]:
     """Execute `plan` and return the report (see build_report). `progress(done, total)` gets
     generated-token counts. `warmup` (default: on CUDA) runs the first wave's prefill and one
     decode round untimed first; `torch_profile` writes torch.profiler's operator table there.
@@ -221,7 +221,9 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     plan's; `row_sampling` gives per prompt the fields its row sets itself and "index" (its
     place in the input, which with the seed keys a row's stream when it sets no seed); `limits`, `stop` and `on_finish` go to Engine.generate (the dataset job);
     `on_engine(engine)` hears the engine once it is built; `load` (specplan.host.machine_load,
-    sampled by the caller before the run) is recorded in the report."""
+    sampled by the caller before the run) is recorded in the report. `timing` turns on the
+    per-layer stage timers (runtime.stats.Stats.per_layer): off, the report holds the per-pass
+    stages only and says so."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
     tspec, tdir = resolve_model(target)
     dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
@@ -250,7 +252,7 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     eos = None if ignore_eos else eos_ids(tspec, tdir)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    stats = Stats(dev)
+    stats = Stats(dev, per_layer=timing)
     base = run_sampling(workload, sampling, seed)
     rows = None if row_sampling is None else [base.row(**r) for r in row_sampling]
     engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=min(len(prompts), plan.schedule.rows),
@@ -355,6 +357,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "generated_tokens": generated,
         "rows": len(lengths),
         "stage_s": stage_s,
+        "stage_timing": "per-layer" if stats.per_layer else "per-pass (run with --timing for the per-layer stages)",
         "h2d_bytes": h2d_bytes,
         "h2d_bytes_per_s": h2d_bytes / h2d_s if h2d_s > 0 else None,
         # the draft's KV swaps (draft KV on the host), decode and prefill together
@@ -403,6 +406,8 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                            "error_pct": error_pct(measured["throughput_tok_s"], sim.throughput_tok_s)})
     stage_pred = at_measured["stage_s"] if at_measured else (pred.get("stage_s") or {})
     for stage, seconds in stage_pred.items():
+        if not stats.per_layer and stage not in stage_s:
+            continue  # a per-layer stage this run did not time
         comparison.append({"metric": f"stage_s.{stage}", "measured": stage_s.get(stage), "predicted": seconds,
                            "error_pct": error_pct(stage_s.get(stage), seconds)})
     return {

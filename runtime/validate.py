@@ -171,7 +171,7 @@ def run_peer_accelerate(target_name: str, plan: Plan, max_memory_bytes: float, s
 def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=QUICK_CASES, repeat: int = 3,
              acceptance: float = 0.7, peers: bool = False, device: str = "cpu",
              progress: Callable[[str], None] | None = None,
-             run_done: Callable[[], None] | None = None, dtype: str | None = None) -> list[Row]:
+             run_done: Callable[[], None] | None = None, dtype: str | None = None, timing: bool = False) -> list[Row]:
     from specplan.simulator.run import simulate_as_run
 
     from .run import run_plan
@@ -189,7 +189,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         for r in range(repeat):
             say(f"[{i + 1}/{len(cases)}] {case.label}: run {r + 1}/{repeat}")
             rep = run_plan(plan, target_name, draft_name if plan.schedule.speculative else None, device=device,
-                           random_weights=random_weights, seed=0, draft_seed=0, dtype=dtype)
+                           random_weights=random_weights, seed=0, draft_seed=0, dtype=dtype, timing=timing)
             measured.append(rep["measured"]["throughput_tok_s"])
             reports.append(rep)
             if run_done is not None:
@@ -201,7 +201,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         stages = {}
         for st in CALIBRATED_STAGES:
             ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)
-            if ms > 0 or ss > 0:
+            if ms > 0 or (timing and ss > 0):  # without timing, the per-layer stages were not measured
                 stages[st] = (ms, ss)
         row = Row(case, plan, measured, plan.prediction["throughput_tok_s"], sim.throughput_tok_s,
                   m.get("acceptance_per_token"), m.get("tokens_per_round"), stages)
@@ -297,6 +297,7 @@ def validate_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads for profiling and runs.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Run (and profile) the models in this dtype instead of their own, e.g. float32 on a CPU without native bfloat16 matmul.")] = None,
+    timing: Annotated[bool, typer.Option("--timing", help="Time the per-layer stages too (specrun --timing), for the stage column; their timers slow the runs a little.")] = False,
 ) -> None:
     """Profile, plan a set of workloads, run each with specrun, and compare measured with predicted."""
     from rich.table import Table
@@ -336,10 +337,10 @@ def validate_cmd(
             bar.advance(runs)
             prof.save(f"{out_dir}/profile.json")
         rows = validate(target, draft, prof, cases, runs, peers=peers, device=device, progress=bar.say,
-                        run_done=bar.advance, dtype=dtype)
+                        run_done=bar.advance, dtype=dtype, timing=timing)
     abs_err = [abs(r.error_pct) for r in rows]
     meta = {"target": target, "draft": draft, "profile": prof.name, "device": device, "gpu_mem": gpu_mem,
-            "threads": threads, "dtype": dtype, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
+            "threads": threads, "dtype": dtype, "timing": timing, "repeat": repeat or (2 if quick else 3), "cpu": prof.provenance.cpu_model,
             "median_abs_error_pct": statistics.median(abs_err), "max_abs_error_pct": max(abs_err),
             "wall_s": time.perf_counter() - t0, "machine_load_at_start": load, "machine_load_at_end": machine_load(0.1),
             "title": f"{target} + {draft} on {prof.provenance.device_name}"}

@@ -40,6 +40,7 @@ from specplan.memory import STAGED_HOMES
 from specplan.plan import Placement
 
 from .checkpoint import Checkpoint, tensor_group
+from .model import fuse_layer
 from .stats import Stats
 
 ALIGN = 256  # bytes; keeps every tensor view in a slot aligned for vectorised kernels
@@ -79,7 +80,7 @@ class WeightStore:
 
         g = checkpoint.globals()
         self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed)
-        self.units = [self._build_unit(i, checkpoint.layer(i), lambda name, i=i: self._home(placement, i, name))
+        self.units = [self._build_unit(i, fuse_layer(checkpoint.layer(i)), lambda name, i=i: self._home(placement, i, name))
                       for i in range(spec.layers)]
         head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
         # a tied LM head on the GPU beside the embedding is the embedding, as plan_memory counts it
@@ -104,6 +105,8 @@ class WeightStore:
             self.ready = [torch.cuda.Event() for _ in self.slots]
             self.free = [torch.cuda.Event() for _ in self.slots]
             self.staged = [torch.cuda.Event() for _ in self.slots]
+        # unit u's tensors as views of slot s, made on first use: (u, s) -> name -> tensor
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.inflight: dict[int, int] = {}  # unit -> slot holding (or receiving) it
         self._next = 0  # index into self.order of the next unit to fetch
 
@@ -172,10 +175,13 @@ class WeightStore:
         slot = self.inflight[u]
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        buf = self.slots[slot]
-        views = {name: buf[off:off + dtype.itemsize * shape.numel()].view(dtype).view(shape)
-                 for name, (off, dtype, shape) in unit.layout.items()}
-        return {**unit.resident, **views}
+        views = self._views.get((u, slot))
+        if views is None:
+            buf = self.slots[slot]
+            views = self._views[(u, slot)] = unit.resident | {
+                name: buf[off:off + dtype.itemsize * shape.numel()].view(dtype).view(shape)
+                for name, (off, dtype, shape) in unit.layout.items()}
+        return views
 
     def release(self, u: int) -> None:
         """Unit u's compute is queued: hand its slot to the next unit in the ring."""
@@ -213,6 +219,7 @@ class WeightStore:
                 dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
             self._record_copy(unit.nbytes, seconds=time.perf_counter() - t)
             return
+        timed = self.stats is not None and self.stats.per_layer
         # Disk and pageable parts go through pinned staging first, on this thread: a copy from
         # pageable memory would block this thread until the copy stream reached it, i.e. until
         # the slot's previous unit was computed, and leave the GPU without queued work.
@@ -230,15 +237,17 @@ class WeightStore:
             srcs.append(src)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[slot])  # slot's previous unit has been computed
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if timed else None
+            if events:
+                events[0].record()
             for p, src in zip(unit.parts, srcs):
                 dst[p.offset:p.offset + src.numel()].copy_(src, non_blocking=True)
-            end.record()
+            if events:
+                events[1].record()
             self.ready[slot].record()
             if self.staging:
                 self.staged[slot].record()
-        self._record_copy(unit.nbytes, events=(start, end))
+        self._record_copy(unit.nbytes, events=events)
 
     def _record_copy(self, nbytes: int, seconds: float = 0.0, events=None) -> None:
         if self.stats is None:
@@ -247,7 +256,7 @@ class WeightStore:
         self.stats.count(key + "_bytes", nbytes)
         if events is not None:
             self.stats.add_events(key, *events)
-        else:
+        elif self.stats.per_layer:
             self.stats.add(key, seconds)
 
     def close(self) -> None:

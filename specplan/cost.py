@@ -494,13 +494,15 @@ def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float
     The runtime cuts the pass into row slices (activation_slice_tokens) and takes the slices
     through each layer in turn, so it holds every slice's hidden state and RoPE table, plus
     the working set of one slice at the larger of its two peaks, per token:
-      attention: the layer input, its norm, the attention output (3 hidden), Q/K/V and their
-        rotated copies (2 (heads + 2 kv_heads) head_dim), and the boolean mask, repeated per
+      attention: the layer input, its norm, the attention output (3 hidden), the packed Q/K/V
+        (RoPE in place) and the query copy attending makes ((2 heads + 2 kv_heads) head_dim),
+        and the boolean mask, repeated per
         query group and turned into an additive one by the GPU kernel: (3 g + 1) bytes per
         key, g = heads / kv_heads;
-      FFN: the layer input, the state after attention and its norm (3 hidden) and two
-        FFN-wide intermediates (runtime.model.swiglu works in place); for MoE also the output
-        accumulator and the gathered input of the expert at work (1 + share hidden), the
+      FFN: the hidden state (the residual adds are in place), its norm, the down projection's
+        output (3 hidden) and the fused gate|up output, two FFN-wide (runtime.model.swiglu works
+        in place); for MoE the norm, the output accumulator and the gathered input of the
+        expert at work instead (2 + share hidden, with the hidden state), the
         intermediates for that expert's share of the tokens only, the share taken as twice
         the uniform top_k / experts (routing is uneven);
       and ACTIVATION_TOKEN_OVERHEAD_BYTES of small tensors;
@@ -514,10 +516,10 @@ def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float
     h, d = model.hidden, model.head_dim
     g = model.heads // model.kv_heads
     small = ACTIVATION_TOKEN_OVERHEAD_BYTES
-    attention = sliced * ((3 * h + 2 * (model.heads + 2 * model.kv_heads) * d) * b + (3 * g + 1) * context + small)
+    attention = sliced * ((3 * h + 2 * (model.heads + model.kv_heads) * d) * b + (3 * g + 1) * context + small)
     if model.is_moe:
         share = min(1.0, 2.0 * model.top_k / model.experts)
-        ffn = sliced * (((4 + share) * h + 2 * model.ffn_inner * share) * b + small)
+        ffn = sliced * (((3 + share) * h + 2 * model.ffn_inner * share) * b + small)
     else:
         ffn = sliced * ((3 * h + 2 * model.ffn_inner) * b + small)
     # other slices' hidden states; RoPE cos/sin; where each token's K/V is written and each

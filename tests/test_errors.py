@@ -94,6 +94,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["calibrate", "binary.json", "--plan", "plan.json"], 2, "binary.json"),
     ("specplan", ["calibrate", "missing.json", "--plan", "plan.json"], 2, "missing.json"),
     ("specplan", ["calibrate", "report.json", "--plan", "plan.json"], 2, "plan.hardware"),
+    ("specplan", ["calibrate", "report-per-pass.json", "--plan", "plan.json"], 2, "measured.stage_timing"),
     ("specrun", ["--plan", "binary.json", *SPEC], 2, "binary.json"),
     ("specrun", ["--plan", "missing.json", *SPEC], 2, "missing.json"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "latin1.txt"], 2, "latin1.txt"),
@@ -190,6 +191,8 @@ def write_files(d: Path) -> None:
     report = {"measured": {"throughput_tok_s": 10.0, "stage_s": {}},
               "plan": {**_plan(hardware="a100-80gb").to_dict()}}
     (d / "report.json").write_text(json.dumps(report))
+    report["measured"]["stage_timing"] = "per-pass (run with --timing for the per-layer stages)"
+    (d / "report-per-pass.json").write_text(json.dumps(report))
 
 
 def listing(d: Path) -> set[str]:

@@ -99,7 +99,7 @@ def test_specrun_reports_measured_next_to_predicted(monkeypatch, capsys, tmp_pat
     make_plan().save(str(plan))
     report = tmp_path / "out" / "report.json"
     code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--draft", "tiny-draft",
-                           "--random-weights", "--device", "cpu", "--report", str(report), "--json", "--force")
+                           "--random-weights", "--device", "cpu", "--report", str(report), "--json", "--force", "--timing")
     assert code == 0
     shown = json.loads(out)
     saved = json.loads(report.read_text())
@@ -185,6 +185,23 @@ def test_torch_profile_writes_operator_tables(tmp_path):
     assert "# by device time" in text and "# by host time" in text and "aten::" in text
 
 
+def test_per_layer_stages_are_timed_only_with_timing(monkeypatch, capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    make_plan(policy="flexgen").save(str(plan))
+    report = tmp_path / "report.json"
+    code, out, _ = specrun(monkeypatch, capsys, "--plan", str(plan), "--target", "tiny-llama", "--random-weights",
+                           "--device", "cpu", "--report", str(report), "--force")
+    assert code == 0 and "run with --timing" in out
+    saved = json.loads(report.read_text())
+    m = saved["measured"]
+    assert m["stage_timing"].startswith("per-pass") and "prefill" in m["stage_s"] and m["h2d_bytes"] > 0
+    assert not any(k.startswith(("target_", "h2d", "prefill.target_", "prefill.h2d")) for k in m["stage_s"])
+    assert m["h2d_bytes_per_s"] is None
+    # only stages the run timed are compared
+    assert {r["metric"] for r in saved["comparison"] if r["metric"].startswith("stage_s.")} <= {
+        f"stage_s.{k}" for k in m["stage_s"]}
+
+
 def test_calibration_scales_each_stage_to_the_run_as_it_ran():
     from specplan.cost import stage_total
     from specplan.hwprofiles.calibrate import CALIBRATED_STAGES, calibrate
@@ -192,7 +209,7 @@ def test_calibration_scales_each_stage_to_the_run_as_it_ran():
     from specplan.simulator.run import simulate_plan
 
     plan = make_plan(policy="spec-serial")
-    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu", force=True)
+    report = run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu", force=True, timing=True)
     m, profile = report["measured"], plan.hardware_profile()
     c = calibrate(report, plan, profile)
     assert c.measured_acceptance == m["acceptance_per_token"]

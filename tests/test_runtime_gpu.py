@@ -35,7 +35,7 @@ def plan(policy: str, attention: str) -> Plan:
 def test_cuda_run_matches_cpu_run(policy, attention):
     p = plan(policy, attention)
     kw = dict(random_weights=True, ignore_eos=True)
-    gpu = run_plan(p, "tiny-mixtral", "tiny-draft", device="cuda", **kw)
+    gpu = run_plan(p, "tiny-mixtral", "tiny-draft", device="cuda", timing=True, **kw)
     cpu = run_plan(p, "tiny-mixtral", "tiny-draft", device="cpu", **kw)
     assert gpu["outputs"] == cpu["outputs"]
     m = gpu["measured"]
