@@ -291,13 +291,13 @@ def main() -> int:
             if ok:
                 steps.run(f"specrun {label}", ["specplan.runtime.cli", "--plan", str(plan), "--target", str(target),
                                                "--draft", str(draft), "--random-weights", "--device", dev,
-                                               "--report", str(report)], STEP_TIMEOUT_S["specrun"])
+                                               "--report", str(report), "--timing"], STEP_TIMEOUT_S["specrun"])
         # where the time goes: the chosen plan once more, a quarter of its prompts, under torch.profiler
         if (out / "plan.json").exists():
             steps.run("specrun under torch.profiler", [
                 "specplan.runtime.cli", "--plan", str(out / "plan.json"), "--target", str(target), "--draft", str(draft),
                 "--random-weights", "--device", dev, "--max-rows", str(max(1, cfg["num_prompts"] // 4)),
-                "--report", str(work / "report_profiled.json"), "--torch-profile", str(out / "ops.txt")],
+                "--report", str(work / "report_profiled.json"), "--torch-profile", str(out / "ops.txt"), "--timing"],
                 STEP_TIMEOUT_S["specrun"])
 
     profile = read(profile_path)
