@@ -96,6 +96,7 @@ def calibrate_cmd(
     from specplan.fileio import read_json
     from specplan.hardware import load_profile
     from specplan.plan import Plan
+    from specplan.runtime.stats import timed_per_layer
 
     from .calibrate import calibrate
 
@@ -104,7 +105,7 @@ def calibrate_cmd(
     rep = read_json(report)
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
-    if not str(rep["measured"].get("stage_timing", "per-layer")).startswith("per-layer"):
+    if not timed_per_layer(rep["measured"]):
         raise InputError(report, "measured.stage_timing", "holds the per-pass stages only",
                          "the report of a run with --timing")
     p = Plan.load(plan)

@@ -58,6 +58,7 @@ def print_table(report: dict) -> None:
         t.add_column(col, justify="left" if col == "metric" else "right")
     predicted = {row["metric"]: row for row in report["comparison"]}
     from .run import AT_MEASURED_ACCEPTANCE
+    from .stats import timed_per_layer
 
     rows = [("throughput_tok_s", m["throughput_tok_s"]), (AT_MEASURED_ACCEPTANCE, m["throughput_tok_s"]),
             ("decode_tok_s", m["decode_tok_s"]),
@@ -78,7 +79,7 @@ def print_table(report: dict) -> None:
     if report.get("predicted_at_measured_acceptance"):
         notes.append("stage times are predicted by simulating the plan again at the measured acceptance "
                      f"({report['predicted_at_measured_acceptance']['acceptance']:.3f})")
-    if not m.get("stage_timing", "").startswith("per-layer"):
+    if not timed_per_layer(m):
         notes.append("per-layer stages not timed: run with --timing to measure them")
     t.caption = "; ".join(notes) or None
     out.print(t)

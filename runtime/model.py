@@ -112,7 +112,7 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tens
 
 # Projections that read the same input are fused when the weights are loaded (fuse_layer):
 # one GEMM where there were three (q, k, v) or two (gate, up), each of the pieces a slice of
-# the fused output. Fewer, larger kernels: less issue time per layer (docs/validation.md, 10).
+# the fused output. Fewer, larger kernels: less issue time per layer (docs/validation.md, 11).
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),

@@ -33,7 +33,7 @@ from .checkpoint import open_checkpoint, torch_dtype
 from .engine import Engine
 from .model import check_supported
 from .sampling import SamplingParams
-from .stats import Stats
+from .stats import PER_LAYER, PER_PASS, Stats
 
 
 # ---- models and prompts ------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "generated_tokens": generated,
         "rows": len(lengths),
         "stage_s": stage_s,
-        "stage_timing": "per-layer" if stats.per_layer else "per-pass (run with --timing for the per-layer stages)",
+        "stage_timing": PER_LAYER if stats.per_layer else PER_PASS,  # per-pass: run with --timing for the rest
         "h2d_bytes": h2d_bytes,
         "h2d_bytes_per_s": h2d_bytes / h2d_s if h2d_s > 0 else None,
         # the draft's KV swaps (draft KV on the host), decode and prefill together

@@ -15,6 +15,13 @@ from contextlib import contextmanager
 
 import torch
 
+PER_LAYER, PER_PASS = "per-layer", "per-pass"  # a report's measured.stage_timing
+
+
+def timed_per_layer(measured: dict) -> bool:
+    """Whether a report's run timed the per-layer stages (reports from before the field: yes)."""
+    return measured.get("stage_timing", PER_LAYER) == PER_LAYER
+
 
 class Stats:
     """`per_layer`: time the stages that run once per layer (the target's proj / attention /

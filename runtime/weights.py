@@ -213,13 +213,13 @@ class WeightStore:
         self._next = (self._next + 1) % len(self.order)
         self.inflight[u] = slot
         unit, dst = self.units[u], self.slots[slot]
+        timed = self.stats is not None and self.stats.per_layer  # copy times: only with per-layer timing
         if not self.cuda:
             t = time.perf_counter()
             for p in unit.parts:
                 dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
-            self._record_copy(unit.nbytes, seconds=time.perf_counter() - t)
+            self._record_copy(unit.nbytes, seconds=time.perf_counter() - t if timed else None)
             return
-        timed = self.stats is not None and self.stats.per_layer
         # Disk and pageable parts go through pinned staging first, on this thread: a copy from
         # pageable memory would block this thread until the copy stream reached it, i.e. until
         # the slot's previous unit was computed, and leave the GPU without queued work.
@@ -249,14 +249,14 @@ class WeightStore:
                 self.staged[slot].record()
         self._record_copy(unit.nbytes, events=events)
 
-    def _record_copy(self, nbytes: int, seconds: float = 0.0, events=None) -> None:
+    def _record_copy(self, nbytes: int, seconds: float | None = None, events=None) -> None:
         if self.stats is None:
             return
         key = self.stats.prefix + "h2d"
         self.stats.count(key + "_bytes", nbytes)
         if events is not None:
             self.stats.add_events(key, *events)
-        elif self.stats.per_layer:
+        elif seconds is not None:
             self.stats.add(key, seconds)
 
     def close(self) -> None:

@@ -496,9 +496,8 @@ def activation_bytes(model: ModelSpec, rows: float, q_len: float, context: float
     the working set of one slice at the larger of its two peaks, per token:
       attention: the layer input, its norm, the attention output (3 hidden), the packed Q/K/V
         (RoPE in place) and the query copy attending makes ((2 heads + 2 kv_heads) head_dim),
-        and the boolean mask, repeated per
-        query group and turned into an additive one by the GPU kernel: (3 g + 1) bytes per
-        key, g = heads / kv_heads;
+        and the boolean mask, repeated per query group and turned into an additive one by the
+        GPU kernel: (3 g + 1) bytes per key, g = heads / kv_heads;
       FFN: the hidden state (the residual adds are in place), its norm, the down projection's
         output (3 hidden) and the fused gate|up output, two FFN-wide (runtime.model.swiglu works
         in place); for MoE the norm, the output accumulator and the gathered input of the
