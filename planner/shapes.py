@@ -174,11 +174,10 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         chain = T.layers * (c.proj + c.ffn + c.host + c.attention + c.act_d2h + c.act_h2d) + head
         return gpu, cpu, chain
 
-    if shape.policy == "flexgen":  # each streamed layer serves every micro-batch, one after another
-        gpu1, cpu1, chain1 = pass_costs(b_act, 1, ctx, shape.attention_device)
-        gpu_s, cpu_s, chain_s = nb * gpu1, nb * cpu1, nb * chain1
-    else:
-        gpu_s, cpu_s, chain_s = pass_costs(b_act, q, ctx, shape.attention_device)
+    # a flexgen pass serves every batch: their decoding rows go through each layer as one
+    # batch (Pass.runs), as the engine runs them
+    served = nb if shape.policy == "flexgen" else 1
+    gpu_s, cpu_s, chain_s = pass_costs(served * b_act, q, ctx, shape.attention_device)
 
     draft_s = kv_swap_s = 0.0
     if spec:

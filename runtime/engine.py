@@ -321,7 +321,7 @@ class Engine:
         cache = self.target.cache
         steps: list[Step] = []
         parts: list[tuple[str, slice, RowWork]] = []
-        for kind, sl, w in self._runs(p.rows):
+        for kind, sl, w in p.runs():
             idx = torch.arange(sl.start, sl.stop)
             if kind == "verify":
                 steps.append(Step(sl, torch.cat([slots.last(idx, 1), self.proposal[idx, :self.gamma]], 1)))
@@ -396,21 +396,6 @@ class Engine:
         self.stats.count("accepted", int(n[active].sum()))
         self.stats.count("appended", int(kept.sum()))
         gained.update(zip(idx.tolist(), kept.tolist()))
-
-    @staticmethod
-    def _runs(rows: tuple[RowWork, ...]):
-        """The pass's rows as runs of consecutive slots doing the same thing: (kind, slots, a RowWork)."""
-        out: list[tuple[str, slice, RowWork]] = []
-        for w in sorted(rows, key=lambda w: w.slot):
-            if out:
-                kind, sl, first = out[-1]
-                same = kind == w.kind and (kind != "prefill" or (first.start, first.tokens, first.last)
-                                           == (w.start, w.tokens, w.last))
-                if same and sl.stop == w.slot:
-                    out[-1] = (kind, slice(sl.start, w.slot + 1), first)
-                    continue
-            out.append((w.kind, slice(w.slot, w.slot + 1), w))
-        return out
 
     # ---- the draft ----------------------------------------------------------------------------------------------
     def propose(self, slots: Slots, work: tuple[DraftRow, ...]) -> None:

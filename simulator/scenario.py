@@ -3,12 +3,13 @@ scenario, every policy and admission mode.
 
 Scenario. The target model's weights live in host memory. For every pass the loader copies
 them layer by layer over PCIe into a ring of `prefetch_depth + 1` GPU buffers, running ahead
-of the layer that computes. At each layer the pass computes its row groups one after another:
-the rows that verify (gamma + 1 positions) or decode (one), batch by batch, then the rows
-whose prompt chunk rides in this pass. A decode or verify group projects Q/K/V on the GPU,
-sends them to the CPU, where attention runs against the CPU-resident KV cache (or attends on
-the GPU when the KV lives there), and runs the FFN / experts on the GPU; a prompt chunk
-attends on the GPU next to its fresh keys, and its KV is copied to the host. The draft model,
+of the layer that computes. At each layer the pass computes its row groups one after another,
+as the engine batches them (Pass.runs): runs of consecutive rows that verify (gamma + 1
+positions) or decode (one), and runs of rows whose like prompt chunks ride in this pass; a
+flexgen pass's groups, decoding side by side, are one run. A decode or verify group projects
+Q/K/V on the GPU, sends them to the CPU, where attention runs against the CPU-resident KV
+cache (or attends on the GPU when the KV lives there), and runs the FFN / experts on the GPU;
+a prompt chunk attends on the GPU next to its fresh keys, and its KV is copied to the host. The draft model,
 resident on the GPU, proposes gamma tokens per row: before the pass for the rows it verifies
 (spec-serial, and specoffload's first pass), or beside it for the other batch (specoffload).
 Draft and target kernels queue on one GPU resource, so a specoffload round costs
@@ -101,26 +102,18 @@ class Scenario:
         yield self.env.all_of(procs)
 
     def groups_of(self, p: Pass) -> list[Group]:
-        """The pass's row groups: verify / decode rows batch by batch, then the prompt chunks."""
-        per = self.sched.config.group_rows
-        by_group: dict[int, list] = {}
-        chunks = []
-        for w in p.rows:
-            if w.kind == "prefill":
-                chunks.append(w)
-            else:
-                by_group.setdefault(w.slot // per, []).append(w)
-        groups = []
+        """The pass's row groups as the engine computes them (Pass.runs): each run of
+        consecutive slots that verify or decode, with the rows' mean length (fractional in
+        expected mode), and each run of like prompt chunks."""
         slots = self.sched.slots
-        for g in p.groups:
-            work = by_group.get(g)
-            if work:  # the rows' mean length (fractional in expected mode)
-                ctx = sum(slots[w.slot].length for w in work) / len(work)
-                groups.append(Group(len(work), float(work[0].tokens), ctx))
-        if chunks:
-            q = sum(w.tokens for w in chunks) / len(chunks)
-            ctx = sum(w.start + w.tokens / 2 for w in chunks) / len(chunks)
-            groups.append(Group(len(chunks), q, ctx, prefill=True))
+        groups = []
+        for kind, sl, w in p.runs():
+            n = sl.stop - sl.start
+            if kind == "prefill":
+                groups.append(Group(n, float(w.tokens), w.start + w.tokens / 2, prefill=True))
+            else:
+                ctx = sum(slots[s].length for s in range(sl.start, sl.stop)) / n
+                groups.append(Group(n, float(w.tokens), ctx))
         return groups
 
     def outcome(self, p: Pass) -> Outcome:

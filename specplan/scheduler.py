@@ -119,6 +119,14 @@ class RowWork(NamedTuple):  # immutable, and cheap to make: a pass makes one per
     last: bool = True  # prefill: this chunk completes the prompt (its logits give the first token)
 
 
+class Run(NamedTuple):
+    """Consecutive slots that compute alike in a pass (Pass.runs): one batch through a layer."""
+
+    kind: str
+    slots: slice
+    work: RowWork  # the first row's; a run's rows share kind, and a prompt chunk run its chunk
+
+
 class DraftRow(NamedTuple):
     """The draft's work for one row: read positions [cached, context) it does not hold yet
     (a new row's prompt, or every round under draft_kv='recompute'), then, if `propose`,
@@ -145,6 +153,23 @@ class Pass:
 
     def of_kind(self, kind: str) -> tuple[RowWork, ...]:
         return tuple(w for w in self.rows if w.kind == kind)
+
+    def runs(self) -> tuple[Run, ...]:
+        """The pass's rows as both executors compute them: maximal runs of consecutive slots
+        doing the same thing (prompt chunks only with the same start, length and last flag),
+        in slot order. A run goes through a layer as one batch, so a flexgen pass, whose
+        groups decode side by side, is one run of all their rows."""
+        out: list[Run] = []
+        for w in sorted(self.rows, key=lambda w: w.slot):
+            if out:
+                kind, sl, first = out[-1]
+                same = kind == w.kind and (kind != "prefill" or (first.start, first.tokens, first.last)
+                                           == (w.start, w.tokens, w.last))
+                if same and sl.stop == w.slot:
+                    out[-1] = Run(kind, slice(sl.start, w.slot + 1), first)
+                    continue
+            out.append(Run(w.kind, slice(w.slot, w.slot + 1), w))
+        return tuple(out)
 
     def signature(self) -> tuple:
         """What the agreement test compares: row sets and token counts, draft rows, admissions, moves."""
