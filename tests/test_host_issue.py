@@ -118,7 +118,9 @@ def test_the_profiler_measures_the_runtimes_issuing_on_its_tiny_twin():
     assert moe["host_expert_s"] > 0
     from specplan.hwprofiles.profiler import measure_lane_factor
 
-    assert 0 < measure_lane_factor(MODEL, repeat=1) <= 1
+    assert 0 < measure_lane_factor(MODEL, repeat=1, window_s=0.02) <= 1  # the target beside itself
+    draft = dataclasses.replace(MODEL, name="tiny-draft", layers=1)
+    assert 0 < measure_lane_factor(MODEL, draft, repeat=1, window_s=0.02) <= 1  # beside the draft's step
 
 
 def test_two_threads_on_a_pool_of_cores_overlap_as_the_lane_factor_allows():
