@@ -465,7 +465,7 @@ class Engine:
                 qs.append(self.table.probs(logits, req))
                 t = draw(qs[-1], self.table.uniform(req, at + i, DRAFT))
             xs.append(t)
-            tokens = t[:, None].cpu()
+            tokens = t[:, None]  # stays where the draft computed it: no host sync between steps
         return torch.stack(xs, 1).cpu(), (torch.stack(qs, 1) if qs else None)
 
     def _move(self, slots: Slots, src: int, dst: int) -> None:
