@@ -239,15 +239,17 @@ def measure_lane_factor(target: ModelSpec, draft: ModelSpec | None = None, repea
     context 128), resident; without a draft, a second target thread. Each runs its work over
     and over for `window_s`, alone and then beside the other; a lane's factor is its rate
     together over its rate alone, and the profile keeps the mean of the two (median of
-    `repeat`). Two threads both reading fresh weights slow each other far more than these
-    do: a slot just written is read from the cache, and the draft is small."""
+    `repeat`). Two threads of one fresh-weight linear, a proxy for this pair, slowed each
+    other to 0.46-0.59 on a 2-core AMD EPYC, where specoffload's draft ran unslowed beside
+    the target (docs/validation.md section 12); this pair measured 0.70-0.90 there."""
     from specplan.runtime.model import rms_norm, swiglu
     from specplan.runtime.profiling import decode_step_timer
 
     cpu = torch.device("cpu")
     dt = TORCH_DTYPES.get(target.dtype, torch.float32)
     h, f = target.hidden, target.ffn_inner
-    fresh = _Cycle(_copies(lambda: (_rand((2 * f, h), cpu, dt), _rand((h, f), cpu, dt)), 3 * h * f * target.dtype_bytes))
+    fresh = _Cycle(_copies(lambda: (_rand((2 * f, h), cpu, dt), _rand((h, f), cpu, dt)),
+                           3 * h * f * target.dtype_bytes))
     slot = (torch.empty(2 * f, h, dtype=dt), torch.empty(h, f, dtype=dt))
     norm, x = torch.ones(h, dtype=dt), _rand((16, 1, h), cpu, dt, 1.0)
 

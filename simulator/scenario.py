@@ -9,9 +9,10 @@ positions) or decode (one), and runs of rows whose like prompt chunks ride in th
 flexgen pass's groups, decoding side by side, are one run. A decode or verify group projects
 Q/K/V on the GPU, sends them to the CPU, where attention runs against the CPU-resident KV
 cache (or attends on the GPU when the KV lives there), and runs the FFN / experts on the GPU;
-a prompt chunk attends on the GPU next to its fresh keys, and its KV is copied to the host. The draft model,
-resident on the GPU, proposes gamma tokens per row: before the pass for the rows it verifies
-(spec-serial, and specoffload's first pass), or beside it for the other batch (specoffload).
+a prompt chunk attends on the GPU next to its fresh keys, and its KV is copied to the host.
+The draft model, resident on the GPU, proposes gamma tokens per row: before the pass for the
+rows it verifies (spec-serial, and specoffload's first pass), or beside it for the other
+batch (specoffload).
 Draft and target kernels queue on one GPU resource, so a specoffload round costs
 max(T_target, T_draft) only when they do not collide, and up to T_draft + T_target_gpu when
 they do. Rows the draft has not read yet (new rows, or every row when the draft keeps no KV)

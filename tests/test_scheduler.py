@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from specplan.scheduler import ADMISSIONS, POLICIES, Outcome, Request, SchedulerConfig, StepScheduler
+from specplan.scheduler import ADMISSIONS, POLICIES, Outcome, Pass, Request, RowWork, SchedulerConfig, StepScheduler
 
 
 def config(policy, admission, **kw):
@@ -77,6 +77,20 @@ def test_every_prompt_runs_once_and_passes_keep_their_limits(policy, admission):
         for s in freed:
             occupied[s] = None
     assert prompt_done == {i: n for i, n in enumerate(lens)}
+
+
+def test_runs_are_what_goes_through_a_layer_as_one_batch():
+    """Consecutive slots doing the same thing form one run; prompt chunks only when alike."""
+    rows = (RowWork(5, "decode", 9, 1), RowWork(4, "decode", 7, 1), RowWork(0, "prefill", 0, 8),
+            RowWork(1, "prefill", 0, 8), RowWork(2, "prefill", 0, 5), RowWork(3, "prefill", 8, 4, False),
+            RowWork(7, "decode", 3, 1))
+    got = [(r.kind, r.slots.start, r.slots.stop, r.work.tokens) for r in Pass(0, (0, 1), rows).runs()]
+    assert got == [("prefill", 0, 2, 8), ("prefill", 2, 3, 5), ("prefill", 3, 4, 4), ("decode", 4, 6, 1),
+                   ("decode", 7, 8, 1)]
+    # a flexgen pass serves every group: once all rows decode, the pass is one run of them all
+    passes, _ = drive(config("flexgen", "waves"), [5] * 8)
+    decoding = [p for p in passes if all(w.kind == "decode" for w in p.rows) and len(p.rows) == 8]
+    assert decoding and all(len(p.runs()) == 1 for p in decoding)
 
 
 def test_waves_are_static_batches():

@@ -50,6 +50,13 @@ def test_sequential_is_sum_of_stage_times(toy_profile, attention):
     assert r.total_s == pytest.approx(sum(r.stage_s.values()), rel=1e-9)
 
 
+def test_flexgen_groups_cost_as_the_one_batch_the_engine_runs(toy_profile):
+    """A flexgen pass's groups decode side by side, so 2 x 4 rows cost what 1 x 8 rows do."""
+    two = simulate(tiny_cfg(toy_profile, "flexgen", target_batch=4, num_batches=2))
+    one = simulate(tiny_cfg(toy_profile, "flexgen", target_batch=8, num_batches=1))
+    assert two.throughput_tok_s == pytest.approx(one.throughput_tok_s, rel=1e-9)
+
+
 def test_link_bound_policy_approaches_link_time(toy_profile):
     slow = replace(toy_profile, link=replace(toy_profile.link, h2d_pinned=replace(toy_profile.link.h2d_pinned, bytes_per_s=1e5)))
     r = simulate(tiny_cfg(slow, "flexgen"))
