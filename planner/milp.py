@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import pulp
 
-from specplan.cost import disk_read_time_s, weights_h2d_s
+from specplan.cost import copies_overlap_compute, disk_read_time_s, weights_h2d_s
 from specplan.hardware import HardwareProfile
 from specplan.memory import STAGED_HOMES, plan_memory, stream_slot_bytes
 from specplan.models import ModelSpec
@@ -149,7 +149,7 @@ def estimate(shape: Shape, co: Coeffs, profile: HardwareProfile, target: ModelSp
              prefetch_depth: int) -> tuple[float, float, float]:
     """(tokens/s, round s, prefill s) of a fixed shape and placement under the program's model."""
     worst = worst_stream_s(profile, target)
-    k = 1 if prefetch_depth > 0 else 0
+    k = 1 if prefetch_depth > 0 and copies_overlap_compute(profile) else 0
     dk = 1 if placement.draft_kv == "cpu" else 0
     rs = max(round_bounds(shape.policy, co, stream_s(profile, target, placement, co.decode_expert_frac), dk, k,
                           big_m(co, worst)))
@@ -251,11 +251,13 @@ class ShapeProgram:
         self.round_bounds: list[list] = []  # per shape: expressions t_c must exceed when x_c = 1
         self.prefill_bounds: list[list] = []
         worst = worst_stream_s(self.P, T)
+        k_overlap = k if copies_overlap_compute(P) else 0  # what a prefetch buys the rounds
         for c, (shape, co) in enumerate(zip(self.shapes, self.coeffs)):
             M = big_m(co, worst)
             Mp = big_m_prefill(co, worst)
-            bounds = round_bounds(shape.policy, co, co.decode_expert_frac * ffn_s + att_s + head_s, dk, k, M)
-            pre = prefill_bounds(shape.policy, co, co.prefill_passes * (co.prefill_expert_frac * ffn_s + att_s + head_s), k, Mp)
+            bounds = round_bounds(shape.policy, co, co.decode_expert_frac * ffn_s + att_s + head_s, dk, k_overlap, M)
+            pre = prefill_bounds(shape.policy, co, co.prefill_passes * (co.prefill_expert_frac * ffn_s + att_s + head_s),
+                                 k_overlap, Mp)
             for e in bounds:
                 prob += t[c] >= e - M * (1 - x[c])
             for e in pre:

@@ -32,6 +32,7 @@ import simpy
 from specplan.cost import (
     LayerCosts,
     activation_bytes,
+    copies_overlap_compute,
     d2h_time_s,
     disk_read_time_s,
     draft_step_s,
@@ -159,7 +160,8 @@ class Scenario:
         env, m, T, sch, wl = self.env, self.m, self.T, self.sch, self.wl
         kind = "prefill" if all(g.prefill for g in groups) else "verify"
         tokens = sum(g.tokens for g in groups)
-        nslots = sch.prefetch_depth + 1
+        # a ring slot ahead of the computing layer only where a copy can overlap compute
+        nslots = sch.prefetch_depth + 1 if copies_overlap_compute(self.P) else 1
         slots = simpy.Container(env, capacity=nslots, init=nslots)
         loaded = [env.event() for _ in range(T.layers)]
         env.process(self._load_layers(who, kind, tokens, slots, loaded))
@@ -225,7 +227,7 @@ class Scenario:
             yield from m.use("gpu", st(kind, "target_attention"), c.attention, who)
         if c.kv_d2h:
             copy = m.use("d2h", st(kind, "kv_d2h"), c.kv_d2h, who)
-            if self.sch.policy == "sequential":  # nothing overlaps, the copy included
+            if self.sch.policy == "sequential" or not copies_overlap_compute(self.P):  # nothing overlaps
                 yield from copy
             else:
                 self.env.process(copy)

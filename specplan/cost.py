@@ -381,6 +381,14 @@ def host_issue_s(profile: HardwareProfile, device_s: float, host_s: float) -> fl
     return max(0.0, host_s - device_s)
 
 
+def copies_overlap_compute(profile: HardwareProfile) -> bool:
+    """Whether a weight copy can run while the layer before it computes: on a GPU the copy
+    engine does it; on a device that is the host's own cores the runtime's weight store
+    copies on the thread that computes (runtime/weights.py), so a prefetch overlaps nothing
+    and every copy sits between two layers' compute."""
+    return not profile.gpu.shares_host_cores
+
+
 def pool_pair_s(profile: HardwareProfile, a_s: float, b_s: float) -> float:
     """Two threads of work taking a_s and b_s alone, on a device that is a pool of host cores
     with a lane for each (gpu.lanes >= 2): at once, each at gpu.lane_factor of its speed while

@@ -57,6 +57,16 @@ def test_flexgen_groups_cost_as_the_one_batch_the_engine_runs(toy_profile):
     assert two.throughput_tok_s == pytest.approx(one.throughput_tok_s, rel=1e-9)
 
 
+def test_a_prefetch_overlaps_nothing_on_a_device_that_is_the_hosts_cores(toy_profile):
+    """The runtime copies on the computing thread there (runtime/weights.py): prefetch 1
+    costs what prefetch 0 does; on a GPU the copy overlaps the previous layer's compute."""
+    shared = replace(toy_profile, gpu=replace(toy_profile.gpu, shares_host_cores=True))
+    for prof, overlaps in ((toy_profile, True), (shared, False)):
+        ahead = simulate(tiny_cfg(prof, "flexgen", prefetch_depth=1)).total_s
+        none = simulate(tiny_cfg(prof, "flexgen", prefetch_depth=0)).total_s
+        assert (ahead < none) if overlaps else ahead == pytest.approx(none, rel=1e-12)
+
+
 def test_link_bound_policy_approaches_link_time(toy_profile):
     slow = replace(toy_profile, link=replace(toy_profile.link, h2d_pinned=replace(toy_profile.link.h2d_pinned, bytes_per_s=1e5)))
     r = simulate(tiny_cfg(slow, "flexgen"))
