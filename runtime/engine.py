@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from specplan.plan import Placement, Schedule
-from specplan.scheduler import DraftRow, Outcome, Pass, Request, RowWork, SchedulerConfig, StepScheduler
+from specplan.scheduler import DraftRow, Outcome, Pass, Request, SchedulerConfig, StepScheduler
 
 from .attention import cuda_sdpa_kernels
 from .checkpoint import Checkpoint
@@ -320,8 +320,8 @@ class Engine:
         """One walk over the target's layers for every row of the pass; keep what it produced."""
         cache = self.target.cache
         steps: list[Step] = []
-        parts: list[tuple[str, slice, RowWork]] = []
-        for kind, sl, w in p.runs():
+        parts = p.runs()  # one step each
+        for kind, sl, w in parts:
             idx = torch.arange(sl.start, sl.stop)
             if kind == "verify":
                 steps.append(Step(sl, torch.cat([slots.last(idx, 1), self.proposal[idx, :self.gamma]], 1)))
@@ -331,7 +331,6 @@ class Engine:
                 cache.lengths[sl] = w.start
                 steps.append(Step(sl, slots.seq[sl, w.start:w.start + w.tokens],
                                   torch.full((sl.stop - sl.start,), w.tokens - 1)))
-            parts.append((kind, sl, w))
         logits = self.target.forward(steps)
         self._sync()
         gained: dict[int, float] = {}

@@ -121,7 +121,8 @@ class GpuSpec:
     # work, and the host thread's issuing, share one pool of cores and cannot overlap.
     shares_host_cores: bool = False
     lanes: int = 1  # with shares_host_cores: threads of work the cores run at once (cores / torch threads)
-    lane_factor: float = 1.0  # the speed each lane keeps while another is busy too (measured on a target layer beside the draft)
+    # the speed each lane keeps while another is busy too (measured on a target layer beside the draft)
+    lane_factor: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "GpuSpec":
