@@ -230,7 +230,8 @@ def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: 
         for i in todo:  # named by id here, before any weight is read (run_plan would name the index)
             check_row_positions(str(prompts), f"id {data.rows[i].id!r}", len(data.rows[i].ids), gen_len, gamma, spec)
         with steps(err, f"{the_plan.schedule.policy}: rows", total=len(todo), quiet=as_json) as bar:
-            job = Job(data, todo, writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar, base=base)
+            job = Job(data.rows, todo, str(data.path), writer, data.tokenizer or load_tokenizer(folder), gen_len, steps=bar,
+                      base=base)
             def started(engine) -> None:  # every refusal has passed: the output may be written now
                 job.engine = engine
                 writer.start()

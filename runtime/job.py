@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from specplan.errors import InputError
 from specplan.fileio import sha256_of
 
-from .jobio import Dataset, JobWriter, job_identity
+from .jobio import Dataset, JobRow, job_identity
 from .sampling import SamplingParams
 
 
@@ -26,41 +26,54 @@ def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
-class Job:
-    """The per-row callbacks of one dataset job, given to run_plan."""
+def check_rows(rows: Mapping[int, JobRow] | Sequence[JobRow], todo: Sequence[int], source: str, has_tokenizer: bool,
+               gen_len: int, base: SamplingParams) -> None:
+    """Refuse (InputError, naming the row) what no run of these rows could honour: stop strings
+    without a tokenizer, a max_tokens past the plan's gen_len, top-p / top-k on greedy rows."""
+    if not has_tokenizer and any(rows[i].stop for i in todo):
+        raise InputError(source, "stop", "needs a tokenizer to find stop strings, and the target has none",
+                         "--target a model directory with a tokenizer")
+    for i in todo:
+        r = rows[i]
+        if r.max_tokens is not None and r.max_tokens > gen_len:
+            raise InputError(source, f"id {r.id!r}: max_tokens",
+                             f"{r.max_tokens} is more than the plan's gen_len {gen_len} (each row's KV is sized by it)",
+                             f"at most {gen_len}, or a plan made with --gen-len {r.max_tokens}")
+    greedy = True
+    for i in todo:
+        fields = dict(rows[i].sampling)
+        row_greedy = base.row(i, **fields).greedy
+        greedy &= row_greedy
+        # a row's own top_p / top_k on a greedy row would be ignored: refused (the command
+        # line's filters do not apply to a row that sets temperature 0 itself)
+        own = [k for k in ("top_p", "top_k") if k in fields and fields[k] != {"top_p": 1.0, "top_k": 0}[k]]
+        if own and row_greedy:
+            raise InputError(source, f"id {rows[i].id!r}: {own[0]}", "filters sampling, and this row is greedy (temperature 0)",
+                             "a temperature > 0 on the row or --temperature")
+    if (base.top_p < 1 or base.top_k > 0) and greedy:
+        raise InputError("argument", "--top-p" if base.top_p < 1 else "--top-k",
+                         "filters sampling, and every row of this job is greedy", "--temperature T (> 0) with it")
 
-    def __init__(self, dataset: Dataset, todo: list[int], writer: JobWriter, tokenizer, gen_len: int,
-                 steps=None, now: Callable[[], float] = time.perf_counter, base: SamplingParams | None = None):
-        self.rows, self.todo, self.writer, self.tok = dataset.rows, todo, writer, tokenizer
+
+class Job:
+    """The per-row callbacks of one dataset job (or of one shard of it), given to run_plan.
+    `rows` maps a row's place in the input to the row (a list, or a dict holding a shard's
+    rows only); `todo` are the places of the rows to run, in the order they run: a row's
+    place keys its random stream, so a row samples the same wherever it runs."""
+
+    def __init__(self, rows: Mapping[int, JobRow] | Sequence[JobRow], todo: list[int], source: str, writer, tokenizer,
+                 gen_len: int, steps=None, now: Callable[[], float] = time.perf_counter,
+                 base: SamplingParams | None = None):
+        self.rows, self.todo, self.writer, self.tok = rows, todo, writer, tokenizer
         self.gen_len, self.steps, self.now = gen_len, steps, now
         self.engine = None
         self.done_rows = self.tokens = 0
         self.t0 = now()
-        if any(dataset.rows[i].stop for i in todo) and tokenizer is None:
-            raise InputError(str(dataset.path), "stop", "needs a tokenizer to find stop strings, and the target has none",
-                             "--target a model directory with a tokenizer")
-        for i in todo:
-            r = dataset.rows[i]
-            if r.max_tokens is not None and r.max_tokens > gen_len:
-                raise InputError(str(dataset.path), f"id {r.id!r}: max_tokens",
-                                 f"{r.max_tokens} is more than the plan's gen_len {gen_len} (each row's KV is sized by it)",
-                                 f"at most {gen_len}, or a plan made with --gen-len {r.max_tokens}")
+        check_rows(rows, todo, source, tokenizer is not None, gen_len, base or SamplingParams())
         self.limits = [self.rows[i].max_tokens or gen_len for i in todo]
         # each row's own sampling fields, and its index in the input (which, with the job's seed,
         # keys the stream of a row that sets no seed: the same whether or not the job resumed)
         self.sampling = [{"index": i, **dict(self.rows[i].sampling)} for i in todo]
-        base = base or SamplingParams()
-        for i, fields in zip(todo, self.sampling):
-            # a row's own top_p / top_k on a greedy row would be ignored: refused (the command
-            # line's filters do not apply to a row that sets temperature 0 itself)
-            own = [k for k in ("top_p", "top_k") if k in fields and fields[k] != {"top_p": 1.0, "top_k": 0}[k]]
-            if own and base.row(**fields).greedy:
-                raise InputError(str(dataset.path), f"id {self.rows[i].id!r}: {own[0]}",
-                                 "filters sampling, and this row is greedy (temperature 0)",
-                                 "a temperature > 0 on the row or --temperature")
-        if (base.top_p < 1 or base.top_k > 0) and all(base.row(**f).greedy for f in self.sampling):
-            raise InputError("argument", "--top-p" if base.top_p < 1 else "--top-k",
-                             "filters sampling, and every row of this job is greedy", "--temperature T (> 0) with it")
         self.prompts = [list(self.rows[i].ids) for i in todo]
         # a stop string spans at most as many tokens as it has bytes (a token is at least one
         # byte); each check decodes from that far before the tokens not yet checked

@@ -225,56 +225,96 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
     per-layer stage timers (runtime.stats.Stats.per_layer): off, the report holds the per-pass
     stages only and says so."""
     plan = plan if isinstance(plan, Plan) else Plan.load(str(plan))
-    tspec, tdir = resolve_model(target)
-    dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
-    if dtype:
-        tspec = tspec.with_dtype(dtype)
-        dspec = dspec.with_dtype(dtype) if dspec else None
-    dev = pick_device(device)
-    workload = Workload.from_dict(plan.workload, "plan workload")
     if prompts is None:
+        workload = Workload.from_dict(plan.workload, "plan workload")
         n = min(max_rows or workload.num_prompts, workload.num_prompts)
-        prompts = random_prompts(workload, tspec.vocab, n, workload.seed + seed)
+        prompts = random_prompts(workload, resolve_model(target)[0].vocab, n, workload.seed + seed)
     prompts = prompts[:max_rows] if max_rows else prompts
     if not prompts or min(len(p) for p in prompts) < 1:
         raise InputError("prompts", "prompts", "are empty", "at least one prompt of at least one token")
-    need = check_plan(plan, tspec, dspec, dev, [len(p) for p in prompts])
-    forced = check_machine(plan, need, dev, force, warn)
-
-    # Only now is any weight read.
-    tck = open_checkpoint(tspec, tdir, random_weights, seed)
-    # random weights are drawn per tensor name, so a draft with the target's seed is a truncated
-    # copy of the target (a self-draft); another seed gives an unrelated draft
-    dseed = seed + 1 if draft_seed is None else draft_seed
-    dck = open_checkpoint(dspec, ddir, random_weights, dseed) if dspec is not None else None
-    if ignore_eos is None:
-        ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths
-    eos = None if ignore_eos else eos_ids(tspec, tdir)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    stats = Stats(dev, per_layer=timing)
-    base = run_sampling(workload, sampling, seed)
-    rows = None if row_sampling is None else [base.row(**r) for r in row_sampling]
-    engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=min(len(prompts), plan.schedule.rows),
-                    max_prompt_len=max(len(p) for p in prompts), gen_len=workload.gen_len, sampling=base,
-                    eos=eos, stats=stats)
-    if on_engine is not None:
-        on_engine(engine)
-    total = len(prompts) * workload.gen_len
-    done = [0]
-
-    def tick(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0], total)
-
+    runner = PlanRunner(plan, target, draft, [len(p) for p in prompts], device=device, random_weights=random_weights,
+                        dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed, force=force, warn=warn,
+                        sampling=sampling, load=load, timing=timing)
     try:
+        if on_engine is not None:
+            on_engine(runner.engine)
+        return runner.run(prompts, progress=progress, limits=limits, stop=stop, on_finish=on_finish,
+                          row_sampling=row_sampling, warmup=warmup, torch_profile=torch_profile)
+    finally:
+        runner.close()
+
+
+class PlanRunner:
+    """One plan's engine, built once and run over one or more lists of prompts (a dataset
+    job's worker runs one shard after another on it: the weights are read once).
+
+    Everything that can refuse the plan runs first, before any weight is read: the models
+    must have the plan's shapes, the plan must fit its profile's memory at `prompt_lens` (every
+    row's KV is reserved at the longest of them, the longest any run may carry), and this
+    machine (check_machine, or `force`). `rows`: the most prompts one run carries (default:
+    len(prompt_lens)), which with the plan's rows in flight sizes the engine."""
+
+    def __init__(self, plan: Plan, target: str | ModelSpec, draft: str | ModelSpec | None, prompt_lens: list[int], *,
+                 device: str = "auto", random_weights: bool = False, dtype: str | None = None,
+                 ignore_eos: bool | None = None, seed: int = 0, draft_seed: int | None = None, force: bool = False,
+                 warn: Callable[[str], None] | None = None, sampling: dict | None = None, load: dict | None = None,
+                 timing: bool = False, rows: int | None = None):
+        self.plan = plan
+        tspec, tdir = resolve_model(target)
+        dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
+        if dtype:
+            tspec = tspec.with_dtype(dtype)
+            dspec = dspec.with_dtype(dtype) if dspec else None
+        self.tspec, self.dspec = tspec, dspec
+        self.dev = dev = pick_device(device)
+        workload = Workload.from_dict(plan.workload, "plan workload")
+        self.gen_len = workload.gen_len
+        self.need = check_plan(plan, tspec, dspec, dev, prompt_lens)
+        self.forced = check_machine(plan, self.need, dev, force, warn)
+        self.load = load
+
+        # Only now is any weight read.
+        tck = open_checkpoint(tspec, tdir, random_weights, seed)
+        # random weights are drawn per tensor name, so a draft with the target's seed is a truncated
+        # copy of the target (a self-draft); another seed gives an unrelated draft
+        dseed = seed + 1 if draft_seed is None else draft_seed
+        dck = open_checkpoint(dspec, ddir, random_weights, dseed) if dspec is not None else None
+        if ignore_eos is None:
+            ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths
+        eos = None if ignore_eos else eos_ids(tspec, tdir)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.stats = Stats(dev, per_layer=timing)
+        self.base = run_sampling(workload, sampling, seed)
+        slots = min(rows or len(prompt_lens), plan.schedule.rows)
+        self.engine = Engine(plan.schedule, plan.placement, tck, dck, dev, rows=slots, max_prompt_len=max(prompt_lens),
+                             gen_len=self.gen_len, sampling=self.base, eos=eos, stats=self.stats)
+
+    def run(self, prompts: list[list[int]], *, progress: Callable[[int, int], None] | None = None,
+            limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
+            on_finish: Callable[[int, list[int], str], None] | None = None, row_sampling: list[dict] | None = None,
+            warmup: bool | None = None, torch_profile: str | Path | None = None) -> dict[str, Any]:
+        """Generate for `prompts` (each at most the longest prompt length the runner was built
+        for) and return this run's report (see run_plan for the arguments)."""
+        engine, stats, dev, plan = self.engine, self.stats, self.dev, self.plan
+        assert max(len(p) for p in prompts) <= engine.max_prompt_len
+        rows = None if row_sampling is None else [self.base.row(**r) for r in row_sampling]
+        total = len(prompts) * self.gen_len
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], total)
+
+        stats.reset()  # the report is this run's, not the runner's earlier ones
         if dev.type == "cuda" if warmup is None else warmup:
             engine.warmup(prompts)
             stats.reset()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
         stats.label_regions = torch_profile is not None
+        need, tspec, dspec = self.need, self.tspec, self.dspec
         t0 = time.perf_counter()
         try:
             with _maybe_profiled(torch_profile, dev):
@@ -289,14 +329,15 @@ def run_plan(plan: Plan | str | Path, target: str | ModelSpec, draft: str | Mode
             rep = build_report(plan, engine, stats, kept, wall_s, dev, need, tspec, dspec, simulate_again=False,
                                lengths=[engine.row_tokens[i] for i in done])
             rep["interrupted"] = {"after_s": wall_s, "rows_finished": len(done), "rows": len(prompts)}
-            rep["machine"] = {"load_at_start": load, "forced_past": forced}
+            rep["machine"] = {"load_at_start": self.load, "forced_past": self.forced}
             raise Interrupted(rep) from None
         rep = build_report(plan, engine, stats, outputs if on_finish is None else None, wall_s, dev, need, tspec,
                            dspec, lengths=engine.row_tokens)
-        rep["machine"] = {"load_at_start": load, "forced_past": forced}
+        rep["machine"] = {"load_at_start": self.load, "forced_past": self.forced}
         return rep
-    finally:
-        engine.close()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class Interrupted(KeyboardInterrupt):

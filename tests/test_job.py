@@ -305,7 +305,7 @@ def test_parquet_and_a_datasets_directory_are_read_with_their_columns(tmp_path):
 
 def test_a_stop_string_is_found_across_passes_and_cuts_tokens_and_text(tmp_path):
     from specplan.runtime.job import Job
-    from specplan.runtime.jobio import Dataset, JobRow
+    from specplan.runtime.jobio import JobRow
 
     tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir(tmp_path / "tok")))
     rows = [JobRow("s", (2,), None, ("cat sat",)), JobRow("n", (2,), 3)]
@@ -315,7 +315,7 @@ def test_a_stop_string_is_found_across_passes_and_cuts_tokens_and_text(tmp_path)
         def write(self, rec):
             written.append(rec)
 
-    job = Job(Dataset(tmp_path / "d.jsonl", rows, "h"), [0, 1], Writer(), tok, gen_len=8)
+    job = Job(rows, [0, 1], str(tmp_path / "d.jsonl"), Writer(), tok, gen_len=8)
     assert job.limits == [8, 3]
     assert not job.stop(0, [4, 5])  # "the cat": not yet
     assert job.stop(0, [4, 5, 6, 7])  # "the cat sat on": the stop spans the last check's end
@@ -323,4 +323,4 @@ def test_a_stop_string_is_found_across_passes_and_cuts_tokens_and_text(tmp_path)
     job.finish(0, [4, 5, 6, 7], "stop")
     assert written[0]["token_ids"] == [4, 5, 6] and written[0]["text"] == "the "
     with pytest.raises(InputError, match="max_tokens: 9 is more than the plan's gen_len 8"):
-        Job(Dataset(tmp_path / "d.jsonl", [JobRow("x", (2,), 9)], "h"), [0], Writer(), tok, gen_len=8)
+        Job([JobRow("x", (2,), 9)], [0], str(tmp_path / "d.jsonl"), Writer(), tok, gen_len=8)
