@@ -21,13 +21,67 @@ from rich.markup import escape
 from rich.table import Table
 
 from specplan.errors import InputError
-from specplan.fileio import check_writable, read_text, write_json
+from specplan.fileio import check_writable, write_json
 from specplan.units import fmt_bytes, fmt_seconds
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Execute a specplan plan with torch and compare what it measures with what the plan predicted.")
 out = Console()
 err = Console(stderr=True)
+
+# Options shared with `specplan batch` (runtime.batch): one definition each.
+TargetOpt = Annotated[str, typer.Option("--target", help="Target model: HF directory (config.json + *.safetensors) or preset.")]
+DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="Draft model (speculative policies): directory or preset.")]
+RandomWeightsOpt = Annotated[bool, typer.Option("--random-weights", help="Seeded random weights instead of a checkpoint.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Override the weights' dtype: float32 | bfloat16 | float16.")]
+IgnoreEosOpt = Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Default: ignore EOS with random weights.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")]
+DraftSeedOpt = Annotated[Optional[int], typer.Option("--draft-seed", help="Seed of a random draft; the target's seed makes a truncated self-draft.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ).")]
+ColumnOpt = Annotated[Optional[str], typer.Option("--column", help="The text column of a .jsonl, parquet or datasets input (default: prompt, else messages).")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")]
+SampleSeedOpt = Annotated[Optional[int], typer.Option("--sample-seed", min=0, max=2 ** 63 - 1, help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")]
+StopOpt = Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run a plan made for another device, or one this machine's memory looks too small for, with a warning instead of a refusal.")]
+
+
+def sampling_flags(temperature: float | None, top_p: float, top_k: int, sample_seed: int | None) -> dict:
+    """The sampling the command line sets ({temperature, top_p, top_k, seed}), checked."""
+    from .sampling import MIN_TEMPERATURE
+
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise InputError("argument", "--temperature", f"got {temperature}", f"0 (greedy) or at least {MIN_TEMPERATURE}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
+    return {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", sample_seed))
+            if v is not None}
+
+
+def job_rows(prompts: Path, target: str, column: str | None, stop: list[str]):
+    """The dataset job's rows, read and checked (runtime.jobio.read_dataset), the command
+    line's stop strings given to rows without their own; and the target's folder."""
+    from dataclasses import replace
+
+    from .jobio import read_dataset
+    from .run import resolve_model
+
+    spec, weights_dir = resolve_model(target)
+    folder = Path(target) if Path(target).is_dir() else weights_dir
+    data = read_dataset(prompts, folder, spec.vocab, column)
+    if stop:
+        data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
+    return data, folder
+
+
+def job_settings(sampling: dict, stop: list[str], column: str | None, seed: int, draft_seed: int | None,
+                 random_weights: bool, dtype: str | None, ignore_eos: bool | None) -> dict:
+    """Every setting that changes what a row generates: part of the job's identity (resume
+    refuses a change)."""
+    return {"sampling": sampling, "stop": list(stop), "column": column, "seed": seed, "draft_seed": draft_seed,
+            "random_weights": random_weights, "dtype": dtype, "ignore_eos": ignore_eos}
 
 
 
@@ -88,30 +142,30 @@ def print_table(report: dict) -> None:
 @app.command()
 def run(
     plan: Annotated[Path, typer.Option("--plan", help="plan.json written by `specplan optimize`.")],
-    target: Annotated[str, typer.Option("--target", help="Target model: HF directory (config.json + *.safetensors) or preset.")],
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft model (speculative policies): directory or preset.")] = None,
+    target: TargetOpt,
+    draft: DraftOpt = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="One prompt per line; default: random ids of the plan's prompt lengths.")] = None,
-    random_weights: Annotated[bool, typer.Option("--random-weights", help="Seeded random weights instead of a checkpoint.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    random_weights: RandomWeightsOpt = False,
+    device: DeviceOpt = "auto",
     report: Annotated[Path, typer.Option("--report", help="Where to write the full report (JSON).")] = Path("specrun-report.json"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of a table.")] = False,
     max_rows: Annotated[Optional[int], typer.Option("--max-rows", min=1, help="Run at most this many prompts.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Override the weights' dtype: float32 | bfloat16 | float16.")] = None,
-    ignore_eos: Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Default: ignore EOS with random weights.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")] = 0,
-    draft_seed: Annotated[Optional[int], typer.Option("--draft-seed", help="Seed of a random draft; the target's seed makes a truncated self-draft.")] = None,
+    dtype: DtypeOpt = None,
+    ignore_eos: IgnoreEosOpt = None,
+    seed: SeedOpt = 0,
+    draft_seed: DraftSeedOpt = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch intra-op threads (default: torch's).")] = None,
     warmup: Annotated[Optional[bool], typer.Option("--warmup/--no-warmup", help="Before timing, prefill the first wave and decode one round, so one-time CUDA costs (kernel loading, library handles) are not timed. Default: on for CUDA, off for the CPU.")] = None,
     torch_profile: Annotated[Optional[Path], typer.Option("--torch-profile", help="Run under torch.profiler and write its per-operator table (CPU and CUDA time) to this text file. Slows the run: its numbers are for finding hot spots, not for the report.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Run a plan made for another device, or one this machine's memory looks too small for, with a warning instead of a refusal.")] = False,
+    force: ForceOpt = False,
     output: Annotated[Optional[Path], typer.Option("--output", help="The dataset job: write one JSON line per prompt as it finishes (id, text, token ids, finish reason, counts) to this file.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ).")] = False,
-    column: Annotated[Optional[str], typer.Option("--column", help="The text column of a .jsonl, parquet or datasets input (default: prompt, else messages).")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")] = None,
-    top_p: Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0: all).")] = 0,
-    sample_seed: Annotated[Optional[int], typer.Option("--sample-seed", min=0, max=2 ** 63 - 1, help="Seed of the sampling streams: with a row's place in the input it keys that row's stream (default: the plan's workload seed). A dataset row's own temperature / top_p / top_k / seed override these flags.")] = None,
-    stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable); a row's own 'stop' replaces these.")] = [],  # noqa: B006
+    resume: ResumeOpt = False,
+    column: ColumnOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    sample_seed: SampleSeedOpt = None,
+    stop: StopOpt = [],  # noqa: B006
     timing: Annotated[bool, typer.Option("--timing", help="Also time the stages that run once per layer (target proj / attention / ffn / head, each weight copy) and compare them with the simulator's. Off by default: those timers slow a run by a few percent.")] = False,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
@@ -126,17 +180,12 @@ def run(
 
     from .jobio import sidecar_path
     from .run import resolve_model, run_plan, run_sampling
-    from .sampling import MIN_TEMPERATURE
-
     from specplan.progress import steps
 
     check_writable(report, "--report")
     if torch_profile is not None:
         check_writable(torch_profile, "--torch-profile")
-    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
-        raise InputError("argument", "--temperature", f"got {temperature}", f"0 (greedy) or at least {MIN_TEMPERATURE}")
-    if not 0.0 < top_p <= 1.0:
-        raise InputError("argument", "--top-p", f"got {top_p}", "a probability mass in (0, 1]")
+    sampling = sampling_flags(temperature, top_p, top_k, sample_seed)
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
     if output is not None and report.resolve() in (output.resolve(), sidecar_path(output).resolve()):
@@ -145,8 +194,6 @@ def run(
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
     workload = Workload.from_dict(the_plan.workload, "plan workload")
-    sampling = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                                  ("seed", sample_seed)) if v is not None}
     base = run_sampling(workload, sampling, seed)
     if base.temperature == 0 and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks its rows
         raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
@@ -196,25 +243,18 @@ def run(
 def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: str | None, prompts: Path, output: Path,
                  resume: bool, column: str | None, stop: list[str], as_json: bool, kw: dict):
     """Run the rows of `prompts` not yet in `output`; the report, or None when none was left."""
-    from dataclasses import replace
-
     from specplan.progress import steps
     from specplan.workload import check_row_positions
 
     from .job import Job, identity_of
-    from .jobio import JobWriter, load_tokenizer, read_dataset
+    from .jobio import JobWriter, load_tokenizer
     from .run import resolve_model, run_plan
 
     check_writable(output, "--output")
-    spec, weights_dir = resolve_model(target)
-    folder = Path(target) if Path(target).is_dir() else weights_dir
-    data = read_dataset(prompts, folder, spec.vocab, column)
-    if stop:
-        data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
-    # every setting that changes what a row generates is part of the job (resume refuses a change)
-    settings = {"sampling": kw["sampling"], "stop": list(stop), "column": column, "seed": kw["seed"],
-                "draft_seed": kw["draft_seed"], "random_weights": kw["random_weights"], "dtype": kw["dtype"],
-                "ignore_eos": kw["ignore_eos"]}
+    spec = resolve_model(target)[0]
+    data, folder = job_rows(prompts, target, column, stop)
+    settings = job_settings(kw["sampling"], stop, column, kw["seed"], kw["draft_seed"], kw["random_weights"],
+                            kw["dtype"], kw["ignore_eos"])
     writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, settings), resume)
     try:
         todo = [i for i, r in enumerate(data.rows) if r.id not in done]

@@ -280,23 +280,56 @@ def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset
             "input_sha256": dataset.sha256, "settings": settings}
 
 
-def read_done(output: Path) -> tuple[set[str], int]:
-    """Ids already in `output`, and the byte length of its complete lines (a torn last line,
-    from a kill mid-write, is not counted and is cut off before appending)."""
+def result_lines(output: Path) -> tuple[list[tuple[str, int, int]], int]:
+    """(id, start, end) byte offsets of every complete result line of `output`, and where its
+    complete lines end (none, and 0, if it does not exist): a torn last line, from a kill
+    mid-write, is not one, and is cut off before appending."""
     if not output.exists():
-        return set(), 0
+        return [], 0
     data = output.read_bytes()
     end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-    done: set[str] = set()
-    for n, line in enumerate(data[:end].splitlines(), 1):
+    found: list[tuple[str, int, int]] = []
+    at = 0
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        start, at = at, at + len(line) + 1
         if not line.strip():
             continue
         try:
-            done.add(str(json.loads(line)["id"]))
+            found.append((str(json.loads(line)["id"]), start, at))
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise InputError(str(output), f"line {n}", "is not a result line of specrun",
                              "an output written by specrun --output") from None
-    return done, end
+    return found, end
+
+
+def read_done(output: Path) -> tuple[set[str], int]:
+    """Ids already in `output`, and the byte length of its complete lines."""
+    lines, end = result_lines(output)
+    return {i for i, _, _ in lines}, end
+
+
+def resume_state(output: Path, identity: dict, resume: bool) -> tuple[set[str], int]:
+    """Check `output` against this job and read what is done: the ids it holds and where
+    appending starts. Refused: an existing output without --resume, or one whose .job.json
+    records another job."""
+    side = sidecar_path(output)
+    if resume and (output.exists() or side.exists()):
+        if not side.exists():
+            raise InputError(str(output), "job", f"has no {side.name} beside it, so which job wrote it is unknown",
+                             "an output written by specrun --output, with its .job.json")
+        from specplan.fileio import read_json
+
+        theirs = read_json(side)
+        if not isinstance(theirs, dict):
+            raise InputError(str(side), "top level", "is not a JSON object", "the .job.json specrun wrote")
+        diff = [k for k in identity if theirs.get(k) != identity[k]]
+        if diff:
+            raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
+                             "--resume with the plan, models, input and sampling that wrote it, or a new --output")
+        return read_done(output)
+    if output.exists() and not resume:
+        raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
+    return set(), 0
 
 
 @dataclass
@@ -316,32 +349,15 @@ class JobWriter:
     _syncer: threading.Thread | None = field(default=None, repr=False)
     _error: OSError | None = field(default=None, repr=False)  # a failed fsync of the timer thread
 
-    identity: dict = field(default_factory=dict)
+    identity: dict | None = field(default_factory=dict)  # recorded beside the output; None: nothing beside it
     _end: int = 0  # where appending starts: after the last complete line
 
     @classmethod
     def prepare(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
-        """Check the output against this job and read what is done; writes nothing (start()
-        does, once the run is sure to begin, so a refused plan leaves no file behind)."""
-        side = sidecar_path(output)
-        done: set[str] = set()
-        end = 0
-        if resume and (output.exists() or side.exists()):
-            if not side.exists():
-                raise InputError(str(output), "job", f"has no {side.name} beside it, so which job wrote it is unknown",
-                                 "an output written by specrun --output, with its .job.json")
-            from specplan.fileio import read_json
-
-            theirs = read_json(side)
-            if not isinstance(theirs, dict):
-                raise InputError(str(side), "top level", "is not a JSON object", "the .job.json specrun wrote")
-            diff = [k for k in identity if theirs.get(k) != identity[k]]
-            if diff:
-                raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
-                                 "--resume with the plan, models, input and sampling that wrote it, or a new --output")
-            done, end = read_done(output)
-        elif output.exists() and not resume:
-            raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
+        """Check the output against this job and read what is done (resume_state); writes
+        nothing (start() does, once the run is sure to begin, so a refused plan leaves no file
+        behind)."""
+        done, end = resume_state(output, identity, resume)
         return cls(output, identity=identity, _end=end), done
 
     @classmethod
@@ -354,7 +370,8 @@ class JobWriter:
         """Record the job beside the output and open it for appending (a torn last line cut)."""
         if self._fh is not None:
             return
-        write_json(sidecar_path(self.path), self.identity)
+        if self.identity is not None:
+            write_json(sidecar_path(self.path), self.identity)
         new = not self.path.exists()
         fh = open(self.path, "r+b" if not new else "wb")
         fh.truncate(self._end)
