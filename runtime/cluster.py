@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specplan.errors import InfeasibleError, InputError, SpecplanError
-from specplan.units import fmt_seconds
+from specplan.units import fmt_duration
 
 from .jobio import JobRow
 
 PROFILE_ENV = "SPECPLAN_PROFILE"
+NAMESPACE, ACTOR_PREFIX = "specplan", "batch-"  # workers are named batch-<driver pid>-<index> in namespace specplan
 POLL_S = 0.25  # how often the driver collects finished rows from the workers
 START_TIMEOUT_S = 300.0  # a worker that has not answered by then is left out (its node may lack resources)
 
@@ -203,7 +204,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw = dict(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     if address == "local":
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kw)  # a new instance, never a running one
         return
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
@@ -401,9 +402,11 @@ class Driver:
 
         remote = ray.remote(Worker)
         actors = []
-        for s in slots:
+        for i, s in enumerate(slots):
             cfg = self.cfg if s.gpus else _with(self.cfg, threads=s.cpus)
+            # named, so `ray list actors` (or a test) can find a job's workers
             actors.append(remote.options(num_gpus=s.gpus, num_cpus=s.cpus, max_restarts=0, max_concurrency=2,
+                                         name=f"{ACTOR_PREFIX}{os.getpid()}-{i}", namespace=NAMESPACE,
                                          scheduling_strategy=NodeAffinitySchedulingStrategy(s.node_id, soft=False))
                           .remote(cfg))
         infos = self._answers([a.describe.remote() for a in actors], "start")
@@ -477,9 +480,12 @@ class Driver:
                 if not live:
                     raise SpecplanError(f"every worker was lost; {len(queue)} rows are left: run the same command "
                                         "with --resume")
-                for w in live:
-                    if w.running is None and len(queue):
-                        n = max(1, min(w.shard_rows, math.ceil(len(queue) / len(live))))
+                # the rows left spread over the workers now asking, each at most its shard size
+                idle = [w for w in live if w.running is None]
+                share = math.ceil(len(queue) / len(idle)) if idle else 0
+                for w in idle:
+                    if len(queue):
+                        n = max(1, min(w.shard_rows, share))
                         shard = queue.cut(n)
                         writer = open_shard(shard.id)
                         ref = w.actor.run_shard.remote(shard.id, [(p, rows[p]) for p in shard.places])
@@ -540,7 +546,7 @@ class Driver:
         eta = (total - done) * elapsed_s / done if done else None
         per = ", ".join(f"w{i} {r:.1f}" for i, r in rates)
         return (f"{done}/{total} rows, {tok / max(elapsed_s, 1e-9):.1f} tok/s ({per})"
-                + (f", ETA {fmt_seconds(eta)}" if eta is not None else ""))
+                + (f", ETA {fmt_duration(eta)}" if eta is not None else ""))
 
     def report(self) -> dict:
         tok = sum(w.tokens for w in self.workers)
@@ -554,14 +560,17 @@ class Driver:
                                        for w in self.workers if w.plan is not None and w.lost is None) or None}
 
     def close(self) -> None:
-        if not self.workers:
+        """Stop the workers and leave the cluster (a `local` one stops with it)."""
+        import ray
+
+        if not ray.is_initialized():
             return
-        ray = _ray()
         for w in self.workers:
             try:
                 ray.kill(w.actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        ray.shutdown()
 
     # helpers
 

@@ -131,12 +131,19 @@ class Job:
             self.steps.advance()
 
 
+def _where(name: str | None) -> str | None:
+    return None if name is None else str(Path(name).resolve()) if Path(name).exists() else str(name)
+
+
 def identity_of(plan_path: Path, target: str, draft: str | None, dataset: Dataset, settings: dict) -> dict:
     """The job's identity: the plan's content, the models (directories resolved), the input's
     content, and every setting that changes what a row generates (`settings`)."""
     from specplan.fileio import read_json
 
-    def where(name: str | None) -> str | None:
-        return None if name is None else str(Path(name).resolve()) if Path(name).exists() else str(name)
+    return job_identity(sha256_of(read_json(plan_path)), _where(target), _where(draft), dataset, settings)
 
-    return job_identity(sha256_of(read_json(plan_path)), where(target), where(draft), dataset, settings)
+
+def identity_of_job(target: str, draft: str | None, dataset: Dataset, settings: dict) -> dict:
+    """A batch job's identity: as identity_of, without a plan (each machine has its own, and
+    a row's tokens do not depend on which plan ran it)."""
+    return job_identity(None, _where(target), _where(draft), dataset, settings)

@@ -8,6 +8,7 @@ import typer
 def register(app: typer.Typer) -> None:
     from specplan.hwprofiles.cli import calibrate_cmd, profile_cmd
     from specplan.planner.cli import optimize_cmd
+    from specplan.runtime.batch import batch_cmd
     from specplan.runtime.validate import validate_cmd  # torch is imported only when it runs
     from specplan.simulator.cli import simulate_cmd
 
@@ -16,3 +17,4 @@ def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate_cmd)
     app.command("simulate")(simulate_cmd)
     app.command("validate")(validate_cmd)
+    app.command("batch")(batch_cmd)

@@ -43,6 +43,16 @@ def fmt_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} us"
 
 
+def fmt_duration(s: float) -> str:
+    """A duration for a person: 45 s, 12 min 05 s, 3 h 20 min."""
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def fmt_count(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
