@@ -172,10 +172,6 @@ class Worker:
             out, self._out = self._out, []
         return out
 
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-
 
 def _node_id() -> str | None:
     try:
