@@ -72,13 +72,11 @@ def batch_cmd(
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
     from specplan.plan import ADMISSIONS, POLICIES
     from specplan.units import parse_bytes
-    from specplan.workload import Workload
 
     from . import shards
     from .cluster import Driver, BatchRun, PlanRequest, WorkerConfig
     from .job import identity_of_job
     from .jobio import sidecar_path
-    from .run import run_sampling
 
     t_start = time.perf_counter()
     draft = None if draft is not None and draft.lower() == "none" else draft
@@ -111,7 +109,6 @@ def batch_cmd(
     todo = [i for i, r in enumerate(data.rows) if r.id not in done]
     if done:
         err.print(f"resuming {output}: {len(done)} of {len(data.rows)} rows done, {len(todo)} to run", highlight=False)
-    base = run_sampling(Workload.make(prompt_len=1, gen_len=gen_len, num_prompts=1), sampling, seed)
 
     def say(msg: str) -> None:
         if not as_json:
@@ -138,7 +135,7 @@ def batch_cmd(
     with contextlib.redirect_stdout(sys.stderr):
         try:
             if todo:
-                driver.start(data.rows, todo, base)
+                driver.start(data.rows, todo)
                 driver.load(max(len(data.rows[i].ids) for i in todo))
                 # every refusal has passed: the job's files may be written now
                 write_json(sidecar_path(output), identity)

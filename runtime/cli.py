@@ -66,11 +66,10 @@ def job_rows(prompts: Path, target: str, column: str | None, stop: list[str]):
     from dataclasses import replace
 
     from .jobio import read_dataset
-    from .run import resolve_model
+    from .run import model_folder, resolve_model
 
-    spec, weights_dir = resolve_model(target)
-    folder = Path(target) if Path(target).is_dir() else weights_dir
-    data = read_dataset(prompts, folder, spec.vocab, column)
+    folder = model_folder(target)
+    data = read_dataset(prompts, folder, resolve_model(target)[0].vocab, column)
     if stop:
         data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
     return data, folder
@@ -179,7 +178,7 @@ def run(
     from specplan.workload import Workload
 
     from .jobio import sidecar_path
-    from .run import resolve_model, run_plan, run_sampling
+    from .run import model_folder, resolve_model, run_plan, run_sampling
     from specplan.progress import steps
 
     check_writable(report, "--report")
@@ -221,9 +220,7 @@ def run(
         else:
             token_ids = None
             if prompts is not None:
-                spec, weights_dir = resolve_model(target)
-                folder = Path(target) if Path(target).is_dir() else weights_dir
-                token_ids = read_prompts(prompts, folder, spec.vocab)
+                token_ids = read_prompts(prompts, model_folder(target), resolve_model(target)[0].vocab)
             with steps(err, f"{the_plan.schedule.policy}: generated tokens", quiet=as_json) as bar:
                 result = run_plan(the_plan, target, draft, prompts=token_ids, progress=bar.set, **kw)
     except Interrupted as e:  # keep the report of what ran, then end as Ctrl-C does

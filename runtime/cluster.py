@@ -28,8 +28,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from specplan.errors import InfeasibleError, InputError, SpecplanError
@@ -124,12 +123,10 @@ class Worker:
 
     def prepare(self, plan: dict, longest_prompt: int, rows: int) -> dict:
         """Check the plan against this machine, then read the weights and build the engine."""
-        from pathlib import Path as P
-
         from specplan.plan import Plan
 
         from .jobio import load_tokenizer
-        from .run import PlanRunner, resolve_model
+        from .run import PlanRunner, model_folder
 
         warnings: list[str] = []
         t0 = time.perf_counter()
@@ -139,8 +136,7 @@ class Worker:
                                      device=c.device, random_weights=c.random_weights, dtype=c.dtype,
                                      ignore_eos=c.ignore_eos, seed=c.seed, draft_seed=c.draft_seed, force=c.force,
                                      warn=warnings.append, sampling=c.sampling)
-            _, weights = resolve_model(c.target)
-            self.tokenizer = load_tokenizer(P(c.target) if P(c.target).is_dir() else weights)
+            self.tokenizer = load_tokenizer(model_folder(c.target))
         except SpecplanError as e:
             return {"error": str(e)}
         return {"warnings": warnings, "load_s": time.perf_counter() - t0}
@@ -158,7 +154,7 @@ class Worker:
             return {"error": str(e)}
         job.engine = runner.engine
         rep = runner.run(job.prompts, limits=job.limits, stop=job.stops, on_finish=job.finish,
-                         row_sampling=job.sampling)
+                         row_sampling=job.sampling, simulate_again=False)  # the driver reports per worker
         m = rep["measured"]
         return {"shard": shard, "rows": m["rows"], "generated_tokens": m["generated_tokens"], "wall_s": m["wall_s"],
                 "tokens_per_round": m["tokens_per_round"], "acceptance_per_token": m["acceptance_per_token"]}
@@ -379,14 +375,15 @@ class Driver:
 
     # before any weight is read
 
-    def start(self, rows: list[JobRow], todo: list[int], base) -> None:
+    def start(self, rows: list[JobRow], todo: list[int]) -> None:
         """Connect, place the workers, find their profiles, plan per profile, check every row
         against the plans. Raises a one-line error for what stops the job; reads no weight."""
         from specplan.fileio import sha256_of
         from specplan.workload import check_row_positions
 
         from .job import check_rows
-        from .run import resolve_model
+        from .jobio import has_tokenizer
+        from .run import model_folder, resolve_model, run_sampling
 
         ray = _ray()
         t0 = time.perf_counter()
@@ -399,7 +396,7 @@ class Driver:
         remote = ray.remote(Worker)
         actors = []
         for i, s in enumerate(slots):
-            cfg = self.cfg if s.gpus else _with(self.cfg, threads=s.cpus)
+            cfg = self.cfg if s.gpus else replace(self.cfg, threads=s.cpus)
             # named, so `ray list actors` (or a test) can find a job's workers
             actors.append(remote.options(num_gpus=s.gpus, num_cpus=s.cpus, max_restarts=0, max_concurrency=2,
                                          name=f"{ACTOR_PREFIX}{os.getpid()}-{i}", namespace=NAMESPACE,
@@ -433,7 +430,9 @@ class Driver:
             for g in gammas:
                 check_row_positions(self.cfg.source, f"id {rows[i].id!r}", len(rows[i].ids), self.req.gen_len, g,
                                     tspec, dspec if g else None)
-        check_rows(rows, todo, self.cfg.source, _has_tokenizer(self.cfg.target), self.req.gen_len, base)
+        # the workers' sampling, as each will build it from its plan's workload (PlanRunner.base)
+        base = run_sampling(workload, self.cfg.sampling, self.cfg.seed)
+        check_rows(rows, todo, self.cfg.source, has_tokenizer(model_folder(self.cfg.target)), self.req.gen_len, base)
         for w in self._live():
             w.shard_rows = self.where.shard_rows or 4 * w.plan.schedule.rows
 
@@ -594,18 +593,3 @@ class Driver:
             except ray.exceptions.RayActorError:
                 out.append(None)
         return out
-
-
-def _with(cfg: WorkerConfig, **kw) -> WorkerConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
-
-
-def _has_tokenizer(target: str) -> bool:
-    from .jobio import TOKENIZER_FILES
-    from .run import resolve_model
-
-    _, weights = resolve_model(target)
-    folder = Path(target) if Path(target).is_dir() else weights
-    return folder is not None and any((folder / f).exists() for f in TOKENIZER_FILES)

@@ -81,9 +81,13 @@ def _lines(text: str) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def has_tokenizer(model_dir: Path | None) -> bool:
+    return model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: Path | None) -> Any:
     """The model directory's tokenizer, or None when it has none (a preset, or weights only)."""
-    if model_dir is None or not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 

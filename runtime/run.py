@@ -53,6 +53,13 @@ def resolve_model(name_or_path: str | ModelSpec) -> tuple[ModelSpec, Path | None
     return spec, folder if has_weights else None
 
 
+def model_folder(name: str) -> Path | None:
+    """The folder a model's tokenizer and generation config are read from: the directory given,
+    or the one holding the weights of a config.json given (None for a preset)."""
+    _, weights_dir = resolve_model(name)
+    return Path(name) if Path(name).is_dir() else weights_dir
+
+
 def random_prompts(workload: Workload, vocab: int, n: int, seed: int | None = None) -> list[list[int]]:
     """n prompts of the workload's lengths (cycled), random token ids, seeded."""
     rng = random.Random(workload.seed if seed is None else seed)
@@ -293,9 +300,12 @@ class PlanRunner:
     def run(self, prompts: list[list[int]], *, progress: Callable[[int, int], None] | None = None,
             limits: list[int] | None = None, stop: Callable[[int, list[int]], bool] | None = None,
             on_finish: Callable[[int, list[int], str], None] | None = None, row_sampling: list[dict] | None = None,
-            warmup: bool | None = None, torch_profile: str | Path | None = None) -> dict[str, Any]:
+            warmup: bool | None = None, torch_profile: str | Path | None = None,
+            simulate_again: bool = True) -> dict[str, Any]:
         """Generate for `prompts` (each at most the longest prompt length the runner was built
-        for) and return this run's report (see run_plan for the arguments)."""
+        for) and return this run's report (see run_plan for the arguments; without
+        `simulate_again` the report does not simulate the plan again at the measured acceptance,
+        which a caller keeping only the measured counts does not need)."""
         engine, stats, dev, plan = self.engine, self.stats, self.dev, self.plan
         assert max(len(p) for p in prompts) <= engine.max_prompt_len
         rows = None if row_sampling is None else [self.base.row(**r) for r in row_sampling]
@@ -332,7 +342,7 @@ class PlanRunner:
             rep["machine"] = {"load_at_start": self.load, "forced_past": self.forced}
             raise Interrupted(rep) from None
         rep = build_report(plan, engine, stats, outputs if on_finish is None else None, wall_s, dev, need, tspec,
-                           dspec, lengths=engine.row_tokens)
+                           dspec, simulate_again=simulate_again, lengths=engine.row_tokens)
         rep["machine"] = {"load_at_start": self.load, "forced_past": self.forced}
         return rep
 
