@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specplan import __version__
 from specplan.errors import InfeasibleError
@@ -34,11 +34,16 @@ from .milp import Candidate, ShapeProgram, estimate, solver_name
 from .shapes import Shape, coefficients, enumerate_shapes
 
 PER_POLICY = {"specoffload": 4, "spec-serial": 2, "flexgen": 2, "sequential": 1}
-# Candidates the simulator replays: each policy's best, and any other the program puts within
-# this fraction of the best estimate (the simulator moved no default candidate by more than
+# Candidates the simulator replays: each policy's best; and the runner-ups of a policy whose
+# best came within RUNNER_UP_WITHIN of the best simulated plan, those the program puts within
+# RERANK_WITHIN of the best estimate (the simulator moved no default candidate by more than
 # 10% from its estimate but flexgen 2 x 192, which it put at 0.67x; validation.md section 5)
 RERANK_WITHIN = 0.8
-SHAPES_IN_PROGRAM = 32
+RUNNER_UP_WITHIN = 0.9
+# Shapes per policy the program chooses among, the best by the shortlist's score: over the
+# default job on rtx4090, a100-40gb and l4 (12 policy programs), 12 gave the same best
+# candidate as 32, and 8 lost 0.2% on one
+SHAPES_IN_PROGRAM = 12
 
 
 @dataclass
@@ -67,11 +72,12 @@ class OptimizeResult:
 
 
 def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, workload: Workload,
-                      profile: HardwareProfile) -> tuple[Placement | None, list[str]]:
+                      profile: HardwareProfile, prefetch_depth: int = 0,
+                      explain: bool = True) -> tuple[Placement | None, list[str]]:
     """The least memory-hungry placement that fits this shape (draft KV on the GPU when it
     can be), or None and the limits it breaks."""
-    return least_placement(target, draft, shape.schedule(prefetch_depth=0), workload, profile,
-                           "recompute" if shape.recompute else None)
+    return least_placement(target, draft, shape.schedule(prefetch_depth), workload, profile,
+                           "recompute" if shape.recompute else None, explain)
 
 
 ADMISSIONS = ("waves", "continuous")
@@ -79,15 +85,35 @@ ADMISSIONS = ("waves", "continuous")
 
 def _shortlist(policy: str, target, draft, profile, workload,
                admissions=ADMISSIONS) -> tuple[list[Shape], list[str], int, float]:
+    """The SHAPES_IN_PROGRAM shapes of a policy the program's model scores best at their least
+    placement, the limits the first shape that fits nowhere breaks, how many shapes there
+    were, and the best score."""
     shapes = enumerate_shapes(policy, workload, admissions=admissions)
     scored: list[tuple[float, Shape]] = []
     closest = None
+    memo: dict = {}
+    # memory grows with the prefill chunk: where a chunk fits nowhere (with prefetch 0, or
+    # with prefetch 1), no larger chunk of that shape fits either
+    fails_from: dict[tuple[Shape, int], int] = {}
     for s in shapes:
-        pl, why = minimal_placement(target, draft, s, workload, profile)
+        key = replace(s, prefill_chunk=0)
+        if s.prefill_chunk >= fails_from.get((key, 0), 1 << 30):
+            continue
+        pl, why = minimal_placement(target, draft, s, workload, profile, explain=closest is None)
         if pl is None:
             closest = closest or why
+            fails_from[(key, 0)] = min(s.prefill_chunk, fails_from.get((key, 0), 1 << 30))
             continue
-        tok_s, _, _ = estimate(s, coefficients(s, target, draft, profile, workload), profile, target, pl, 1)
+        co = coefficients(s, target, draft, profile, workload, memo)
+        # scored with prefetch only where its second stream buffer fits too (a shape that
+        # cannot afford it, scored as if it could, crowds out the shapes the program picks)
+        tok_s, _, _ = estimate(s, co, profile, target, pl, 0)
+        if s.prefill_chunk < fails_from.get((key, 1), 1 << 30):
+            pl1, _ = minimal_placement(target, draft, s, workload, profile, prefetch_depth=1, explain=False)
+            if pl1 is not None:
+                tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1)[0])
+            else:
+                fails_from[(key, 1)] = min(s.prefill_chunk, fails_from.get((key, 1), 1 << 30))
         scored.append((tok_s, s))
     scored.sort(key=lambda ts: -ts[0])
     top = scored[:SHAPES_IN_PROGRAM]
@@ -157,15 +183,14 @@ def _after_fork() -> None:
     highspy.Highs.resetGlobalScheduler(True)
 
 
-def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-                       workload: Workload, wanted: int,
-                       admissions=ADMISSIONS) -> tuple[list[Candidate], str | None, int]:
-    """Up to `wanted` candidates of one policy from its program (each runner-up differing in
-    more than the prefill chunk), why none fits if so, and how many shapes were considered."""
-    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions)
-    if not shortlist:
-        return [], "; ".join(why) or "no shape fits", n
+def _program_candidates(policy: str, shortlist: list[Shape], first_guess: float, target, draft, profile, workload,
+                        wanted: int, exclude: tuple[Shape, ...] = ()) -> tuple[list[Candidate], str | None]:
+    """Up to `wanted` candidates from the program over `shortlist` (each differing from the
+    ones before, and from `exclude`, in more than the prefill chunk), or why there is none."""
     program = ShapeProgram(shortlist, target, draft, profile, workload)
+    for shape in exclude:
+        if not program.exclude_like(shape):
+            return [], None
     found: list[Candidate] = []
     lam = first_guess  # a feasible shape's ratio: Dinkelbach starts close
     for _ in range(wanted):
@@ -176,10 +201,22 @@ def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, 
         if not program.exclude_like(cand.shape):
             break
         lam = cand.estimate_tok_s * 0.9
-    if not found:  # shapes fit, yet the program found no plan: say so rather than drop the policy
+    if not found and not exclude:  # shapes fit, yet the program found no plan: say so rather than drop the policy
         return [], (f"the program over {len(shortlist)} shapes that fit found no plan "
-                    f"(solver status {program.last_status})"), n
-    return found, None, n
+                    f"(solver status {program.last_status})")
+    return found, None
+
+
+def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
+                       workload: Workload, wanted: int,
+                       admissions=ADMISSIONS) -> tuple[list[Candidate], str | None, int]:
+    """Up to `wanted` candidates of one policy from its program (each runner-up differing in
+    more than the prefill chunk), why none fits if so, and how many shapes were considered."""
+    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions)
+    if not shortlist:
+        return [], "; ".join(why) or "no shape fits", n
+    found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, wanted)
+    return found, why_not, n
 
 
 def _simulate_or_refusal(cfg: SimConfig):
@@ -189,48 +226,98 @@ def _simulate_or_refusal(cfg: SimConfig):
         return e
 
 
+@dataclass
+class PolicySearch:
+    """One policy's first round: its shortlist (for the runner-ups), its best candidate and
+    that candidate simulated (or the simulator's refusal), why nothing fits, shapes considered."""
+
+    policy: str
+    shortlist: list[Shape]
+    first_guess: float
+    first: Candidate | None
+    sim: SimResult | InfeasibleError | None
+    why: str | None
+    considered: int
+
+
+def _policy_first(policy: str, target, draft, profile, workload, admissions) -> PolicySearch:
+    """Shortlist, program and simulator for one policy's best candidate, in one process."""
+    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions)
+    if not shortlist:
+        return PolicySearch(policy, [], 0.0, None, None, "; ".join(why) or "no shape fits", n)
+    found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, 1)
+    if not found:
+        return PolicySearch(policy, shortlist, first_guess, None, None, why_not, n)
+    sim = _simulate_or_refusal(to_sim_config(found[0], target, draft, profile, workload))
+    return PolicySearch(policy, shortlist, first_guess, found[0], sim, None, n)
+
+
+def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int,
+                floor_tok_s: float) -> list[tuple[Candidate, SimResult | InfeasibleError | None]]:
+    """The policy's next `wanted` candidates, each simulated when the program puts it at
+    `floor_tok_s` or above (None where it does not)."""
+    found, _ = _program_candidates(search.policy, search.shortlist, search.first.estimate_tok_s * 0.9, target, draft,
+                                   profile, workload, wanted, exclude=(search.first.shape,))
+    return [(c, _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload))
+             if c.estimate_tok_s >= floor_tok_s else None) for c in found]
+
+
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
              policies: tuple[str, ...] = POLICIES, progress: Steps | None = None,
              per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS) -> OptimizeResult:
     """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
-    (waves, continuous) proposed by the program, re-ranked by the simulator. `progress` hears
-    each phase and counts its jobs (policies solved, candidates simulated)."""
+    (waves, continuous) proposed by the program, re-ranked by the simulator. First round, one
+    job per policy: its program's best candidate, simulated. Second round, only for the
+    policies whose best came within RUNNER_UP_WITHIN of the best simulated plan (or whose best
+    the simulator refused): the program's runner-ups, simulated where their estimate is
+    within RERANK_WITHIN of the best estimate. A runner-up's estimate never exceeds its
+    policy's best, and the simulator moves the candidates of one policy alike, so a policy
+    well behind cannot win by its runner-ups. `progress` hears each round and counts its jobs."""
     bar = progress or Steps(None, None)
     say = bar.say
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
-    jobs = [(policy, target, draft, profile, workload, per_policy.get(policy, 1), admissions) for policy in policies]
+    jobs = [(policy, target, draft, profile, workload, admissions) for policy in policies]
     workers = parallel_workers(len(jobs))
-    say(f"{', '.join(policies)}: enumerating shapes and solving the program"
+    say(f"{', '.join(policies)}: shapes, program and simulator for each policy's best"
         + (f" in {workers} processes" if workers > 1 else ""))
-    candidates: list[Candidate] = []
-    infeasible: dict[str, str] = {}
-    considered = 0
     bar.set(0, len(jobs))
-    for policy, (found, why, n) in zip(policies, map_in_processes(_policy_candidates, jobs, workers, bar.advance)):
-        considered += n
-        candidates += found
-        if why is not None:
-            infeasible[policy] = why
-    if not candidates:
+    searches: list[PolicySearch] = map_in_processes(_policy_first, jobs, workers, bar.advance)
+    infeasible: dict[str, str] = {}
+    ranked: list[Ranked] = []
+    considered = sum(s.considered for s in searches)
+    for s in searches:
+        if s.why is not None:
+            infeasible[s.policy] = s.why
+        elif isinstance(s.sim, InfeasibleError):  # the program's memory terms are an upper bound; this is a guard
+            infeasible[s.policy] = str(s.sim)
+        elif s.sim is not None:
+            ranked.append(Ranked(s.first, s.sim))
+    found = [s for s in searches if s.first is not None]
+    if not found:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
 
-    top = max(c.estimate_tok_s for c in candidates)
-    firsts = {id(next(c for c in candidates if c.shape.policy == p)) for p in {c.shape.policy for c in candidates}}
-    candidates = [c for c in candidates if id(c) in firsts or c.estimate_tok_s >= RERANK_WITHIN * top]
-    ranked: list[Ranked] = []
-    workers = parallel_workers(len(candidates))
-    say(f"simulating {len(candidates)} candidates" + (f" in {workers} processes" if workers > 1 else ""))
-    configs = [(to_sim_config(c, target, draft, profile, workload),) for c in candidates]
-    bar.set(0, len(configs))
-    for c, res in zip(candidates, map_in_processes(_simulate_or_refusal, configs, workers, bar.advance)):
-        if isinstance(res, InfeasibleError):  # the program's memory terms are an upper bound; this is a guard
-            infeasible.setdefault(c.shape.policy, str(res))
-            continue
-        ranked.append(Ranked(c, res))
+    best_sim = max((r.tok_s for r in ranked), default=0.0)
+    top_estimate = max(s.first.estimate_tok_s for s in found)
+    close = [s for s in found if per_policy.get(s.policy, 1) > 1
+             and (not isinstance(s.sim, SimResult) or s.sim.throughput_tok_s >= RUNNER_UP_WITHIN * best_sim)]
+    if close:
+        jobs = [(s, target, draft, profile, workload, per_policy[s.policy] - 1, RERANK_WITHIN * top_estimate)
+                for s in close]
+        workers = parallel_workers(len(jobs))
+        say(f"runner-ups of {', '.join(s.policy for s in close)}" + (f" in {workers} processes" if workers > 1 else ""))
+        bar.set(0, len(jobs))
+        for s, more in zip(close, map_in_processes(_runner_ups, jobs, workers, bar.advance)):
+            for c, res in more:
+                if isinstance(res, InfeasibleError):
+                    infeasible.setdefault(s.policy, str(res))
+                elif res is not None:
+                    ranked.append(Ranked(c, res))
     if not ranked:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
+    for r in ranked:  # a policy with a plan is not infeasible, whatever a runner-up hit
+        infeasible.pop(r.candidate.shape.policy, None)
     ranked.sort(key=lambda r: -r.tok_s)
     return OptimizeResult(ranked, infeasible, considered, solver_name())
 

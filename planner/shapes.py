@@ -8,7 +8,7 @@ which is linear in where the weights live. That is what makes the program linear
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specplan.cost import (
     d2h_time_s,
@@ -124,7 +124,44 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
 
 
 def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-                 workload: Workload) -> Coeffs:
+                 workload: Workload, memo: dict | None = None) -> Coeffs:
+    """The shape's constants. `memo`, a dict kept for one target, draft, profile and workload,
+    shares the decode terms between shapes that differ only in their prefill chunk."""
+    if memo is None or shape.admission == "continuous":
+        return _coefficients(shape, target, draft, profile, workload)
+    key = replace(shape, prefill_chunk=0)
+    base = memo.get(key)
+    if base is None:
+        base = memo[key] = _coefficients(shape, target, draft, profile, workload)
+    return _with_wave_prefill(base, shape, target, draft, profile, workload)
+
+
+def useful_share(rows: int, workload: Workload) -> float:
+    """The share of a wave's tokens the job earns: a last, partial wave takes a whole wave's time."""
+    n_waves = workload.num_prompts / rows
+    return 1.0 if n_waves <= 1 else n_waves / math.ceil(n_waves)
+
+
+def _experts_frac(target: ModelSpec, tokens: float) -> float:
+    """The share of experts a pass of `tokens` tokens streams (1 for a dense model)."""
+    return expected_experts_touched(tokens, target.experts, target.top_k) / target.experts if target.is_moe else 1.0
+
+
+def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: ModelSpec | None,
+                       profile: HardwareProfile, workload: Workload) -> Coeffs:
+    """`co` with the prefill terms of a waves shape: passes of prefill_chunk rows each."""
+    P, T, p = profile, target, workload.mean_prompt_len
+    n_pre = math.ceil(shape.rows / shape.prefill_chunk)
+    chunk_rows = shape.rows / n_pre
+    pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
+    pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
+    draft_pre = draft_step_s(P, draft, chunk_rows, p, p / 2) if shape.policy in ("specoffload", "spec-serial") else 0.0
+    return replace(co, prefill_passes=n_pre, prefill_expert_frac=_experts_frac(T, chunk_rows * p),
+                   prefill_gpu_s=n_pre * (pre_gpu + draft_pre), prefill_chain_s=n_pre * pre_gpu)
+
+
+def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
+                  workload: Workload) -> Coeffs:
     P, T, D = profile, target, draft
     b, g, nb = shape.target_batch, shape.gamma, shape.num_batches
     spec = shape.policy in ("specoffload", "spec-serial")
@@ -215,8 +252,6 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     else:
         phases, serial_s, gpu_total = (gen - 1) * (1 if shape.policy == "flexgen" else nb), 0.0, gpu_s
 
-    experts_frac = lambda tokens: (expected_experts_touched(tokens, T.experts, T.top_k) / T.experts  # noqa: E731
-                                   if T.is_moe else 1.0)
     decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1) + pre_tokens_in_pass
     if continuous:  # start-up: passes of prompts alone, at the budget a pass
         n_pre = startup_passes
@@ -225,19 +260,14 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
         pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_tokens / p)
         draft_pre = draft_step_s(P, D, chunk_tokens / p, p, p / 2) if spec and not shape.recompute else 0.0
     else:
-        n_pre = math.ceil(rows / shape.prefill_chunk)
-        chunk_rows = rows / n_pre
-        chunk_tokens = chunk_rows * p
-        pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
-        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
-        draft_pre = draft_step_s(P, D, chunk_rows, p, p / 2) if spec else 0.0
-    # tokens per wave, as the job earns them: a last, partial wave takes a whole wave's time
-    # (continuous admission has no waves; its start-up and drain are spread above)
-    n_waves = workload.num_prompts / rows
-    useful = 1.0 if continuous or n_waves <= 1 else n_waves / math.ceil(n_waves)
-    return Coeffs(
-        tokens=rows * gen * useful, phases=phases, gpu_s=gpu_total, cpu_s=cpu_s, chain_s=chain_s, draft_s=draft_s,
-        serial_s=serial_s, kv_swap_s=kv_swap_s, decode_expert_frac=experts_frac(decode_tokens),
-        prefill_passes=n_pre, prefill_expert_frac=experts_frac(chunk_tokens),
+        return _with_wave_prefill(Coeffs(
+            tokens=rows * gen * useful_share(rows, workload), phases=phases, gpu_s=gpu_total, cpu_s=cpu_s,
+            chain_s=chain_s, draft_s=draft_s, serial_s=serial_s, kv_swap_s=kv_swap_s,
+            decode_expert_frac=_experts_frac(T, decode_tokens), prefill_passes=0.0, prefill_expert_frac=1.0,
+            prefill_gpu_s=0.0, prefill_chain_s=0.0), shape, target, draft, profile, workload)
+    return Coeffs(  # continuous admission has no waves: its start-up and drain are spread above
+        tokens=rows * gen, phases=phases, gpu_s=gpu_total, cpu_s=cpu_s, chain_s=chain_s, draft_s=draft_s,
+        serial_s=serial_s, kv_swap_s=kv_swap_s, decode_expert_frac=_experts_frac(T, decode_tokens),
+        prefill_passes=n_pre, prefill_expert_frac=_experts_frac(T, chunk_tokens),
         prefill_gpu_s=n_pre * (pre_gpu + draft_pre), prefill_chain_s=n_pre * pre_gpu,
     )

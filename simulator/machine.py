@@ -24,6 +24,29 @@ class Span:
     end_s: float
 
 
+@dataclass(frozen=True)
+class Chain:
+    """Steps (resource, or None for a critical-path delay; stage; seconds) run back to back,
+    summed once: their total, and the seconds they add to each stage and resource."""
+
+    total_s: float
+    stage_s: tuple[tuple[str, float], ...]
+    busy_s: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def of(cls, steps: list[tuple[str | None, str, float]]) -> "Chain":
+        stage: dict[str, float] = defaultdict(float)
+        busy: dict[str, float] = defaultdict(float)
+        total = 0.0
+        for resource, name, seconds in steps:
+            if seconds > 0:
+                total += seconds
+                stage[name] += seconds
+                if resource is not None:
+                    busy[resource] += seconds
+        return cls(total, tuple(stage.items()), tuple(busy.items()))
+
+
 class Unit:
     """A FIFO resource of `capacity` identical lanes (one, unless the device is a pool of host
     cores), lighter than simpy.Resource: taking a free lane costs no event (the holder goes on
@@ -109,6 +132,22 @@ class Machine:
         self.resource_busy_s[resource] += seconds
         if self.spans is not None:
             self.spans.append(Span(resource, stage, who, start, start + seconds))
+
+    def chain(self, steps: "Chain", who: str = ""):
+        """Run `steps` back to back as one timeout: what `use` and `delay` one after another
+        cost when no other process can take their resources meanwhile (the caller's promise),
+        with the same stage and busy times. A generator: `yield from`."""
+        for stage, seconds in steps.stage_s:
+            self.stage_s[stage] += seconds
+        for resource, seconds in steps.busy_s:
+            self.resource_busy_s[resource] += seconds
+        if steps.total_s > 0:
+            self.events += 1
+            yield self.env.timeout(steps.total_s)
+
+    def idle(self, *resources: str) -> bool:
+        """No process holds or waits for any of `resources` now."""
+        return all(not self.res[r].busy and not self.res[r].waiters for r in resources)
 
     def delay(self, stage: str, seconds: float, who: str = ""):
         """Spend `seconds` on the caller's critical path without queueing for a resource: used

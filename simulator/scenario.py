@@ -46,7 +46,11 @@ from specplan.cost import (
 from specplan.memory import streamed_chunks
 from specplan.scheduler import DraftRow, Outcome, Pass, StepScheduler
 
-from .machine import Machine
+from .machine import Chain, Machine
+
+# Run a layer nobody contends for as one timeout (False: every use and delay on its own, as
+# a recorded timeline always does); the results agree either way.
+CHAIN_UNCONTENDED = True
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,10 @@ class Scenario:
             yield from self.move_rows(sum(tokens for *_, tokens in p.moves), who)
         if p.draft_first:
             yield from self.draft_phase(p.draft_first, who)
-        procs = [self.env.process(self.target_pass(who, self.groups_of(p)))]
-        if p.draft_beside:
-            procs.append(self.env.process(self.draft_phase(p.draft_beside, who + ".draft")))
+        beside = self.env.process(self.draft_phase(p.draft_beside, who + ".draft")) if p.draft_beside else None
+        procs = [self.env.process(self.target_pass(who, self.groups_of(p), beside))]
+        if beside is not None:
+            procs.append(beside)
         yield self.env.all_of(procs)
 
     def groups_of(self, p: Pass) -> list[Group]:
@@ -156,7 +161,11 @@ class Scenario:
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
 
     # ---- one pass of the target over all its layers ------------------------------------------------------
-    def target_pass(self, who: str, groups: list[Group]):
+    def target_pass(self, who: str, groups: list[Group], beside=None):
+        """The target's pass over its layers. `beside`: the draft's process running alongside
+        (specoffload), which contends for the GPU until it ends; once it has, or where there is
+        none, a layer's work runs as one timeout (Machine.chain), which costs what its uses one
+        after another would (test_simulator: the two agree), in a fraction of the events."""
         env, m, T, sch, wl = self.env, self.m, self.T, self.sch, self.wl
         kind = "prefill" if all(g.prefill for g in groups) else "verify"
         tokens = sum(g.tokens for g in groups)
@@ -170,10 +179,16 @@ class Scenario:
                   else activation_bytes(T, g.rows, g.q_len, wl.max_seq_len + sch.gamma) for g in groups)
         m.allocate("gpu", act, f"{kind} activations")
         costs = [(g.prefill, self._layer_costs(g)) for g in groups]
+        # a K/V copy to the host starts mid-layer on a link others use: such passes keep every step
+        steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or any(c.kv_d2h for _, c in costs)
+                 else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         for layer in range(T.layers):
             yield loaded[layer]
-            for prefill, c in costs:
-                yield from self._layer(who, "prefill" if prefill else "verify", c)
+            if steps is not None and (beside is None or beside.triggered) and m.idle("gpu", "cpu"):
+                yield from m.chain(steps, who)
+            else:
+                for prefill, c in costs:
+                    yield from self._layer(who, "prefill" if prefill else "verify", c)
             if loaded[layer].value:
                 slots.put(1)
         head_tokens = sum(g.rows if g.prefill else g.tokens for g in groups)  # a chunk keeps one position a row
@@ -215,6 +230,18 @@ class Scenario:
 
     def _layer_costs(self, g: Group) -> LayerCosts:
         return target_layer_costs(self.P, self.T, g.rows, g.q_len, g.ctx, self.sch.attention_device, g.prefill)
+
+    def _layer_steps(self, kind: str, c: LayerCosts) -> list[tuple[str | None, str, float]]:
+        """_layer's steps (resource, or None for a critical-path delay; stage; seconds) for a
+        layer without a K/V copy to the host, for Machine.chain."""
+        st = self._stage
+        if c.attention_on_cpu:
+            att = [(None, st(kind, "target_attention"), c.act_d2h), ("cpu", st(kind, "target_attention"), c.attention),
+                   (None, st(kind, "target_attention"), c.act_h2d)]
+        else:
+            att = [("gpu", st(kind, "target_attention"), c.attention)]
+        return [("gpu", st(kind, "target_proj"), c.proj), *att, ("gpu", st(kind, "target_ffn"), c.ffn),
+                ("gpu", st(kind, "target_host"), c.host)]
 
     def _layer(self, who: str, kind: str, c: LayerCosts):
         m, st = self.m, self._stage

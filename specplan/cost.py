@@ -152,6 +152,13 @@ def expected_verify_passes(policy: str, rates: Sequence[float], tokens: int, bat
     alternates its two batches until the live rows fit in one batch (about when the mean row
     is done), then merges them, so one pass serves all that is left:
     passes = E[rounds of one row] + E[rounds of the slowest of all rows]."""
+    return _expected_verify_passes(policy, tuple(float(a) for a in rates), int(tokens), int(batch_rows), int(batches),
+                                   float(spread), None if mean is None else float(mean))
+
+
+@lru_cache(maxsize=4096)  # the planner asks for the same few thousand times over
+def _expected_verify_passes(policy: str, rates: tuple[float, ...], tokens: int, batch_rows: int, batches: int,
+                            spread: float, mean: float | None) -> tuple[float, float]:
     one = expected_rounds_slowest_row(rates, tokens, 1, spread, mean)
     if policy == "specoffload" and batches == 2:
         passes = one + expected_rounds_slowest_row(rates, tokens, 2 * batch_rows, spread, mean)

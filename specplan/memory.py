@@ -216,9 +216,11 @@ def placement_ladder(draft_kv: str | None = None) -> tuple[Placement, ...]:
 
 
 def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
-                    profile: HardwareProfile, draft_kv: str | None = None) -> tuple[Placement | None, list[str]]:
+                    profile: HardwareProfile, draft_kv: str | None = None,
+                    explain: bool = True) -> tuple[Placement | None, list[str]]:
     """The first placement of the ladder that fits `schedule` (no FFN layer resident), or
-    None and the limits the last one breaks. The planner starts its search from it; a
+    None and the limits the last one breaks (unless not `explain`: the planner's shortlist
+    asks for one shape's reasons, not thousands). The planner starts its search from it; a
     schedule given by flags (`specplan simulate`) is placed with it."""
     need = None
     acts: dict[bool, tuple[float, float]] = {}  # activations differ only for a draft that keeps no KV
@@ -230,4 +232,4 @@ def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedu
         need = plan_memory(target, draft, schedule, pl, workload, acts[key])
         if need.fits(profile):
             return pl, []
-    return None, need.violations(profile)
+    return None, need.violations(profile) if explain else []

@@ -150,11 +150,11 @@ class ModelSpec:
                 f"{self.top_k} with {self.experts} experts", "1 <= top_k <= num_local_experts")
 
     # ---- derived sizes ----------------------------------------------------------------
-    @property
+    @cached_property
     def is_moe(self) -> bool:
         return self.experts > 1
 
-    @property
+    @cached_property
     def dtype_bytes(self) -> float:
         return DTYPE_BYTES[self.dtype]
 
@@ -167,38 +167,38 @@ class ModelSpec:
         bias += self.hidden if self.o_bias else 0
         return q + kv + o + bias
 
-    @property
+    @cached_property
     def router_params_per_layer(self) -> int:
         return self.hidden * self.experts if self.is_moe else 0
 
-    @property
+    @cached_property
     def expert_params(self) -> int:
         """One expert (gate, up, down projections), or the dense MLP."""
         bias = 2 * self.ffn_inner + self.hidden if self.mlp_bias else 0
         return 3 * self.hidden * self.ffn_inner + bias
 
-    @property
+    @cached_property
     def norm_params_per_layer(self) -> int:
         return 2 * self.hidden
 
-    @property
+    @cached_property
     def params_per_layer(self) -> int:
         return (self.attention_params_per_layer + self.router_params_per_layer
                 + self.expert_params * self.experts + self.norm_params_per_layer)
 
-    @property
+    @cached_property
     def embed_params(self) -> int:
         return self.vocab * self.hidden
 
-    @property
+    @cached_property
     def lm_head_params(self) -> int:
         return 0 if self.tie_embeddings else self.vocab * self.hidden
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return self.layers * self.params_per_layer + self.embed_params + self.lm_head_params + self.hidden
 
-    @property
+    @cached_property
     def active_params_per_token(self) -> int:
         """Parameters one token multiplies through (top_k experts, not all), excluding the embedding lookup."""
         per_layer = (self.attention_params_per_layer + self.router_params_per_layer
@@ -216,30 +216,30 @@ class ModelSpec:
             norms=self.norm_params_per_layer * b,
         )
 
-    @property
+    @cached_property
     def embed_bytes(self) -> float:
         return self.embed_params * self.dtype_bytes
 
-    @property
+    @cached_property
     def lm_head_bytes(self) -> float:
         return self.lm_head_params * self.dtype_bytes
 
-    @property
+    @cached_property
     def head_bytes(self) -> float:
         """The LM head's weights; with tied embeddings the runtime keeps its own copy of the
         embedding matrix for the head (the host copy serves token lookups)."""
         return self.vocab * self.hidden * self.dtype_bytes
 
-    @property
+    @cached_property
     def total_bytes(self) -> float:
         return self.total_params * self.dtype_bytes
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> float:
         """K and V of one token across all layers."""
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
 
-    @property
+    @cached_property
     def kv_bytes_per_token_per_layer(self) -> float:
         return self.kv_bytes_per_token / self.layers
 

@@ -45,6 +45,7 @@ per verification) runs through the same code; the engine gains whole tokens.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -119,6 +120,9 @@ class RowWork(NamedTuple):  # immutable, and cheap to make: a pass makes one per
     last: bool = True  # prefill: this chunk completes the prompt (its logits give the first token)
 
 
+_slot_of = operator.attrgetter("slot")
+
+
 class Run(NamedTuple):
     """Consecutive slots that compute alike in a pass (Pass.runs): one batch through a layer."""
 
@@ -160,15 +164,18 @@ class Pass:
         in slot order. A run goes through a layer as one batch, so a flexgen pass, whose
         groups decode side by side, is one run of all their rows."""
         out: list[Run] = []
-        for w in sorted(self.rows, key=lambda w: w.slot):
-            if out:
-                kind, sl, first = out[-1]
-                same = kind == w.kind and (kind != "prefill" or (first.start, first.tokens, first.last)
-                                           == (w.start, w.tokens, w.last))
-                if same and sl.stop == w.slot:
-                    out[-1] = Run(kind, slice(sl.start, w.slot + 1), first)
-                    continue
-            out.append(Run(w.kind, slice(w.slot, w.slot + 1), w))
+        first = None  # the open run's first row, and the slot after its last
+        stop = 0
+        for w in sorted(self.rows, key=_slot_of):
+            if first is not None and w.slot == stop and w.kind == first.kind and (
+                    w.kind != "prefill" or (first.start, first.tokens, first.last) == (w.start, w.tokens, w.last)):
+                stop += 1
+                continue
+            if first is not None:
+                out.append(Run(first.kind, slice(first.slot, stop), first))
+            first, stop = w, w.slot + 1
+        if first is not None:
+            out.append(Run(first.kind, slice(first.slot, stop), first))
         return tuple(out)
 
     def signature(self) -> tuple:

@@ -86,7 +86,7 @@ def test_no_plan_violates_memory():
     t, d = ModelSpec.from_preset("mixtral-8x7b"), ModelSpec.from_preset("mistral-7b-v0.2")
     wl = Workload.make(prompt_len=512, gen_len=64, num_prompts=256, acceptance=0.7)
     res = optimize(t, d, profile, wl)
-    assert len({(r.candidate.shape, r.candidate.placement) for r in res.ranked}) >= 5
+    assert len({(r.candidate.shape, r.candidate.placement) for r in res.ranked}) >= 4  # each policy's best at least
     for r in res.ranked:
         sch = r.candidate.shape.schedule(r.candidate.prefetch_depth)
         need = plan_memory(t, d, sch, r.candidate.placement, wl)
@@ -212,7 +212,7 @@ def test_optimize_cli_writes_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     payload = json.loads(r.stdout)
     assert out.exists() and payload["plan"]["schedule"]["policy"]
-    assert len(payload["candidates"]) >= 5
+    assert len({c["shape"]["policy"] for c in payload["candidates"]}) == 4  # each policy's best
 
 
 def test_optimize_cli_infeasible_exit_code(tmp_path):

@@ -216,3 +216,32 @@ def test_specoffload_merges_its_tails_as_the_planner_expects():
     assert min(rounds) <= planned * 1.05 and planned <= max(rounds) * 1.05
     tail_twice = 2 * expected_rounds_slowest_row(wl.acceptance_rates(sch.gamma), wl.gen_len - 1, sch.target_batch, 0.2)
     assert max(rounds) < tail_twice
+
+
+@pytest.mark.parametrize("gpu", [{}, {"shares_host_cores": True, "lanes": 2, "lane_factor": 0.7}])
+@pytest.mark.parametrize("policy", ["specoffload", "spec-serial", "flexgen", "sequential"])
+@pytest.mark.parametrize("admission", ["waves", "continuous"])
+def test_a_layer_nobody_contends_for_costs_what_its_steps_do(monkeypatch, gpu, policy, admission):
+    """The simulator runs a layer as one timeout once nothing else can take the GPU or CPU
+    (Machine.chain); with every step on its own the job, every stage and every resource's
+    busy time come out the same (rows differ in acceptance, prompts in length)."""
+    from conftest import toy_profile_dict
+    from specplan.simulator import scenario
+
+    profile = HardwareProfile.from_dict(toy_profile_dict(**gpu), "toy")
+    wl = Workload.make(prompt_len=[8, 5, 7], gen_len=9, num_prompts=12, acceptance=0.7, acceptance_spread=0.1)
+    cfg = SimConfig(TINY_T, TINY_D, profile, wl, schedule_for(policy, admission=admission, prefill_tokens=16),
+                    Placement(attention="cpu_pinned", ffn="cpu_pinned", ffn_gpu_layers=1, draft_kv="cpu"), mode="sampled")
+    runs = {}
+    for chained in (False, True):
+        monkeypatch.setattr(scenario, "CHAIN_UNCONTENDED", chained)
+        runs[chained] = simulate(cfg)
+    step, chain = runs[False], runs[True]
+    assert chain.events < step.events  # the chains did run
+    assert chain.throughput_tok_s == pytest.approx(step.throughput_tok_s, rel=1e-9)
+    assert chain.stage_s.keys() == step.stage_s.keys()
+    for k, v in step.stage_s.items():
+        assert chain.stage_s[k] == pytest.approx(v, rel=1e-9, abs=1e-15), k
+    for k, v in step.utilisation.items():
+        assert chain.utilisation[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    assert chain.pass_counts == step.pass_counts
