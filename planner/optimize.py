@@ -264,7 +264,8 @@ def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: 
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
              policies: tuple[str, ...] = POLICIES, progress: Steps | None = None,
-             per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS) -> OptimizeResult:
+             per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS,
+             processes: int | None = None) -> OptimizeResult:
     """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
     (waves, continuous) proposed by the program, re-ranked by the simulator. First round, one
     job per policy: its program's best candidate, simulated. Second round, only for the
@@ -272,14 +273,15 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     the simulator refused): the program's runner-ups, simulated where their estimate is
     within RERANK_WITHIN of the best estimate. A runner-up's estimate never exceeds its
     policy's best, and the simulator moves the candidates of one policy alike, so a policy
-    well behind cannot win by its runner-ups. `progress` hears each round and counts its jobs."""
+    well behind cannot win by its runner-ups. `progress` hears each round and counts its jobs;
+    `processes` caps the processes (1: all in this one, as `specplan sweep` plans each point)."""
     bar = progress or Steps(None, None)
     say = bar.say
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
     jobs = [(policy, target, draft, profile, workload, admissions) for policy in policies]
-    workers = parallel_workers(len(jobs))
+    workers = min(parallel_workers(len(jobs)), processes or len(jobs))
     say(f"{', '.join(policies)}: shapes, program and simulator for each policy's best"
         + (f" in {workers} processes" if workers > 1 else ""))
     bar.set(0, len(jobs))
@@ -305,7 +307,7 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     if close:
         jobs = [(s, target, draft, profile, workload, per_policy[s.policy] - 1, RERANK_WITHIN * top_estimate)
                 for s in close]
-        workers = parallel_workers(len(jobs))
+        workers = min(parallel_workers(len(jobs)), processes or len(jobs))
         say(f"runner-ups of {', '.join(s.policy for s in close)}" + (f" in {workers} processes" if workers > 1 else ""))
         bar.set(0, len(jobs))
         for s, more in zip(close, map_in_processes(_runner_ups, jobs, workers, bar.advance)):

@@ -1,0 +1,384 @@
+"""`specplan sweep`: the best plan at every point of a grid of machines, models and workloads,
+priced, each point cached by the hash of its inputs.
+
+A point is one GPU profile composed with a link and a host memory size, one target (and
+draft) model and one workload. Planning a point is `optimize` at that point (the program,
+then the simulator), so the sweep's best point is what `specplan optimize` says there. The
+points run in forked processes, one per core, each planning serially; each writes its
+result to the cache as soon as it has it, so an interrupted sweep keeps what it finished
+and a rerun with one more point plans one point.
+
+Cache key: the point's resolved inputs (the profile after composition, the models' configs,
+the workload) and a fingerprint of specplan's own code, so a changed planner never serves a
+stale result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from specplan import __version__
+from specplan.errors import InfeasibleError, InputError
+from specplan.fileio import read_text, sha256_of, write_json
+from specplan.models import ModelSpec, model_shape
+from specplan.workload import Workload
+
+DEFAULT_MODELS = (("mixtral-8x7b", "mistral-7b-v0.2"),)
+GRID_KEYS = ("gpu", "pcie", "host_mem", "models", "prompt_len", "gen_len", "num_prompts", "acceptance", "prices")
+RESOURCE_NAMES = {"h2d": "link", "d2h": "link to host", "gpu": "GPU compute", "cpu": "CPU attention", "disk": "disk"}
+FULL = 0.97  # a memory this full binds: the planner would have used more of it
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    gpu: str
+    pcie: str | None  # None: the profile's own link
+    host_mem: str | None  # e.g. "256GB"; None: the profile's own
+    target: str
+    draft: str  # "none": non-speculative plans only
+    prompt_len: int
+    gen_len: int
+    num_prompts: int
+    acceptance: float
+
+    @property
+    def machine(self) -> str:
+        return " ".join(x for x in (self.gpu, f"PCIe {self.pcie}" if self.pcie else "",
+                                    f"{self.host_mem} host" if self.host_mem else "") if x)
+
+
+@dataclass(frozen=True)
+class Grid:
+    gpus: tuple[str, ...]
+    pcies: tuple[str | None, ...] = (None,)
+    host_mems: tuple[str | None, ...] = (None,)
+    models: tuple[tuple[str, str], ...] = DEFAULT_MODELS
+    prompt_lens: tuple[int, ...] = (512,)
+    gen_lens: tuple[int, ...] = (128,)
+    num_prompts: tuple[int, ...] = (512,)
+    acceptances: tuple[float, ...] = (0.7,)
+    prices: dict[str, float] = field(default_factory=dict, compare=False)  # GPU -> $ per hour
+
+    def points(self) -> list[SweepPoint]:
+        return [SweepPoint(g, p, h, t, d, pl, gl, n, a) for (t, d), g, p, h, pl, gl, n, a in itertools.product(
+            self.models, self.gpus, self.pcies, self.host_mems, self.prompt_lens, self.gen_lens, self.num_prompts,
+            self.acceptances)]
+
+    @classmethod
+    def from_file(cls, path: str) -> "Grid":
+        """A grid file, JSON or YAML (by suffix): each key one value or a list (GRID_KEYS)."""
+        text = read_text(path, "a JSON or YAML grid file")
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - a parser's own message, on one line
+            raise InputError(path, "grid", f"does not parse: {str(e).splitlines()[0]}",
+                             "JSON, or YAML for a .yaml / .yml file") from None
+        if not isinstance(data, dict):
+            raise InputError(path, "grid", "is not a mapping", "keys " + ", ".join(GRID_KEYS))
+        unknown = sorted(set(data) - set(GRID_KEYS))
+        if unknown:
+            raise InputError(path, unknown[0], "is not a grid key", ", ".join(GRID_KEYS))
+        if "gpu" not in data:
+            raise InputError(path, "gpu", "is missing", "a GPU profile name or a list of them")
+        models = tuple(_models(path, data["models"])) if "models" in data else DEFAULT_MODELS
+        return cls(
+            gpus=_list(path, "gpu", data["gpu"], str, "a GPU profile name"),
+            pcies=_list(path, "pcie", data.get("pcie"), str, "a PCIe generation (3, 4, 5) or link name", none=True),
+            host_mems=_list(path, "host_mem", data.get("host_mem"), str, "a size such as 256GB", none=True),
+            models=models,
+            prompt_lens=_list(path, "prompt_len", data.get("prompt_len", 512), int, "a positive integer"),
+            gen_lens=_list(path, "gen_len", data.get("gen_len", 128), int, "a positive integer"),
+            num_prompts=_list(path, "num_prompts", data.get("num_prompts", 512), int, "a positive integer"),
+            acceptances=_list(path, "acceptance", data.get("acceptance", 0.7), float, "a rate in [0, 1]"),
+            prices=parse_prices(data.get("prices") or {}, path, "prices"),
+        )
+
+
+def _list(source: str, key: str, value: Any, kind: type, expected: str, none: bool = False) -> tuple:
+    if value is None:
+        if none:
+            return (None,)
+        raise InputError(source, key, "is empty", expected)
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise InputError(source, key, "is an empty list", expected)
+    out = []
+    for i, v in enumerate(values):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if kind is str and isinstance(v, (str, int)) and not isinstance(v, bool):
+            out.append(str(v))
+        elif kind is int and isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out.append(v)
+        elif kind is float and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1:
+            out.append(float(v))
+        else:
+            raise InputError(source, where, f"is {v!r}", expected)
+    return tuple(dict.fromkeys(out))
+
+
+def _models(source: str, value: Any) -> list[tuple[str, str]]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, m in enumerate(items):
+        if isinstance(m, str):
+            m = {"target": m}
+        if not isinstance(m, dict) or not isinstance(m.get("target"), str) or set(m) - {"target", "draft"}:
+            raise InputError(source, f"models[{i}]", f"is {m!r}", "{target: NAME, draft: NAME or none}")
+        out.append((m["target"], str(m.get("draft", "none"))))
+    if not out:
+        raise InputError(source, "models", "is an empty list", "one {target, draft} at least")
+    return out
+
+
+def parse_prices(prices: Any, source: str, where: str) -> dict[str, float]:
+    """GPU -> $ per hour, from a mapping ({rtx4090: 0.35}) or flags (['rtx4090=0.35'])."""
+    if isinstance(prices, dict):
+        items = list(prices.items())
+    else:
+        items = []
+        for flag in prices:
+            name, sep, value = str(flag).partition("=")
+            if not sep or not name:
+                raise InputError(source, where, f"'{flag}' is not NAME=PRICE", "e.g. --price rtx4090=0.35 ($ per hour)")
+            items.append((name, value))
+    out = {}
+    for name, value in items:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = -1.0
+        if not math.isfinite(v) or v <= 0:
+            raise InputError(source, f"{where}.{name}", f"is {value!r}", "a price in $ per hour > 0")
+        out[str(name)] = v
+    return out
+
+
+def load_prices(path: str) -> dict[str, float]:
+    """A prices file: {"date": "YYYY-MM-DD", "source": "where they came from", "prices":
+    {gpu: $ per hour}}. A price is a claim about a market on a day: without its date and its
+    source it is refused."""
+    text = read_text(path, "a JSON or YAML prices file")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(path, "prices", f"does not parse: {str(e).splitlines()[0]}", "JSON or YAML") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "prices", "is not a mapping", '{"date": .., "source": .., "prices": {gpu: $/h}}')
+    unknown = sorted(set(data) - {"date", "source", "prices", "note"})
+    if unknown:
+        raise InputError(path, unknown[0], "is not a prices-file key", "date, source, prices, note")
+    for key in ("date", "source"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise InputError(path, key, "is missing", "the day the prices were read (YYYY-MM-DD) and where"
+                             if key == "date" else "where the prices were read (a URL or a quote)")
+    if not isinstance(data.get("prices"), dict) or not data["prices"]:
+        raise InputError(path, "prices", "is missing or empty", "{gpu: $ per hour}")
+    return parse_prices(data["prices"], path, "prices")
+
+
+def check_prices(prices: dict[str, float], gpus: tuple[str, ...], source: str) -> None:
+    """Every priced GPU must be one the sweep plans (a typo would price nothing)."""
+    for name in prices:
+        if name not in gpus:
+            raise InputError(source, name, "is not a GPU of this sweep", ", ".join(gpus))
+
+
+# ---- one point --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resolved:
+    point: SweepPoint
+    profile: Any
+    target: ModelSpec
+    draft: ModelSpec | None
+    workload: Workload
+    key: str
+
+
+def resolve(point: SweepPoint) -> Resolved:
+    """The point's profile, models and workload (a bad name fails here, before any planning)."""
+    from specplan.cli import profile_from_flags
+
+    profile = profile_from_flags(point.gpu, point.pcie, None, point.host_mem, None)
+    target = ModelSpec.resolve(point.target)
+    draft = None if point.draft.lower() == "none" else ModelSpec.resolve(point.draft)
+    workload = Workload.make(point.prompt_len, point.gen_len, point.num_prompts, point.acceptance, source="sweep")
+    workload.check_positions("sweep", target, *([draft] if draft else []))
+    key = sha256_of({"profile": profile.to_dict(), "workload": workload.to_dict(), "code": code_fingerprint(),
+                     "target": [target.hf_config, model_shape(target)],
+                     "draft": [draft.hf_config, model_shape(draft)] if draft else None})
+    return Resolved(point, profile, target, draft, workload, key)
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of specplan's Python sources (the planner's and everything it calls)."""
+    import specplan
+    import specplan.planner
+    import specplan.simulator
+
+    h = hashlib.sha256(__version__.encode())
+    for pkg in (specplan, specplan.planner, specplan.simulator):
+        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def binding(sim, placement, profile) -> str:
+    """What limits the plan: its busiest resource (share of the wall time), and the memories
+    it fills or works around."""
+    util = sim.utilisation
+    top = max(util, key=util.get)
+    parts = [f"{RESOURCE_NAMES.get(top, top)} {util[top]:.0%}"]
+    gpu_cap = profile.gpu.memory_bytes - profile.gpu.reserved_bytes
+    if sim.peak_gpu_bytes >= FULL * gpu_cap:
+        parts.append("GPU memory full")
+    pinned_cap = profile.host.memory_bytes * profile.host.pinned_fraction
+    if "disk" in (placement.ffn, placement.attention):
+        parts.append("host memory (weights on disk)")
+    elif sim.peak_pinned_bytes >= FULL * pinned_cap or "cpu_pageable" in (placement.ffn, placement.attention):
+        parts.append("host memory")
+    if placement.draft_kv == "cpu":
+        parts.append("draft KV on host")
+    elif placement.draft_kv == "recompute":
+        parts.append("draft KV recomputed")
+    return ", ".join(parts)
+
+
+def plan_point(r: Resolved) -> dict:
+    """`optimize` at one point, serially (the sweep runs points side by side), as a result row."""
+    from .optimize import make_plan, optimize
+
+    base = {"point": asdict(r.point), "key": r.key, "machine": r.point.machine}
+    try:
+        res = optimize(r.target, r.draft, r.profile, r.workload, processes=1)
+    except InfeasibleError as e:
+        return {**base, "status": "infeasible", "why": str(e)}
+    best = res.best
+    sch, pl = best.candidate.shape.schedule(best.candidate.prefetch_depth), best.candidate.placement
+    plan = make_plan(best, r.point.target, r.point.draft if r.draft else None, r.target, r.draft, r.profile, r.workload)
+    non_spec = res.best_of(("flexgen", "sequential"))
+    return {**base, "status": "ok", "why": None, "policy": sch.policy, "tok_s": best.tok_s,
+            "program_tok_s": best.candidate.estimate_tok_s, "job_s": best.sim.workload_s,
+            "generated_tokens": r.workload.num_prompts * r.workload.gen_len,
+            "rows": f"{sch.num_batches} x {sch.target_batch}", "gamma": sch.gamma if sch.speculative else None,
+            "admission": sch.admission, "binds": binding(best.sim, pl, r.profile),
+            "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
+            "peak_gpu_bytes": best.sim.peak_gpu_bytes, "peak_pinned_bytes": best.sim.peak_pinned_bytes,
+            "utilisation": best.sim.utilisation, "plan": plan.to_dict()}
+
+
+def _plan_and_cache(r: Resolved, cache_dir: str | None) -> dict:
+    row = plan_point(r)
+    if cache_dir:
+        write_json(Path(cache_dir) / f"{r.key}.json", row)
+    return row
+
+
+def cached(r: Resolved, cache_dir: str | None) -> dict | None:
+    """The point's cached row, if one was written for exactly these inputs and this code."""
+    if not cache_dir:
+        return None
+    path = Path(cache_dir) / f"{r.key}.json"
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or unreadable: plan it again
+        return None
+    return row if isinstance(row, dict) and row.get("key") == r.key else None
+
+
+def default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specplan" / "sweep")
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]  # in grid order
+    planned: int  # points planned now (the rest came from the cache)
+
+
+def run_sweep(points: list[SweepPoint], cache_dir: str | None, progress=None) -> SweepResult:
+    """Every point's row, from the cache where it holds one; the rest planned in processes."""
+    from specplan.progress import Steps
+
+    from .optimize import map_in_processes, parallel_workers
+
+    bar = progress or Steps(None, None)
+    resolved = [resolve(p) for p in points]
+    rows: list[dict | None] = [cached(r, cache_dir) for r in resolved]
+    todo = [i for i, row in enumerate(rows) if row is None]
+    workers = parallel_workers(len(todo))
+    bar.say(f"planning {len(todo)} of {len(points)} points" + (f" in {workers} processes" if workers > 1 else "")
+            + (f" ({len(points) - len(todo)} cached)" if len(todo) < len(points) else ""))
+    bar.set(0, len(todo))
+    done = map_in_processes(_plan_and_cache, [(resolved[i], cache_dir) for i in todo], workers, bar.advance)
+    for i, row in zip(todo, done):
+        rows[i] = row
+    return SweepResult([r for r in rows if r is not None], len(todo))
+
+
+def price_rows(rows: list[dict], prices: dict[str, float]) -> None:
+    """$ per million generated tokens, and the job's time and cost, where the GPU has a price."""
+    for row in rows:
+        price = prices.get(row["point"]["gpu"])
+        row["usd_per_hour"] = price
+        if price is None or row["status"] != "ok" or row["tok_s"] <= 0:
+            row["usd_per_mtok"] = row["job_usd"] = None
+            continue
+        row["usd_per_mtok"] = price / 3600.0 / row["tok_s"] * 1e6
+        row["job_usd"] = price * row["job_s"] / 3600.0
+
+
+def sort_rows(rows: list[dict], by: str) -> list[dict]:
+    """Best first: highest tok/s, or lowest $ per million tokens (unpriced and infeasible last)."""
+    if by == "cost":
+        return sorted(rows, key=lambda r: (r.get("usd_per_mtok") is None, r.get("usd_per_mtok") or 0.0,
+                                           -(r.get("tok_s") or 0.0)))
+    return sorted(rows, key=lambda r: (r["status"] != "ok", -(r.get("tok_s") or 0.0)))
+
+
+CSV_COLUMNS = ("target", "draft", "gpu", "pcie", "host_mem", "prompt_len", "gen_len", "num_prompts", "acceptance",
+               "status", "policy", "rows", "gamma", "admission", "tok_s", "program_tok_s", "job_s",
+               "best_non_speculative_tok_s", "usd_per_hour", "usd_per_mtok", "job_usd", "binds", "why")
+
+
+def csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        merged = {**r["point"], **{k: v for k, v in r.items() if k != "point"}}
+        w.writerow(["" if merged.get(c) is None else merged.get(c) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def check_names(points: list[SweepPoint]) -> None:
+    """Resolve every distinct GPU, link, host size and model once, so a typo fails in a line
+    before any point is planned."""
+    from specplan.cli import profile_from_flags
+
+    for gpu, pcie, host in {(p.gpu, p.pcie, p.host_mem) for p in points}:
+        profile_from_flags(gpu, pcie, None, host, None)
+    for name in {p.target for p in points} | {p.draft for p in points if p.draft.lower() != "none"}:
+        ModelSpec.resolve(name)

@@ -1,0 +1,166 @@
+"""`specplan sweep`: which machine for this job? The best plan at every point of a grid,
+side by side, priced when prices are given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from specplan.cli import JsonOpt, err, out, print_json
+from specplan.errors import InputError
+from specplan.fileio import check_writable, write_atomic, write_json
+from specplan.units import fmt_seconds
+
+from .sweep import (
+    Grid,
+    check_names,
+    check_prices,
+    csv_text,
+    default_cache_dir,
+    load_prices,
+    parse_prices,
+    price_rows,
+    run_sweep,
+    sort_rows,
+)
+
+SORTS = ("tok_s", "cost")
+
+
+def _grid_from_flags(base: Grid | None, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts,
+                     acceptance) -> Grid:
+    """The grid file's axes (or the defaults), each replaced by its flags where they are given."""
+    from specplan.hardware import shipped_names
+
+    if draft and not target:
+        raise InputError("argument", "--draft", "given without --target", "--target NAME --draft NAME, in pairs")
+    if target and len(draft) not in (1, len(target)):
+        raise InputError("argument", "--draft", f"{len(draft)} drafts for {len(target)} targets",
+                         "one --draft per --target (or 'none'), or one for all")
+    models = tuple(zip(target, draft if len(draft) == len(target) else draft * len(target))) if target else None
+    g = base or Grid(gpus=tuple(shipped_names()))
+    for name, values in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--num-prompts", num_prompts)):
+        if any(v <= 0 for v in values):
+            raise InputError("argument", name, f"got {min(values)}", "a positive integer")
+    if any(not 0 <= a <= 1 for a in acceptance):
+        raise InputError("argument", "--acceptance", f"got {max(acceptance, key=lambda a: abs(a - 0.5))}",
+                         "a rate in [0, 1]")
+    pick = lambda flag, axis: tuple(dict.fromkeys(flag)) if flag else axis  # noqa: E731
+    return Grid(gpus=pick(gpu, g.gpus), pcies=pick(pcie, g.pcies), host_mems=pick(host_mem, g.host_mems),
+                models=models or g.models, prompt_lens=pick(prompt_len, g.prompt_lens),
+                gen_lens=pick(gen_len, g.gen_lens), num_prompts=pick(num_prompts, g.num_prompts),
+                acceptances=pick(acceptance, g.acceptances), prices=g.prices)
+
+
+def _table(rows: list[dict], priced: bool, planned: int, sort: str) -> Table:
+    varies = lambda key: len({r["point"][key] for r in rows}) > 1  # noqa: E731
+    many_models = varies("target") or varies("draft")
+    workload_keys = [k for k in ("prompt_len", "gen_len", "num_prompts", "acceptance") if varies(k)]
+    t = Table(title=f"Sweep: {len(rows)} points, best {'cost' if sort == 'cost' else 'throughput'} first "
+                    f"({planned} planned now, {len(rows) - planned} from the cache)")
+    cols = ["#", *(["model"] if many_models else []), "machine", *(["workload"] if workload_keys else []),
+            "policy", "rows / gamma", "tok/s", "job time"]
+    if priced:
+        cols += ["$/h", "$/M tok", "job $"]
+    cols += ["binds"]
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for i, r in enumerate(rows, 1):
+        p = r["point"]
+        cells = [str(i)]
+        if many_models:
+            cells.append(f"{p['target']} + {p['draft']}")
+        cells.append(r["machine"])
+        if workload_keys:
+            cells.append(" ".join(f"{k}={p[k]}" for k in workload_keys))
+        if r["status"] != "ok":
+            cells += ["[yellow]no plan[/]", "", "", ""] + (["", "", ""] if priced else []) + [r["why"]]
+        else:
+            cells += [r["policy"], r["rows"] + (f" / {r['gamma']}" if r["gamma"] is not None else ""),
+                      f"{r['tok_s']:.1f}", fmt_seconds(r["job_s"])]
+            if priced:
+                cells += ["" if r["usd_per_hour"] is None else f"{r['usd_per_hour']:.2f}",
+                          "" if r["usd_per_mtok"] is None else f"{r['usd_per_mtok']:.2f}",
+                          "" if r["job_usd"] is None else f"{r['job_usd']:.2f}"]
+            cells.append(r["binds"])
+        t.add_row(*cells)
+    return t
+
+
+def sweep_cmd(
+    gpu: Annotated[list[str], typer.Option(help="GPU profile (repeatable); default: every shipped profile.")] = [],  # noqa: B006
+    pcie: Annotated[list[str], typer.Option(help="Host link (repeatable): 3, 4, 5 or a link name; default: each profile's own.")] = [],  # noqa: B006
+    host_mem: Annotated[list[str], typer.Option(help="Host memory (repeatable), e.g. 256GB; default: each profile's own.")] = [],  # noqa: B006
+    target: Annotated[list[str], typer.Option(help="Target model (repeatable; pair each with a --draft). Default: mixtral-8x7b.")] = [],  # noqa: B006
+    draft: Annotated[list[str], typer.Option(help="Draft model for the --target in the same place, or one for all; 'none' for no draft.")] = [],  # noqa: B006
+    prompt_len: Annotated[list[int], typer.Option(help="Prompt length in tokens (repeatable). Default 512.")] = [],  # noqa: B006
+    gen_len: Annotated[list[int], typer.Option(help="Tokens to generate per prompt (repeatable). Default 128.")] = [],  # noqa: B006
+    num_prompts: Annotated[list[int], typer.Option(help="Prompts in the job (repeatable); the job's time and cost are for these. Default 512.")] = [],  # noqa: B006
+    acceptance: Annotated[list[float], typer.Option(help="Per-token acceptance rate of the draft (repeatable). Default 0.7.")] = [],  # noqa: B006
+    grid_file: Annotated[Optional[str], typer.Option("--grid", help="A grid file (JSON or YAML) with any of: gpu, pcie, host_mem, models, prompt_len, gen_len, num_prompts, acceptance, prices; flags given replace its axes.")] = None,
+    price: Annotated[list[str], typer.Option(help="GPU price in $ per hour, NAME=PRICE (repeatable), e.g. rtx4090=0.35.")] = [],  # noqa: B006
+    prices_file: Annotated[Optional[str], typer.Option("--prices", help="A prices file: {date, source, prices: {gpu: $/h}}; refused without its date and source.")] = None,
+    sort: Annotated[str, typer.Option(help="Order of the table: tok_s (fastest first) or cost ($ per million tokens, cheapest first).")] = "tok_s",
+    csv_path: Annotated[Optional[str], typer.Option("--csv", help="Also write every row to this CSV file.")] = None,
+    plots: Annotated[Optional[str], typer.Option(help="Write PNG plots into this folder (tok/s and $/M tokens per GPU, link x host memory heat maps).")] = None,
+    plan_out: Annotated[Optional[str], typer.Option("--plan-out", help="Write the best point's plan (as specplan optimize would) to this file.")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Cache folder (one file per point, keyed by the hash of its inputs and of specplan's code). Default: ~/.cache/specplan/sweep.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Plan every point again and cache nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan every point of a grid of GPUs, links, host memory sizes, models and workloads
+    (each as `specplan optimize` would, in parallel over the cores, cached), and compare them:
+    throughput, what binds, and with prices the cost per million tokens and of the job."""
+    if sort not in SORTS:
+        raise InputError("argument", "--sort", f"'{sort}' is unknown", " | ".join(SORTS))
+    base = Grid.from_file(grid_file) if grid_file else None
+    grid = _grid_from_flags(base, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts, acceptance)
+    prices = dict(grid.prices)
+    if prices_file:
+        prices.update(load_prices(prices_file))
+    prices.update(parse_prices(price, "argument", "--price"))
+    check_prices(prices, grid.gpus, "--price / --prices / grid prices")
+    if sort == "cost" and not prices:
+        raise InputError("argument", "--sort", "cost needs prices", "--price GPU=$/h or --prices FILE")
+    points = grid.points()
+    check_names(points)
+    for path, flag in ((csv_path, "--csv"), (plan_out, "--plan-out")):
+        if path:
+            check_writable(path, flag)
+    if plots:
+        check_writable(Path(plots) / "tok_s_by_gpu.png", "--plots")
+    cache_dir = None if no_cache else (cache or default_cache_dir())
+    if cache_dir:
+        check_writable(Path(cache_dir) / "probe.json", "--cache")
+
+    from specplan.progress import steps
+
+    with steps(err, "sweeping", quiet=as_json) as bar:
+        res = run_sweep(points, cache_dir, progress=bar)
+    rows = res.rows
+    price_rows(rows, prices)
+    rows = sort_rows(rows, sort)
+    best = next((r for r in rows if r["status"] == "ok"), None)
+    if plan_out and best is not None:
+        write_json(plan_out, best["plan"])
+    if csv_path:
+        write_atomic(csv_path, csv_text(rows))
+    written = []
+    if plots:
+        from .sweep_plots import write_plots
+
+        written = write_plots(rows, plots)
+    if as_json:
+        return print_json({"planned": res.planned, "cached": len(rows) - res.planned, "sort": sort,
+                           "prices_usd_per_hour": prices, "plots": written,
+                           "rows": [{k: v for k, v in r.items() if k != "plan"} for r in rows]})
+    out.print(_table(rows, bool(prices), res.planned, sort))
+    for path in ([csv_path] if csv_path else []) + written + ([plan_out] if plan_out and best else []):
+        err.print(f"wrote {path}")
+    if best is None:
+        err.print("[yellow]no point of the grid has a plan[/]")
+        raise typer.Exit(3)
+
