@@ -17,7 +17,7 @@ from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
 
-from .optimize import ADMISSIONS, OptimizeResult, Ranked, make_plan, optimize, to_sim_config
+from .optimize import ADMISSIONS, SIM_OVER_ESTIMATE, OptimizeResult, Ranked, make_plan, optimize, to_sim_config
 
 
 def _describe(r: Ranked) -> str:
@@ -197,6 +197,7 @@ def optimize_cmd(
                                            "program_tok_s": r.candidate.estimate_tok_s, "simulated_tok_s": r.tok_s}
                                           for r in res.ranked],
                            "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
+                           "unsimulated_program_tok_s": {p: c.estimate_tok_s for p, c in res.unsimulated.items()},
                            "infeasible": res.infeasible,
                            "sensitivity": [{"vary": a, "value": b, "simulated_tok_s": c} for a, b, c in sens]})
     out.print(summary_table(plan, res))
@@ -205,6 +206,9 @@ def optimize_cmd(
     if non_spec is not None and res.best.candidate.shape.policy not in ("flexgen", "sequential"):
         out.print(f"Best non-speculative plan: {_describe(non_spec)} at {non_spec.tok_s:.2f} tok/s; "
                   f"the chosen plan is {res.best.tok_s / non_spec.tok_s:.2f}x that.")
+    for p, c in res.unsimulated.items():
+        out.print(f"{p}: best {c.shape.num_batches} x {c.shape.target_batch} rows at {c.estimate_tok_s:.2f} tok/s by the "
+                  f"program, not simulated: {SIM_OVER_ESTIMATE}x that is below a plan simulated before it")
     for p, why in res.infeasible.items():
         out.print(f"[yellow]{p}: no plan[/] ({why})")
     if sens:

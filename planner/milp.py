@@ -149,9 +149,10 @@ def prefill_bounds(policy: str, co: Coeffs, pre_stream, k, Mp: float) -> list:
 
 
 def estimate(shape: Shape, co: Coeffs, profile: HardwareProfile, target: ModelSpec, placement: Placement,
-             prefetch_depth: int) -> tuple[float, float, float]:
-    """(tokens/s, round s, prefill s) of a fixed shape and placement under the program's model."""
-    worst = worst_stream_s(profile, target)
+             prefetch_depth: int, worst: float | None = None) -> tuple[float, float, float]:
+    """(tokens/s, round s, prefill s) of a fixed shape and placement under the program's model
+    (`worst`: worst_stream_s of this profile and target, where the caller has it)."""
+    worst = worst_stream_s(profile, target) if worst is None else worst
     k = 1 if prefetch_depth > 0 and copies_overlap_compute(profile) else 0
     dk = 1 if placement.draft_kv == "cpu" else 0
     rs = max(round_bounds(shape.policy, co, stream_s(profile, target, placement, co.decode_expert_frac), dk, k,

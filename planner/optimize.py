@@ -17,20 +17,20 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 from specplan import __version__
 from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
-from specplan.memory import least_placement
+from specplan.memory import least_placement, plan_memory
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.progress import Steps
 from specplan.simulator.run import SimConfig, SimResult, simulate
 from specplan.workload import Workload
 
-from .milp import Candidate, ShapeProgram, estimate, solver_name
+from .milp import Candidate, ShapeProgram, estimate, solver_name, worst_stream_s
 from .shapes import Shape, coefficients, enumerate_shapes
 
 PER_POLICY = {"specoffload": 4, "spec-serial": 2, "flexgen": 2, "sequential": 1}
@@ -40,6 +40,12 @@ PER_POLICY = {"specoffload": 4, "spec-serial": 2, "flexgen": 2, "sequential": 1}
 # 10% from its estimate but flexgen 2 x 192, which it put at 0.67x; validation.md section 5)
 RERANK_WITHIN = 0.8
 RUNNER_UP_WITHIN = 0.9
+# Taken in order of their program estimates, a policy's best is simulated unless its estimate
+# times SIM_OVER_ESTIMATE falls below a plan already simulated: over 48 jobs (Mixtral-8x7B and
+# Llama-3.3-70B, 6 GPUs, 2 links, 2 workloads; 232 candidates) the simulator put none above
+# 1.09x its estimate; 1.15 skipped 79 of 184 policies' bests there, never the winner
+# (validation.md, "planner speed")
+SIM_OVER_ESTIMATE = 1.15
 # Shapes per policy the program chooses among, the best by the shortlist's score: over the
 # default job on rtx4090, a100-40gb and l4 (12 policy programs), 12 gave the same best
 # candidate as 32, and 8 lost 0.2% on one
@@ -62,6 +68,7 @@ class OptimizeResult:
     infeasible: dict  # policy -> why no shape of it fits
     shapes_considered: int
     solver: str
+    unsimulated: dict = field(default_factory=dict)  # policy -> its best, not simulated (SIM_OVER_ESTIMATE)
 
     @property
     def best(self) -> Ranked:
@@ -73,45 +80,72 @@ class OptimizeResult:
 
 def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, workload: Workload,
                       profile: HardwareProfile, prefetch_depth: int = 0,
-                      explain: bool = True) -> tuple[Placement | None, list[str]]:
+                      explain: bool = True, needs: dict | None = None) -> tuple[Placement | None, list[str]]:
     """The least memory-hungry placement that fits this shape (draft KV on the GPU when it
     can be), or None and the limits it breaks."""
     return least_placement(target, draft, shape.schedule(prefetch_depth), workload, profile,
-                           "recompute" if shape.recompute else None, explain)
+                           "recompute" if shape.recompute else None, explain, needs)
 
 
 ADMISSIONS = ("waves", "continuous")
 
 
+@dataclass
+class Memo:
+    """What planning a machine lends planning the same machine with another host memory size
+    (`specplan sweep` plans such points one after another): the shapes' cost coefficients and
+    the simulations, neither of which depends on how much host memory there is, only on
+    whether the plan fits it (checked again each time). `scope` is the hash of everything
+    else; a memo handed inputs of another scope starts empty."""
+
+    scope: str = ""
+    coefficients: dict = field(default_factory=dict)
+    sims: dict = field(default_factory=dict)
+    needs: dict = field(default_factory=dict)  # (schedule, placement) -> memory need
+
+    def enter(self, target, draft, profile, workload) -> "Memo":
+        d = profile.to_dict()  # but for the host memory size, and the names and notes that say it
+        d["host"] = {k: v for k, v in d["host"].items() if k != "memory_bytes"}
+        d.pop("name", None)
+        d.pop("provenance", None)
+        scope = sha256_of({"profile": d, "target": target.hf_config, "draft": draft.hf_config if draft else None,
+                           "dtypes": [target.dtype, draft.dtype if draft else None], "workload": workload.to_dict()})
+        if scope != self.scope:
+            self.scope, self.coefficients, self.sims, self.needs = scope, {}, {}, {}
+        return self
+
+
 def _shortlist(policy: str, target, draft, profile, workload,
-               admissions=ADMISSIONS) -> tuple[list[Shape], list[str], int, float]:
+               admissions=ADMISSIONS, memo: Memo | None = None) -> tuple[list[Shape], list[str], int, float]:
     """The SHAPES_IN_PROGRAM shapes of a policy the program's model scores best at their least
     placement, the limits the first shape that fits nowhere breaks, how many shapes there
     were, and the best score."""
     shapes = enumerate_shapes(policy, workload, admissions=admissions)
     scored: list[tuple[float, Shape]] = []
     closest = None
-    memo: dict = {}
+    coeffs = memo.coefficients if memo is not None else {}
+    needs = memo.needs if memo is not None else None
+    worst = worst_stream_s(profile, target)
     # memory grows with the prefill chunk: where a chunk fits nowhere (with prefetch 0, or
     # with prefetch 1), no larger chunk of that shape fits either
-    fails_from: dict[tuple[Shape, int], int] = {}
+    fails_from: dict[tuple[tuple, int], int] = {}
     for s in shapes:
-        key = replace(s, prefill_chunk=0)
+        key = s.but_chunk
         if s.prefill_chunk >= fails_from.get((key, 0), 1 << 30):
             continue
-        pl, why = minimal_placement(target, draft, s, workload, profile, explain=closest is None)
+        pl, why = minimal_placement(target, draft, s, workload, profile, explain=closest is None, needs=needs)
         if pl is None:
             closest = closest or why
             fails_from[(key, 0)] = min(s.prefill_chunk, fails_from.get((key, 0), 1 << 30))
             continue
-        co = coefficients(s, target, draft, profile, workload, memo)
+        co = coefficients(s, target, draft, profile, workload, coeffs)
         # scored with prefetch only where its second stream buffer fits too (a shape that
         # cannot afford it, scored as if it could, crowds out the shapes the program picks)
-        tok_s, _, _ = estimate(s, co, profile, target, pl, 0)
+        tok_s, _, _ = estimate(s, co, profile, target, pl, 0, worst)
         if s.prefill_chunk < fails_from.get((key, 1), 1 << 30):
-            pl1, _ = minimal_placement(target, draft, s, workload, profile, prefetch_depth=1, explain=False)
+            pl1, _ = minimal_placement(target, draft, s, workload, profile, prefetch_depth=1, explain=False, needs=needs)
             if pl1 is not None:
-                tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1)[0])
+                tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1, worst)[0])
             else:
                 fails_from[(key, 1)] = min(s.prefill_chunk, fails_from.get((key, 1), 1 << 30))
         scored.append((tok_s, s))
@@ -219,11 +253,22 @@ def _policy_candidates(policy: str, target: ModelSpec, draft: ModelSpec | None, 
     return found, why_not, n
 
 
-def _simulate_or_refusal(cfg: SimConfig):
+def _simulate_or_refusal(cfg: SimConfig, memo: Memo | None = None):
+    """The simulation, or the simulator's refusal; from `memo` where it ran this schedule and
+    placement on the same machine with another host memory size and the plan fits this one."""
+    key = (cfg.schedule, cfg.placement, cfg.mode)
     try:
-        return simulate(cfg)
+        if memo is not None and key in memo.sims:
+            problems = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload).violations(cfg.profile)
+            if problems:
+                raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+            return memo.sims[key]
+        res = simulate(cfg)
     except InfeasibleError as e:
         return e
+    if memo is not None:
+        memo.sims[key] = res
+    return res
 
 
 @dataclass
@@ -238,34 +283,52 @@ class PolicySearch:
     sim: SimResult | InfeasibleError | None
     why: str | None
     considered: int
+    skipped: bool = False  # not simulated: its estimate cannot reach a plan simulated before it
 
 
-def _policy_first(policy: str, target, draft, profile, workload, admissions) -> PolicySearch:
-    """Shortlist, program and simulator for one policy's best candidate, in one process."""
-    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions)
+def _policy_first(policy: str, target, draft, profile, workload, admissions, memo: Memo | None = None,
+                  simulate_it: bool = True) -> PolicySearch:
+    """Shortlist, program and (if `simulate_it`) simulator for one policy's best candidate."""
+    shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions, memo)
     if not shortlist:
         return PolicySearch(policy, [], 0.0, None, None, "; ".join(why) or "no shape fits", n)
     found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, 1)
     if not found:
         return PolicySearch(policy, shortlist, first_guess, None, None, why_not, n)
-    sim = _simulate_or_refusal(to_sim_config(found[0], target, draft, profile, workload))
+    sim = _simulate_or_refusal(to_sim_config(found[0], target, draft, profile, workload), memo) if simulate_it else None
     return PolicySearch(policy, shortlist, first_guess, found[0], sim, None, n)
 
 
-def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int,
-                floor_tok_s: float) -> list[tuple[Candidate, SimResult | InfeasibleError | None]]:
+def _simulate_firsts(searches: list[PolicySearch], sim_of: Callable[[PolicySearch], object]) -> None:
+    """Set each policy's simulation, in order of estimate, skipping (SIM_OVER_ESTIMATE) those
+    that cannot reach a plan simulated before them. `sim_of` simulates, or hands over a
+    simulation already run (in processes, every best is simulated beside its program; the
+    same rule then drops the ones one process would not have run, so the result does not
+    depend on the number of processes)."""
+    best = 0.0
+    for s in sorted((s for s in searches if s.first is not None), key=lambda s: -s.first.estimate_tok_s):
+        if s.first.estimate_tok_s * SIM_OVER_ESTIMATE < best:
+            s.sim, s.skipped = None, True
+            continue
+        s.sim = sim_of(s)
+        if isinstance(s.sim, SimResult):
+            best = max(best, s.sim.throughput_tok_s)
+
+
+def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int, floor_tok_s: float,
+                memo: Memo | None = None) -> list[tuple[Candidate, SimResult | InfeasibleError | None]]:
     """The policy's next `wanted` candidates, each simulated when the program puts it at
     `floor_tok_s` or above (None where it does not)."""
     found, _ = _program_candidates(search.policy, search.shortlist, search.first.estimate_tok_s * 0.9, target, draft,
                                    profile, workload, wanted, exclude=(search.first.shape,))
-    return [(c, _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload))
+    return [(c, _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)
              if c.estimate_tok_s >= floor_tok_s else None) for c in found]
 
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
              policies: tuple[str, ...] = POLICIES, progress: Steps | None = None,
              per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS,
-             processes: int | None = None) -> OptimizeResult:
+             processes: int | None = None, memo: Memo | None = None) -> OptimizeResult:
     """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
     (waves, continuous) proposed by the program, re-ranked by the simulator. First round, one
     job per policy: its program's best candidate, simulated. Second round, only for the
@@ -274,18 +337,24 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     within RERANK_WITHIN of the best estimate. A runner-up's estimate never exceeds its
     policy's best, and the simulator moves the candidates of one policy alike, so a policy
     well behind cannot win by its runner-ups. `progress` hears each round and counts its jobs;
-    `processes` caps the processes (1: all in this one, as `specplan sweep` plans each point)."""
+    `processes` caps the processes (1: all in this one, as `specplan sweep` plans each point);
+    `memo` (with processes=1) carries work over from planning this machine with another host
+    memory size."""
     bar = progress or Steps(None, None)
     say = bar.say
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
-    jobs = [(policy, target, draft, profile, workload, admissions) for policy in policies]
-    workers = min(parallel_workers(len(jobs)), processes or len(jobs))
+    workers = min(parallel_workers(len(policies)), processes or len(policies))
+    memo = memo.enter(target, draft, profile, workload) if memo is not None and workers == 1 else None
+    # in processes each policy's best is simulated beside its program; in one, only where it can win
+    jobs = [(policy, target, draft, profile, workload, admissions, memo, workers > 1) for policy in policies]
     say(f"{', '.join(policies)}: shapes, program and simulator for each policy's best"
         + (f" in {workers} processes" if workers > 1 else ""))
     bar.set(0, len(jobs))
     searches: list[PolicySearch] = map_in_processes(_policy_first, jobs, workers, bar.advance)
+    _simulate_firsts(searches, (lambda s: s.sim) if workers > 1 else
+                     (lambda s: _simulate_or_refusal(to_sim_config(s.first, target, draft, profile, workload), memo)))
     infeasible: dict[str, str] = {}
     ranked: list[Ranked] = []
     considered = sum(s.considered for s in searches)
@@ -302,10 +371,10 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
 
     best_sim = max((r.tok_s for r in ranked), default=0.0)
     top_estimate = max(s.first.estimate_tok_s for s in found)
-    close = [s for s in found if per_policy.get(s.policy, 1) > 1
+    close = [s for s in found if per_policy.get(s.policy, 1) > 1 and not s.skipped
              and (not isinstance(s.sim, SimResult) or s.sim.throughput_tok_s >= RUNNER_UP_WITHIN * best_sim)]
     if close:
-        jobs = [(s, target, draft, profile, workload, per_policy[s.policy] - 1, RERANK_WITHIN * top_estimate)
+        jobs = [(s, target, draft, profile, workload, per_policy[s.policy] - 1, RERANK_WITHIN * top_estimate, memo)
                 for s in close]
         workers = min(parallel_workers(len(jobs)), processes or len(jobs))
         say(f"runner-ups of {', '.join(s.policy for s in close)}" + (f" in {workers} processes" if workers > 1 else ""))
@@ -321,7 +390,8 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     for r in ranked:  # a policy with a plan is not infeasible, whatever a runner-up hit
         infeasible.pop(r.candidate.shape.policy, None)
     ranked.sort(key=lambda r: -r.tok_s)
-    return OptimizeResult(ranked, infeasible, considered, solver_name())
+    return OptimizeResult(ranked, infeasible, considered, solver_name(),
+                          {s.policy: s.first for s in searches if s.skipped})
 
 
 def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: ModelSpec, draft: ModelSpec | None,

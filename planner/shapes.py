@@ -56,6 +56,12 @@ class Shape:
     def rows(self) -> int:
         return self.target_batch * self.num_batches
 
+    @property
+    def but_chunk(self) -> tuple:
+        """Every field but the prefill chunk: shapes alike in this decode alike."""
+        return (self.policy, self.target_batch, self.num_batches, self.gamma, self.draft_batch, self.attention_device,
+                self.admission, self.prefill_tokens, self.recompute)
+
 
 @dataclass(frozen=True)
 class Coeffs:
@@ -129,7 +135,7 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     shares the decode terms between shapes that differ only in their prefill chunk."""
     if memo is None or shape.admission == "continuous":
         return _coefficients(shape, target, draft, profile, workload)
-    key = replace(shape, prefill_chunk=0)
+    key = shape.but_chunk
     base = memo.get(key)
     if base is None:
         base = memo[key] = _coefficients(shape, target, draft, profile, workload)

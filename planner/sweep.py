@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -75,17 +75,7 @@ class Grid:
     @classmethod
     def from_file(cls, path: str) -> "Grid":
         """A grid file, JSON or YAML (by suffix): each key one value or a list (GRID_KEYS)."""
-        text = read_text(path, "a JSON or YAML grid file")
-        try:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - a parser's own message, on one line
-            raise InputError(path, "grid", f"does not parse: {str(e).splitlines()[0]}",
-                             "JSON, or YAML for a .yaml / .yml file") from None
+        data = read_mapping(path, "grid")
         if not isinstance(data, dict):
             raise InputError(path, "grid", "is not a mapping", "keys " + ", ".join(GRID_KEYS))
         unknown = sorted(set(data) - set(GRID_KEYS))
@@ -105,6 +95,25 @@ class Grid:
             acceptances=_list(path, "acceptance", data.get("acceptance", 0.7), float, "a rate in [0, 1]"),
             prices=parse_prices(data.get("prices") or {}, path, "prices"),
         )
+
+
+def read_mapping(path: str, what: str) -> Any:
+    """A JSON file, or YAML for a .yaml / .yml one, parsed; a parse error is one line with
+    the line it is on."""
+    text = read_text(path, f"a JSON or YAML {what} file")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError as e:
+        raise InputError(path, what, f"is not JSON ({e})", "JSON, or YAML in a .yaml / .yml file") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, without importing yaml for JSON files
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(path, what, f"is not YAML ({problem}{where})", "YAML, or JSON in a .json file") from None
 
 
 def _list(source: str, key: str, value: Any, kind: type, expected: str, none: bool = False) -> tuple:
@@ -170,35 +179,32 @@ def load_prices(path: str) -> dict[str, float]:
     """A prices file: {"date": "YYYY-MM-DD", "source": "where they came from", "prices":
     {gpu: $ per hour}}. A price is a claim about a market on a day: without its date and its
     source it is refused."""
-    text = read_text(path, "a JSON or YAML prices file")
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(path, "prices", f"does not parse: {str(e).splitlines()[0]}", "JSON or YAML") from None
+    data = read_mapping(path, "prices")
     if not isinstance(data, dict):
         raise InputError(path, "prices", "is not a mapping", '{"date": .., "source": .., "prices": {gpu: $/h}}')
     unknown = sorted(set(data) - {"date", "source", "prices", "note"})
     if unknown:
         raise InputError(path, unknown[0], "is not a prices-file key", "date, source, prices, note")
-    for key in ("date", "source"):
-        if not isinstance(data.get(key), str) or not data[key].strip():
-            raise InputError(path, key, "is missing", "the day the prices were read (YYYY-MM-DD) and where"
-                             if key == "date" else "where the prices were read (a URL or a quote)")
+    import datetime
+    import re
+
+    day = data.get("date")
+    if not isinstance(day, datetime.date) and not (isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)):
+        raise InputError(path, "date", "is missing" if day is None else f"is {day!r}",
+                         "the day the prices were read, YYYY-MM-DD")
+    if not isinstance(data.get("source"), str) or not data["source"].strip():
+        raise InputError(path, "source", "is missing", "where the prices were read: a URL or a quote")
     if not isinstance(data.get("prices"), dict) or not data["prices"]:
         raise InputError(path, "prices", "is missing or empty", "{gpu: $ per hour}")
     return parse_prices(data["prices"], path, "prices")
 
 
-def check_prices(prices: dict[str, float], gpus: tuple[str, ...], source: str) -> None:
-    """Every priced GPU must be one the sweep plans (a typo would price nothing)."""
+def check_prices(prices: dict[str, float], gpus: tuple[str, ...], source: str) -> dict[str, float]:
+    """`prices`, if every priced GPU is one the sweep plans (a typo would price nothing)."""
     for name in prices:
         if name not in gpus:
             raise InputError(source, name, "is not a GPU of this sweep", ", ".join(gpus))
+    return prices
 
 
 # ---- one point --------------------------------------------------------------------------------------------
@@ -263,13 +269,14 @@ def binding(sim, placement, profile) -> str:
     return ", ".join(parts)
 
 
-def plan_point(r: Resolved) -> dict:
-    """`optimize` at one point, serially (the sweep runs points side by side), as a result row."""
+def plan_point(r: Resolved, memo=None) -> dict:
+    """`optimize` at one point, serially (the sweep runs points side by side), as a result row.
+    `memo` (optimize.Memo) carries work over from the same machine with another host size."""
     from .optimize import make_plan, optimize
 
     base = {"point": asdict(r.point), "key": r.key, "machine": r.point.machine}
     try:
-        res = optimize(r.target, r.draft, r.profile, r.workload, processes=1)
+        res = optimize(r.target, r.draft, r.profile, r.workload, processes=1, memo=memo)
     except InfeasibleError as e:
         return {**base, "status": "infeasible", "why": str(e)}
     best = res.best
@@ -286,11 +293,17 @@ def plan_point(r: Resolved) -> dict:
             "utilisation": best.sim.utilisation, "plan": plan.to_dict()}
 
 
-def _plan_and_cache(r: Resolved, cache_dir: str | None) -> dict:
-    row = plan_point(r)
-    if cache_dir:
-        write_json(Path(cache_dir) / f"{r.key}.json", row)
-    return row
+def _plan_group(group: list[Resolved], cache_dir: str | None) -> list[dict]:
+    """Points that differ only in host memory, one after another (they share a Memo), each
+    written to the cache as soon as it is planned."""
+    from .optimize import Memo
+
+    memo, rows = Memo(), []
+    for r in group:
+        rows.append(plan_point(r, memo))
+        if cache_dir:
+            write_json(Path(cache_dir) / f"{r.key}.json", rows[-1])
+    return rows
 
 
 def cached(r: Resolved, cache_dir: str | None) -> dict | None:
@@ -325,13 +338,19 @@ def run_sweep(points: list[SweepPoint], cache_dir: str | None, progress=None) ->
     resolved = [resolve(p) for p in points]
     rows: list[dict | None] = [cached(r, cache_dir) for r in resolved]
     todo = [i for i, row in enumerate(rows) if row is None]
-    workers = parallel_workers(len(todo))
+    groups: dict[tuple, list[int]] = {}  # the points of one machine but for its host memory, together
+    for i in todo:
+        groups.setdefault(replace(points[i], host_mem=None), []).append(i)
+    jobs = list(groups.values())
+    workers = parallel_workers(len(jobs))
     bar.say(f"planning {len(todo)} of {len(points)} points" + (f" in {workers} processes" if workers > 1 else "")
             + (f" ({len(points) - len(todo)} cached)" if len(todo) < len(points) else ""))
-    bar.set(0, len(todo))
-    done = map_in_processes(_plan_and_cache, [(resolved[i], cache_dir) for i in todo], workers, bar.advance)
-    for i, row in zip(todo, done):
-        rows[i] = row
+    bar.set(0, len(jobs))
+    done = map_in_processes(_plan_group, [([resolved[i] for i in idx], cache_dir) for idx in jobs], workers,
+                            bar.advance)
+    for idx, group_rows in zip(jobs, done):
+        for i, row in zip(idx, group_rows):
+            rows[i] = row
     return SweepResult([r for r in rows if r is not None], len(todo))
 
 

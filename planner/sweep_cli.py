@@ -118,11 +118,12 @@ def sweep_cmd(
         raise InputError("argument", "--sort", f"'{sort}' is unknown", " | ".join(SORTS))
     base = Grid.from_file(grid_file) if grid_file else None
     grid = _grid_from_flags(base, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts, acceptance)
-    prices = dict(grid.prices)
+    # a grid file's prices for GPUs that --gpu flags leave out price nothing, and are no mistake
+    prices = {k: v for k, v in grid.prices.items() if not gpu or k in grid.gpus}
+    check_prices(prices, grid.gpus, f"{grid_file}: prices")
     if prices_file:
-        prices.update(load_prices(prices_file))
-    prices.update(parse_prices(price, "argument", "--price"))
-    check_prices(prices, grid.gpus, "--price / --prices / grid prices")
+        prices.update(check_prices(load_prices(prices_file), grid.gpus, f"{prices_file}: prices"))
+    prices.update(check_prices(parse_prices(price, "argument", "--price"), grid.gpus, "--price"))
     if sort == "cost" and not prices:
         raise InputError("argument", "--sort", "cost needs prices", "--price GPU=$/h or --prices FILE")
     points = grid.points()

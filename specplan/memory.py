@@ -217,19 +217,25 @@ def placement_ladder(draft_kv: str | None = None) -> tuple[Placement, ...]:
 
 def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
                     profile: HardwareProfile, draft_kv: str | None = None,
-                    explain: bool = True) -> tuple[Placement | None, list[str]]:
+                    explain: bool = True, needs: dict | None = None) -> tuple[Placement | None, list[str]]:
     """The first placement of the ladder that fits `schedule` (no FFN layer resident), or
     None and the limits the last one breaks (unless not `explain`: the planner's shortlist
     asks for one shape's reasons, not thousands). The planner starts its search from it; a
-    schedule given by flags (`specplan simulate`) is placed with it."""
+    schedule given by flags (`specplan simulate`) is placed with it. `needs`, a dict kept for
+    one target, draft and workload, holds the memory needs already worked out (they depend on
+    the machine only through whether they fit)."""
     need = None
     acts: dict[bool, tuple[float, float]] = {}  # activations differ only for a draft that keeps no KV
     for pl in placement_ladder(draft_kv):
-        key = pl.draft_kv == "recompute"
-        if key not in acts:
-            acts[key] = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload,
-                                              pl.draft_kv)
-        need = plan_memory(target, draft, schedule, pl, workload, acts[key])
+        need = needs.get((schedule, pl)) if needs is not None else None
+        if need is None:
+            key = pl.draft_kv == "recompute"
+            if key not in acts:
+                acts[key] = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload,
+                                                  pl.draft_kv)
+            need = plan_memory(target, draft, schedule, pl, workload, acts[key])
+            if needs is not None:
+                needs[(schedule, pl)] = need
         if need.fits(profile):
             return pl, []
     return None, need.violations(profile) if explain else []

@@ -121,6 +121,17 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specrun", ["--plan", "plan.json", *SPEC, "--resume"], 2, "--resume"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--device", "cpu"],
      3, "made for rtx4090"),
+    # the sweep: its grid, prices and outputs are checked before any point is planned
+    ("specplan", ["sweep", "--grid", "grid-unknown.yaml"], 2, "gpus"),
+    ("specplan", ["sweep", "--grid", "grid-bad.yaml"], 2, "grid-bad.yaml"),
+    ("specplan", ["sweep", "--grid", "grid-acceptance.json"], 2, "acceptance[1]"),
+    ("specplan", ["sweep", "--gpu", "rtx409"], 2, "rtx409"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--target", "mixtral-8x7b"], 2, "--draft"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--price", "rtx409=0.3"], 2, "rtx409"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--price", "rtx4090=cheap"], 2, "--price.rtx4090"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-undated.json"], 2, "date"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--sort", "cost"], 2, "--sort"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--csv", "/proc/x/s.csv"], 2, "--csv"),
     # plans that do not fit: exit 3
     ("specplan", ["optimize", "--gpu-mem", "1GB"], 2, "--gpu-mem"),
     ("specplan", ["optimize", "--gpu-mem", "2GB"], 3, "no plan fits: specoffload: GPU memory"),
@@ -172,6 +183,10 @@ def write_files(d: Path) -> None:
     (d / "other.jsonl").write_text('{"id": "a", "token_ids": [1]}\n')
     (d / "other.jsonl.job.json").write_text(json.dumps({"plan": "another", "input_sha256": "another"}))
     (d / "workload-negative.json").write_text(json.dumps({"gen_len": -1}))
+    (d / "grid-unknown.yaml").write_text("gpus: [rtx4090, l4]\npcie: [3, 4]\n")
+    (d / "grid-bad.yaml").write_text("gpu: [rtx4090\npcie: 4\n")
+    (d / "grid-acceptance.json").write_text(json.dumps({"gpu": "rtx4090", "acceptance": [0.7, 1.5]}))
+    (d / "prices-undated.json").write_text(json.dumps({"source": "a quote", "prices": {"rtx4090": 0.35}}))
     prof = load_profile("rtx4090").to_dict()
 
     def variant(name: str, text: str) -> None:
@@ -221,7 +236,8 @@ def files(tmp_path_factory) -> Path:
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 40
     commands = {c[1][0] if c[0] == "specplan" and c[1] else "specrun" for c in CASES}
-    assert {"optimize", "simulate", "profile", "calibrate", "validate", "hardware", "models", "specrun"} <= commands
+    assert {"optimize", "sweep", "simulate", "profile", "calibrate", "validate", "hardware", "models",
+            "specrun"} <= commands
     assert {c[2] for c in CASES} == {2, 3}
 
 
@@ -285,7 +301,7 @@ def _no_process_left(pattern: str) -> bool:
 
 def test_ctrl_c_during_optimize_exits_130_and_writes_nothing(tmp_path):
     out = tmp_path / f"plan-{os.getpid()}.json"
-    res = _interrupt_after("specplan", ["optimize", "--gpu", "rtx4090", "--out", str(out)], tmp_path, 3.0)
+    res = _interrupt_after("specplan", ["optimize", "--gpu", "rtx4090", "--out", str(out)], tmp_path, 1.5)
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr and "interrupted" in res.stderr
     assert listing(tmp_path) == set()
