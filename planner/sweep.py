@@ -73,28 +73,42 @@ class Grid:
             self.acceptances)]
 
     @classmethod
-    def from_file(cls, path: str) -> "Grid":
-        """A grid file, JSON or YAML (by suffix): each key one value or a list (GRID_KEYS)."""
-        data = read_mapping(path, "grid")
+    def from_mapping(cls, source: str, data: Any, where: str = "") -> "Grid":
+        """One grid: each key (GRID_KEYS) one value or a list; `where` prefixes field names."""
         if not isinstance(data, dict):
-            raise InputError(path, "grid", "is not a mapping", "keys " + ", ".join(GRID_KEYS))
+            raise InputError(source, where or "grid", "is not a mapping", "keys " + ", ".join(GRID_KEYS))
         unknown = sorted(set(data) - set(GRID_KEYS))
         if unknown:
-            raise InputError(path, unknown[0], "is not a grid key", ", ".join(GRID_KEYS))
+            raise InputError(source, where + unknown[0], "is not a grid key", ", ".join(GRID_KEYS))
         if "gpu" not in data:
-            raise InputError(path, "gpu", "is missing", "a GPU profile name or a list of them")
-        models = tuple(_models(path, data["models"])) if "models" in data else DEFAULT_MODELS
+            raise InputError(source, where + "gpu", "is missing", "a GPU profile name or a list of them")
+        models = tuple(_models(source, data["models"], where)) if "models" in data else DEFAULT_MODELS
+        at = lambda key: where + key  # noqa: E731
         return cls(
-            gpus=_list(path, "gpu", data["gpu"], str, "a GPU profile name"),
-            pcies=_list(path, "pcie", data.get("pcie"), str, "a PCIe generation (3, 4, 5) or link name", none=True),
-            host_mems=_list(path, "host_mem", data.get("host_mem"), str, "a size such as 256GB", none=True),
+            gpus=_list(source, at("gpu"), data["gpu"], str, "a GPU profile name"),
+            pcies=_list(source, at("pcie"), data.get("pcie"), str, "a PCIe generation (3, 4, 5) or link name", none=True),
+            host_mems=_list(source, at("host_mem"), data.get("host_mem"), str, "a size such as 256GB", none=True),
             models=models,
-            prompt_lens=_list(path, "prompt_len", data.get("prompt_len", 512), int, "a positive integer"),
-            gen_lens=_list(path, "gen_len", data.get("gen_len", 128), int, "a positive integer"),
-            num_prompts=_list(path, "num_prompts", data.get("num_prompts", 512), int, "a positive integer"),
-            acceptances=_list(path, "acceptance", data.get("acceptance", 0.7), float, "a rate in [0, 1]"),
-            prices=parse_prices(data.get("prices") or {}, path, "prices"),
+            prompt_lens=_list(source, at("prompt_len"), data.get("prompt_len", 512), int, "a positive integer"),
+            gen_lens=_list(source, at("gen_len"), data.get("gen_len", 128), int, "a positive integer"),
+            num_prompts=_list(source, at("num_prompts"), data.get("num_prompts", 512), int, "a positive integer"),
+            acceptances=_list(source, at("acceptance"), data.get("acceptance", 0.7), float, "a rate in [0, 1]"),
+            prices=parse_prices(data.get("prices") or {}, source, at("prices")),
         )
+
+    @classmethod
+    def from_file(cls, path: str) -> list["Grid"]:
+        """A grid file, JSON or YAML (by suffix): one grid's keys, or {"grids": [grid, ...]},
+        whose points are joined (a grid of one point adds one point)."""
+        data = read_mapping(path, "grid")
+        if isinstance(data, dict) and "grids" in data:
+            extra = sorted(set(data) - {"grids"})
+            if extra:
+                raise InputError(path, extra[0], "is beside grids", "grids: [..] alone, each grid with its own keys")
+            if not isinstance(data["grids"], list) or not data["grids"]:
+                raise InputError(path, "grids", "is not a list of grids", "grids: [{gpu: ..}, ..]")
+            return [cls.from_mapping(path, g, f"grids[{i}].") for i, g in enumerate(data["grids"])]
+        return [cls.from_mapping(path, data)]
 
 
 def read_mapping(path: str, what: str) -> Any:
@@ -138,17 +152,17 @@ def _list(source: str, key: str, value: Any, kind: type, expected: str, none: bo
     return tuple(dict.fromkeys(out))
 
 
-def _models(source: str, value: Any) -> list[tuple[str, str]]:
+def _models(source: str, value: Any, where: str = "") -> list[tuple[str, str]]:
     items = value if isinstance(value, list) else [value]
     out = []
     for i, m in enumerate(items):
         if isinstance(m, str):
             m = {"target": m}
         if not isinstance(m, dict) or not isinstance(m.get("target"), str) or set(m) - {"target", "draft"}:
-            raise InputError(source, f"models[{i}]", f"is {m!r}", "{target: NAME, draft: NAME or none}")
+            raise InputError(source, f"{where}models[{i}]", f"is {m!r}", "{target: NAME, draft: NAME or none}")
         out.append((m["target"], str(m.get("draft", "none"))))
     if not out:
-        raise InputError(source, "models", "is an empty list", "one {target, draft} at least")
+        raise InputError(source, f"{where}models", "is an empty list", "one {target, draft} at least")
     return out
 
 

@@ -116,17 +116,19 @@ def sweep_cmd(
     throughput, what binds, and with prices the cost per million tokens and of the job."""
     if sort not in SORTS:
         raise InputError("argument", "--sort", f"'{sort}' is unknown", " | ".join(SORTS))
-    base = Grid.from_file(grid_file) if grid_file else None
-    grid = _grid_from_flags(base, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts, acceptance)
+    bases = Grid.from_file(grid_file) if grid_file else [None]
+    grids = [_grid_from_flags(b, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts, acceptance)
+             for b in bases]
+    gpus = tuple(dict.fromkeys(g for grid in grids for g in grid.gpus))
     # a grid file's prices for GPUs that --gpu flags leave out price nothing, and are no mistake
-    prices = {k: v for k, v in grid.prices.items() if not gpu or k in grid.gpus}
-    check_prices(prices, grid.gpus, f"{grid_file}: prices")
+    prices = {k: v for grid in grids for k, v in grid.prices.items() if not gpu or k in gpus}
+    check_prices(prices, gpus, f"{grid_file}: prices")
     if prices_file:
-        prices.update(check_prices(load_prices(prices_file), grid.gpus, f"{prices_file}: prices"))
-    prices.update(check_prices(parse_prices(price, "argument", "--price"), grid.gpus, "--price"))
+        prices.update(check_prices(load_prices(prices_file), gpus, f"{prices_file}: prices"))
+    prices.update(check_prices(parse_prices(price, "argument", "--price"), gpus, "--price"))
     if sort == "cost" and not prices:
         raise InputError("argument", "--sort", "cost needs prices", "--price GPU=$/h or --prices FILE")
-    points = grid.points()
+    points = list(dict.fromkeys(p for grid in grids for p in grid.points()))
     check_names(points)
     for path, flag in ((csv_path, "--csv"), (plan_out, "--plan-out")):
         if path:

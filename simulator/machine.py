@@ -27,24 +27,32 @@ class Span:
 @dataclass(frozen=True)
 class Chain:
     """Steps (resource, or None for a critical-path delay; stage; seconds) run back to back,
-    summed once: their total, and the seconds they add to each stage and resource."""
+    summed once: their total, and the seconds they add to each stage and resource. A step
+    whose resource is "async:NAME" starts a use of NAME at that point and does not wait for
+    it (a copy the chain sets off): kept, with its offset into the chain, in `later`."""
 
     total_s: float
     stage_s: tuple[tuple[str, float], ...]
     busy_s: tuple[tuple[str, float], ...]
+    later: tuple[tuple[float, str, str, float], ...] = ()  # (offset s, resource, stage, seconds)
 
     @classmethod
     def of(cls, steps: list[tuple[str | None, str, float]]) -> "Chain":
         stage: dict[str, float] = defaultdict(float)
         busy: dict[str, float] = defaultdict(float)
+        later = []
         total = 0.0
         for resource, name, seconds in steps:
-            if seconds > 0:
-                total += seconds
-                stage[name] += seconds
-                if resource is not None:
-                    busy[resource] += seconds
-        return cls(total, tuple(stage.items()), tuple(busy.items()))
+            if seconds <= 0:
+                continue
+            if resource is not None and resource.startswith("async:"):
+                later.append((total, resource[len("async:"):], name, seconds))
+                continue
+            total += seconds
+            stage[name] += seconds
+            if resource is not None:
+                busy[resource] += seconds
+        return cls(total, tuple(stage.items()), tuple(busy.items()), tuple(later))
 
 
 class Unit:
@@ -141,9 +149,16 @@ class Machine:
             self.stage_s[stage] += seconds
         for resource, seconds in steps.busy_s:
             self.resource_busy_s[resource] += seconds
+        for offset, resource, stage, seconds in steps.later:
+            self.env.process(self._use_after(offset, resource, stage, seconds, who))
         if steps.total_s > 0:
             self.events += 1
             yield self.env.timeout(steps.total_s)
+
+    def _use_after(self, offset: float, resource: str, stage: str, seconds: float, who: str):
+        if offset > 0:
+            yield self.env.timeout(offset)
+        yield from self.use(resource, stage, seconds, who)
 
     def idle(self, *resources: str) -> bool:
         """No process holds or waits for any of `resources` now."""

@@ -179,8 +179,10 @@ class Scenario:
                   else activation_bytes(T, g.rows, g.q_len, wl.max_seq_len + sch.gamma) for g in groups)
         m.allocate("gpu", act, f"{kind} activations")
         costs = [(g.prefill, self._layer_costs(g)) for g in groups]
-        # a K/V copy to the host starts mid-layer on a link others use: such passes keep every step
-        steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or any(c.kv_d2h for _, c in costs)
+        # a K/V copy to the host that the layer waits for queues on a link others use: such
+        # passes keep every step (a copy it only sets off is part of the chain)
+        waits_for_copy = any(c.kv_d2h for _, c in costs) and not self._copies_overlap()
+        steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or waits_for_copy
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         for layer in range(T.layers):
             yield loaded[layer]
@@ -231,16 +233,21 @@ class Scenario:
     def _layer_costs(self, g: Group) -> LayerCosts:
         return target_layer_costs(self.P, self.T, g.rows, g.q_len, g.ctx, self.sch.attention_device, g.prefill)
 
+    def _copies_overlap(self) -> bool:
+        """A layer's K/V copy to the host runs beside its compute (else the layer waits for it)."""
+        return self.sch.policy != "sequential" and copies_overlap_compute(self.P)
+
     def _layer_steps(self, kind: str, c: LayerCosts) -> list[tuple[str | None, str, float]]:
-        """_layer's steps (resource, or None for a critical-path delay; stage; seconds) for a
-        layer without a K/V copy to the host, for Machine.chain."""
+        """_layer's steps (resource, or None for a critical-path delay; stage; seconds), in its
+        order, for Machine.chain: a K/V copy it sets off and does not wait for is "async:d2h"."""
         st = self._stage
         if c.attention_on_cpu:
             att = [(None, st(kind, "target_attention"), c.act_d2h), ("cpu", st(kind, "target_attention"), c.attention),
                    (None, st(kind, "target_attention"), c.act_h2d)]
         else:
             att = [("gpu", st(kind, "target_attention"), c.attention)]
-        return [("gpu", st(kind, "target_proj"), c.proj), *att, ("gpu", st(kind, "target_ffn"), c.ffn),
+        copy = [("async:d2h", st(kind, "kv_d2h"), c.kv_d2h)] if c.kv_d2h else []
+        return [("gpu", st(kind, "target_proj"), c.proj), *att, *copy, ("gpu", st(kind, "target_ffn"), c.ffn),
                 ("gpu", st(kind, "target_host"), c.host)]
 
     def _layer(self, who: str, kind: str, c: LayerCosts):
@@ -254,7 +261,7 @@ class Scenario:
             yield from m.use("gpu", st(kind, "target_attention"), c.attention, who)
         if c.kv_d2h:
             copy = m.use("d2h", st(kind, "kv_d2h"), c.kv_d2h, who)
-            if self.sch.policy == "sequential" or not copies_overlap_compute(self.P):  # nothing overlaps
+            if not self._copies_overlap():  # nothing overlaps
                 yield from copy
             else:
                 self.env.process(copy)

@@ -116,10 +116,14 @@ def test_a_grid_file_in_yaml_and_its_mistakes(tmp_path):
     f.write_text("gpu: [rtx4090, l4]\npcie: [3, 4]\nhost_mem: 256GB\n"
                  "models:\n  - {target: mixtral-8x7b, draft: mistral-7b-v0.2}\n  - llama-3.3-70b\n"
                  "prompt_len: [256, 512]\nprices: {l4: 0.5}\n")
-    g = Grid.from_file(str(f))
+    [g] = Grid.from_file(str(f))
     assert len(g.points()) == 2 * 2 * 1 * 2 * 2 and g.prices == {"l4": 0.5}
     assert ("llama-3.3-70b", "none") in g.models
+    f.write_text("grids:\n  - {gpu: [rtx4090, l4], pcie: [3, 4]}\n  - {gpu: rtx4090, pcie: 4, host_mem: 1TB}\n")
+    a, b = Grid.from_file(str(f))
+    assert len(a.points()) == 4 and len(b.points()) == 1  # a grid of one point adds one point
     for text, field in (("gpu: rtx4090\nhostmem: 1GB\n", "hostmem"), ("pcie: 4\n", "gpu"),
+                        ("grids:\n  - {gpu: l4}\n  - {gpu: t4, pcie: [3, [4]]}\n", "grids[1].pcie[1]"),
                         ("gpu: rtx4090\ngen_len: [128, 0]\n", "gen_len[1]"), ("gpu: [rtx4090\n", "grid")):
         f.write_text(text)
         with pytest.raises(InputError, match=field.replace("[", r"\[")):
