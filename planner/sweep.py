@@ -262,25 +262,44 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def binding(sim, placement, profile) -> str:
-    """What limits the plan: its busiest resource (share of the wall time), and the memories
-    it fills or works around."""
+def binding(sim, placement, profile, rows_held_by: str | None = None) -> str:
+    """What limits the plan: its busiest resource (share of the wall time), the memory that
+    holds its batch where one does (`rows_held_by`, see rows_limit), and the memories it fills
+    or works around."""
     util = sim.utilisation
     top = max(util, key=util.get)
     parts = [f"{RESOURCE_NAMES.get(top, top)} {util[top]:.0%}"]
+    if rows_held_by:
+        parts.append(f"rows held by {rows_held_by}")
     gpu_cap = profile.gpu.memory_bytes - profile.gpu.reserved_bytes
-    if sim.peak_gpu_bytes >= FULL * gpu_cap:
+    if sim.peak_gpu_bytes >= FULL * gpu_cap and rows_held_by != "GPU memory":
         parts.append("GPU memory full")
     pinned_cap = profile.host.memory_bytes * profile.host.pinned_fraction
     if "disk" in (placement.ffn, placement.attention):
         parts.append("host memory (weights on disk)")
-    elif sim.peak_pinned_bytes >= FULL * pinned_cap or "cpu_pageable" in (placement.ffn, placement.attention):
+    elif (sim.peak_pinned_bytes >= FULL * pinned_cap or "cpu_pageable" in (placement.ffn, placement.attention)) \
+            and rows_held_by not in ("host memory", "pinned host memory"):
         parts.append("host memory")
     if placement.draft_kv == "cpu":
         parts.append("draft KV on host")
     elif placement.draft_kv == "recompute":
         parts.append("draft KV recomputed")
     return ", ".join(parts)
+
+
+def rows_limit(target, draft, schedule, placement, workload, profile) -> str | None:
+    """The memory (GPU, host, pinned host) that twice the rows per batch (as many as the job
+    has, at most) would overflow with this placement, or None where they would fit or every
+    prompt is in flight already. (The next size up need not help: a job of 512 prompts runs
+    2 x 192 rows in two waves, as slow as 2 x 128.)"""
+    from specplan.memory import plan_memory
+
+    cap = max(1, workload.num_prompts // schedule.num_batches)
+    if schedule.target_batch >= cap:
+        return None
+    sch = replace(schedule, target_batch=min(2 * schedule.target_batch, cap))
+    broken = plan_memory(target, draft, sch, placement, workload).violations(profile)
+    return broken[0].split(":")[0] if broken else None
 
 
 def plan_point(r: Resolved, memo=None) -> dict:
@@ -301,7 +320,8 @@ def plan_point(r: Resolved, memo=None) -> dict:
             "program_tok_s": best.candidate.estimate_tok_s, "job_s": best.sim.workload_s,
             "generated_tokens": r.workload.num_prompts * r.workload.gen_len,
             "rows": f"{sch.num_batches} x {sch.target_batch}", "gamma": sch.gamma if sch.speculative else None,
-            "admission": sch.admission, "binds": binding(best.sim, pl, r.profile),
+            "admission": sch.admission,
+            "binds": binding(best.sim, pl, r.profile, rows_limit(r.target, r.draft, sch, pl, r.workload, r.profile)),
             "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
             "peak_gpu_bytes": best.sim.peak_gpu_bytes, "peak_pinned_bytes": best.sim.peak_pinned_bytes,
             "utilisation": best.sim.utilisation, "plan": plan.to_dict()}
