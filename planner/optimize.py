@@ -17,13 +17,13 @@ import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specplan import __version__
 from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
-from specplan.memory import least_placement, plan_memory
+from specplan.memory import least_placement, plan_memory, stream_slot_bytes
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.progress import Steps
@@ -46,10 +46,11 @@ RUNNER_UP_WITHIN = 0.9
 # 1.09x its estimate; 1.15 skipped 79 of 184 policies' bests there, never the winner
 # (validation.md, "planner speed")
 SIM_OVER_ESTIMATE = 1.15
-# Shapes per policy the program chooses among, the best by the shortlist's score: over the
-# default job on rtx4090, a100-40gb and l4 (12 policy programs), 12 gave the same best
-# candidate as 32, and 8 lost 0.2% on one
-SHAPES_IN_PROGRAM = 12
+# Shapes per policy the program chooses among, the best by the shortlist's score. With HiGHS's
+# heuristics off a 32-shape program solves about as fast as a 12-shape one (optimize --gpu
+# rtx4090: 2.1 s against 2.1 s), and 12 lost up to 5.5% on Llama-3.3-70B jobs (h100-sxm,
+# PCIe 3) whose best shape the score ranks 13th-32nd
+SHAPES_IN_PROGRAM = 32
 
 
 @dataclass
@@ -140,11 +141,13 @@ def _shortlist(policy: str, target, draft, profile, workload,
             continue
         co = coefficients(s, target, draft, profile, workload, coeffs)
         # scored with prefetch only where its second stream buffer fits too (a shape that
-        # cannot afford it, scored as if it could, crowds out the shapes the program picks)
-        tok_s, _, _ = estimate(s, co, profile, target, pl, 0, worst)
+        # cannot afford it, scored as if it could, crowds out the shapes the program picks),
+        # and with the GPU memory the shape leaves filled with FFN layers, as the program would
+        tok_s = estimate(s, co, profile, target, _fill_gpu(target, draft, s, 0, pl, workload, profile, needs), 0, worst)[0]
         if s.prefill_chunk < fails_from.get((key, 1), 1 << 30):
             pl1, _ = minimal_placement(target, draft, s, workload, profile, prefetch_depth=1, explain=False, needs=needs)
             if pl1 is not None:
+                pl1 = _fill_gpu(target, draft, s, 1, pl1, workload, profile, needs)
                 tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1, worst)[0])
             else:
                 fails_from[(key, 1)] = min(s.prefill_chunk, fails_from.get((key, 1), 1 << 30))
@@ -152,6 +155,30 @@ def _shortlist(policy: str, target, draft, profile, workload,
     scored.sort(key=lambda ts: -ts[0])
     top = scored[:SHAPES_IN_PROGRAM]
     return [s for _, s in top], closest or [], len(shapes), (top[0][0] if top else 0.0)
+
+
+def _fill_gpu(target, draft, shape: Shape, depth: int, placement: Placement, workload, profile,
+              needs: dict | None) -> Placement:
+    """`placement` with the GPU memory the shape leaves filled, as the program would fill it:
+    the attention weights first if they fit (each pass streams all of them; an MoE pass only
+    the experts it touches), then as many FFN layers as fit (the stream buffers are kept: a
+    score, not a plan; the program places for real)."""
+    sch = shape.schedule(depth)
+    need = needs.get((sch, placement)) if needs is not None else None
+    if need is None:
+        need = plan_memory(target, draft, sch, placement, workload)
+    free = profile.gpu.memory_bytes - profile.gpu.reserved_bytes - need.gpu_bytes
+    b, L = target.layer_bytes, target.layers
+    if placement.attention != "gpu" and free >= L * b.attention:
+        placement, free = replace(placement, attention="gpu"), free - L * b.attention
+    n = min(L, int(free // b.ffn)) if b.ffn > 0 else 0
+    if n < L and placement.attention == "gpu" \
+            and (L - n) * b.ffn <= free - n * b.ffn + (depth + 1) * stream_slot_bytes(target, placement):
+        # nothing left to stream frees the stream buffers too: the whole model may fit
+        resident = replace(placement, ffn_gpu_layers=L, lm_head="gpu")
+        if plan_memory(target, draft, sch, resident, workload).fits(profile):
+            return resident
+    return replace(placement, ffn_gpu_layers=n) if n > 0 else placement
 
 
 def to_sim_config(c: Candidate, target, draft, profile, workload, mode: str = "sampled") -> SimConfig:

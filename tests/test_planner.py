@@ -71,10 +71,31 @@ def brute_force(target, draft, profile, workload, seed=0):
     return best
 
 
-@pytest.mark.parametrize("gpu_bytes", [2.2e6, 3.5e6])
-def test_planner_matches_brute_force(small_space, gpu_bytes):
-    profile = tight_profile(gpu_bytes)
-    wl = Workload.make(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)
+def _slow_link_small_host(gpu_bytes: float) -> HardwareProfile:
+    """A toy machine with a slow link and a host that holds the weights with little to spare."""
+    d = toy_profile_dict(memory_bytes=gpu_bytes)
+    d["link"]["h2d_pinned"]["bytes_per_s"] = 2e8
+    d["host"]["memory_bytes"] = 4e6
+    return HardwareProfile.from_dict(d, "toy-slow-link")
+
+
+BRUTE_FORCE_CASES = [
+    # the first two since the planner's beginning; the last two with issue 17's faster search:
+    # more prompts than rows (continuous admission competes, waves leave a partial wave), a
+    # low acceptance with rows that differ, a slow link and a host that binds
+    ("gpu 2.2 MB", lambda: tight_profile(2.2e6), dict(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)),
+    ("gpu 3.5 MB", lambda: tight_profile(3.5e6), dict(prompt_len=[8, 6], gen_len=12, num_prompts=8, acceptance=0.7)),
+    ("20 prompts, spread", lambda: tight_profile(3.0e6),
+     dict(prompt_len=[8, 5], gen_len=10, num_prompts=20, acceptance=0.5, acceptance_spread=0.1)),
+    ("slow link, small host", lambda: _slow_link_small_host(2.6e6),
+     dict(prompt_len=8, gen_len=12, num_prompts=12, acceptance=0.8)),
+]
+
+
+@pytest.mark.parametrize("name,profile_of,workload", BRUTE_FORCE_CASES, ids=[c[0] for c in BRUTE_FORCE_CASES])
+def test_planner_matches_brute_force(small_space, name, profile_of, workload):
+    profile = profile_of()
+    wl = Workload.make(**workload)
     bf_tok_s, bf_plan = brute_force(TINY_T, TINY_D, profile, wl)
     assert bf_plan is not None
     res = optimize(TINY_T, TINY_D, profile, wl)
