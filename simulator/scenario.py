@@ -77,6 +77,7 @@ class Scenario:
         self.factor = acceptance_factor  # request id -> its acceptance over the mean (None: all 1)
         self.outcomes = outcomes  # pass -> Outcome, replacing the draws (the agreement test replays a run)
         self.passes: list[Pass] = []
+        self._beside = None  # the draft's process beside the current target pass, if any
         self.verify_rounds = 0
         self.row_rounds = 0  # sum over verifications (or decode steps) of the rows in them
         self.gained_tokens = 0.0  # tokens those rows gained (capped at gen_len)
@@ -102,10 +103,11 @@ class Scenario:
             yield from self.move_rows(sum(tokens for *_, tokens in p.moves), who)
         if p.draft_first:
             yield from self.draft_phase(p.draft_first, who)
-        beside = self.env.process(self.draft_phase(p.draft_beside, who + ".draft")) if p.draft_beside else None
-        procs = [self.env.process(self.target_pass(who, self.groups_of(p), beside))]
-        if beside is not None:
-            procs.append(beside)
+        procs = [self.env.process(self.target_pass(who, self.groups_of(p)))]
+        self._beside = None  # target_pass looks at it from its first layer on, after this is set
+        if p.draft_beside:
+            self._beside = self.env.process(self.draft_phase(p.draft_beside, who + ".draft"))
+            procs.append(self._beside)
         yield self.env.all_of(procs)
 
     def groups_of(self, p: Pass) -> list[Group]:
@@ -161,10 +163,10 @@ class Scenario:
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
 
     # ---- one pass of the target over all its layers ------------------------------------------------------
-    def target_pass(self, who: str, groups: list[Group], beside=None):
-        """The target's pass over its layers. `beside`: the draft's process running alongside
-        (specoffload), which contends for the GPU until it ends; once it has, or where there is
-        none, a layer's work runs as one timeout (Machine.chain), which costs what its uses one
+    def target_pass(self, who: str, groups: list[Group]):
+        """The target's pass over its layers. The draft's process running alongside (specoffload,
+        self._beside) contends for the GPU until it ends; once it has, or where there is none,
+        a layer's work runs as one timeout (Machine.chain), which costs what its uses one
         after another would (test_simulator: the two agree), in a fraction of the events."""
         env, m, T, sch, wl = self.env, self.m, self.T, self.sch, self.wl
         kind = "prefill" if all(g.prefill for g in groups) else "verify"
@@ -186,6 +188,7 @@ class Scenario:
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         for layer in range(T.layers):
             yield loaded[layer]
+            beside = self._beside
             if steps is not None and (beside is None or beside.triggered) and m.idle("gpu", "cpu"):
                 yield from m.chain(steps, who)
             else:
