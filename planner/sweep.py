@@ -323,6 +323,8 @@ def plan_point(r: Resolved, memo=None) -> dict:
             "admission": sch.admission,
             "binds": binding(best.sim, pl, r.profile, rows_limit(r.target, r.draft, sch, pl, r.workload, r.profile)),
             "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
+            # policies whose best was not simulated (it could not reach the winner): their estimates
+            "unsimulated_program_tok_s": {p: c.estimate_tok_s for p, c in res.unsimulated.items()},
             "peak_gpu_bytes": best.sim.peak_gpu_bytes, "peak_pinned_bytes": best.sim.peak_pinned_bytes,
             "utilisation": best.sim.utilisation, "plan": plan.to_dict()}
 
@@ -349,7 +351,10 @@ def cached(r: Resolved, cache_dir: str | None) -> dict | None:
         row = json.loads(path.read_text())
     except (OSError, ValueError):  # absent, or unreadable: plan it again
         return None
-    return row if isinstance(row, dict) and row.get("key") == r.key else None
+    if not isinstance(row, dict) or row.get("key") != r.key:
+        return None
+    # another spelling of the same point (--pcie 4 and --pcie pcie4x16) shares the row: label it as asked
+    return {**row, "point": asdict(r.point), "machine": r.point.machine}
 
 
 def default_cache_dir() -> str:
@@ -372,8 +377,11 @@ def run_sweep(points: list[SweepPoint], cache_dir: str | None, progress=None) ->
     resolved = [resolve(p) for p in points]
     rows: list[dict | None] = [cached(r, cache_dir) for r in resolved]
     todo = [i for i, row in enumerate(rows) if row is None]
-    groups: dict[tuple, list[int]] = {}  # the points of one machine but for its host memory, together
+    first_of: dict[str, int] = {}  # points spelled differently that resolve alike are planned once
     for i in todo:
+        first_of.setdefault(resolved[i].key, i)
+    groups: dict[tuple, list[int]] = {}  # the points of one machine but for its host memory, together
+    for i in first_of.values():
         groups.setdefault(replace(points[i], host_mem=None), []).append(i)
     jobs = list(groups.values())
     workers = parallel_workers(len(jobs))
@@ -385,7 +393,11 @@ def run_sweep(points: list[SweepPoint], cache_dir: str | None, progress=None) ->
     for idx, group_rows in zip(jobs, done):
         for i, row in zip(idx, group_rows):
             rows[i] = row
-    return SweepResult([r for r in rows if r is not None], len(todo))
+    for i in todo:
+        if rows[i] is None:  # an alias of a point planned above
+            twin = rows[first_of[resolved[i].key]]
+            rows[i] = {**twin, "point": asdict(points[i]), "machine": points[i].machine}
+    return SweepResult([r for r in rows if r is not None], len(first_of))
 
 
 def price_rows(rows: list[dict], prices: dict[str, float]) -> None:
@@ -410,7 +422,8 @@ def sort_rows(rows: list[dict], by: str) -> list[dict]:
 
 CSV_COLUMNS = ("target", "draft", "gpu", "pcie", "host_mem", "prompt_len", "gen_len", "num_prompts", "acceptance",
                "status", "policy", "rows", "gamma", "admission", "tok_s", "program_tok_s", "job_s",
-               "best_non_speculative_tok_s", "usd_per_hour", "usd_per_mtok", "job_usd", "binds", "why")
+               "best_non_speculative_tok_s", "unsimulated_program_tok_s", "usd_per_hour", "usd_per_mtok", "job_usd",
+               "binds", "why")
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -422,6 +435,8 @@ def csv_text(rows: list[dict]) -> str:
     w.writerow(CSV_COLUMNS)
     for r in rows:
         merged = {**r["point"], **{k: v for k, v in r.items() if k != "point"}}
+        merged["unsimulated_program_tok_s"] = " ".join(f"{p}={v:.2f}" for p, v in
+                                                      (merged.get("unsimulated_program_tok_s") or {}).items())
         w.writerow(["" if merged.get(c) is None else merged.get(c) for c in CSV_COLUMNS])
     return buf.getvalue()
 

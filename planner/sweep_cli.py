@@ -157,12 +157,13 @@ def sweep_cmd(
 
         written = write_plots(rows, plots)
     if as_json:
-        return print_json({"planned": res.planned, "cached": len(rows) - res.planned, "sort": sort,
-                           "prices_usd_per_hour": prices, "plots": written,
-                           "rows": [{k: v for k, v in r.items() if k != "plan"} for r in rows]})
-    out.print(_table(rows, bool(prices), res.planned, sort))
-    for path in ([csv_path] if csv_path else []) + written + ([plan_out] if plan_out and best else []):
-        err.print(f"wrote {path}")
+        print_json({"planned": res.planned, "cached": len(rows) - res.planned, "sort": sort,
+                    "prices_usd_per_hour": prices, "plots": written,
+                    "rows": [{k: v for k, v in r.items() if k != "plan"} for r in rows]})
+    else:
+        out.print(_table(rows, bool(prices), res.planned, sort))
+        for path in ([csv_path] if csv_path else []) + written + ([plan_out] if plan_out and best else []):
+            err.print(f"wrote {path}")
     if best is None:
         err.print("[yellow]no point of the grid has a plan[/]")
         raise typer.Exit(3)

@@ -56,6 +56,11 @@ def write_plots(rows: list[dict], folder: str) -> list[str]:
 
     hosts = sorted(dict.fromkeys(r["point"]["host_mem"] for r in rows),
                    key=lambda h: -1 if h is None else parse_bytes(h, "sweep", "host_mem"))
+    # the axes a picture takes the best over without drawing them
+    over = [name for key, name in (("draft", "drafts"), ("prompt_len", "prompt lengths"), ("gen_len", "gen lengths"),
+                                   ("num_prompts", "job sizes"), ("acceptance", "acceptances"))
+            if len({r["point"][key] for r in rows}) > 1]
+    also = (", " + ", ".join(over)) if over else ""
 
     for key, ylabel, name, lower in (("tok_s", "generated tokens / s (simulated)", "tok_s_by_gpu.png", False),
                                      ("usd_per_mtok", "$ per million generated tokens", "usd_per_mtok_by_gpu.png", True)):
@@ -75,7 +80,7 @@ def write_plots(rows: list[dict], folder: str) -> list[str]:
                 ax.bar(xs, vals, width, label=f"PCIe {_label(link)}")
             ax.set_xticks(range(len(gpus)), gpus, rotation=30, ha="right")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{target}: best over host memory" + (" (lower is better)" if lower else ""))
+            ax.set_title(f"{target}: best over host memory{also}" + (" (lower is better)" if lower else ""))
             if len(links) > 1:
                 ax.legend(fontsize="small")
             ax.grid(axis="y", alpha=0.3)
@@ -101,7 +106,7 @@ def write_plots(rows: list[dict], folder: str) -> list[str]:
             fig.colorbar(im, ax=ax, label="tok/s")
         for ax in list(axes.flat)[len(gpus):]:
             ax.axis("off")
-        fig.suptitle(f"{target}: simulated tok/s over link x host memory")
+        fig.suptitle(f"{target}: simulated tok/s over link x host memory" + (f" (best over{also[1:]})" if also else ""))
         fig.tight_layout()
         written.append(_save(fig, Path(folder) / f"heatmap_link_host_{target}.png"))
     return written

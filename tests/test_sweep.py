@@ -87,6 +87,11 @@ def test_cached_rows_equal_fresh_ones_and_a_new_point_costs_one(small_space, toy
     one = run_sweep([*grid.points(), SweepPoint(toy_gpus[0], "3", "64GB", "tiny-mixtral", "tiny-draft", 8, 12, 16, 0.7)],
                     cache)
     assert one.planned == 1 and len(one.rows) == 5
+    # two spellings of one point: planned once, each row labelled as asked, fresh or cached
+    alias = Grid(**{**grid.__dict__, "gpus": (toy_gpus[0],), "pcies": ("4", "pcie4x16"), "host_mems": ("64GB",)})
+    for run in (run_sweep(alias.points(), str(tmp_path / "alias")), run_sweep(alias.points(), str(tmp_path / "alias"))):
+        assert [r["point"]["pcie"] for r in run.rows] == ["4", "pcie4x16"]
+        assert run.rows[0]["tok_s"] == run.rows[1]["tok_s"] and run.planned <= 1
     # a changed input is a new point, not a stale hit
     wl = run_sweep(Grid(**{**grid.__dict__, "gen_lens": (10,)}).points(), cache)
     assert wl.planned == 4
