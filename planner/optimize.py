@@ -27,7 +27,7 @@ from specplan.memory import least_placement, plan_memory, stream_slot_bytes
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.progress import Steps
-from specplan.simulator.run import SimConfig, SimResult, simulate
+from specplan.simulator.run import SimConfig, SimResult, checked_need, simulate
 from specplan.workload import Workload
 
 from .milp import Candidate, ShapeProgram, estimate, solver_name, worst_stream_s
@@ -286,9 +286,7 @@ def _simulate_or_refusal(cfg: SimConfig, memo: Memo | None = None):
     key = (cfg.schedule, cfg.placement, cfg.mode)
     try:
         if memo is not None and key in memo.sims:
-            problems = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload).violations(cfg.profile)
-            if problems:
-                raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+            checked_need(cfg)  # the simulator's own memory check, on this machine
             return memo.sims[key]
         res = simulate(cfg)
     except InfeasibleError as e:
@@ -305,7 +303,6 @@ class PolicySearch:
 
     policy: str
     shortlist: list[Shape]
-    first_guess: float
     first: Candidate | None
     sim: SimResult | InfeasibleError | None
     why: str | None
@@ -318,12 +315,12 @@ def _policy_first(policy: str, target, draft, profile, workload, admissions, mem
     """Shortlist, program and (if `simulate_it`) simulator for one policy's best candidate."""
     shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions, memo)
     if not shortlist:
-        return PolicySearch(policy, [], 0.0, None, None, "; ".join(why) or "no shape fits", n)
+        return PolicySearch(policy, [], None, None, "; ".join(why) or "no shape fits", n)
     found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, 1)
     if not found:
-        return PolicySearch(policy, shortlist, first_guess, None, None, why_not, n)
+        return PolicySearch(policy, shortlist, None, None, why_not, n)
     sim = _simulate_or_refusal(to_sim_config(found[0], target, draft, profile, workload), memo) if simulate_it else None
-    return PolicySearch(policy, shortlist, first_guess, found[0], sim, None, n)
+    return PolicySearch(policy, shortlist, found[0], sim, None, n)
 
 
 def _simulate_firsts(searches: list[PolicySearch], sim_of: Callable[[PolicySearch], object]) -> None:

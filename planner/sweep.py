@@ -439,14 +439,3 @@ def csv_text(rows: list[dict]) -> str:
                                                       (merged.get("unsimulated_program_tok_s") or {}).items())
         w.writerow(["" if merged.get(c) is None else merged.get(c) for c in CSV_COLUMNS])
     return buf.getvalue()
-
-
-def check_names(points: list[SweepPoint]) -> None:
-    """Resolve every distinct GPU, link, host size and model once, so a typo fails in a line
-    before any point is planned."""
-    from specplan.cli import profile_from_flags
-
-    for gpu, pcie, host in {(p.gpu, p.pcie, p.host_mem) for p in points}:
-        profile_from_flags(gpu, pcie, None, host, None)
-    for name in {p.target for p in points} | {p.draft for p in points if p.draft.lower() != "none"}:
-        ModelSpec.resolve(name)

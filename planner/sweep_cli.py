@@ -16,7 +16,6 @@ from specplan.units import fmt_seconds
 
 from .sweep import (
     Grid,
-    check_names,
     check_prices,
     csv_text,
     default_cache_dir,
@@ -41,13 +40,7 @@ def _grid_from_flags(base: Grid | None, gpu, pcie, host_mem, target, draft, prom
         raise InputError("argument", "--draft", f"{len(draft)} drafts for {len(target)} targets",
                          "one --draft per --target (or 'none'), or one for all")
     models = tuple(zip(target, draft if len(draft) == len(target) else draft * len(target))) if target else None
-    g = base or Grid(gpus=tuple(shipped_names()))
-    for name, values in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--num-prompts", num_prompts)):
-        if any(v <= 0 for v in values):
-            raise InputError("argument", name, f"got {min(values)}", "a positive integer")
-    if any(not 0 <= a <= 1 for a in acceptance):
-        raise InputError("argument", "--acceptance", f"got {max(acceptance, key=lambda a: abs(a - 0.5))}",
-                         "a rate in [0, 1]")
+    g = base or Grid(gpus=tuple(shipped_names()))  # workload values are checked where each point is made (Workload)
     pick = lambda flag, axis: tuple(dict.fromkeys(flag)) if flag else axis  # noqa: E731
     return Grid(gpus=pick(gpu, g.gpus), pcies=pick(pcie, g.pcies), host_mems=pick(host_mem, g.host_mems),
                 models=models or g.models, prompt_lens=pick(prompt_len, g.prompt_lens),
@@ -129,7 +122,6 @@ def sweep_cmd(
     if sort == "cost" and not prices:
         raise InputError("argument", "--sort", "cost needs prices", "--price GPU=$/h or --prices FILE")
     points = list(dict.fromkeys(p for grid in grids for p in grid.points()))
-    check_names(points)
     for path, flag in ((csv_path, "--csv"), (plan_out, "--plan-out")):
         if path:
             check_writable(path, flag)

@@ -124,15 +124,21 @@ def _run(cfg: SimConfig, sched: StepScheduler, need, seed: int, record_spans: bo
     return scenario, machine, env.now
 
 
-def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = None, outcomes=None) -> SimResult:
-    """Simulate the plan. `throughput_tok_s` is the job's: all its prompts' tokens over
-    `workload_s` (waves: full waves alike, and a last, partial wave simulated on its own)."""
-    t0 = time.perf_counter()
+def checked_need(cfg: SimConfig):
+    """The plan's memory need; InfeasibleError if it does not fit the machine (with check_memory)."""
     need = plan_memory(cfg.target, cfg.draft, cfg.schedule, cfg.placement, cfg.workload)
     if cfg.check_memory:
         problems = need.violations(cfg.profile)
         if problems:
             raise InfeasibleError("plan does not fit: " + "; ".join(problems))
+    return need
+
+
+def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = None, outcomes=None) -> SimResult:
+    """Simulate the plan. `throughput_tok_s` is the job's: all its prompts' tokens over
+    `workload_s` (waves: full waves alike, and a last, partial wave simulated on its own)."""
+    t0 = time.perf_counter()
+    need = checked_need(cfg)
     seed = cfg.workload.seed if seed is None else seed
     sched = make_scheduler(cfg)
     scenario, machine, total = _run(cfg, sched, need, seed, record_spans, outcomes)
