@@ -57,10 +57,14 @@ def _solver(time_limit_s: float = 20.0):
         # one thread: the planner already runs one program per core, and HiGHS's own worker
         # threads then spin against the other process (on 2 cores, optimize --gpu rtx4090 took
         # 8.2 s median with HiGHS's default threads and 6.7 s with one, to the same plans)
-        # the programs are small (a dozen shapes): HiGHS's primal heuristics and restarts
-        # cost more than they find (each solve took 25-35% longer with them, to the same plans)
+        # the programs are small (a few dozen shapes): HiGHS's primal heuristics (the root's
+        # feasibility jump, RINS, RENS and reduced-cost fixing run even at effort 0) and its
+        # restarts cost more than they find (the four policies' programs of optimize --gpu
+        # rtx4090 solved in 0.48 s with them on, 0.36 s with them off, to the same optima)
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=1e-6, threads=1,
-                          mip_heuristic_effort=0.0, mip_allow_restart=False)
+                          mip_heuristic_effort=0.0, mip_allow_restart=False,
+                          mip_heuristic_run_feasibility_jump=False, mip_heuristic_run_rins=False,
+                          mip_heuristic_run_rens=False, mip_heuristic_run_root_reduced_cost=False)
     except Exception:  # noqa: BLE001 - fall back to the CBC binary that ships with PuLP
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=1e-6)
 

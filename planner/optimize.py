@@ -23,7 +23,7 @@ from specplan import __version__
 from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
-from specplan.memory import least_placement, plan_memory, stream_slot_bytes
+from specplan.memory import MemoryTotalsCache, least_placement, stream_slot_bytes
 from specplan.models import ModelSpec, model_shape
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.progress import Steps
@@ -81,7 +81,7 @@ class OptimizeResult:
 
 def minimal_placement(target: ModelSpec, draft: ModelSpec | None, shape: Shape, workload: Workload,
                       profile: HardwareProfile, prefetch_depth: int = 0,
-                      explain: bool = True, needs: dict | None = None) -> tuple[Placement | None, list[str]]:
+                      explain: bool = True, needs: MemoryTotalsCache | None = None) -> tuple[Placement | None, list[str]]:
     """The least memory-hungry placement that fits this shape (draft KV on the GPU when it
     can be), or None and the limits it breaks."""
     return least_placement(target, draft, shape.schedule(prefetch_depth), workload, profile,
@@ -102,7 +102,7 @@ class Memo:
     scope: str = ""
     coefficients: dict = field(default_factory=dict)
     sims: dict = field(default_factory=dict)
-    needs: dict = field(default_factory=dict)  # (schedule, placement) -> memory need
+    needs: MemoryTotalsCache | None = None  # memory totals by schedule and placement
 
     def enter(self, target, draft, profile, workload) -> "Memo":
         d = profile.to_dict()  # but for the host memory size, and the names and notes that say it
@@ -112,7 +112,8 @@ class Memo:
         scope = sha256_of({"profile": d, "target": target.hf_config, "draft": draft.hf_config if draft else None,
                            "dtypes": [target.dtype, draft.dtype if draft else None], "workload": workload.to_dict()})
         if scope != self.scope:
-            self.scope, self.coefficients, self.sims, self.needs = scope, {}, {}, {}
+            self.scope, self.coefficients, self.sims = scope, {}, {}
+            self.needs = MemoryTotalsCache(target, draft, workload)
         return self
 
 
@@ -125,7 +126,7 @@ def _shortlist(policy: str, target, draft, profile, workload,
     scored: list[tuple[float, Shape]] = []
     closest = None
     coeffs = memo.coefficients if memo is not None else {}
-    needs = memo.needs if memo is not None else None
+    needs = memo.needs if memo is not None else MemoryTotalsCache(target, draft, workload)
     worst = worst_stream_s(profile, target)
     # memory grows with the prefill chunk: where a chunk fits nowhere (with prefetch 0, or
     # with prefetch 1), no larger chunk of that shape fits either
@@ -158,16 +159,13 @@ def _shortlist(policy: str, target, draft, profile, workload,
 
 
 def _fill_gpu(target, draft, shape: Shape, depth: int, placement: Placement, workload, profile,
-              needs: dict | None) -> Placement:
+              needs: MemoryTotalsCache) -> Placement:
     """`placement` with the GPU memory the shape leaves filled, as the program would fill it:
     the attention weights first if they fit (each pass streams all of them; an MoE pass only
     the experts it touches), then as many FFN layers as fit (the stream buffers are kept: a
     score, not a plan; the program places for real)."""
     sch = shape.schedule(depth)
-    need = needs.get((sch, placement)) if needs is not None else None
-    if need is None:
-        need = plan_memory(target, draft, sch, placement, workload)
-    free = profile.gpu.memory_bytes - profile.gpu.reserved_bytes - need.gpu_bytes
+    free = profile.gpu.memory_bytes - profile.gpu.reserved_bytes - needs(sch, placement).gpu_bytes
     b, L = target.layer_bytes, target.layers
     if placement.attention != "gpu" and free >= L * b.attention:
         placement, free = replace(placement, attention="gpu"), free - L * b.attention
@@ -176,7 +174,7 @@ def _fill_gpu(target, draft, shape: Shape, depth: int, placement: Placement, wor
             and (L - n) * b.ffn <= free - n * b.ffn + (depth + 1) * stream_slot_bytes(target, placement):
         # nothing left to stream frees the stream buffers too: the whole model may fit
         resident = replace(placement, ffn_gpu_layers=L, lm_head="gpu")
-        if plan_memory(target, draft, sch, resident, workload).fits(profile):
+        if needs(sch, resident).fits(profile):
             return resident
     return replace(placement, ffn_gpu_layers=n) if n > 0 else placement
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
 from .hardware import HardwareProfile
@@ -137,67 +138,121 @@ def streamed_homes(placement: Placement, layers: int) -> set[str]:
     return homes
 
 
-def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
-                workload: Workload, activations: tuple[float, float] | None = None) -> MemoryNeed:
-    """`activations`: pass_activation_bytes of this schedule and draft KV home, when the caller
-    has it already (the placement ladder tries several placements of one schedule)."""
-    b = target.layer_bytes
-    L = target.layers
-    rows = schedule.rows
-    seq = workload.max_seq_len + schedule.gamma  # room for the drafted tokens being verified
+def _homed(parts: list[tuple[str, str, float]]) -> MemoryNeed:
+    """(name, where, bytes) parts as GPU, host and pinned components (where: gpu, cpu_pinned,
+    cpu_pageable; disk takes no memory); a name that recurs adds up."""
     gpu: dict[str, float] = {}
     host: dict[str, float] = {}
     pinned: dict[str, float] = {}
-
-    def home(name: str, where: str, nbytes: float) -> None:
+    for name, where, nbytes in parts:
         if nbytes <= 0:
-            return
+            continue
         if where == "gpu":
             gpu[name] = gpu.get(name, 0.0) + nbytes
         elif where in ("cpu_pinned", "cpu_pageable"):
             host[name] = host.get(name, 0.0) + nbytes
             if where == "cpu_pinned":
                 pinned[name] = pinned.get(name, 0.0) + nbytes
+    return MemoryNeed(gpu, host, pinned)
 
-    home("target attention weights", placement.attention, b.attention * L)
-    home("target FFN weights (resident)", "gpu", b.ffn * placement.ffn_gpu_layers)
-    home("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers))
-    home("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes)
-    home("embedding", placement.embed, target.embed_bytes)
+
+def weights_memory(target: ModelSpec, placement: Placement, prefetch_depth: int) -> list[tuple[str, str, float]]:
+    """The target's weights where the placement keeps them, and the stream buffers (a ring of
+    prefetch_depth + 1 slots, staged through pinned buffers when weights stream from disk or
+    pageable memory): what a plan's memory owes to its placement, as (name, where, bytes)."""
+    b = target.layer_bytes
+    L = target.layers
+    parts = [("target attention weights", placement.attention, b.attention * L),
+             ("target FFN weights (resident)", "gpu", b.ffn * placement.ffn_gpu_layers),
+             ("target FFN weights (streamed)", placement.ffn, b.ffn * (L - placement.ffn_gpu_layers)),
+             ("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes),
+             ("embedding", placement.embed, target.embed_bytes)]
     # tied and both on the GPU: one tensor; a head that streams is packed into its own copy
     if not (target.tie_embeddings and placement.lm_head == placement.embed == "gpu"):
-        home("lm_head", placement.lm_head, target.head_bytes)
-
+        parts.append(("lm_head", placement.lm_head, target.head_bytes))
     streamed = stream_slot_bytes(target, placement)
     if streamed > 0:
-        slots = schedule.prefetch_depth + 1
-        gpu["weight stream buffers"] = slots * streamed
+        slots = prefetch_depth + 1
+        parts.append(("weight stream buffers", "gpu", slots * streamed))
         if streamed_homes(placement, L) & set(STAGED_HOMES):
-            home("pinned staging buffers", "cpu_pinned", slots * streamed)
+            parts.append(("pinned staging buffers", "cpu_pinned", slots * streamed))
+    return parts
 
-    target_kv = kv_cache_bytes(target, rows, seq)
-    if schedule.attention_device == "gpu":
-        gpu["target KV cache"] = target_kv
-    else:
-        home("target KV cache", "cpu_pinned", target_kv)
 
+def rows_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload, draft_kv: str,
+                activations: tuple[float, float] | None = None) -> list[tuple[str, str, float]]:
+    """What a plan's memory owes to its rows: the KV caches, activations and logits, and the
+    draft (its weights and its KV where `draft_kv` keeps it), as (name, where, bytes). The
+    prefetch depth plays no part."""
+    rows = schedule.rows
+    seq = workload.max_seq_len + schedule.gamma  # room for the drafted tokens being verified
+    parts = [("target KV cache", "gpu" if schedule.attention_device == "gpu" else "cpu_pinned",
+              kv_cache_bytes(target, rows, seq))]
     act_target, act_draft = activations or pass_activation_bytes(
-        target, draft if schedule.speculative else None, schedule, workload, placement.draft_kv)
-    gpu["activations (target)"] = act_target
-    gpu["logits (target)"] = logits_bytes(target, schedule)
+        target, draft if schedule.speculative else None, schedule, workload, draft_kv)
+    parts += [("activations (target)", "gpu", act_target), ("logits (target)", "gpu", logits_bytes(target, schedule))]
     if draft is not None and schedule.speculative:
-        gpu["draft weights"] = draft.total_bytes
+        parts.append(("draft weights", "gpu", draft.total_bytes))
         draft_kv_all = kv_cache_bytes(draft, rows, seq)
-        if placement.draft_kv == "gpu":
-            gpu["draft KV cache"] = draft_kv_all
-        elif placement.draft_kv == "recompute":  # one micro-batch's context, refilled every round
-            gpu["draft KV recompute buffer"] = kv_cache_bytes(draft, schedule.draft_batch, seq)
+        if draft_kv == "gpu":
+            parts.append(("draft KV cache", "gpu", draft_kv_all))
+        elif draft_kv == "recompute":  # one micro-batch's context, refilled every round
+            parts.append(("draft KV recompute buffer", "gpu", kv_cache_bytes(draft, schedule.draft_batch, seq)))
         else:
             # two micro-batches' worth: one drafts while the next is swapped in
-            gpu["draft KV swap buffers"] = 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)
-            home("draft KV cache", "cpu_pinned", draft_kv_all)
-        gpu["activations (draft)"] = act_draft
-    return MemoryNeed(gpu, host, pinned)
+            parts += [("draft KV swap buffers", "gpu", 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)),
+                      ("draft KV cache", "cpu_pinned", draft_kv_all)]
+        parts.append(("activations (draft)", "gpu", act_draft))
+    return parts
+
+
+def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
+                workload: Workload, activations: tuple[float, float] | None = None) -> MemoryNeed:
+    """Memory of a plan by component: its weights and stream buffers (weights_memory), then
+    its rows (rows_memory). `activations`: pass_activation_bytes of this schedule and draft KV
+    home, when the caller has it already."""
+    return _homed(weights_memory(target, placement, schedule.prefetch_depth)
+                  + rows_memory(target, draft, schedule, workload, placement.draft_kv, activations))
+
+
+class MemoryTotals(NamedTuple):
+    """A plan's GPU, host and pinned bytes, without the components (what fits() needs)."""
+
+    gpu_bytes: float
+    host_bytes: float
+    pinned_bytes: float
+
+    fits = MemoryNeed.fits
+
+    @classmethod
+    def of(cls, need: MemoryNeed) -> "MemoryTotals":
+        return cls(need.gpu_bytes, need.host_bytes, need.pinned_bytes)
+
+
+class MemoryTotalsCache:
+    """plan_memory's totals for many schedules and placements of one target, draft and
+    workload, each the sum of its two parts, each part worked out once: the weights part per
+    placement and prefetch depth, the rows part per schedule (but its prefetch depth) and
+    draft KV home. The planner's shortlist asks for tens of thousands."""
+
+    def __init__(self, target: ModelSpec, draft: ModelSpec | None, workload: Workload):
+        self.target, self.draft, self.workload = target, draft, workload
+        self._weights: dict = {}
+        self._rows: dict = {}
+
+    def __call__(self, schedule: Schedule, placement: Placement) -> MemoryTotals:
+        s = schedule
+        wk = (placement, s.prefetch_depth)
+        w = self._weights.get(wk)
+        if w is None:
+            w = self._weights[wk] = MemoryTotals.of(_homed(weights_memory(self.target, placement, s.prefetch_depth)))
+        rk = (s.policy, s.target_batch, s.num_batches, s.prefill_chunk, s.draft_batch, s.gamma, s.attention_device,
+              s.admission, s.prefill_tokens, placement.draft_kv)
+        r = self._rows.get(rk)
+        if r is None:
+            r = self._rows[rk] = MemoryTotals.of(_homed(rows_memory(self.target, self.draft, schedule, self.workload,
+                                                                    placement.draft_kv)))
+        return MemoryTotals(w[0] + r[0], w[1] + r[1], w[2] + r[2])
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,25 +272,16 @@ def placement_ladder(draft_kv: str | None = None) -> tuple[Placement, ...]:
 
 def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload,
                     profile: HardwareProfile, draft_kv: str | None = None,
-                    explain: bool = True, needs: dict | None = None) -> tuple[Placement | None, list[str]]:
+                    explain: bool = True, needs: MemoryTotalsCache | None = None) -> tuple[Placement | None, list[str]]:
     """The first placement of the ladder that fits `schedule` (no FFN layer resident), or
     None and the limits the last one breaks (unless not `explain`: the planner's shortlist
     asks for one shape's reasons, not thousands). The planner starts its search from it; a
-    schedule given by flags (`specplan simulate`) is placed with it. `needs`, a dict kept for
-    one target, draft and workload, holds the memory needs already worked out (they depend on
+    schedule given by flags (`specplan simulate`) is placed with it. `needs`, kept for one
+    target, draft and workload, holds the memory totals already worked out (they depend on
     the machine only through whether they fit)."""
-    need = None
-    acts: dict[bool, tuple[float, float]] = {}  # activations differ only for a draft that keeps no KV
+    needs = needs or MemoryTotalsCache(target, draft, workload)
+    pl = None
     for pl in placement_ladder(draft_kv):
-        need = needs.get((schedule, pl)) if needs is not None else None
-        if need is None:
-            key = pl.draft_kv == "recompute"
-            if key not in acts:
-                acts[key] = pass_activation_bytes(target, draft if schedule.speculative else None, schedule, workload,
-                                                  pl.draft_kv)
-            need = plan_memory(target, draft, schedule, pl, workload, acts[key])
-            if needs is not None:
-                needs[(schedule, pl)] = need
-        if need.fits(profile):
+        if needs(schedule, pl).fits(profile):
             return pl, []
-    return None, need.violations(profile) if explain else []
+    return None, plan_memory(target, draft, schedule, pl, workload).violations(profile) if explain else []
