@@ -16,7 +16,7 @@ import platform
 import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
 from specplan import __version__
@@ -242,6 +242,95 @@ def _after_fork() -> None:
     highspy.Highs.resetGlobalScheduler(True)
 
 
+class Jobs:
+    """The jobs of one planning (programs, simulations), run in forked processes, `workers` at
+    most, or, with one worker, here and only when their result is asked for. A job is wanted
+    (`want`) before its result is asked (`result`). A job wanted `ahead` is one the planner's
+    rules may yet ask for: it runs on a process only while no job asked for waits, in the
+    order wanted, and never with one worker; `drop` takes it back if it has not started. Which
+    results the planner uses depends on its rules alone and every job is deterministic, so
+    the plan does not depend on `workers`. `done(finished, known)` hears each job end. The
+    workers ignore Ctrl-C; on any error (a dead worker: BrokenProcessPool) the parent
+    terminates them, so nothing runs on and no worker prints a traceback."""
+
+    def __init__(self, workers: int, done: Callable[[int, int], None] | None = None):
+        self.workers, self.done = workers, done or (lambda finished, known: None)
+        self.jobs: dict = {}  # key -> (fn, args)
+        self.queue: list = []  # wanted, not started, in the order wanted
+        self.asked: set = set()
+        self.running: dict = {}  # future -> key
+        self.results: dict = {}
+        self.priority: dict = {}  # key -> priority, for jobs wanted ahead
+        self.then: dict = {}  # key -> what to do with its result
+        self.pool = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_after_fork) if workers > 1 else None)
+
+    def __enter__(self) -> "Jobs":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if self.pool is None:
+            return
+        if kind is None and not self.running:
+            self.pool.shutdown()
+            return
+        for proc in list(getattr(self.pool, "_processes", {}).values()):  # jobs nobody will read
+            proc.terminate()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def want(self, key, fn: Callable, *args, ahead: tuple | None = None, then: Callable | None = None) -> None:
+        """Want fn(*args) under `key`: asked for, or, with `ahead` (a priority, least first),
+        only perhaps; `then(result)` runs here when it has run."""
+        if key not in self.jobs:
+            self.jobs[key] = (fn, args)
+            self.queue.append(key)
+            if then is not None:
+                self.then[key] = then
+        if ahead is None:
+            self.asked.add(key)
+        else:
+            self.priority[key] = min(ahead, self.priority.get(key, ahead))
+        self._fill()
+
+    def drop(self, key) -> None:
+        if key in self.queue and key not in self.asked:
+            self.queue.remove(key)
+
+    def result(self, key):
+        self.asked.add(key)
+        if key not in self.results and key not in self.queue and key not in self.running.values():
+            self.queue.append(key)  # dropped, and asked for after all
+        while key not in self.results:
+            if self.pool is None:
+                self.queue.remove(key)
+                fn, args = self.jobs[key]
+                self._finish(key, fn(*args))
+                break
+            self._fill()
+            finished, _ = wait(self.running, return_when=FIRST_COMPLETED)
+            for f in finished:  # an error raises where its job's result is asked for, and only there
+                self._finish(self.running.pop(f), f)
+        got = self.results[key]
+        return got.result() if isinstance(got, Future) else got
+
+    def _finish(self, key, value) -> None:
+        self.results[key] = value
+        self.done(len(self.results), len(self.results) + len(self.running) + len(self.asked.intersection(self.queue)))
+        then = self.then.pop(key, None)
+        if then is not None and not (isinstance(value, Future) and value.exception() is not None):
+            then(value.result() if isinstance(value, Future) else value)
+
+    def _fill(self) -> None:
+        while self.pool is not None and len(self.running) < self.workers and self.queue:
+            # a job asked for first; else the one wanted ahead with the least priority
+            key = next((k for k in self.queue if k in self.asked), None)
+            if key is None:
+                key = min(self.queue, key=lambda k: self.priority[k])
+            self.queue.remove(key)
+            fn, args = self.jobs[key]
+            self.running[self.pool.submit(fn, *args)] = key
+
+
 def _program_candidates(policy: str, shortlist: list[Shape], first_guess: float, target, draft, profile, workload,
                         wanted: int, exclude: tuple[Shape, ...] = ()) -> tuple[list[Candidate], str | None]:
     """Up to `wanted` candidates from the program over `shortlist` (each differing from the
@@ -308,43 +397,21 @@ class PolicySearch:
     skipped: bool = False  # not simulated: its estimate cannot reach a plan simulated before it
 
 
-def _policy_first(policy: str, target, draft, profile, workload, admissions, memo: Memo | None = None,
-                  simulate_it: bool = True) -> PolicySearch:
-    """Shortlist, program and (if `simulate_it`) simulator for one policy's best candidate."""
+def _policy_first(policy: str, target, draft, profile, workload, admissions, memo: Memo | None = None) -> PolicySearch:
+    """Shortlist and program for one policy's best candidate."""
     shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions, memo)
     if not shortlist:
         return PolicySearch(policy, [], None, None, "; ".join(why) or "no shape fits", n)
     found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, 1)
     if not found:
         return PolicySearch(policy, shortlist, None, None, why_not, n)
-    sim = _simulate_or_refusal(to_sim_config(found[0], target, draft, profile, workload), memo) if simulate_it else None
-    return PolicySearch(policy, shortlist, found[0], sim, None, n)
+    return PolicySearch(policy, shortlist, found[0], None, None, n)
 
 
-def _simulate_firsts(searches: list[PolicySearch], sim_of: Callable[[PolicySearch], object]) -> None:
-    """Set each policy's simulation, in order of estimate, skipping (SIM_OVER_ESTIMATE) those
-    that cannot reach a plan simulated before them. `sim_of` simulates, or hands over a
-    simulation already run (in processes, every best is simulated beside its program; the
-    same rule then drops the ones one process would not have run, so the result does not
-    depend on the number of processes)."""
-    best = 0.0
-    for s in sorted((s for s in searches if s.first is not None), key=lambda s: -s.first.estimate_tok_s):
-        if s.first.estimate_tok_s * SIM_OVER_ESTIMATE < best:
-            s.sim, s.skipped = None, True
-            continue
-        s.sim = sim_of(s)
-        if isinstance(s.sim, SimResult):
-            best = max(best, s.sim.throughput_tok_s)
-
-
-def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int, floor_tok_s: float,
-                memo: Memo | None = None) -> list[tuple[Candidate, SimResult | InfeasibleError | None]]:
-    """The policy's next `wanted` candidates, each simulated when the program puts it at
-    `floor_tok_s` or above (None where it does not)."""
-    found, _ = _program_candidates(search.policy, search.shortlist, search.first.estimate_tok_s * 0.9, target, draft,
-                                   profile, workload, wanted, exclude=(search.first.shape,))
-    return [(c, _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)
-             if c.estimate_tok_s >= floor_tok_s else None) for c in found]
+def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int) -> list[Candidate]:
+    """The policy's next `wanted` candidates from its program."""
+    return _program_candidates(search.policy, search.shortlist, search.first.estimate_tok_s * 0.9, target, draft,
+                               profile, workload, wanted, exclude=(search.first.shape,))[0]
 
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
@@ -352,34 +419,85 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
              per_policy: dict | None = None, admissions: tuple[str, ...] = ADMISSIONS,
              processes: int | None = None, memo: Memo | None = None) -> OptimizeResult:
     """The best plans, ranked by simulated throughput: shapes of `policies` and `admissions`
-    (waves, continuous) proposed by the program, re-ranked by the simulator. First round, one
-    job per policy: its program's best candidate, simulated. Second round, only for the
-    policies whose best came within RUNNER_UP_WITHIN of the best simulated plan (or whose best
-    the simulator refused): the program's runner-ups, simulated where their estimate is
-    within RERANK_WITHIN of the best estimate. A runner-up's estimate never exceeds its
-    policy's best, and the simulator moves the candidates of one policy alike, so a policy
-    well behind cannot win by its runner-ups. `progress` hears each round and counts its jobs;
-    `processes` caps the processes (1: all in this one, as `specplan sweep` plans each point);
-    `memo` (with processes=1) carries work over from planning this machine with another host
-    memory size."""
+    (waves, continuous) proposed by the program, re-ranked by the simulator.
+    1. Each policy's program proposes its best candidate.
+    2. The bests are simulated in order of their estimates, skipping (SIM_OVER_ESTIMATE) those
+       that cannot reach a plan simulated before them.
+    3. The policies whose best came within RUNNER_UP_WITHIN of the best simulated plan (or
+       whose best the simulator refused) get their program's runner-ups, simulated where their
+       estimate is within RERANK_WITHIN of the best estimate. A runner-up's estimate never
+       exceeds its policy's best, and the simulator moves the candidates of one policy alike,
+       so a policy well behind cannot win by its runner-ups.
+    In processes (one per core, at most `processes`) the jobs a step may ask for start ahead
+    while a core would idle (Jobs); the rules alone decide which results count, so the plan
+    is the one a single process finds. `progress` hears each step and counts its jobs; `memo`
+    (with processes=1) carries work over from planning this machine with another host memory
+    size."""
     bar = progress or Steps(None, None)
-    say = bar.say
     per_policy = per_policy or PER_POLICY
     if draft is None:
         policies = tuple(p for p in policies if p not in ("specoffload", "spec-serial"))
     workers = min(parallel_workers(len(policies)), processes or len(policies))
     memo = memo.enter(target, draft, profile, workload) if memo is not None and workers == 1 else None
-    # in processes each policy's best is simulated beside its program; in one, only where it can win
-    jobs = [(policy, target, draft, profile, workload, admissions, memo, workers > 1) for policy in policies]
-    say(f"{', '.join(policies)}: shapes, program and simulator for each policy's best"
-        + (f" in {workers} processes" if workers > 1 else ""))
-    bar.set(0, len(jobs))
-    searches: list[PolicySearch] = map_in_processes(_policy_first, jobs, workers, bar.advance)
-    _simulate_firsts(searches, (lambda s: s.sim) if workers > 1 else
-                     (lambda s: _simulate_or_refusal(to_sim_config(s.first, target, draft, profile, workload), memo)))
+    bar.say(f"{', '.join(policies)}: each policy's shapes and program, then the simulator"
+            + (f", in {workers} processes" if workers > 1 else ""))
+    with Jobs(workers, bar.set) as jobs:
+        # the largest shape spaces first, so that the small ones fill in beside them
+        for policy in sorted(policies, key=lambda p: p not in ("spec-serial", "specoffload")):
+            jobs.want(("first", policy), _policy_first, policy, target, draft, profile, workload, admissions, memo)
+        searches: list[PolicySearch] = [jobs.result(("first", p)) for p in policies]
+        found = sorted((s for s in searches if s.first is not None), key=lambda s: -s.first.estimate_tok_s)
+        if not found:
+            raise InfeasibleError("no plan fits: " + " | ".join(f"{s.policy}: {s.why}" for s in searches))
+        top_estimate = found[0].first.estimate_tok_s
+        floor = RERANK_WITHIN * top_estimate  # a runner-up below it is not simulated
+
+        def sim_job(c: Candidate):
+            return ("sim", c.shape, c.placement, c.prefetch_depth), _simulate_or_refusal, \
+                to_sim_config(c, target, draft, profile, workload), memo
+
+        def may_want_more(s: PolicySearch) -> bool:
+            return per_policy.get(s.policy, 1) > 1 and s.first.estimate_tok_s >= floor
+
+        # what steps 2 and 3 may ask for, by the rank of the policy's estimate: its best's
+        # simulation, its runner-ups, and (as they come in) their simulations
+
+        def want_reruns(rank: int, candidates: list[Candidate]) -> None:
+            for c in candidates:
+                if c.estimate_tok_s >= floor:
+                    jobs.want(*sim_job(c), ahead=(rank, 2))
+
+        for rank, s in enumerate(found):
+            jobs.want(*sim_job(s.first), ahead=(rank, 0))
+            if may_want_more(s):
+                jobs.want(("more", s.policy), _runner_ups, s, target, draft, profile, workload,
+                          per_policy[s.policy] - 1, ahead=(rank, 1),
+                          then=lambda got, rank=rank: want_reruns(rank, got))
+        best_sim = 0.0
+        for s in found:  # step 2
+            if s.first.estimate_tok_s * SIM_OVER_ESTIMATE < best_sim:
+                s.skipped = True
+                jobs.drop(sim_job(s.first)[0])
+                jobs.drop(("more", s.policy))
+                continue
+            key, *job = sim_job(s.first)
+            jobs.want(key, *job)
+            s.sim = jobs.result(key)
+            if isinstance(s.sim, SimResult):
+                best_sim = max(best_sim, s.sim.throughput_tok_s)
+        close = [s for s in found if may_want_more(s) and not s.skipped
+                 and (not isinstance(s.sim, SimResult) or s.sim.throughput_tok_s >= RUNNER_UP_WITHIN * best_sim)]
+        for s in found:
+            if s not in close:
+                jobs.drop(("more", s.policy))
+        more = {s.policy: jobs.result(("more", s.policy)) for s in close}  # step 3
+        rerun = [(s, c) for s in close for c in more[s.policy] if c.estimate_tok_s >= floor]
+        for s, c in rerun:
+            jobs.want(*sim_job(c))
+        rerun_sims = [(s, c, jobs.result(sim_job(c)[0])) for s, c in rerun]
+
     infeasible: dict[str, str] = {}
     ranked: list[Ranked] = []
-    considered = sum(s.considered for s in searches)
     for s in searches:
         if s.why is not None:
             infeasible[s.policy] = s.why
@@ -387,32 +505,17 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
             infeasible[s.policy] = str(s.sim)
         elif s.sim is not None:
             ranked.append(Ranked(s.first, s.sim))
-    found = [s for s in searches if s.first is not None]
-    if not found:
-        raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
-
-    best_sim = max((r.tok_s for r in ranked), default=0.0)
-    top_estimate = max(s.first.estimate_tok_s for s in found)
-    close = [s for s in found if per_policy.get(s.policy, 1) > 1 and not s.skipped
-             and (not isinstance(s.sim, SimResult) or s.sim.throughput_tok_s >= RUNNER_UP_WITHIN * best_sim)]
-    if close:
-        jobs = [(s, target, draft, profile, workload, per_policy[s.policy] - 1, RERANK_WITHIN * top_estimate, memo)
-                for s in close]
-        workers = min(parallel_workers(len(jobs)), processes or len(jobs))
-        say(f"runner-ups of {', '.join(s.policy for s in close)}" + (f" in {workers} processes" if workers > 1 else ""))
-        bar.set(0, len(jobs))
-        for s, more in zip(close, map_in_processes(_runner_ups, jobs, workers, bar.advance)):
-            for c, res in more:
-                if isinstance(res, InfeasibleError):
-                    infeasible.setdefault(s.policy, str(res))
-                elif res is not None:
-                    ranked.append(Ranked(c, res))
+    for s, c, res in rerun_sims:
+        if isinstance(res, InfeasibleError):
+            infeasible.setdefault(s.policy, str(res))
+        else:
+            ranked.append(Ranked(c, res))
     if not ranked:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
     for r in ranked:  # a policy with a plan is not infeasible, whatever a runner-up hit
         infeasible.pop(r.candidate.shape.policy, None)
     ranked.sort(key=lambda r: -r.tok_s)
-    return OptimizeResult(ranked, infeasible, considered, solver_name(),
+    return OptimizeResult(ranked, infeasible, sum(s.considered for s in searches), solver_name(),
                           {s.policy: s.first for s in searches if s.skipped})
 
 

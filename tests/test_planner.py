@@ -284,6 +284,34 @@ def test_an_error_in_a_worker_reaches_the_caller_as_itself():
         assert "rtx4090" in str(e.value) if kind == "name" else "schedule.gamma: is -1" in str(e.value)
 
 
+_RAN: list = []
+
+
+def _note(x):
+    _RAN.append(x)
+    return x * 2
+
+
+def test_jobs_wanted_ahead_run_only_when_a_process_is_free_and_fail_only_when_asked_for():
+    from specplan.planner.optimize import Jobs
+
+    _RAN.clear()
+    with Jobs(1) as jobs:  # one worker: nothing runs unless asked for
+        jobs.want("a", _note, 1)
+        jobs.want("b", _note, 2, ahead=(0,))
+        jobs.want("c", _note, 3, ahead=(1,), then=lambda got: jobs.want("d", _note, got, ahead=(2,)))
+        assert jobs.result("a") == 2 and _RAN == [1]
+        jobs.drop("b")
+        assert jobs.result("c") == 6 and _RAN == [1, 3]
+        assert jobs.result("b") == 4 and jobs.result("d") == 12  # dropped, then asked for after all
+    with Jobs(2) as jobs:  # a failing job wanted ahead and never asked for raises nothing
+        jobs.want("bad", _raise, "input", ahead=(0,))
+        jobs.want("ok", _note, 5)
+        assert jobs.result("ok") == 10
+        with pytest.raises(Exception, match="schedule.gamma"):
+            jobs.result("bad")
+
+
 @pytest.mark.parametrize("gpu", ["a100-80gb", "rtx4090"])
 def test_program_finds_a_plan_whenever_a_shape_fits(gpu):
     """Regression: with its memory rows in bytes, HiGHS called the A100-80GB spec-serial
