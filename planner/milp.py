@@ -8,8 +8,9 @@ Each solve is a mixed-integer linear program:
   attention device); integer n_gpu (FFN layers resident on the GPU); one-hot homes for the
   streamed FFN, the attention weights and the LM head; binaries for the draft KV cache on
   the host (dk) and for prefetching one layer ahead (k);
-  round time t_c >= each resource's busy time in a round of shape c (big-M switched by x_c),
-  with draft and target sharing one GPU; prefill time p_c likewise;
+  round time t_c >= each resource's busy time in a round of shape c, written in x_c times
+  the stream time and x_c times the shape's constants (so 0 unless c is chosen), with draft
+  and target sharing one GPU; prefill time p_c likewise;
   GPU, host and pinned memory <= capacity, the same terms as specplan.memory.plan_memory.
 
 docs/planner.md writes it out in full.
@@ -102,16 +103,19 @@ def link_s(profile: HardwareProfile, home: str, nbytes: float) -> float:
     return t + (disk_read_time_s(profile, nbytes) if home == "disk" else 0.0)
 
 
-def stream_s(profile: HardwareProfile, target: ModelSpec, placement: Placement, expert_frac: float) -> float:
-    """Weight-stream time of one pass for a fixed placement (the program's linear form, evaluated)."""
+def stream_parts_s(profile: HardwareProfile, target: ModelSpec, placement: Placement) -> tuple[float, float]:
+    """Weight-stream time of one pass for a fixed placement (the program's linear form,
+    evaluated): the streamed FFN layers' whole (a pass streams its share of the experts) and
+    the rest (attention, LM head)."""
     b, L = target.layer_bytes, target.layers
     streamed = L - placement.ffn_gpu_layers
-    t = expert_frac * streamed * link_s(profile, placement.ffn, b.ffn) if streamed else 0.0
+    ffn = streamed * link_s(profile, placement.ffn, b.ffn) if streamed else 0.0
+    rest = 0.0
     if placement.attention != "gpu":
-        t += L * link_s(profile, placement.attention, b.attention)
+        rest += L * link_s(profile, placement.attention, b.attention)
     if placement.lm_head != "gpu":
-        t += link_s(profile, placement.lm_head, target.head_bytes)
-    return t
+        rest += link_s(profile, placement.lm_head, target.head_bytes)
+    return ffn, rest
 
 
 def worst_stream_s(profile: HardwareProfile, target: ModelSpec) -> float:
@@ -160,15 +164,21 @@ def prefill_bounds(policy: str, co: Coeffs, pre_stream, k, Mp: float, one=1) -> 
 
 
 def estimate(shape: Shape, co: Coeffs, profile: HardwareProfile, target: ModelSpec, placement: Placement,
-             prefetch_depth: int, worst: float | None = None) -> tuple[float, float, float]:
+             prefetch_depth: int, worst: float | None = None, streams: dict | None = None) -> tuple[float, float, float]:
     """(tokens/s, round s, prefill s) of a fixed shape and placement under the program's model
-    (`worst`: worst_stream_s of this profile and target, where the caller has it)."""
+    (`worst`: worst_stream_s of this profile and target, where the caller has it; `streams`,
+    a dict kept for them, their stream_parts_s by placement)."""
     worst = worst_stream_s(profile, target) if worst is None else worst
     k = 1 if prefetch_depth > 0 and copies_overlap_compute(profile) else 0
     dk = 1 if placement.draft_kv == "cpu" else 0
-    rs = max(round_bounds(shape.policy, co, stream_s(profile, target, placement, co.decode_expert_frac), dk, k,
-                          big_m(co, worst)))
-    pre = stream_s(profile, target, placement, co.prefill_expert_frac) * co.prefill_passes
+    parts = streams.get(placement) if streams is not None else None
+    if parts is None:
+        parts = stream_parts_s(profile, target, placement)
+        if streams is not None:
+            streams[placement] = parts
+    ffn, rest = parts
+    rs = max(round_bounds(shape.policy, co, co.decode_expert_frac * ffn + rest, dk, k, big_m(co, worst)))
+    pre = (co.prefill_expert_frac * ffn + rest) * co.prefill_passes
     ps = max(prefill_bounds(shape.policy, co, pre, k, big_m_prefill(co, worst)))
     total = co.phases * rs + ps
     return (co.tokens / total if total > 0 else 0.0), rs, ps

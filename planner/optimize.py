@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import platform
@@ -128,6 +129,7 @@ def _shortlist(policy: str, target, draft, profile, workload,
     coeffs = memo.coefficients if memo is not None else {}
     needs = memo.needs if memo is not None else MemoryTotalsCache(target, draft, workload)
     worst = worst_stream_s(profile, target)
+    streams: dict = {}  # placement -> its stream times (milp.estimate)
     # memory grows with the prefill chunk: where a chunk fits nowhere (with prefetch 0, or
     # with prefetch 1), no larger chunk of that shape fits either
     fails_from: dict[tuple[tuple, int], int] = {}
@@ -144,12 +146,13 @@ def _shortlist(policy: str, target, draft, profile, workload,
         # scored with prefetch only where its second stream buffer fits too (a shape that
         # cannot afford it, scored as if it could, crowds out the shapes the program picks),
         # and with the GPU memory the shape leaves filled with FFN layers, as the program would
-        tok_s = estimate(s, co, profile, target, _fill_gpu(target, draft, s, 0, pl, workload, profile, needs), 0, worst)[0]
+        tok_s = estimate(s, co, profile, target, _fill_gpu(target, draft, s, 0, pl, workload, profile, needs), 0, worst,
+                         streams)[0]
         if s.prefill_chunk < fails_from.get((key, 1), 1 << 30):
             pl1, _ = minimal_placement(target, draft, s, workload, profile, prefetch_depth=1, explain=False, needs=needs)
             if pl1 is not None:
                 pl1 = _fill_gpu(target, draft, s, 1, pl1, workload, profile, needs)
-                tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1, worst)[0])
+                tok_s = max(tok_s, estimate(s, co, profile, target, pl1, 1, worst, streams)[0])
             else:
                 fails_from[(key, 1)] = min(s.prefill_chunk, fails_from.get((key, 1), 1 << 30))
         scored.append((tok_s, s))
@@ -168,15 +171,21 @@ def _fill_gpu(target, draft, shape: Shape, depth: int, placement: Placement, wor
     free = profile.gpu.memory_bytes - profile.gpu.reserved_bytes - needs(sch, placement).gpu_bytes
     b, L = target.layer_bytes, target.layers
     if placement.attention != "gpu" and free >= L * b.attention:
-        placement, free = replace(placement, attention="gpu"), free - L * b.attention
+        placement, free = _placed(placement, "gpu", placement.ffn_gpu_layers, placement.lm_head), free - L * b.attention
     n = min(L, int(free // b.ffn)) if b.ffn > 0 else 0
     if n < L and placement.attention == "gpu" \
             and (L - n) * b.ffn <= free - n * b.ffn + (depth + 1) * stream_slot_bytes(target, placement):
         # nothing left to stream frees the stream buffers too: the whole model may fit
-        resident = replace(placement, ffn_gpu_layers=L, lm_head="gpu")
+        resident = _placed(placement, placement.attention, L, "gpu")
         if needs(sch, resident).fits(profile):
             return resident
-    return replace(placement, ffn_gpu_layers=n) if n > 0 else placement
+    return _placed(placement, placement.attention, n, placement.lm_head) if n > 0 else placement
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _placed(placement: Placement, attention: str, ffn_gpu_layers: int, lm_head: str) -> Placement:
+    """`placement` with these homes (the shortlist asks for the same few hundred thousands of times)."""
+    return replace(placement, attention=attention, ffn_gpu_layers=ffn_gpu_layers, lm_head=lm_head)
 
 
 def to_sim_config(c: Candidate, target, draft, profile, workload, mode: str = "sampled") -> SimConfig:

@@ -7,6 +7,7 @@ which is linear in where the weights live. That is what makes the program linear
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -45,6 +46,7 @@ class Shape:
     prefill_tokens: int = 512  # continuous: prompt tokens a pass may carry
     recompute: bool = False  # the draft keeps no KV (placement.draft_kv = "recompute")
 
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - shapes are few and live for the process
     def schedule(self, prefetch_depth: int) -> Schedule:
         return Schedule(policy=self.policy, target_batch=self.target_batch, num_batches=self.num_batches,
                         prefill_chunk=self.prefill_chunk, draft_batch=self.draft_batch, gamma=self.gamma,
@@ -132,14 +134,22 @@ def enumerate_shapes(policy: str, workload: Workload, attention_devices=("cpu", 
 def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
                  workload: Workload, memo: dict | None = None) -> Coeffs:
     """The shape's constants. `memo`, a dict kept for one target, draft, profile and workload,
-    shares the decode terms between shapes that differ only in their prefill chunk."""
-    if memo is None or shape.admission == "continuous":
+    keeps them, and shares the decode terms between shapes that differ only in their prefill
+    chunk."""
+    if memo is None:
         return _coefficients(shape, target, draft, profile, workload)
-    key = shape.but_chunk
-    base = memo.get(key)
-    if base is None:
-        base = memo[key] = _coefficients(shape, target, draft, profile, workload)
-    return _with_wave_prefill(base, shape, target, draft, profile, workload)
+    got = memo.get(shape)
+    if got is None:
+        if shape.admission == "continuous":
+            got = _coefficients(shape, target, draft, profile, workload)
+        else:
+            key = shape.but_chunk
+            base = memo.get(key)
+            if base is None:
+                base = memo[key] = _coefficients(shape, target, draft, profile, workload)
+            got = _with_wave_prefill(base, shape, target, draft, profile, workload, memo)
+        memo[shape] = got
+    return got
 
 
 def useful_share(rows: int, workload: Workload) -> float:
@@ -154,16 +164,25 @@ def _experts_frac(target: ModelSpec, tokens: float) -> float:
 
 
 def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: ModelSpec | None,
-                       profile: HardwareProfile, workload: Workload) -> Coeffs:
-    """`co` with the prefill terms of a waves shape: passes of prefill_chunk rows each."""
-    P, T, p = profile, target, workload.mean_prompt_len
-    n_pre = math.ceil(shape.rows / shape.prefill_chunk)
-    chunk_rows = shape.rows / n_pre
-    pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
-    pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
-    draft_pre = draft_step_s(P, draft, chunk_rows, p, p / 2) if shape.policy in ("specoffload", "spec-serial") else 0.0
-    return replace(co, prefill_passes=n_pre, prefill_expert_frac=_experts_frac(T, chunk_rows * p),
-                   prefill_gpu_s=n_pre * (pre_gpu + draft_pre), prefill_chain_s=n_pre * pre_gpu)
+                       profile: HardwareProfile, workload: Workload, memo: dict | None = None) -> Coeffs:
+    """`co` with the prefill terms of a waves shape: passes of prefill_chunk rows each (which
+    depend on the rows, the chunk, where attention runs and whether a draft reads the
+    prompts; `memo` keeps them for the shapes alike in those)."""
+    spec = shape.policy in ("specoffload", "spec-serial")
+    key = ("wave prefill", shape.rows, shape.prefill_chunk, shape.attention_device, spec)
+    terms = memo.get(key) if memo is not None else None
+    if terms is None:
+        P, T, p = profile, target, workload.mean_prompt_len
+        n_pre = math.ceil(shape.rows / shape.prefill_chunk)
+        chunk_rows = shape.rows / n_pre
+        pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
+        pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
+        draft_pre = draft_step_s(P, draft, chunk_rows, p, p / 2) if spec else 0.0
+        terms = (n_pre, _experts_frac(T, chunk_rows * p), n_pre * (pre_gpu + draft_pre), n_pre * pre_gpu)
+        if memo is not None:
+            memo[key] = terms
+    n_pre, frac, gpu_s, chain_s = terms
+    return replace(co, prefill_passes=n_pre, prefill_expert_frac=frac, prefill_gpu_s=gpu_s, prefill_chain_s=chain_s)
 
 
 def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
