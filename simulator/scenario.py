@@ -121,7 +121,8 @@ class Scenario:
             if kind == "prefill":
                 groups.append(Group(n, float(w.tokens), w.start + w.tokens / 2, prefill=True))
             else:
-                ctx = sum(slots[s].length for s in range(sl.start, sl.stop)) / n
+                rows = slots[sl]
+                ctx = (sum(r.request.prompt_len for r in rows) + sum(r.generated for r in rows)) / n
                 groups.append(Group(n, float(w.tokens), ctx))
         return groups
 
@@ -132,19 +133,19 @@ class Scenario:
         if self.outcomes is not None:
             out = self.outcomes(p)
         else:
-            gained = {w.slot: 1.0 for w in p.rows if w.kind == "decode" or (w.kind == "prefill" and w.last)}
-            verify = [w.slot for w in p.rows if w.kind == "verify"]
+            gained = {slot: 1.0 for slot, kind, _, _, last in p.rows if kind == "decode" or (kind == "prefill" and last)}
+            verify = [slot for slot, kind, *_ in p.rows if kind == "verify"]
             if verify:
                 gained.update(zip(verify, self._accepted(verify).tolist()))
             out = Outcome(gained)
         if p.decode_rows:
-            slots, gen, got = self.sched.slots, self.wl.gen_len, out.gained
+            slots, gen, got = self.sched.slots, self.wl.gen_len, out.gained.get
             drawn = capped = 0.0
-            for w in p.rows:
-                if w.kind != "prefill":
-                    d = got.get(w.slot, 0.0)
+            for slot, kind, *_ in p.rows:
+                if kind != "prefill":
+                    d = got(slot, 0.0)
                     drawn += d
-                    capped += min(d, gen - slots[w.slot].generated)
+                    capped += min(d, gen - slots[slot].generated)
             self.verify_rounds += 1
             self.row_rounds += p.decode_rows
             self.gained_tokens += capped

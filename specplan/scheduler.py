@@ -279,23 +279,25 @@ class StepScheduler:
             row.draft_ready = cfg.draft_kv != "recompute"
             if d.propose:
                 row.proposed = True
-        for w in p.rows:
-            row = self.slots[w.slot]
-            if w.kind == "prefill":
-                row.computed += w.tokens
-                if not w.last:
+        slots, gained, eos, finished = self.slots, outcome.gained.get, outcome.eos, self.finished
+        gen = float(cfg.gen_len)
+        verified = 0
+        for slot, kind, _, tokens, last in p.rows:  # the rows' hot loop: a pass may hold thousands
+            row = slots[slot]
+            if kind == "prefill":
+                row.computed += tokens
+                if not last:
                     continue
             else:
                 row.rounds += 1
                 row.proposed = False
-                if w.kind == "verify":
-                    self.counts.verify_row_rounds += 1
-            gained = outcome.gained.get(w.slot, 0.0)
-            row.generated = min(float(cfg.gen_len), row.generated + gained)
-            if w.slot in outcome.eos or row.generated >= cfg.gen_len - _EPS:
+                verified += kind == "verify"
+            row.generated = min(gen, row.generated + gained(slot, 0.0))
+            if row.generated >= gen - _EPS or slot in eos:
                 row.done = True
-                self.finished.append(row)
-                self.slots[w.slot] = None
+                finished.append(row)
+                slots[slot] = None
+        self.counts.verify_row_rounds += verified
 
     # ---- policies: which groups a pass serves, where the draft runs ------------------------------------
     def _specoffload(self, admitted) -> Pass | None:
@@ -360,13 +362,18 @@ class StepScheduler:
         """Proposals for the decoding rows of group g that have none."""
         out = []
         slots = self.slots
+        read = 0
         for s in self._group_slots(g):
             row = slots[s]
-            if row is not None and not row.proposed and not row.done and not row.prefilling:
-                context = int(row.length) - 2
+            if row is not None and not row.proposed and not row.done:
+                p = row.request.prompt_len
+                if row.computed < p:  # still prefilling
+                    continue
+                context = int(p + row.generated) - 2
                 cached = context if row.draft_ready else 0
                 out.append(DraftRow(s, cached, context))
-                self.counts.draft_prefill_tokens += max(0, context - cached)
+                read += max(0, context - cached)
+        self.counts.draft_prefill_tokens += read
         return tuple(out)
 
     def _draft_reads(self, rows: tuple[RowWork, ...]) -> tuple[DraftRow, ...]:
@@ -383,6 +390,7 @@ class StepScheduler:
         """Every decoding row of `groups` (verify or decode), then prompt chunks for the
         prefilling rows within the pass's prefill token budget (continuous admission)."""
         work: list[RowWork] = []
+        add = work.append
         budget = self._budget()
         q = self.config.gamma + 1 if decode_kind == "verify" else 1
         slots = self.slots
@@ -393,11 +401,11 @@ class StepScheduler:
                     continue
                 p = row.request.prompt_len
                 if row.computed >= p:
-                    work.append(RowWork(s, decode_kind, int(p + row.generated) - 1, q))
+                    add(RowWork(s, decode_kind, int(p + row.generated) - 1, q))
                 elif budget > 0:
                     n = min(p - row.computed, budget)
                     budget -= n
-                    work.append(RowWork(s, "prefill", row.computed, n, row.computed + n == p))
+                    add(RowWork(s, "prefill", row.computed, n, row.computed + n == p))
         return tuple(work)
 
     def _budget(self) -> int:
