@@ -141,12 +141,12 @@ def coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profi
     got = memo.get(shape)
     if got is None:
         if shape.admission == "continuous":
-            got = _coefficients(shape, target, draft, profile, workload)
+            got = _coefficients(shape, target, draft, profile, workload, memo)
         else:
             key = shape.but_chunk
             base = memo.get(key)
             if base is None:
-                base = memo[key] = _coefficients(shape, target, draft, profile, workload)
+                base = memo[key] = _coefficients(shape, target, draft, profile, workload, memo)
             got = _with_wave_prefill(base, shape, target, draft, profile, workload, memo)
         memo[shape] = got
     return got
@@ -186,7 +186,7 @@ def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: Model
 
 
 def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
-                  workload: Workload) -> Coeffs:
+                  workload: Workload, memo: dict | None = None) -> Coeffs:
     P, T, D = profile, target, draft
     b, g, nb = shape.target_batch, shape.gamma, shape.num_batches
     spec = shape.policy in ("specoffload", "spec-serial")
@@ -227,7 +227,17 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
     b_act = max(1.0, live)
 
     def pass_costs(rows: float, q_len: float, context: float, device: str):
-        """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer costs."""
+        """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer
+        costs (kept in `memo`: the shapes that differ only in their draft batch share them)."""
+        key = ("pass costs", rows, q_len, context, device)
+        got = memo.get(key) if memo is not None else None
+        if got is None:
+            got = _pass_costs(rows, q_len, context, device)
+            if memo is not None:
+                memo[key] = got
+        return got
+
+    def _pass_costs(rows: float, q_len: float, context: float, device: str):
         c = target_layer_costs(P, T, rows, q_len, context, device)
         head = target_head_s(P, T, rows * q_len)
         on_cpu = c.attention_on_cpu and not P.gpu.shares_host_cores  # else the "GPU"'s own cores run it

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
 from .hardware import HardwareProfile
@@ -78,14 +78,11 @@ def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
     return chunks
 
 
-def pass_activation_bytes(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule,
-                          workload: Workload, draft_kv: str = "gpu") -> tuple[float, float]:
-    """Activation memory of the largest pass of the target (a prefill chunk, or a verify or
-    decode batch; flexgen's micro-batches share one pass) and of the draft (its prefill in
-    draft_batch rows, or a decode step over 2 tokens a row; a recomputing draft reads whole
-    contexts), in bytes. Continuous admission computes a pass's rows one run after another, so
-    its largest piece is a decode batch, the start-up's prefill_chunk prompts, or the prompts
-    of at most prefill_tokens tokens a later pass carries."""
+def _target_activation_bytes(target: ModelSpec, schedule: Schedule, workload: Workload) -> float:
+    """Activation memory of the target's largest pass (a prefill chunk, or a verify or decode
+    batch; flexgen's micro-batches share one pass), in bytes. Continuous admission computes a
+    pass's rows one run after another, so its largest piece is a decode batch, the start-up's
+    prefill_chunk prompts, or the prompts of at most prefill_tokens tokens a later pass carries."""
     seq = workload.max_seq_len + schedule.gamma
     q = schedule.gamma + 1 if schedule.speculative else 1
     rows = schedule.target_batch * (schedule.num_batches if schedule.policy == "flexgen" else 1)
@@ -95,13 +92,16 @@ def pass_activation_bytes(target: ModelSpec, draft: ModelSpec | None, schedule: 
     if schedule.admission == "continuous":
         chunk = min(schedule.prefill_tokens, p)
         prefill = max(prefill, activation_bytes(target, max(1, min(rows, schedule.prefill_tokens // chunk)), chunk, p))
-    target_act = max(prefill, activation_bytes(target, rows, q, seq))
-    draft_act = 0.0
-    if draft is not None:
-        read = seq if draft_kv == "recompute" else p
-        draft_act = max(activation_bytes(draft, schedule.draft_batch, read, read),
-                        activation_bytes(draft, schedule.draft_batch, 2, seq))
-    return target_act, draft_act
+    return max(prefill, activation_bytes(target, rows, q, seq))
+
+
+def _draft_activation_bytes(draft: ModelSpec, schedule: Schedule, workload: Workload, draft_kv: str) -> float:
+    """The draft's largest pass: its prefill in draft_batch rows, or a decode step over 2 tokens
+    a row (a draft that keeps no KV reads whole contexts), in bytes."""
+    seq = workload.max_seq_len + schedule.gamma
+    read = seq if draft_kv == "recompute" else workload.max_prompt_len
+    return max(activation_bytes(draft, schedule.draft_batch, read, read),
+               activation_bytes(draft, schedule.draft_batch, 2, seq))
 
 
 def stream_slot_bytes(target: ModelSpec, placement: Placement) -> float:
@@ -179,40 +179,44 @@ def weights_memory(target: ModelSpec, placement: Placement, prefetch_depth: int)
     return parts
 
 
-def rows_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, workload: Workload, draft_kv: str,
-                activations: tuple[float, float] | None = None) -> list[tuple[str, str, float]]:
-    """What a plan's memory owes to its rows: the KV caches, activations and logits, and the
-    draft (its weights and its KV where `draft_kv` keeps it), as (name, where, bytes). The
-    prefetch depth plays no part."""
-    rows = schedule.rows
+def target_rows_memory(target: ModelSpec, schedule: Schedule, workload: Workload) -> list[tuple[str, str, float]]:
+    """What a plan's memory owes to the target's rows: its KV cache, activations and logits,
+    as (name, where, bytes). The prefetch depth, the draft batch and the draft play no part."""
     seq = workload.max_seq_len + schedule.gamma  # room for the drafted tokens being verified
-    parts = [("target KV cache", "gpu" if schedule.attention_device == "gpu" else "cpu_pinned",
-              kv_cache_bytes(target, rows, seq))]
-    act_target, act_draft = activations or pass_activation_bytes(
-        target, draft if schedule.speculative else None, schedule, workload, draft_kv)
-    parts += [("activations (target)", "gpu", act_target), ("logits (target)", "gpu", logits_bytes(target, schedule))]
-    if draft is not None and schedule.speculative:
-        parts.append(("draft weights", "gpu", draft.total_bytes))
-        draft_kv_all = kv_cache_bytes(draft, rows, seq)
-        if draft_kv == "gpu":
-            parts.append(("draft KV cache", "gpu", draft_kv_all))
-        elif draft_kv == "recompute":  # one micro-batch's context, refilled every round
-            parts.append(("draft KV recompute buffer", "gpu", kv_cache_bytes(draft, schedule.draft_batch, seq)))
-        else:
-            # two micro-batches' worth: one drafts while the next is swapped in
-            parts += [("draft KV swap buffers", "gpu", 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)),
-                      ("draft KV cache", "cpu_pinned", draft_kv_all)]
-        parts.append(("activations (draft)", "gpu", act_draft))
+    return [("target KV cache", "gpu" if schedule.attention_device == "gpu" else "cpu_pinned",
+             kv_cache_bytes(target, schedule.rows, seq)),
+            ("activations (target)", "gpu", _target_activation_bytes(target, schedule, workload)),
+            ("logits (target)", "gpu", logits_bytes(target, schedule))]
+
+
+def draft_rows_memory(draft: ModelSpec | None, schedule: Schedule, workload: Workload,
+                      draft_kv: str) -> list[tuple[str, str, float]]:
+    """What a speculative plan's memory owes to the draft: its weights, its KV where
+    `draft_kv` keeps it, and its activations, as (name, where, bytes); nothing without one."""
+    if draft is None or not schedule.speculative:
+        return []
+    seq = workload.max_seq_len + schedule.gamma
+    parts = [("draft weights", "gpu", draft.total_bytes)]
+    draft_kv_all = kv_cache_bytes(draft, schedule.rows, seq)
+    if draft_kv == "gpu":
+        parts.append(("draft KV cache", "gpu", draft_kv_all))
+    elif draft_kv == "recompute":  # one micro-batch's context, refilled every round
+        parts.append(("draft KV recompute buffer", "gpu", kv_cache_bytes(draft, schedule.draft_batch, seq)))
+    else:
+        # two micro-batches' worth: one drafts while the next is swapped in
+        parts += [("draft KV swap buffers", "gpu", 2 * kv_cache_bytes(draft, schedule.draft_batch, seq)),
+                  ("draft KV cache", "cpu_pinned", draft_kv_all)]
+    parts.append(("activations (draft)", "gpu", _draft_activation_bytes(draft, schedule, workload, draft_kv)))
     return parts
 
 
 def plan_memory(target: ModelSpec, draft: ModelSpec | None, schedule: Schedule, placement: Placement,
-                workload: Workload, activations: tuple[float, float] | None = None) -> MemoryNeed:
-    """Memory of a plan by component: its weights and stream buffers (weights_memory), then
-    its rows (rows_memory). `activations`: pass_activation_bytes of this schedule and draft KV
-    home, when the caller has it already."""
+                workload: Workload) -> MemoryNeed:
+    """Memory of a plan by component: its weights and stream buffers (weights_memory), the
+    target's rows (target_rows_memory), then the draft's (draft_rows_memory)."""
     return _homed(weights_memory(target, placement, schedule.prefetch_depth)
-                  + rows_memory(target, draft, schedule, workload, placement.draft_kv, activations))
+                  + target_rows_memory(target, schedule, workload)
+                  + draft_rows_memory(draft, schedule, workload, placement.draft_kv))
 
 
 class MemoryTotals(NamedTuple):
@@ -231,28 +235,29 @@ class MemoryTotals(NamedTuple):
 
 class MemoryTotalsCache:
     """plan_memory's totals for many schedules and placements of one target, draft and
-    workload, each the sum of its two parts, each part worked out once: the weights part per
-    placement and prefetch depth, the rows part per schedule (but its prefetch depth) and
-    draft KV home. The planner's shortlist asks for tens of thousands."""
+    workload, each the sum of its three parts, each part worked out once: the weights part
+    per placement and prefetch depth, the target's rows per what of the schedule they depend
+    on, the draft's per rows, gamma, draft batch and draft KV home. The planner's shortlist
+    asks for tens of thousands."""
 
     def __init__(self, target: ModelSpec, draft: ModelSpec | None, workload: Workload):
         self.target, self.draft, self.workload = target, draft, workload
-        self._weights: dict = {}
-        self._rows: dict = {}
+        self._parts: dict = {}
+
+    def _part(self, key, parts: Callable[[], list]) -> MemoryTotals:
+        got = self._parts.get(key)
+        if got is None:
+            got = self._parts[key] = MemoryTotals.of(_homed(parts()))
+        return got
 
     def __call__(self, schedule: Schedule, placement: Placement) -> MemoryTotals:
-        s = schedule
-        wk = (placement, s.prefetch_depth)
-        w = self._weights.get(wk)
-        if w is None:
-            w = self._weights[wk] = MemoryTotals.of(_homed(weights_memory(self.target, placement, s.prefetch_depth)))
-        rk = (s.policy, s.target_batch, s.num_batches, s.prefill_chunk, s.draft_batch, s.gamma, s.attention_device,
-              s.admission, s.prefill_tokens, placement.draft_kv)
-        r = self._rows.get(rk)
-        if r is None:
-            r = self._rows[rk] = MemoryTotals.of(_homed(rows_memory(self.target, self.draft, schedule, self.workload,
-                                                                    placement.draft_kv)))
-        return MemoryTotals(w[0] + r[0], w[1] + r[1], w[2] + r[2])
+        s, T, D, W = schedule, self.target, self.draft, self.workload
+        w = self._part((placement, s.prefetch_depth), lambda: weights_memory(T, placement, s.prefetch_depth))
+        t = self._part((s.policy, s.target_batch, s.num_batches, s.prefill_chunk, s.gamma, s.attention_device,
+                        s.admission, s.prefill_tokens), lambda: target_rows_memory(T, s, W))
+        d = self._part((s.policy, s.rows, s.gamma, s.draft_batch, placement.draft_kv),
+                       lambda: draft_rows_memory(D, s, W, placement.draft_kv))
+        return MemoryTotals(w[0] + t[0] + d[0], w[1] + t[1] + d[1], w[2] + t[2] + d[2])
 
 
 @functools.lru_cache(maxsize=None)
