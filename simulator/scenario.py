@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import simpy
 
 from specplan.cost import (
     LayerCosts,
@@ -46,7 +45,7 @@ from specplan.cost import (
 from specplan.memory import streamed_chunks
 from specplan.scheduler import DraftRow, Outcome, Pass, StepScheduler
 
-from .machine import Chain, Machine
+from .machine import Chain, Machine, Unit
 
 # Run a layer nobody contends for as one timeout (False: every use and delay on its own, as
 # a recorded timeline always does); the results agree either way.
@@ -101,8 +100,8 @@ class Scenario:
         who = f"pass{p.index}.{'+'.join(chr(ord('A') + g) for g in p.groups)}"
         if p.moves:
             yield from self.move_rows(sum(tokens for *_, tokens in p.moves), who)
-        if p.draft_first:
-            yield from self.draft_phase(p.draft_first, who)
+        if p.draft_first:  # nothing else computes meanwhile
+            yield from self.draft_phase(p.draft_first, who, alone=True)
         procs = [self.env.process(self.target_pass(who, self.groups_of(p)))]
         self._beside = None  # target_pass looks at it from its first layer on, after this is set
         if p.draft_beside:
@@ -174,7 +173,7 @@ class Scenario:
         tokens = sum(g.tokens for g in groups)
         # a ring slot ahead of the computing layer only where a copy can overlap compute
         nslots = sch.prefetch_depth + 1 if copies_overlap_compute(self.P) else 1
-        slots = simpy.Container(env, capacity=nslots, init=nslots)
+        slots = Unit(env, nslots)  # the ring's free buffers
         loaded = [env.event() for _ in range(T.layers)]
         env.process(self._load_layers(who, kind, tokens, slots, loaded))
         # the groups go through a layer one after another: the larger working set is what is live
@@ -196,7 +195,7 @@ class Scenario:
                 for prefill, c in costs:
                     yield from self._layer(who, "prefill" if prefill else "verify", c)
             if loaded[layer].value:
-                slots.put(1)
+                slots.release()
         head_tokens = sum(g.rows if g.prefill else g.tokens for g in groups)  # a chunk keeps one position a row
         if self.pl.lm_head != "gpu":
             pinned = self.pl.lm_head == "cpu_pinned"
@@ -205,7 +204,7 @@ class Scenario:
         yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
-    def _load_layers(self, who: str, kind: str, tokens: float, slots: simpy.Container, loaded: list):
+    def _load_layers(self, who: str, kind: str, tokens: float, slots: Unit, loaded: list):
         """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
         # a layer's copies depend on it only through where its FFN lives: cost them once per pass
         costs: dict[str, tuple[float, float] | None] = {}
@@ -218,7 +217,9 @@ class Scenario:
                 loaded[layer].succeed(False)
                 continue
             disk_s, h2d_s = cost
-            yield slots.get(1)
+            wait = slots.acquire()
+            if wait is not None:
+                yield wait
             if disk_s:
                 yield from self.m.use("disk", self._stage(kind, "disk_read"), disk_s, who)
             yield from self.m.use("h2d", self._stage(kind, "h2d"), h2d_s, who)
@@ -278,18 +279,19 @@ class Scenario:
         return f"prefill.{name}" if kind == "prefill" else name
 
     # ---- the draft ---------------------------------------------------------------------------------------
-    def draft_phase(self, work: tuple[DraftRow, ...], who: str):
+    def draft_phase(self, work: tuple[DraftRow, ...], who: str, alone: bool = False):
         """The draft's work for `work`, in micro-batches of draft_batch rows: the rows it proposes
         for (each read first where the draft does not hold it), then the prompts it only reads.
         With the draft KV on the host, the next micro-batch's KV is swapped in while the current
-        one drafts (double buffering)."""
+        one drafts (double buffering). `alone`: no other process computes meanwhile, so a
+        micro-batch's gamma steps may run as one use of the GPU (CHAIN_UNCONTENDED)."""
         size = self.sch.draft_batch
         for rows in ([d for d in work if d.propose], [d for d in work if not d.propose]):
             mbs = [rows[i:i + size] for i in range(0, len(rows), size)]
             if mbs:
-                yield from self._draft_micro_batches(mbs, who)
+                yield from self._draft_micro_batches(mbs, who, alone)
 
-    def _draft_micro_batches(self, mbs: list[list[DraftRow]], who: str):
+    def _draft_micro_batches(self, mbs: list[list[DraftRow]], who: str, alone: bool = False):
         P, D, sch, m, env = self.P, self.D, self.sch, self.m, self.env
         swap = self.pl.draft_kv == "cpu"
         propose = mbs[0][0].propose
@@ -310,8 +312,11 @@ class Scenario:
                 yield from m.use("gpu", stage, draft_step_s(P, D, len(reads), max(reads), ctx), who)
             if propose:
                 step = draft_step_s(P, D, len(mb), 1, float(np.mean([d.context for d in mb])) + 2)  # context: the row's length
-                for _ in range(sch.gamma):
-                    yield from m.use("gpu", "draft", step, who)
+                if alone and CHAIN_UNCONTENDED and m.spans is None:
+                    yield from m.use("gpu", "draft", sch.gamma * step, who)
+                else:
+                    for _ in range(sch.gamma):
+                        yield from m.use("gpu", "draft", step, who)
             if swap:  # write back the new entries; nothing waits for it
                 # the positions read, and the round's gamma + 1 (it re-reads its last two tokens)
                 positions = sum(reads) + (len(mb) * (sch.gamma + 1) if propose else 0)
