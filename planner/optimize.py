@@ -288,8 +288,8 @@ class Jobs:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def want(self, key, fn: Callable, *args, ahead: tuple | None = None, then: Callable | None = None) -> None:
-        """Want fn(*args) under `key`: asked for, or, with `ahead` (a priority, least first),
-        only perhaps; `then(result)` runs here when it has run."""
+        """Want fn(*args) under `key`: asked for, or, with `ahead` (a priority, least first; the
+        latest given holds), only perhaps; `then(result)` runs here when it has run."""
         if key not in self.jobs:
             self.jobs[key] = (fn, args)
             self.queue.append(key)
@@ -298,7 +298,7 @@ class Jobs:
         if ahead is None:
             self.asked.add(key)
         else:
-            self.priority[key] = min(ahead, self.priority.get(key, ahead))
+            self.priority[key] = ahead  # wanted again: the newer priority holds
         self._fill()
 
     def drop(self, key) -> None:
@@ -450,20 +450,22 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
     memo = memo.enter(target, draft, profile, workload) if memo is not None and workers == 1 else None
     bar.say(f"{', '.join(policies)}: each policy's shapes and program, then the simulator"
             + (f", in {workers} processes" if workers > 1 else ""))
+    def sim_job(c: Candidate):
+        return ("sim", c.shape, c.placement, c.prefetch_depth), _simulate_or_refusal, \
+            to_sim_config(c, target, draft, profile, workload), memo
+
     with Jobs(workers, bar.set) as jobs:
-        # the largest shape spaces first, so that the small ones fill in beside them
+        # the largest shape spaces first, so that the small ones fill in beside them; a
+        # policy's best is simulated ahead while the other programs still run
         for policy in sorted(policies, key=lambda p: p not in ("spec-serial", "specoffload")):
-            jobs.want(("first", policy), _policy_first, policy, target, draft, profile, workload, admissions, memo)
+            jobs.want(("first", policy), _policy_first, policy, target, draft, profile, workload, admissions, memo,
+                      then=lambda s: s.first and jobs.want(*sim_job(s.first), ahead=(-1, -s.first.estimate_tok_s)))
         searches: list[PolicySearch] = [jobs.result(("first", p)) for p in policies]
         found = sorted((s for s in searches if s.first is not None), key=lambda s: -s.first.estimate_tok_s)
         if not found:
             raise InfeasibleError("no plan fits: " + " | ".join(f"{s.policy}: {s.why}" for s in searches))
         top_estimate = found[0].first.estimate_tok_s
         floor = RERANK_WITHIN * top_estimate  # a runner-up below it is not simulated
-
-        def sim_job(c: Candidate):
-            return ("sim", c.shape, c.placement, c.prefetch_depth), _simulate_or_refusal, \
-                to_sim_config(c, target, draft, profile, workload), memo
 
         def may_want_more(s: PolicySearch) -> bool:
             return per_policy.get(s.policy, 1) > 1 and s.first.estimate_tok_s >= floor
