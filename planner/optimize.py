@@ -104,6 +104,7 @@ class Memo:
     coefficients: dict = field(default_factory=dict)
     sims: dict = field(default_factory=dict)
     needs: MemoryTotalsCache | None = None  # memory totals by schedule and placement
+    optima: dict = field(default_factory=dict)  # policy -> its program's last best estimate (a Dinkelbach start)
 
     def enter(self, target, draft, profile, workload) -> "Memo":
         d = profile.to_dict()  # but for the host memory size, and the names and notes that say it
@@ -113,7 +114,7 @@ class Memo:
         scope = sha256_of({"profile": d, "target": target.hf_config, "draft": draft.hf_config if draft else None,
                            "dtypes": [target.dtype, draft.dtype if draft else None], "workload": workload.to_dict()})
         if scope != self.scope:
-            self.scope, self.coefficients, self.sims = scope, {}, {}
+            self.scope, self.coefficients, self.sims, self.optima = scope, {}, {}, {}
             self.needs = MemoryTotalsCache(target, draft, workload)
         return self
 
@@ -411,9 +412,14 @@ def _policy_first(policy: str, target, draft, profile, workload, admissions, mem
     shortlist, why, n, first_guess = _shortlist(policy, target, draft, profile, workload, admissions, memo)
     if not shortlist:
         return PolicySearch(policy, [], None, None, "; ".join(why) or "no shape fits", n)
-    found, why_not = _program_candidates(policy, shortlist, first_guess, target, draft, profile, workload, 1)
+    # Dinkelbach converges from any start, in one solve from the optimum itself: with more host
+    # memory the best of less is still there, and often still the best
+    start = max(first_guess, memo.optima.get(policy, 0.0)) if memo is not None else first_guess
+    found, why_not = _program_candidates(policy, shortlist, start, target, draft, profile, workload, 1)
     if not found:
         return PolicySearch(policy, shortlist, None, None, why_not, n)
+    if memo is not None:
+        memo.optima[policy] = found[0].estimate_tok_s
     return PolicySearch(policy, shortlist, found[0], None, None, n)
 
 

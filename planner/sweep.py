@@ -331,15 +331,16 @@ def plan_point(r: Resolved, memo=None) -> dict:
 
 def _plan_group(group: list[Resolved], cache_dir: str | None) -> list[dict]:
     """Points that differ only in host memory, one after another (they share a Memo), each
-    written to the cache as soon as it is planned."""
+    written to the cache as soon as it is planned; the rows in the group's order."""
     from .optimize import Memo
 
-    memo, rows = Memo(), []
-    for r in group:
-        rows.append(plan_point(r, memo))
+    memo, rows = Memo(), {}
+    # the smallest host first: each program then starts from the best of the size before (Memo.optima)
+    for i in sorted(range(len(group)), key=lambda i: group[i].profile.host.memory_bytes):
+        rows[i] = plan_point(group[i], memo)
         if cache_dir:
-            write_json(Path(cache_dir) / f"{r.key}.json", rows[-1])
-    return rows
+            write_json(Path(cache_dir) / f"{group[i].key}.json", rows[i])
+    return [rows[i] for i in range(len(group))]
 
 
 def cached(r: Resolved, cache_dir: str | None) -> dict | None:
