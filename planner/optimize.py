@@ -3,9 +3,10 @@
 1. Enumerate shapes per policy; drop those that cannot fit even with every weight offloaded.
 2. Rank the rest by the program's model at a simple placement and keep the best few dozen
    per policy (the program then chooses among them and places the tensors).
-3. Solve the program (Dinkelbach) repeatedly, excluding each winner, for the top shapes.
-4. Replay every candidate in the simulator (per-row acceptance, contention, bubbles) and
-   return them ranked by simulated throughput.
+3. Solve the program (Dinkelbach) for each policy's best candidate.
+4. Replay the candidates that can win in the simulator (per-row acceptance, contention,
+   bubbles), the runner-ups of the policies near the best too, and return them ranked by
+   simulated throughput (optimize() states the rules; Jobs runs them over the cores).
 """
 
 from __future__ import annotations
