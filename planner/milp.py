@@ -49,7 +49,6 @@ class Candidate:
 
 
 MEMORY_UNIT_BYTES = 1e9  # the program's memory rows are in GB
-TIE_BREAK = 1e-5  # ShapeProgram: the share of the objective that prefers less streaming among ties
 
 
 def _solver(time_limit_s: float = 20.0):
@@ -324,13 +323,6 @@ class ShapeProgram:
                  <= host_cap * P.host.pinned_fraction), "pinned_memory"
 
         self.prob, self.x, self.t, self.p = prob, x, t, p
-        # Among placements the model rates alike (a round bound by compute, not by the link),
-        # the one that streams least: the objective pays TIE_BREAK of the tokens per worst-case
-        # stream time. Without it the solver's pick among ties was arbitrary, and the simulator
-        # separated such picks by up to 1.7% (Llama-3.3-70B, rtx4090, PCIe 5: 0 or 10 FFN
-        # layers resident, both estimated at 92.96 tok/s)
-        self.stream_penalty = TIE_BREAK * max(co.tokens for co in self.coeffs) / max(worst, 1e-12) \
-            * (ffn_s + att_s + head_s)
         self.n_gpu, self.f, self.a, self.hd, self.dk, self.k = n_gpu, f, a, hd, dk, k
         self.excluded: set[int] = set()
 
@@ -339,7 +331,7 @@ class ShapeProgram:
         C = range(len(self.shapes))
         tokens = pulp.lpSum(self.x[c] * self.coeffs[c].tokens for c in C)
         time = pulp.lpSum(self.coeffs[c].phases * self.t[c] + self.p[c] for c in C)
-        return tokens - lam * time - self.stream_penalty
+        return tokens - lam * time
 
     def exclude_like(self, shape: Shape) -> bool:
         """Forbid `shape` and every shape that differs from it only in the prefill chunk.
