@@ -257,8 +257,8 @@ class Jobs:
     """The jobs of one planning (programs, simulations), run in forked processes, `workers` at
     most, or, with one worker, here and only when their result is asked for. A job is wanted
     (`want`) before its result is asked (`result`). A job wanted `ahead` is one the planner's
-    rules may yet ask for: it runs on a process only while no job asked for waits, in the
-    order wanted, and never with one worker; `drop` takes it back if it has not started. Which
+    rules may yet ask for: it runs on a process only while no job asked for waits, least
+    priority first, and never with one worker; `drop` takes it back if it has not started. Which
     results the planner uses depends on its rules alone and every job is deterministic, so
     the plan does not depend on `workers`. `done(finished, known)` hears each job end. The
     workers ignore Ctrl-C; on any error (a dead worker: BrokenProcessPool) the parent
