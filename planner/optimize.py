@@ -96,10 +96,11 @@ ADMISSIONS = ("waves", "continuous")
 @dataclass
 class Memo:
     """What planning a machine lends planning the same machine with another host memory size
-    (`specplan sweep` plans such points one after another): the shapes' cost coefficients and
-    the simulations, neither of which depends on how much host memory there is, only on
-    whether the plan fits it (checked again each time). `scope` is the hash of everything
-    else; a memo handed inputs of another scope starts empty."""
+    (`specplan sweep` plans such points one after another): the shapes' cost coefficients,
+    their memory totals and the simulations, none of which depends on how much host memory
+    there is, only on whether the plan fits it (checked again each time); and each policy's
+    last best estimate, where Dinkelbach starts next. `scope` is the hash of everything else;
+    a memo handed inputs of another scope starts empty."""
 
     scope: str = ""
     coefficients: dict = field(default_factory=dict)
@@ -208,33 +209,14 @@ def parallel_workers(n: int) -> int:
 
 
 def map_in_processes(fn: Callable, jobs: list, workers: int, done: Callable[[], None] | None = None) -> list:
-    """[fn(*job) for job in jobs], in forked processes when workers > 1, calling `done()` as
-    each job ends. Every job is deterministic (seeded simulations, a deterministic solver), so
-    results do not depend on `workers`. The workers ignore Ctrl-C; the parent gets it and
-    terminates them, so nothing runs on and no worker prints a traceback. A worker that dies
-    (killed for memory) fails the call (BrokenProcessPool) rather than hanging it."""
+    """[fn(*job) for job in jobs], in forked processes when workers > 1 (Jobs, each asked for),
+    calling `done()` as each job ends. Every job is deterministic (seeded simulations, a
+    deterministic solver), so results do not depend on `workers`."""
     tick = done or (lambda: None)
-    if workers <= 1:
-        results = []
-        for job in jobs:
-            results.append(fn(*job))
-            tick()
-        return results
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_after_fork)
-    try:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        results = []
-        for f in futures:  # in order; tick as each one is collected
-            results.append(f.result())
-            tick()
-        pool.shutdown()
-        return results
-    except BaseException:
-        for p in list(getattr(pool, "_processes", {}).values()):  # do not wait for jobs nobody will read
-            p.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+    with Jobs(workers, lambda finished, known: tick()) as pool:
+        for i, job in enumerate(jobs):
+            pool.want(i, fn, *job)
+        return [pool.result(i) for i in range(len(jobs))]
 
 
 def _after_fork() -> None:
