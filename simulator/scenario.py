@@ -43,7 +43,7 @@ from specplan.cost import (
     weights_h2d_s,
 )
 from specplan.memory import streamed_chunks
-from specplan.scheduler import DraftRow, Outcome, Pass, StepScheduler
+from specplan.scheduler import DECODE, PREFILL, VERIFY, DraftWork, Outcome, Pass, StepScheduler
 
 from .machine import Chain, Machine, Unit
 
@@ -113,16 +113,14 @@ class Scenario:
         """The pass's row groups as the engine computes them (Pass.runs): each run of
         consecutive slots that verify or decode, with the rows' mean length (fractional in
         expected mode), and each run of like prompt chunks."""
-        slots = self.sched.slots
+        plen, generated = self.sched.prompt_len, self.sched.generated
         groups = []
         for kind, sl, w in p.runs():
             n = sl.stop - sl.start
             if kind == "prefill":
                 groups.append(Group(n, float(w.tokens), w.start + w.tokens / 2, prefill=True))
             else:
-                rows = slots[sl]
-                ctx = (sum(r.request.prompt_len for r in rows) + sum(r.generated for r in rows)) / n
-                groups.append(Group(n, float(w.tokens), ctx))
+                groups.append(Group(n, float(w.tokens), (int(plen[sl].sum()) + float(generated[sl].sum())) / n))
         return groups
 
     def outcome(self, p: Pass) -> Outcome:
@@ -131,33 +129,29 @@ class Scenario:
         expected mode); capped at gen_len."""
         if self.outcomes is not None:
             out = self.outcomes(p)
+            gained = out.per_row(p)
         else:
-            gained = {slot: 1.0 for slot, kind, _, _, last in p.rows if kind == "decode" or (kind == "prefill" and last)}
-            verify = [slot for slot, kind, *_ in p.rows if kind == "verify"]
-            if verify:
-                gained.update(zip(verify, self._accepted(verify).tolist()))
+            gained = ((p.kind == DECODE) | ((p.kind == PREFILL) & p.last)).astype(float)
+            verify = p.kind == VERIFY
+            if verify.any():
+                gained[verify] = self._accepted(p.slot[verify])
             out = Outcome(gained)
         if p.decode_rows:
-            slots, gen, got = self.sched.slots, self.wl.gen_len, out.gained.get
-            drawn = capped = 0.0
-            for slot, kind, *_ in p.rows:
-                if kind != "prefill":
-                    d = got(slot, 0.0)
-                    drawn += d
-                    capped += min(d, gen - slots[slot].generated)
+            stepped = p.kind != PREFILL
+            drawn = gained[stepped]
             self.verify_rounds += 1
             self.row_rounds += p.decode_rows
-            self.gained_tokens += capped
-            self.drawn_tokens += drawn
+            self.gained_tokens += float(np.minimum(drawn, self.wl.gen_len - self.sched.generated[p.slot[stepped]]).sum())
+            self.drawn_tokens += float(drawn.sum())
         return out
 
-    def _accepted(self, slots: list[int]) -> np.ndarray:
+    def _accepted(self, slots: np.ndarray) -> np.ndarray:
         n = len(slots)
         rates = np.asarray(self.wl.acceptance_rates(self.sch.gamma))
         if self.cfg.mode == "expected":
             return np.full(n, expected_accepted_tokens_table(rates))
         if self.factor is not None:  # rows differ (the workload has a spread)
-            f = np.array([self.factor[self.sched.slots[s].request.id] for s in slots])
+            f = np.array([self.factor[self.sched.request[s].id] for s in slots.tolist()])
             rates = np.minimum(rates[None, :] * f[:, None], 1.0)
         ok = self.rng.random((n, self.sch.gamma)) < rates
         return np.cumprod(ok, axis=1).sum(axis=1) + 1.0
@@ -279,26 +273,27 @@ class Scenario:
         return f"prefill.{name}" if kind == "prefill" else name
 
     # ---- the draft ---------------------------------------------------------------------------------------
-    def draft_phase(self, work: tuple[DraftRow, ...], who: str, alone: bool = False):
+    def draft_phase(self, work: DraftWork, who: str, alone: bool = False):
         """The draft's work for `work`, in micro-batches of draft_batch rows: the rows it proposes
         for (each read first where the draft does not hold it), then the prompts it only reads.
         With the draft KV on the host, the next micro-batch's KV is swapped in while the current
         one drafts (double buffering). `alone`: no other process computes meanwhile, so a
         micro-batch's gamma steps may run as one use of the GPU (CHAIN_UNCONTENDED)."""
         size = self.sch.draft_batch
-        for rows in ([d for d in work if d.propose], [d for d in work if not d.propose]):
-            mbs = [rows[i:i + size] for i in range(0, len(rows), size)]
-            if mbs:
-                yield from self._draft_micro_batches(mbs, who, alone)
+        for propose in (True, False):
+            rows = work.take(work.propose == propose)
+            if len(rows):
+                yield from self._draft_micro_batches(rows, [slice(i, i + size) for i in range(0, len(rows), size)],
+                                                     propose, who, alone)
 
-    def _draft_micro_batches(self, mbs: list[list[DraftRow]], who: str, alone: bool = False):
+    def _draft_micro_batches(self, rows: DraftWork, mbs: list[slice], propose: bool, who: str, alone: bool = False):
         P, D, sch, m, env = self.P, self.D, self.sch, self.m, self.env
         swap = self.pl.draft_kv == "cpu"
-        propose = mbs[0][0].propose
         stage = "draft" if propose else "prefill.draft"
+        cached_all, context_all = rows.cached, rows.context
 
         def swap_in(mb):
-            nbytes = float(sum(d.cached for d in mb)) * D.kv_bytes_per_token
+            nbytes = float(cached_all[mb].sum()) * D.kv_bytes_per_token
             yield from m.use("h2d", "draft_kv_h2d", h2d_time_s(P, nbytes), who)
 
         pending = env.process(swap_in(mbs[0])) if swap and propose else None
@@ -306,12 +301,16 @@ class Scenario:
             if pending is not None:
                 yield pending
                 pending = env.process(swap_in(mbs[i + 1])) if i + 1 < len(mbs) else None
-            reads = [d.context - d.cached for d in mb if d.context > d.cached]
-            if reads:  # new rows' prompts (or every context, recomputed), padded to the longest
-                ctx = float(np.mean([d.cached + r / 2 for d, r in zip(mb, reads)]))
-                yield from m.use("gpu", stage, draft_step_s(P, D, len(reads), max(reads), ctx), who)
+            cached, context = cached_all[mb], context_all[mb]
+            n = len(cached)
+            reading = context > cached
+            read = int((context - cached)[reading].sum())
+            if read:  # new rows' prompts (or every context, recomputed), padded to the longest
+                longest = int((context - cached)[reading].max())
+                ctx = (float(cached[reading].sum()) + read / 2) / int(reading.sum())
+                yield from m.use("gpu", stage, draft_step_s(P, D, int(reading.sum()), longest, ctx), who)
             if propose:
-                step = draft_step_s(P, D, len(mb), 1, float(np.mean([d.context for d in mb])) + 2)  # context: the row's length
+                step = draft_step_s(P, D, n, 1, float(context.sum()) / n + 2)  # context: the row's length
                 if alone and CHAIN_UNCONTENDED and m.spans is None:
                     yield from m.use("gpu", "draft", sch.gamma * step, who)
                 else:
@@ -319,7 +318,7 @@ class Scenario:
                         yield from m.use("gpu", "draft", step, who)
             if swap:  # write back the new entries; nothing waits for it
                 # the positions read, and the round's gamma + 1 (it re-reads its last two tokens)
-                positions = sum(reads) + (len(mb) * (sch.gamma + 1) if propose else 0)
+                positions = read + (n * (sch.gamma + 1) if propose else 0)
                 env.process(m.use("d2h", "draft_kv_d2h", d2h_time_s(P, positions * D.kv_bytes_per_token), who))
 
     def move_rows(self, tokens: float, who: str):

@@ -45,10 +45,12 @@ per verification) runs through the same code; the engine gains whole tokens.
 
 from __future__ import annotations
 
-import operator
+import functools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
+
+import numpy as np
 
 POLICIES = ("specoffload", "spec-serial", "flexgen", "sequential")
 ADMISSIONS = ("continuous", "waves")
@@ -110,17 +112,21 @@ class Request:
     prompt_len: int
 
 
-class RowWork(NamedTuple):  # immutable, and cheap to make: a pass makes one per row
-    """What one row computes in a pass: `tokens` new positions starting at position `start`."""
+# a pass's rows are columns (Pass.slot, .kind, ...): the scheduler and the simulator handle a
+# pass of a thousand rows in a few array operations rather than a loop over them
+KINDS = ("prefill", "verify", "decode")
+PREFILL, VERIFY, DECODE = range(3)
+
+
+class RowWork(NamedTuple):
+    """What one row computes in a pass (a view of one of the pass's columns): `tokens` new
+    positions starting at position `start`."""
 
     slot: int
     kind: str  # "prefill" (a prompt chunk), "verify" (gamma + 1 positions) or "decode" (one token)
     start: int
     tokens: int
     last: bool = True  # prefill: this chunk completes the prompt (its logits give the first token)
-
-
-_slot_of = operator.attrgetter("slot")
 
 
 class Run(NamedTuple):
@@ -142,45 +148,115 @@ class DraftRow(NamedTuple):
     propose: bool = True
 
 
-@dataclass(frozen=True)
+_INT = np.int64
+_NO_INTS = np.zeros(0, _INT)
+
+
+@dataclass(frozen=True, eq=False)
+class DraftWork:
+    """The draft's work for some rows of a pass, as columns (one entry per row, DraftRow's
+    fields); iterating it gives DraftRows."""
+
+    slot: np.ndarray = field(default_factory=lambda: _NO_INTS)
+    cached: np.ndarray = field(default_factory=lambda: _NO_INTS)
+    context: np.ndarray = field(default_factory=lambda: _NO_INTS)
+    propose: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def __iter__(self):
+        return (DraftRow(*row) for row in zip(self.slot.tolist(), self.cached.tolist(), self.context.tolist(),
+                                               self.propose.tolist()))
+
+    def __add__(self, other: "DraftWork") -> "DraftWork":
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        return DraftWork(*(np.concatenate((a, b)) for a, b in zip(self.columns(), other.columns())))
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        return self.slot, self.cached, self.context, self.propose
+
+    def take(self, which) -> "DraftWork":
+        """The rows `which` (a mask or indices, or a slice) selects."""
+        return DraftWork(*(c[which] for c in self.columns()))
+
+    @classmethod
+    def of(cls, rows) -> "DraftWork":
+        rows = list(rows)
+        return cls(np.array([d.slot for d in rows], _INT), np.array([d.cached for d in rows], _INT),
+                   np.array([d.context for d in rows], _INT), np.array([d.propose for d in rows], bool))
+
+
+NO_DRAFT = DraftWork()
+
+
+@dataclass(frozen=True, eq=False)
 class Pass:
+    """One pass of the target over its layers: the rows it computes, as columns (row i is
+    slot[i] computing tokens[i] positions of kind KINDS[kind[i]] from start[i]), per group
+    in `groups` order and slots ascending within a group; the draft's work before it and
+    beside it; the prompts admitted and the rows moved before it."""
+
     index: int
     groups: tuple[int, ...]  # the batches the target pass serves, in compute order
-    rows: tuple[RowWork, ...]  # per group in `groups` order, slots ascending within a group
-    draft_first: tuple[DraftRow, ...] = ()  # the draft runs before the target pass (it verifies these)
-    draft_beside: tuple[DraftRow, ...] = ()  # the draft runs while the target pass streams
+    slot: np.ndarray
+    kind: np.ndarray  # PREFILL, VERIFY or DECODE
+    start: np.ndarray
+    tokens: np.ndarray
+    last: np.ndarray  # prefill: the chunk completes the prompt (its logits give the first token)
+    draft_first: DraftWork = NO_DRAFT  # the draft runs before the target pass (it verifies these)
+    draft_beside: DraftWork = NO_DRAFT  # the draft runs while the target pass streams
     admitted: tuple[tuple[int, int], ...] = ()  # (slot, request id) filled before this pass
     moves: tuple[tuple[int, int, float], ...] = ()  # (from slot, to slot, tokens held) before this pass
 
     prefill_tokens: int = 0  # prompt tokens the pass carries (set when the scheduler emits it)
     decode_rows: int = 0  # rows that verify or decode
 
+    @classmethod
+    def of_rows(cls, index: int, groups: tuple[int, ...], rows, **kw) -> "Pass":
+        """A pass from RowWork records (tests, and anyone who thinks in rows)."""
+        rows = list(rows)
+        return cls(index, groups, np.array([w.slot for w in rows], _INT),
+                   np.array([KINDS.index(w.kind) for w in rows], np.int8),
+                   np.array([w.start for w in rows], _INT), np.array([w.tokens for w in rows], _INT),
+                   np.array([w.last for w in rows], bool), **kw)
+
+    @functools.cached_property
+    def rows(self) -> tuple[RowWork, ...]:
+        """The rows as records, in the pass's order."""
+        return tuple(RowWork(s, KINDS[k], b, n, la) for s, k, b, n, la in zip(
+            self.slot.tolist(), self.kind.tolist(), self.start.tolist(), self.tokens.tolist(), self.last.tolist()))
+
     def of_kind(self, kind: str) -> tuple[RowWork, ...]:
         return tuple(w for w in self.rows if w.kind == kind)
+
+    @functools.cached_property
+    def _runs(self) -> tuple[Run, ...]:
+        order = np.argsort(self.slot, kind="stable")
+        s, k, b, n, la = (c[order] for c in (self.slot, self.kind, self.start, self.tokens, self.last))
+        cut = np.ones(len(s), bool)
+        # a run breaks where slots stop being consecutive or rows differ in kind, and, among
+        # prompt chunks, in start, length or last flag
+        cut[1:] = (s[1:] != s[:-1] + 1) | (k[1:] != k[:-1]) | (
+            (k[1:] == PREFILL) & ((b[1:] != b[:-1]) | (n[1:] != n[:-1]) | (la[1:] != la[:-1])))
+        firsts = np.flatnonzero(cut).tolist()
+        s_, k_, b_, n_, la_ = s.tolist(), k.tolist(), b.tolist(), n.tolist(), la.tolist()
+        return tuple(Run(KINDS[k_[i]], slice(s_[i], s_[j - 1] + 1), RowWork(s_[i], KINDS[k_[i]], b_[i], n_[i], la_[i]))
+                     for i, j in zip(firsts, firsts[1:] + [len(s_)]))
 
     def runs(self) -> tuple[Run, ...]:
         """The pass's rows as both executors compute them: maximal runs of consecutive slots
         doing the same thing (prompt chunks only with the same start, length and last flag),
         in slot order. A run goes through a layer as one batch, so a flexgen pass, whose
         groups decode side by side, is one run of all their rows."""
-        out: list[Run] = []
-        first = None  # the open run's first row, and the slot after its last
-        stop = 0
-        for w in sorted(self.rows, key=_slot_of):
-            if first is not None and w.slot == stop and w.kind == first.kind and (
-                    w.kind != "prefill" or (first.start, first.tokens, first.last) == (w.start, w.tokens, w.last)):
-                stop += 1
-                continue
-            if first is not None:
-                out.append(Run(first.kind, slice(first.slot, stop), first))
-            first, stop = w, w.slot + 1
-        if first is not None:
-            out.append(Run(first.kind, slice(first.slot, stop), first))
-        return tuple(out)
+        return self._runs
 
     def signature(self) -> tuple:
         """What the agreement test compares: row sets and token counts, draft rows, admissions, moves."""
-        return (self.groups, tuple((w.slot, w.kind, w.start, w.tokens, w.last) for w in self.rows),
+        return (self.groups, tuple(tuple(w) for w in self.rows),
                 tuple(d.slot for d in self.draft_first), tuple(d.slot for d in self.draft_beside),
                 self.admitted, tuple((a, b) for a, b, _ in self.moves))
 
@@ -189,14 +265,23 @@ class Pass:
 class Outcome:
     """What a pass produced: tokens each row gained (first token after its last prefill chunk,
     accepted prefix + 1 after a verification, 1 after a decode), capped at gen_len and at EOS,
-    and the rows that stopped at EOS."""
+    and the rows that stopped at EOS. `gained`: by slot, or one entry per row of the pass."""
 
-    gained: dict[int, float]
+    gained: dict[int, float] | np.ndarray
     eos: frozenset[int] = frozenset()
+
+    def per_row(self, p: Pass) -> np.ndarray:
+        """Tokens gained by each row of `p`, in its order."""
+        if isinstance(self.gained, np.ndarray):
+            return self.gained
+        got = self.gained.get
+        return np.fromiter((got(s, 0.0) for s in p.slot.tolist()), float, len(p.slot))
 
 
 @dataclass(slots=True)
 class Row:
+    """A row, as the scheduler held it (StepScheduler.row, and its `finished`)."""
+
     request: Request
     computed: int = 0  # prompt tokens already in the target's KV cache
     generated: float = 0.0
@@ -233,9 +318,13 @@ class Counts:
 
 @dataclass
 class StepScheduler:
+    """The rows live in per-slot columns: `live` (the slot holds a row), `prompt_len`,
+    `computed` (prompt tokens in the target's KV), `generated`, `draft_ready` (the draft's KV
+    holds positions [0, L - 2)), `proposed` (a proposal waits to be verified), `rounds`
+    (verifications or decode steps taken) and `request` (the Request, or None)."""
+
     config: SchedulerConfig
     requests: list[Request]
-    slots: list[Row | None] = field(init=False)
     finished: list[Row] = field(init=False, default_factory=list)
     counts: Counts = field(init=False, default_factory=Counts)
 
@@ -248,11 +337,34 @@ class StepScheduler:
                 raise ValueError(f"request {r.id}: prompt {r.prompt_len} + gen_len {self.config.gen_len} tokens "
                                  f"exceed a row's KV capacity of {cap}")
         self.waiting: deque[Request] = deque(self.requests)
-        self.slots = [None] * self.config.slots
+        n = self.config.slots
+        self.request: list[Request | None] = [None] * n
+        self.live = np.zeros(n, bool)
+        self.prompt_len = np.zeros(n, _INT)
+        self.computed = np.zeros(n, _INT)
+        self.generated = np.zeros(n, float)
+        self.draft_ready = np.zeros(n, bool)
+        self.proposed = np.zeros(n, bool)
+        self.rounds = np.zeros(n, _INT)
+        self._columns = (self.live, self.prompt_len, self.computed, self.generated, self.draft_ready, self.proposed,
+                         self.rounds)
+        self._ranges: dict[tuple[int, ...], np.ndarray] = {}
         self._turn = 0  # the group the next pass starts looking from
         self._longest = max((r.prompt_len for r in self.requests), default=1)
         self._index = 0
         self._wave_prefilling = False  # waves: the current wave's prompts are not all in yet
+
+    def row(self, slot: int) -> Row | None:
+        """Slot `slot`'s row as a record (a copy), or None if the slot is free."""
+        if not self.live[slot]:
+            return None
+        return Row(self.request[slot], int(self.computed[slot]), float(self.generated[slot]), False,
+                   bool(self.draft_ready[slot]), bool(self.proposed[slot]), int(self.rounds[slot]))
+
+    @property
+    def slots(self) -> list[Row | None]:
+        """Every slot's row (copies; for tests and reports, not the hot path)."""
+        return [self.row(s) for s in range(self.config.slots)]
 
     # ---- the loop's two calls -----------------------------------------------------------------------
     def next_pass(self) -> Pass | None:
@@ -262,7 +374,7 @@ class StepScheduler:
         if admitted:
             self._wave_prefilling = True
         if self._wave_prefilling:  # waves: a wave's prompts first, in passes of their own
-            if self._prefilling_slots():
+            if self._prefilling_slots().size:
                 return self._emit(self._wave_prefill_pass(admitted))
             self._wave_prefilling = False
         plan = {"specoffload": self._specoffload, "spec-serial": self._spec_serial,
@@ -273,31 +385,32 @@ class StepScheduler:
     def complete(self, p: Pass, outcome: Outcome) -> None:
         """Fold a pass's outcome back into the rows; finished rows free their slots."""
         cfg = self.config
-        for d in p.draft_first + p.draft_beside:
-            row = self.slots[d.slot]
-            # a round leaves the draft's KV holding [0, L - 2) of the row, whatever it accepts
-            row.draft_ready = cfg.draft_kv != "recompute"
-            if d.propose:
-                row.proposed = True
-        slots, gained, eos, finished = self.slots, outcome.gained.get, outcome.eos, self.finished
+        for d in (p.draft_first, p.draft_beside):
+            if len(d):
+                # a round leaves the draft's KV holding [0, L - 2) of the row, whatever it accepts
+                self.draft_ready[d.slot] = cfg.draft_kv != "recompute"
+                self.proposed[d.slot[d.propose]] = True
+        gained = outcome.per_row(p)
+        prefill = p.kind == PREFILL
+        if prefill.any():
+            self.computed[p.slot[prefill]] += p.tokens[prefill]
+        stepped = p.slot[~prefill]  # rows that verified or decoded
+        self.rounds[stepped] += 1
+        self.proposed[stepped] = False
+        self.counts.verify_row_rounds += int(np.count_nonzero(p.kind == VERIFY))
+        gains = ~prefill | p.last  # rows that gained tokens (a prompt's last chunk gives its first)
+        slots = p.slot[gains]
         gen = float(cfg.gen_len)
-        verified = 0
-        for slot, kind, _, tokens, last in p.rows:  # the rows' hot loop: a pass may hold thousands
-            row = slots[slot]
-            if kind == "prefill":
-                row.computed += tokens
-                if not last:
-                    continue
-            else:
-                row.rounds += 1
-                row.proposed = False
-                verified += kind == "verify"
-            row.generated = min(gen, row.generated + gained(slot, 0.0))
-            if row.generated >= gen - _EPS or slot in eos:
-                row.done = True
-                finished.append(row)
-                slots[slot] = None
-        self.counts.verify_row_rounds += verified
+        now = np.minimum(gen, self.generated[slots] + gained[gains])
+        self.generated[slots] = now
+        done = now >= gen - _EPS
+        if outcome.eos:
+            done |= np.isin(slots, np.fromiter(outcome.eos, _INT, len(outcome.eos)))
+        for s in slots[done].tolist():  # in the pass's order
+            row = self.row(s)
+            row.done = True
+            self.finished.append(row)
+            self._free(s)
 
     # ---- policies: which groups a pass serves, where the draft runs ------------------------------------
     def _specoffload(self, admitted) -> Pass | None:
@@ -312,9 +425,9 @@ class StepScheduler:
         # the other batch's rows get their proposals beside this pass, ready for its next one
         beside = self._draft_rows(other)
         admitted += self._admit_continuous((g,))
-        rows = self._rows_of((g,), "verify")
+        rows = self._rows_of((g,), VERIFY)
         self._turn = other
-        return Pass(0, (g,), rows, first, beside + self._draft_reads(rows), admitted, moves)
+        return self._pass((g,), rows, first, beside + self._draft_reads(*rows), admitted, moves)
 
     def _spec_serial(self, admitted) -> Pass | None:
         g = self._next_group(self._has_work)
@@ -322,8 +435,8 @@ class StepScheduler:
             return None
         admitted += self._admit_continuous((g,))
         self._turn = (g + 1) % self.config.groups
-        rows = self._rows_of((g,), "verify")
-        return Pass(0, (g,), rows, self._draft_rows(g), self._draft_reads(rows), admitted)
+        rows = self._rows_of((g,), VERIFY)
+        return self._pass((g,), rows, self._draft_rows(g), self._draft_reads(*rows), admitted)
 
     def _flexgen(self, admitted) -> Pass | None:
         groups = tuple(range(self.config.groups))
@@ -331,7 +444,7 @@ class StepScheduler:
         live = tuple(g for g in groups if self._has_work(g))
         if not live:
             return None
-        return Pass(0, live, self._rows_of(live, "decode"), (), (), admitted)
+        return self._pass(live, self._rows_of(live, DECODE), NO_DRAFT, NO_DRAFT, admitted)
 
     def _sequential(self, admitted) -> Pass | None:
         g = self._next_group(self._has_work)
@@ -339,16 +452,24 @@ class StepScheduler:
             return None
         admitted += self._admit_continuous((g,))
         self._turn = (g + 1) % self.config.groups
-        return Pass(0, (g,), self._rows_of((g,), "decode"), (), (), admitted)
+        return self._pass((g,), self._rows_of((g,), DECODE), NO_DRAFT, NO_DRAFT, admitted)
 
     # ---- the pieces they share ---------------------------------------------------------------------------
-    def _group_slots(self, g: int) -> range:
-        n = self.config.group_rows
-        return range(g * n, (g + 1) * n)
+    @staticmethod
+    def _pass(groups, rows, first, beside, admitted, moves=()) -> Pass:
+        return Pass(0, groups, *rows, first, beside, admitted, moves)
+
+    def _slots_of(self, groups: tuple[int, ...]) -> np.ndarray:
+        """The slots of `groups`, group by group, ascending within each."""
+        got = self._ranges.get(groups)
+        if got is None:
+            n = self.config.group_rows
+            got = self._ranges[groups] = np.concatenate([np.arange(g * n, (g + 1) * n) for g in groups])
+        return got
 
     def _has_work(self, g: int) -> bool:
-        return any(self.slots[s] is not None for s in self._group_slots(g)) or (
-            self.config.admission == "continuous" and bool(self.waiting))
+        n = self.config.group_rows
+        return bool(self.live[g * n:(g + 1) * n].any()) or (self.config.admission == "continuous" and bool(self.waiting))
 
     def _next_group(self, wants) -> int | None:
         n = self.config.groups
@@ -358,55 +479,54 @@ class StepScheduler:
                 return g
         return None
 
-    def _draft_rows(self, g: int) -> tuple[DraftRow, ...]:
+    def _draft_rows(self, g: int) -> DraftWork:
         """Proposals for the decoding rows of group g that have none."""
-        out = []
-        slots = self.slots
-        read = 0
-        for s in self._group_slots(g):
-            row = slots[s]
-            if row is not None and not row.proposed and not row.done:
-                p = row.request.prompt_len
-                if row.computed < p:  # still prefilling
-                    continue
-                context = int(p + row.generated) - 2
-                cached = context if row.draft_ready else 0
-                out.append(DraftRow(s, cached, context))
-                read += max(0, context - cached)
-        self.counts.draft_prefill_tokens += read
-        return tuple(out)
+        idx = self._slots_of((g,))
+        want = self.live[idx] & ~self.proposed[idx] & (self.computed[idx] >= self.prompt_len[idx])  # not prefilling
+        if not want.any():
+            return NO_DRAFT
+        s = idx[want]
+        context = (self.prompt_len[s] + self.generated[s]).astype(_INT) - 2
+        cached = np.where(self.draft_ready[s], context, 0)
+        self.counts.draft_prefill_tokens += int(np.maximum(context - cached, 0).sum())
+        return DraftWork(s, cached, context, np.ones(len(s), bool))
 
-    def _draft_reads(self, rows: tuple[RowWork, ...]) -> tuple[DraftRow, ...]:
+    def _draft_reads(self, slot, kind, start, tokens, last) -> DraftWork:
         """The draft reads the prompts that complete in this pass, beside it, so that their
         first proposal need not (not when the draft keeps no KV)."""
         if not self.config.speculative or self.config.draft_kv == "recompute":
-            return ()
-        out = tuple(DraftRow(w.slot, 0, w.start + w.tokens - 1, propose=False)
-                    for w in rows if w.kind == "prefill" and w.last)
-        self.counts.draft_prefill_tokens += sum(d.context for d in out)
-        return out
+            return NO_DRAFT
+        done = (kind == PREFILL) & last
+        if not done.any():
+            return NO_DRAFT
+        context = start[done] + tokens[done] - 1
+        self.counts.draft_prefill_tokens += int(context.sum())
+        return DraftWork(slot[done], np.zeros(len(context), _INT), context, np.zeros(len(context), bool))
 
-    def _rows_of(self, groups, decode_kind: str) -> tuple[RowWork, ...]:
+    def _rows_of(self, groups, decode_kind: int) -> tuple[np.ndarray, ...]:
         """Every decoding row of `groups` (verify or decode), then prompt chunks for the
-        prefilling rows within the pass's prefill token budget (continuous admission)."""
-        work: list[RowWork] = []
-        add = work.append
-        budget = self._budget()
-        q = self.config.gamma + 1 if decode_kind == "verify" else 1
-        slots = self.slots
-        for g in groups:
-            for s in self._group_slots(g):
-                row = slots[s]
-                if row is None or row.done:
-                    continue
-                p = row.request.prompt_len
-                if row.computed >= p:
-                    add(RowWork(s, decode_kind, int(p + row.generated) - 1, q))
-                elif budget > 0:
-                    n = min(p - row.computed, budget)
-                    budget -= n
-                    add(RowWork(s, "prefill", row.computed, n, row.computed + n == p))
-        return tuple(work)
+        prefilling rows within the pass's prefill token budget (continuous admission), in
+        slot order: the pass's columns (slot, kind, start, tokens, last)."""
+        idx = self._slots_of(groups)
+        live, plen, computed = self.live[idx], self.prompt_len[idx], self.computed[idx]
+        decoding = live & (computed >= plen)
+        prefilling = np.flatnonzero(live & (computed < plen))
+        chunk = np.zeros(len(idx), _INT)
+        if prefilling.size:
+            # the budget goes to the prefilling rows in slot order, each its whole prompt's rest
+            # while it lasts
+            budget = self._budget()
+            rest = plen[prefilling] - computed[prefilling]
+            before = np.cumsum(rest) - rest
+            fits = before < budget
+            chunk[prefilling[fits]] = np.minimum(rest[fits], budget - before[fits])
+        take = decoding | (chunk > 0)
+        q = self.config.gamma + 1 if decode_kind == VERIFY else 1
+        dec = decoding[take]
+        s = idx[take]
+        start = np.where(dec, (plen[take] + self.generated[s]).astype(_INT) - 1, computed[take])
+        return (s, np.where(dec, decode_kind, PREFILL).astype(np.int8), start, np.where(dec, q, chunk[take]),
+                dec | (computed[take] + chunk[take] == plen[take]))
 
     def _budget(self) -> int:
         """Prompt tokens this pass may carry: `prefill_tokens`, or at start-up (no row has
@@ -414,24 +534,33 @@ class StepScheduler:
         cfg = self.config
         return cfg.prefill_tokens if self.finished else max(cfg.prefill_tokens, cfg.prefill_rows * self._longest)
 
-    def _free_slots(self, groups) -> list[int]:
-        return [s for g in groups for s in self._group_slots(g) if self.slots[s] is None]
+    def _free_slots(self, groups) -> np.ndarray:
+        idx = self._slots_of(groups)
+        return idx[~self.live[idx]]
 
     def _admit(self, slot: int) -> tuple[int, int]:
         req = self.waiting.popleft()
-        self.slots[slot] = Row(req)
+        self.request[slot] = req
+        self.live[slot] = True
+        self.prompt_len[slot] = req.prompt_len
+        self.computed[slot] = self.generated[slot] = self.rounds[slot] = 0
+        self.draft_ready[slot] = self.proposed[slot] = False
         self.counts.admitted += 1
         return (slot, req.id)
+
+    def _free(self, slot: int) -> None:
+        self.request[slot] = None
+        self.live[slot] = False
 
     def _admit_continuous(self, groups) -> tuple[tuple[int, int], ...]:
         """Refill the free slots of `groups` with as many prompts as this pass can start prefilling."""
         if self.config.admission != "continuous":
             return ()
-        budget = self._budget() - sum(
-            r.request.prompt_len - r.computed for g in groups for s in self._group_slots(g)
-            if (r := self.slots[s]) is not None and r.prefilling)
+        idx = self._slots_of(groups)
+        prefilling = self.live[idx] & (self.computed[idx] < self.prompt_len[idx])
+        budget = self._budget() - int((self.prompt_len[idx] - self.computed[idx])[prefilling].sum())
         out = []
-        for s in self._free_slots(groups):
+        for s in self._free_slots(groups).tolist():
             if not self.waiting or budget <= 0:
                 break
             budget -= self.waiting[0].prompt_len
@@ -440,28 +569,29 @@ class StepScheduler:
 
     def _admit_wave(self) -> tuple[tuple[int, int], ...]:
         """Waves: when every slot is free, the next wave fills them, split evenly over the groups."""
-        if not self.waiting or any(r is not None for r in self.slots):
+        if not self.waiting or self.live.any():
             return ()
         cfg = self.config
         n = min(len(self.waiting), cfg.slots)
         per = -(-n // cfg.groups)
         out = []
         for g in range(cfg.groups):
-            for s in list(self._group_slots(g))[:min(per, n - len(out))]:
+            for s in self._slots_of((g,))[:min(per, n - len(out))].tolist():
                 out.append(self._admit(s))
         self._turn = 0
         return tuple(out)
 
-    def _prefilling_slots(self) -> list[int]:
-        return [s for s, r in enumerate(self.slots) if r is not None and r.prefilling]
+    def _prefilling_slots(self) -> np.ndarray:
+        return np.flatnonzero(self.live & (self.computed < self.prompt_len))
 
     def _wave_prefill_pass(self, admitted) -> Pass:
         """Waves: the next `prefill_rows` whole prompts, alone in one pass. The resident draft
         reads the same prompts beside it."""
-        slots = self._prefilling_slots()[:self.config.prefill_rows]
-        rows = tuple(RowWork(s, "prefill", 0, self.slots[s].request.prompt_len) for s in slots)
-        groups = tuple(sorted({s // self.config.group_rows for s in slots}))
-        return Pass(0, groups, rows, (), self._draft_reads(rows), admitted)
+        s = self._prefilling_slots()[:self.config.prefill_rows]
+        n = len(s)
+        rows = (s, np.full(n, PREFILL, np.int8), np.zeros(n, _INT), self.prompt_len[s].copy(), np.ones(n, bool))
+        groups = tuple(sorted(set((s // self.config.group_rows).tolist())))
+        return self._pass(groups, rows, NO_DRAFT, self._draft_reads(*rows), admitted)
 
     def _merge_tails(self) -> tuple[tuple[int, int, float], ...]:
         """specoffload's tail: once no prompt waits and the live rows of the group the turn is
@@ -471,27 +601,30 @@ class StepScheduler:
         if not cfg.merge_tails or (cfg.admission == "continuous" and self.waiting):
             return ()
         g, other = self._turn, 1 - self._turn
-        live_o = [s for s in self._group_slots(other) if self.slots[s] is not None]
-        live_g = [s for s in self._group_slots(g) if self.slots[s] is not None]
+        live_o = self._slots_of((other,))[self.live[self._slots_of((other,))]]
+        live_g = self._slots_of((g,))[self.live[self._slots_of((g,))]]
         free_g = self._free_slots((g,))
-        if not live_o or not live_g or len(live_o) > len(free_g):
+        if not len(live_o) or not len(live_g) or len(live_o) > len(free_g):
             return ()
-        if any(self.slots[s].prefilling for s in live_o):
+        if (self.computed[live_o] < self.prompt_len[live_o]).any():
             return ()
         moves = []
-        for src, dst in zip(live_o, free_g):
-            row = self.slots[src]
-            row.proposed = False
-            moves.append((src, dst, row.length))
-            self.slots[dst], self.slots[src] = row, None
+        for src, dst in zip(live_o.tolist(), free_g.tolist()):
+            self.proposed[src] = False
+            moves.append((src, dst, float(self.prompt_len[src] + self.generated[src])))
+            for col in self._columns:
+                col[dst] = col[src]
+            self.request[dst] = self.request[src]
+            self._free(src)
         self.counts.moved_rows += len(moves)
         return tuple(moves)
 
     def _emit(self, p: Pass) -> Pass:
-        pre = sum(w.tokens for w in p.rows if w.kind == "prefill")
-        p = Pass(self._index, p.groups, p.rows, p.draft_first, p.draft_beside, p.admitted, p.moves, pre,
-                 sum(1 for w in p.rows if w.kind != "prefill"))
-        assert p.rows, "a pass computes at least one row"
+        prefill = p.kind == PREFILL
+        pre = int(p.tokens[prefill].sum())
+        decode_rows = len(p.kind) - int(np.count_nonzero(prefill))
+        p = replace(p, index=self._index, prefill_tokens=pre, decode_rows=decode_rows)
+        assert len(p.slot), "a pass computes at least one row"
         self._index += 1
         c = self.counts
         c.passes += 1

@@ -84,7 +84,7 @@ def test_runs_are_what_goes_through_a_layer_as_one_batch():
     rows = (RowWork(5, "decode", 9, 1), RowWork(4, "decode", 7, 1), RowWork(0, "prefill", 0, 8),
             RowWork(1, "prefill", 0, 8), RowWork(2, "prefill", 0, 5), RowWork(3, "prefill", 8, 4, False),
             RowWork(7, "decode", 3, 1))
-    got = [(r.kind, r.slots.start, r.slots.stop, r.work.tokens) for r in Pass(0, (0, 1), rows).runs()]
+    got = [(r.kind, r.slots.start, r.slots.stop, r.work.tokens) for r in Pass.of_rows(0, (0, 1), rows).runs()]
     assert got == [("prefill", 0, 2, 8), ("prefill", 2, 3, 5), ("prefill", 3, 4, 4), ("decode", 4, 6, 1),
                    ("decode", 7, 8, 1)]
     # a flexgen pass serves every group: once all rows decode, the pass is one run of them all
