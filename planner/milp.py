@@ -344,10 +344,12 @@ class ShapeProgram:
                 self.excluded.add(i)
         return len(self.excluded) < len(self.shapes)
 
-    def solve(self, lam0: float = 0.0, max_iter: int = 12, tol: float = 1e-4) -> Candidate | None:
+    def solve(self, lam0: float = 0.0, max_iter: int = 12, tol: float = 1e-4, floor: float = 0.0) -> Candidate | None:
         """Dinkelbach: maximise tokens - lam * time, set lam to the solution's ratio, repeat
-        until lam stops moving. Converges from any start; a start near the optimum saves solves."""
-        lam, best = lam0, None
+        until lam stops moving. Converges from any start; a start near the optimum saves solves.
+        With a `floor` (tok/s), only a candidate at or above it is wanted: a solve at lam =
+        floor whose best falls below it proves there is none, and ends the search (None)."""
+        lam, best = max(lam0, floor), None
         self.solves, self.last_status = 0, None
         for _ in range(max_iter):
             self.prob.setObjective(self._objective(lam))
@@ -362,8 +364,11 @@ class ShapeProgram:
                 best = cand
             if abs(cand.estimate_tok_s - lam) <= tol * max(lam, 1e-9):
                 break
-            lam = cand.estimate_tok_s
-        return best
+            if cand.estimate_tok_s < lam <= floor:  # every shape's ratio is below lam, so below the floor
+                return None
+            # below lam, the optimum lies in [ratio, lam): go on from the ratio, or test the floor first
+            lam = max(cand.estimate_tok_s, floor) if cand.estimate_tok_s < lam else cand.estimate_tok_s
+        return best if best is None or best.estimate_tok_s >= floor * (1 - tol) else None
 
     def _read(self) -> Candidate:
         val = lambda var: round(var.value() or 0.0)  # noqa: E731

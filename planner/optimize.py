@@ -325,9 +325,10 @@ class Jobs:
 
 
 def _program_candidates(policy: str, shortlist: list[Shape], first_guess: float, target, draft, profile, workload,
-                        wanted: int, exclude: tuple[Shape, ...] = ()) -> tuple[list[Candidate], str | None]:
+                        wanted: int, exclude: tuple[Shape, ...] = (), floor: float = 0.0) -> tuple[list[Candidate], str | None]:
     """Up to `wanted` candidates from the program over `shortlist` (each differing from the
-    ones before, and from `exclude`, in more than the prefill chunk), or why there is none."""
+    ones before, and from `exclude`, in more than the prefill chunk), at `floor` tok/s or
+    above, or why there is none."""
     program = ShapeProgram(shortlist, target, draft, profile, workload)
     for shape in exclude:
         if not program.exclude_like(shape):
@@ -335,7 +336,7 @@ def _program_candidates(policy: str, shortlist: list[Shape], first_guess: float,
     found: list[Candidate] = []
     lam = first_guess  # a feasible shape's ratio: Dinkelbach starts close
     for _ in range(wanted):
-        cand = program.solve(lam0=lam)
+        cand = program.solve(lam0=lam, floor=floor)
         if cand is None:
             break
         found.append(cand)
@@ -406,10 +407,11 @@ def _policy_first(policy: str, target, draft, profile, workload, admissions, mem
     return PolicySearch(policy, shortlist, found[0], None, None, n)
 
 
-def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int) -> list[Candidate]:
-    """The policy's next `wanted` candidates from its program."""
-    return _program_candidates(search.policy, search.shortlist, search.first.estimate_tok_s * 0.9, target, draft,
-                               profile, workload, wanted, exclude=(search.first.shape,))[0]
+def _runner_ups(search: PolicySearch, target, draft, profile, workload, wanted: int, floor: float = 0.0) -> list[Candidate]:
+    """The policy's next `wanted` candidates from its program, those at `floor` tok/s or above
+    (Dinkelbach starts at the floor: one solve shows there is none)."""
+    return _program_candidates(search.policy, search.shortlist, floor or search.first.estimate_tok_s * 0.9, target, draft,
+                               profile, workload, wanted, exclude=(search.first.shape,), floor=floor)[0]
 
 
 def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile, workload: Workload,
@@ -471,7 +473,7 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
             jobs.want(*sim_job(s.first), ahead=(rank, 0))
             if may_want_more(s):
                 jobs.want(("more", s.policy), _runner_ups, s, target, draft, profile, workload,
-                          per_policy[s.policy] - 1, ahead=(rank, 1),
+                          per_policy[s.policy] - 1, floor, ahead=(rank, 1),
                           then=lambda got, rank=rank: want_reruns(rank, got))
         best_sim = 0.0
         for s in found:  # step 2

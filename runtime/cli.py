@@ -287,5 +287,12 @@ def main() -> None:
     run_app(app, prog="specrun")
 
 
+def console_main() -> None:
+    """The `specrun` command (the console script, and `python -m specplan.runtime.cli`)."""
+    from specplan.cli import exit_without_teardown
+
+    exit_without_teardown(main)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -237,5 +237,40 @@ def main() -> None:
     run_app(app)
 
 
+def exit_without_teardown(entry: Callable[[], None]) -> None:
+    """Run a console entry point, then end the process without tearing the interpreter down:
+    once the output is flushed and the atexit handlers (multiprocessing's, tempfile's, Ray's)
+    have run, freeing every object and module one by one only costs time (specplan optimize:
+    0.13-0.15 s of its ~1.6 s). Where a thread other than this one still runs, the usual exit
+    waits for it instead."""
+    import atexit
+    import os
+    import threading
+
+    try:
+        entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
+        sys.stderr.write(code + "\n")
+        code = 1
+    code = int(code or 0)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
+def console_main() -> None:
+    """The `specplan` command (the console script, and `python -m specplan.cli`)."""
+    exit_without_teardown(main)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -276,17 +276,26 @@ def doc_rows() -> str:
 # ---- Ctrl-C --------------------------------------------------------------------------------------------
 
 
+def _has_children(pid: int) -> bool:
+    ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return bool(ps.split())
+
+
 def _interrupt_after(entry: str, args: list[str], cwd: Path, seconds: float,
-                     ready: Path | None = None) -> subprocess.CompletedProcess:
+                     ready: Path | str | None = None) -> subprocess.CompletedProcess:
     """Start a command, send SIGINT to its process group `seconds` after it started (or after
-    the file `ready` appeared): what a terminal's Ctrl-C does, the workers get it too."""
+    the file `ready` appeared, or with ready="workers" after its first worker process did):
+    what a terminal's Ctrl-C does, the workers get it too."""
     env = {k: v for k, v in os.environ.items() if k != "SPECPLAN_DEBUG"}
     env.update(NO_COLOR="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", ENTRY[entry], *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
-    while ready is not None and not ready.exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    def is_ready() -> bool:
+        return _has_children(p.pid) if ready == "workers" else ready.exists()
+
+    while ready is not None and not is_ready() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     time.sleep(seconds)
     assert p.poll() is None, "the command ended before it could be interrupted"
     os.killpg(p.pid, signal.SIGINT)
@@ -301,7 +310,9 @@ def _no_process_left(pattern: str) -> bool:
 
 def test_ctrl_c_during_optimize_exits_130_and_writes_nothing(tmp_path):
     out = tmp_path / f"plan-{os.getpid()}.json"
-    res = _interrupt_after("specplan", ["optimize", "--gpu", "rtx4090", "--out", str(out)], tmp_path, 1.5)
+    # while its worker processes plan (the whole command takes under 2 s on 2 cores)
+    res = _interrupt_after("specplan", ["optimize", "--gpu", "rtx4090", "--out", str(out)], tmp_path, 0.1,
+                           ready="workers")
     assert res.returncode == 130, res.stderr
     assert "Traceback" not in res.stderr and "interrupted" in res.stderr
     assert listing(tmp_path) == set()
