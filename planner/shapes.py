@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from specplan.cost import (
     d2h_time_s,
@@ -65,8 +66,7 @@ class Shape:
                 self.admission, self.prefill_tokens, self.recompute)
 
 
-@dataclass(frozen=True)
-class Coeffs:
+class Coeffs(NamedTuple):  # immutable, and cheap to make: the shortlist makes thousands
     """Per-shape constants of the linear model (seconds unless named otherwise)."""
 
     tokens: float  # tokens one wave of rows earns the job (a partial last wave costs a whole one)
@@ -182,7 +182,7 @@ def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: Model
         if memo is not None:
             memo[key] = terms
     n_pre, frac, gpu_s, chain_s = terms
-    return replace(co, prefill_passes=n_pre, prefill_expert_frac=frac, prefill_gpu_s=gpu_s, prefill_chain_s=chain_s)
+    return co._replace(prefill_passes=n_pre, prefill_expert_frac=frac, prefill_gpu_s=gpu_s, prefill_chain_s=chain_s)
 
 
 def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
@@ -246,6 +246,16 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
         chain = T.layers * (c.proj + c.ffn + c.host + c.attention + c.act_d2h + c.act_h2d) + head
         return gpu, cpu, chain
 
+    def draft_step(rows: float, q_len: float, context: float) -> float:
+        """draft_step_s, kept in `memo` (shapes alike in rows share it)."""
+        key = ("draft step", rows, q_len, context)
+        got = memo.get(key) if memo is not None else None
+        if got is None:
+            got = draft_step_s(P, D, rows, q_len, context)
+            if memo is not None:
+                memo[key] = got
+        return got
+
     # a flexgen pass serves every batch: their decoding rows go through each layer as one
     # batch (Pass.runs), as the engine runs them
     served = nb if shape.policy == "flexgen" else 1
@@ -255,9 +265,9 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
     if spec:
         n_mb = math.ceil(b_act / shape.draft_batch)
         mb = min(shape.draft_batch, b_act)
-        draft_s = n_mb * g * draft_step_s(P, D, mb, 1, ctx)
+        draft_s = n_mb * g * draft_step(mb, 1, ctx)
         if shape.recompute:  # every round reads each row's context again, and swaps nothing
-            draft_s += n_mb * draft_step_s(P, D, mb, ctx, ctx / 2)
+            draft_s += n_mb * draft_step(mb, ctx, ctx / 2)
         else:
             kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
                          + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
@@ -271,7 +281,7 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
         chain_s += mult * pre
         pre_tokens_in_pass = mult * pre_rows * p
         if spec and not shape.recompute:
-            read = draft_step_s(P, D, pre_rows, p, p / 2)
+            read = draft_step(pre_rows, p, p / 2)
             if shape.policy == "specoffload":
                 draft_s += read
             else:

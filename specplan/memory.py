@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from .cost import activation_bytes, expected_experts_touched, kv_cache_bytes
 from .hardware import HardwareProfile
@@ -242,22 +242,52 @@ class MemoryTotalsCache:
 
     def __init__(self, target: ModelSpec, draft: ModelSpec | None, workload: Workload):
         self.target, self.draft, self.workload = target, draft, workload
-        self._parts: dict = {}
+        self._weights: dict = {}  # (placement, prefetch depth) -> totals
+        self._target_rows: dict = {}  # what of the schedule they depend on -> totals
+        self._draft_rows: dict = {}  # the same, and the draft KV's home -> totals
 
-    def _part(self, key, parts: Callable[[], list]) -> MemoryTotals:
-        got = self._parts.get(key)
+    def _weights_part(self, placement: Placement, depth: int) -> MemoryTotals:
+        key = (placement, depth)
+        got = self._weights.get(key)
         if got is None:
-            got = self._parts[key] = MemoryTotals.of(_homed(parts()))
+            got = self._weights[key] = MemoryTotals.of(_homed(weights_memory(self.target, placement, depth)))
+        return got
+
+    def _target_part(self, s: Schedule) -> MemoryTotals:
+        key = (s.policy, s.target_batch, s.num_batches, s.prefill_chunk, s.gamma, s.attention_device, s.admission,
+               s.prefill_tokens)
+        got = self._target_rows.get(key)
+        if got is None:
+            got = self._target_rows[key] = MemoryTotals.of(_homed(target_rows_memory(self.target, s, self.workload)))
+        return got
+
+    def _draft_part(self, s: Schedule, draft_kv: str) -> MemoryTotals:
+        key = (s.policy, s.rows, s.gamma, s.draft_batch, draft_kv)
+        got = self._draft_rows.get(key)
+        if got is None:
+            got = self._draft_rows[key] = MemoryTotals.of(_homed(draft_rows_memory(self.draft, s, self.workload, draft_kv)))
         return got
 
     def __call__(self, schedule: Schedule, placement: Placement) -> MemoryTotals:
-        s, T, D, W = schedule, self.target, self.draft, self.workload
-        w = self._part((placement, s.prefetch_depth), lambda: weights_memory(T, placement, s.prefetch_depth))
-        t = self._part((s.policy, s.target_batch, s.num_batches, s.prefill_chunk, s.gamma, s.attention_device,
-                        s.admission, s.prefill_tokens), lambda: target_rows_memory(T, s, W))
-        d = self._part((s.policy, s.rows, s.gamma, s.draft_batch, placement.draft_kv),
-                       lambda: draft_rows_memory(D, s, W, placement.draft_kv))
+        w = self._weights_part(placement, schedule.prefetch_depth)
+        t = self._target_part(schedule)
+        d = self._draft_part(schedule, placement.draft_kv)
         return MemoryTotals(w[0] + t[0] + d[0], w[1] + t[1] + d[1], w[2] + t[2] + d[2])
+
+    def first_fit(self, schedule: Schedule, placements, profile: HardwareProfile) -> Placement | None:
+        """The first of `placements` whose plan fits `profile` (the schedule's own parts worked
+        out once for all of them), or None."""
+        t = self._target_part(schedule)
+        depth = schedule.prefetch_depth
+        drafts: dict = {}
+        for pl in placements:
+            w = self._weights_part(pl, depth)
+            d = drafts.get(pl.draft_kv)
+            if d is None:
+                d = drafts[pl.draft_kv] = self._draft_part(schedule, pl.draft_kv)
+            if MemoryTotals(w[0] + t[0] + d[0], w[1] + t[1] + d[1], w[2] + t[2] + d[2]).fits(profile):
+                return pl
+        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,8 +315,8 @@ def least_placement(target: ModelSpec, draft: ModelSpec | None, schedule: Schedu
     target, draft and workload, holds the memory totals already worked out (they depend on
     the machine only through whether they fit)."""
     needs = needs or MemoryTotalsCache(target, draft, workload)
-    pl = None
-    for pl in placement_ladder(draft_kv):
-        if needs(schedule, pl).fits(profile):
-            return pl, []
-    return None, plan_memory(target, draft, schedule, pl, workload).violations(profile) if explain else []
+    ladder = placement_ladder(draft_kv)
+    pl = needs.first_fit(schedule, ladder, profile)
+    if pl is not None:
+        return pl, []
+    return None, plan_memory(target, draft, schedule, ladder[-1], workload).violations(profile) if explain else []
