@@ -186,25 +186,20 @@ def _rounds_cdf(rates: tuple[float, ...], tokens: int) -> "np.ndarray":
     """P(one row has gained `tokens` tokens within n rounds), n = 0, 1, ... until it is ~1."""
     import numpy as np
 
-    pmf = np.asarray(tokens_per_round_pmf(rates))
-    dist = np.zeros(tokens + 1)  # P(gained so far = i), with i = tokens meaning "done"
-    dist[0] = 1.0
+    # gains of 0..gamma+1 tokens a round (0 never happens); the rows not done yet, by tokens
+    # gained so far: each round convolves them with the gains, and what reaches `tokens` is done
+    gains = np.concatenate(([0.0], tokens_per_round_pmf(rates)))
+    live = np.zeros(tokens)
+    live[0] = 1.0
+    done = 0.0
     cdf = []
     while True:
-        done = dist[tokens]
         cdf.append(done)
         if 1.0 - done < 1e-15 or len(cdf) > 4 * tokens + 100:
             return np.asarray(cdf)
-        nxt = np.zeros_like(dist)
-        nxt[tokens] = done
-        for j, pj in enumerate(pmf, start=1):
-            if pj == 0.0:
-                continue
-            moved = dist[:tokens] * pj
-            cut = max(tokens - j, 0)
-            nxt[j:tokens] += moved[:cut]
-            nxt[tokens] += moved[cut:].sum()
-        dist = nxt
+        nxt = np.convolve(live, gains)
+        done += float(nxt[tokens:].sum())
+        live = nxt[:tokens]
 
 
 def memcpy_s(profile: HardwareProfile, nbytes: float, on_gpu: bool) -> float:
