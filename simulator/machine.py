@@ -145,15 +145,32 @@ class Machine:
         """Run `steps` back to back as one timeout: what `use` and `delay` one after another
         cost when no other process can take their resources meanwhile (the caller's promise),
         with the same stage and busy times. A generator: `yield from`."""
+        self.account_chain(steps)
+        for offset, resource, stage, seconds in steps.later:
+            self.env.process(self._use_after(offset, resource, stage, seconds, who))
+        if steps.total_s > 0:
+            yield self.env.timeout(steps.total_s)
+
+    def account_chain(self, steps: "Chain") -> None:
+        """The stage and busy times of `steps` run back to back (chain)."""
         for stage, seconds in steps.stage_s:
             self.stage_s[stage] += seconds
         for resource, seconds in steps.busy_s:
             self.resource_busy_s[resource] += seconds
-        for offset, resource, stage, seconds in steps.later:
-            self.env.process(self._use_after(offset, resource, stage, seconds, who))
         if steps.total_s > 0:
             self.events += 1
-            yield self.env.timeout(steps.total_s)
+
+    def account(self, resource: str, stage: str, seconds: float) -> None:
+        """The stage and busy time of a use of `resource` that nothing contended for, worked out
+        rather than run (Scenario._layers_alone)."""
+        self.events += 2
+        self.stage_s[stage] += seconds
+        self.resource_busy_s[resource] += seconds
+
+    def alone(self) -> bool:
+        """Nothing else is scheduled or waiting: no event is queued (env.peek), no resource is
+        held or waited for, so what the caller does next cannot collide with anything."""
+        return self.env.peek() == float("inf") and self.idle(*RESOURCES)
 
     def _use_after(self, offset: float, resource: str, stage: str, seconds: float, who: str):
         if offset > 0:

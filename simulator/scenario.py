@@ -24,6 +24,7 @@ What runs in each pass is the scheduler's decision, never this file's: this file
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,29 +168,33 @@ class Scenario:
         tokens = sum(g.tokens for g in groups)
         # a ring slot ahead of the computing layer only where a copy can overlap compute
         nslots = sch.prefetch_depth + 1 if copies_overlap_compute(self.P) else 1
-        slots = Unit(env, nslots)  # the ring's free buffers
-        loaded = [env.event() for _ in range(T.layers)]
-        env.process(self._load_layers(who, kind, tokens, slots, loaded))
         # the groups go through a layer one after another: the larger working set is what is live
         act = max(activation_bytes(T, g.rows, wl.max_prompt_len, wl.max_prompt_len) if g.prefill
                   else activation_bytes(T, g.rows, g.q_len, wl.max_seq_len + sch.gamma) for g in groups)
-        m.allocate("gpu", act, f"{kind} activations")
         costs = [(g.prefill, self._layer_costs(g)) for g in groups]
         # a K/V copy to the host that the layer waits for queues on a link others use: such
         # passes keep every step (a copy it only sets off is part of the chain)
         waits_for_copy = any(c.kv_d2h for _, c in costs) and not self._copies_overlap()
         steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or waits_for_copy
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
-        for layer in range(T.layers):
-            yield loaded[layer]
-            beside = self._beside
-            if steps is not None and (beside is None or beside.triggered) and m.idle("gpu", "cpu"):
-                yield from m.chain(steps, who)
-            else:
-                for prefill, c in costs:
-                    yield from self._layer(who, "prefill" if prefill else "verify", c)
-            if loaded[layer].value:
-                slots.release()
+        if steps is not None and not steps.later and self._beside is None and m.alone():
+            m.allocate("gpu", act, f"{kind} activations")
+            yield from self._layers_alone(who, kind, tokens, steps, nslots)
+        else:
+            slots = Unit(env, nslots)  # the ring's free buffers
+            loaded = [env.event() for _ in range(T.layers)]
+            env.process(self._load_layers(who, kind, tokens, slots, loaded))
+            m.allocate("gpu", act, f"{kind} activations")
+            for layer in range(T.layers):
+                yield loaded[layer]
+                beside = self._beside
+                if steps is not None and (beside is None or beside.triggered) and m.idle("gpu", "cpu"):
+                    yield from m.chain(steps, who)
+                else:
+                    for prefill, c in costs:
+                        yield from self._layer(who, "prefill" if prefill else "verify", c)
+                if loaded[layer].value:
+                    slots.release()
         head_tokens = sum(g.rows if g.prefill else g.tokens for g in groups)  # a chunk keeps one position a row
         if self.pl.lm_head != "gpu":
             pinned = self.pl.lm_head == "cpu_pinned"
@@ -198,15 +203,54 @@ class Scenario:
         yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
-    def _load_layers(self, who: str, kind: str, tokens: float, slots: Unit, loaded: list):
-        """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
-        # a layer's copies depend on it only through where its FFN lives: cost them once per pass
+    def _layers_alone(self, who: str, kind: str, tokens: float, steps: Chain, nslots: int):
+        """The layers of a pass that runs alone (Machine.alone: no other process holds, waits
+        for or will take a resource, and no layer sets off a copy of its own): the loader's
+        copies into the ring and each layer's chain, timed as the processes of the other path
+        (_load_layers and the chains) would time them, then one timeout to the last layer's
+        end, with the same stage and busy times. test_simulator checks the two agree."""
+        m, env = self.m, self.env
+        disk_stage, h2d_stage = self._stage(kind, "disk_read"), self._stage(kind, "h2d")
+        loader = compute = env.now  # when the loader may go on; when the last layer's compute ended
+        holders: deque[float] = deque()  # when each loaded layer in the ring gives its slot back
+        for cost in self._layer_copies(tokens):
+            if cost is None:  # resident: ready when the loader gets to it
+                ready = loader
+            else:
+                disk_s, h2d_s = cost
+                if len(holders) == nslots:  # the ring is full: wait for its oldest layer's compute
+                    loader = max(loader, holders.popleft())
+                if disk_s > 0:
+                    loader += disk_s
+                    m.account("disk", disk_stage, disk_s)
+                if h2d_s > 0:
+                    loader += h2d_s
+                    m.account("h2d", h2d_stage, h2d_s)
+                ready = loader
+            compute = max(compute, ready)
+            m.account_chain(steps)
+            compute += steps.total_s
+            if cost is not None:
+                holders.append(compute)
+        if compute > env.now:
+            yield env.timeout(compute - env.now)
+
+    def _layer_copies(self, tokens: float) -> list[tuple[float, float] | None]:
+        """Each layer's (disk read s, H2D s) in a pass of `tokens` tokens, None where nothing of
+        it streams. A layer's copies depend on it only through where its FFN lives: each home
+        is costed once a pass."""
         costs: dict[str, tuple[float, float] | None] = {}
+        out = []
         for layer in range(self.T.layers):
             ffn_home = self.pl.ffn_home(layer)
             if ffn_home not in costs:
                 costs[ffn_home] = self._copy_costs(streamed_chunks(self.T, self.pl, layer, tokens))
-            cost = costs[ffn_home]
+            out.append(costs[ffn_home])
+        return out
+
+    def _load_layers(self, who: str, kind: str, tokens: float, slots: Unit, loaded: list):
+        """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
+        for layer, cost in enumerate(self._layer_copies(tokens)):
             if cost is None:
                 loaded[layer].succeed(False)
                 continue
