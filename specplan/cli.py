@@ -153,11 +153,12 @@ def models(
     out.print(t)
 
 
-def _register_subcommands() -> None:
-    """Commands whose code lives in the subpackages (imported lazily: torch is slow to import)."""
+def _register_subcommands(argv: list[str] | None = None) -> None:
+    """Commands whose code lives in the subpackages: the one `argv` names, or all of them
+    (commands.register)."""
     from .commands import register
 
-    register(app)
+    register(app, argv)
 
 
 EXIT_CODES = {0: "success", 1: "internal error (a bug: SPECPLAN_DEBUG=1 shows the traceback)",
@@ -233,7 +234,7 @@ def run_app(typer_app: typer.Typer, prog: str = "specplan") -> None:
 
 
 def main() -> None:
-    _register_subcommands()
+    _register_subcommands(sys.argv[1:])
     run_app(app)
 
 
