@@ -242,8 +242,8 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
     """Run a console entry point, then end the process without tearing the interpreter down:
     once the output is flushed and the atexit handlers (multiprocessing's, tempfile's, Ray's)
     have run, freeing every object and module one by one only costs time (specplan optimize:
-    0.13-0.15 s of its ~1.6 s). Where a thread other than this one still runs, the usual exit
-    waits for it instead."""
+    0.13-0.15 s of a 1.1-1.5 s run). Where a thread other than this one still runs, the usual
+    exit waits for it instead."""
     import atexit
     import os
     import threading

@@ -245,3 +245,44 @@ def test_a_layer_nobody_contends_for_costs_what_its_steps_do(monkeypatch, gpu, p
     for k, v in step.utilisation.items():
         assert chain.utilisation[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert chain.pass_counts == step.pass_counts
+
+
+@pytest.mark.parametrize("placement", [
+    Placement(attention="cpu_pinned", ffn="cpu_pinned", ffn_gpu_layers=1, draft_kv="gpu"),
+    Placement(attention="gpu", ffn="disk", ffn_gpu_layers=0, lm_head="cpu_pinned", draft_kv="gpu"),
+    Placement(attention="cpu_pinned", ffn="cpu_pageable", ffn_gpu_layers=0, draft_kv="recompute")],
+    ids=["pinned", "disk", "pageable"])  # with the draft KV on the host its write-backs run into the pass: never alone
+@pytest.mark.parametrize("policy", ["spec-serial", "flexgen", "sequential"])
+@pytest.mark.parametrize("admission", ["waves", "continuous"])
+def test_a_pass_that_runs_alone_costs_what_its_events_do(monkeypatch, policy, admission, placement):
+    """A pass nothing else runs beside (Machine.alone) is timed by one recurrence over its
+    layers (Scenario._layers_alone); with every pass run as the loader's and the layers'
+    events the job, every stage and every resource's busy time come out the same, and the
+    recurrence did time some passes."""
+    from conftest import toy_profile_dict
+    from specplan.simulator import machine, scenario
+
+    profile = HardwareProfile.from_dict(toy_profile_dict(), "toy")
+    wl = Workload.make(prompt_len=[8, 5, 7], gen_len=9, num_prompts=12, acceptance=0.7, acceptance_spread=0.1)
+    cfg = SimConfig(TINY_T, TINY_D, profile, wl, schedule_for(policy, admission=admission, prefill_tokens=16),
+                    placement, mode="sampled")
+    alone_passes = []
+    layers_alone = scenario.Scenario._layers_alone
+
+    def counted(self, *a, **k):
+        alone_passes.append(1)
+        return layers_alone(self, *a, **k)
+
+    monkeypatch.setattr(scenario.Scenario, "_layers_alone", counted)
+    fast = simulate(cfg)
+    assert alone_passes, "no pass ran alone"
+    monkeypatch.setattr(machine.Machine, "alone", lambda self: False)
+    slow = simulate(cfg)
+    assert fast.throughput_tok_s == pytest.approx(slow.throughput_tok_s, rel=1e-12)
+    assert fast.total_s == pytest.approx(slow.total_s, rel=1e-12)
+    assert fast.stage_s.keys() == slow.stage_s.keys()
+    for k, v in slow.stage_s.items():
+        assert fast.stage_s[k] == pytest.approx(v, rel=1e-12, abs=1e-18), k
+    for k, v in slow.utilisation.items():
+        assert fast.utilisation[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+    assert fast.peak_gpu_bytes == slow.peak_gpu_bytes and fast.pass_counts == slow.pass_counts
