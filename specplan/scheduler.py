@@ -183,12 +183,6 @@ class DraftWork:
         """The rows `which` (a mask or indices, or a slice) selects."""
         return DraftWork(*(c[which] for c in self.columns()))
 
-    @classmethod
-    def of(cls, rows) -> "DraftWork":
-        rows = list(rows)
-        return cls(np.array([d.slot for d in rows], _INT), np.array([d.cached for d in rows], _INT),
-                   np.array([d.context for d in rows], _INT), np.array([d.propose for d in rows], bool))
-
 
 NO_DRAFT = DraftWork()
 
@@ -289,15 +283,6 @@ class Row:
     draft_ready: bool = False  # the draft's KV holds the row's positions [0, L - 2)
     proposed: bool = False  # a draft proposal waits to be verified
     rounds: int = 0  # verifications (or decode steps) the row took part in
-
-    @property
-    def prefilling(self) -> bool:
-        return self.computed < self.request.prompt_len
-
-    @property
-    def length(self) -> float:
-        """Tokens of the row so far: prompt and generated."""
-        return self.request.prompt_len + self.generated
 
 
 @dataclass
