@@ -238,13 +238,19 @@ def test_a_layer_nobody_contends_for_costs_what_its_steps_do(monkeypatch, gpu, p
         runs[chained] = simulate(cfg)
     step, chain = runs[False], runs[True]
     assert chain.events < step.events  # the chains did run
-    assert chain.throughput_tok_s == pytest.approx(step.throughput_tok_s, rel=1e-9)
-    assert chain.stage_s.keys() == step.stage_s.keys()
-    for k, v in step.stage_s.items():
-        assert chain.stage_s[k] == pytest.approx(v, rel=1e-9, abs=1e-15), k
-    for k, v in step.utilisation.items():
-        assert chain.utilisation[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
-    assert chain.pass_counts == step.pass_counts
+    assert_same_costs(chain, step, rel=1e-9)
+
+
+def assert_same_costs(got, want, rel: float) -> None:
+    """Two simulations of one plan cost the same: the job's throughput, every stage's time,
+    every resource's busy share, and the scheduler's counts."""
+    assert got.throughput_tok_s == pytest.approx(want.throughput_tok_s, rel=rel)
+    assert got.stage_s.keys() == want.stage_s.keys()
+    for k, v in want.stage_s.items():
+        assert got.stage_s[k] == pytest.approx(v, rel=rel, abs=1e-15), k
+    for k, v in want.utilisation.items():
+        assert got.utilisation[k] == pytest.approx(v, rel=rel, abs=1e-12), k
+    assert got.pass_counts == want.pass_counts
 
 
 @pytest.mark.parametrize("placement", [
@@ -278,11 +284,5 @@ def test_a_pass_that_runs_alone_costs_what_its_events_do(monkeypatch, policy, ad
     assert alone_passes, "no pass ran alone"
     monkeypatch.setattr(machine.Machine, "alone", lambda self: False)
     slow = simulate(cfg)
-    assert fast.throughput_tok_s == pytest.approx(slow.throughput_tok_s, rel=1e-12)
-    assert fast.total_s == pytest.approx(slow.total_s, rel=1e-12)
-    assert fast.stage_s.keys() == slow.stage_s.keys()
-    for k, v in slow.stage_s.items():
-        assert fast.stage_s[k] == pytest.approx(v, rel=1e-12, abs=1e-18), k
-    for k, v in slow.utilisation.items():
-        assert fast.utilisation[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
-    assert fast.peak_gpu_bytes == slow.peak_gpu_bytes and fast.pass_counts == slow.pass_counts
+    assert_same_costs(fast, slow, rel=1e-12)
+    assert fast.total_s == pytest.approx(slow.total_s, rel=1e-12) and fast.peak_gpu_bytes == slow.peak_gpu_bytes
