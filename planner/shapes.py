@@ -226,16 +226,19 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
         passes, live = float(gen - 1), float(b)
     b_act = max(1.0, live)
 
-    def pass_costs(rows: float, q_len: float, context: float, device: str):
-        """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer
-        costs (kept in `memo`: the shapes that differ only in their draft batch share them)."""
-        key = ("pass costs", rows, q_len, context, device)
+    def kept(key: tuple, compute):
+        """compute(), kept in `memo` under `key`: the shapes alike in what it depends on share it."""
         got = memo.get(key) if memo is not None else None
         if got is None:
-            got = _pass_costs(rows, q_len, context, device)
+            got = compute()
             if memo is not None:
                 memo[key] = got
         return got
+
+    def pass_costs(rows: float, q_len: float, context: float, device: str):
+        """(GPU busy, CPU busy, critical path) of one target pass, from the simulator's layer
+        costs (shared by the shapes that differ only in their draft batch)."""
+        return kept(("pass costs", rows, q_len, context, device), lambda: _pass_costs(rows, q_len, context, device))
 
     def _pass_costs(rows: float, q_len: float, context: float, device: str):
         c = target_layer_costs(P, T, rows, q_len, context, device)
@@ -247,14 +250,7 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
         return gpu, cpu, chain
 
     def draft_step(rows: float, q_len: float, context: float) -> float:
-        """draft_step_s, kept in `memo` (shapes alike in rows share it)."""
-        key = ("draft step", rows, q_len, context)
-        got = memo.get(key) if memo is not None else None
-        if got is None:
-            got = draft_step_s(P, D, rows, q_len, context)
-            if memo is not None:
-                memo[key] = got
-        return got
+        return kept(("draft step", rows, q_len, context), lambda: draft_step_s(P, D, rows, q_len, context))
 
     # a flexgen pass serves every batch: their decoding rows go through each layer as one
     # batch (Pass.runs), as the engine runs them

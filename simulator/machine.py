@@ -135,9 +135,7 @@ class Machine:
             yield self.env.timeout(seconds)
         finally:  # an interrupted holder still gives the unit back
             unit.release()
-        self.events += 2
-        self.stage_s[stage] += seconds
-        self.resource_busy_s[resource] += seconds
+        self.account(resource, stage, seconds)
         if self.spans is not None:
             self.spans.append(Span(resource, stage, who, start, start + seconds))
 
@@ -161,8 +159,8 @@ class Machine:
             self.events += 1
 
     def account(self, resource: str, stage: str, seconds: float) -> None:
-        """The stage and busy time of a use of `resource` that nothing contended for, worked out
-        rather than run (Scenario._layers_alone)."""
+        """The stage and busy time of one use of `resource` (use; Scenario._layers_alone works
+        out uses nothing contended for rather than running them)."""
         self.events += 2
         self.stage_s[stage] += seconds
         self.resource_busy_s[resource] += seconds

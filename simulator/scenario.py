@@ -179,7 +179,7 @@ class Scenario:
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         if steps is not None and not steps.later and self._beside is None and m.alone():
             m.allocate("gpu", act, f"{kind} activations")
-            yield from self._layers_alone(who, kind, tokens, steps, nslots)
+            yield from self._layers_alone(kind, tokens, steps, nslots)
         else:
             slots = Unit(env, nslots)  # the ring's free buffers
             loaded = [env.event() for _ in range(T.layers)]
@@ -203,7 +203,7 @@ class Scenario:
         yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
-    def _layers_alone(self, who: str, kind: str, tokens: float, steps: Chain, nslots: int):
+    def _layers_alone(self, kind: str, tokens: float, steps: Chain, nslots: int):
         """The layers of a pass that runs alone (Machine.alone: no other process holds, waits
         for or will take a resource, and no layer sets off a copy of its own): the loader's
         copies into the ring and each layer's chain, timed as the processes of the other path

@@ -275,19 +275,8 @@ class MemoryTotalsCache:
         return MemoryTotals(w[0] + t[0] + d[0], w[1] + t[1] + d[1], w[2] + t[2] + d[2])
 
     def first_fit(self, schedule: Schedule, placements, profile: HardwareProfile) -> Placement | None:
-        """The first of `placements` whose plan fits `profile` (the schedule's own parts worked
-        out once for all of them), or None."""
-        t = self._target_part(schedule)
-        depth = schedule.prefetch_depth
-        drafts: dict = {}
-        for pl in placements:
-            w = self._weights_part(pl, depth)
-            d = drafts.get(pl.draft_kv)
-            if d is None:
-                d = drafts[pl.draft_kv] = self._draft_part(schedule, pl.draft_kv)
-            if MemoryTotals(w[0] + t[0] + d[0], w[1] + t[1] + d[1], w[2] + t[2] + d[2]).fits(profile):
-                return pl
-        return None
+        """The first of `placements` whose plan fits `profile`, or None."""
+        return next((pl for pl in placements if self(schedule, pl).fits(profile)), None)
 
 
 @functools.lru_cache(maxsize=None)
