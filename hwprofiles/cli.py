@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from specplan.cli import JsonOpt, err, hardware, print_json
-from specplan.fileio import check_writable
-from specplan.units import parse_bytes
+from specplan.fileio import check_not_inputs, check_writable
+from specplan.hardware import memory_size
 
 MEASURED_DIR = Path("hwprofiles") / "measured"
 
@@ -34,9 +34,10 @@ def profile_cmd(
     from .profiler import profile_machine
 
     models = [ModelSpec.resolve(target)] + ([ModelSpec.resolve(draft)] if draft else [])
-    cap = parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
+    cap = memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
     # the default name comes from the device, known only after measuring: probe its folder
     check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")
+    check_not_inputs([("--out", out)], [("--target", target), ("--draft", draft)])
     from specplan.host import busy_warning, machine_load
     from specplan.progress import steps
 
@@ -81,6 +82,20 @@ def check_same_plan(rep: dict, p, report_path: str, plan_path: str) -> None:
                              f"the report of a run of {plan_path} (specrun --plan {plan_path})")
 
 
+def check_same_device(rep: dict, prof, report_path: str, whose: str) -> None:
+    """A report calibrates only a profile of the device it ran on (as specrun refuses a plan
+    made for another device): its times say nothing of another machine's stages."""
+    from specplan.errors import InputError
+
+    device = rep.get("device") if isinstance(rep.get("device"), dict) else {}
+    ran = device.get("name")
+    if not isinstance(ran, str) or not ran:
+        raise InputError(report_path, "device.name", "is missing", "a report.json written by specrun")
+    if prof.gpu.name and ran != prof.gpu.name:
+        raise InputError(report_path, "device.name", f"the run was measured on {ran}, and {whose} is {prof.name} "
+                         f"({prof.gpu.name})", "a profile of the device the run measured (specplan profile there)")
+
+
 def calibrate_cmd(
     report: Annotated[str, typer.Argument(help="report.json written by specrun.")],
     plan: Annotated[str, typer.Option("--plan", help="The plan.json the report ran.")] = "plan.json",
@@ -100,8 +115,10 @@ def calibrate_cmd(
 
     from .calibrate import calibrate
 
+    reads = [("REPORT", report), ("--plan", plan), ("--gpu", gpu)]
     if out:
         check_writable(out, "--out")
+        check_not_inputs([("--out", out)], reads)
     rep = read_json(report)
     if not isinstance(rep, dict) or "measured" not in rep or "throughput_tok_s" not in rep.get("measured", {}):
         raise InputError(report, "measured", "is missing", "a report.json written by specrun")
@@ -111,8 +128,10 @@ def calibrate_cmd(
     p = Plan.load(plan)
     check_same_plan(rep, p, report, plan)
     prof = load_profile(gpu) if gpu else p.hardware_profile()
+    check_same_device(rep, prof, report, "--gpu" if gpu else f"{plan}'s hardware")
     cal = calibrate(rep, p, prof)
     path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"
+    check_not_inputs([("--out", path)], reads)
     cal.profile.save(path)
     err.print(f"wrote {path}")
     if as_json:

@@ -11,7 +11,7 @@ from rich.table import Table
 from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
 from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
-from specplan.fileio import check_writable
+from specplan.fileio import check_not_inputs, check_writable
 from specplan.models import ModelSpec
 from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
@@ -182,6 +182,8 @@ def optimize_cmd(
         raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
     workload.check_positions(workload_file or "argument", tgt, drf)
     check_writable(out_path, "--out")
+    check_not_inputs([("--out", out_path)], [("--gpu", gpu), ("--workload", workload_file), ("--target", target),
+                                             ("--draft", draft)])
     from specplan.progress import steps
 
     with steps(err, "optimizing", quiet=as_json) as bar:

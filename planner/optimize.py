@@ -127,6 +127,9 @@ def _shortlist(policy: str, target, draft, profile, workload,
     placement, the limits the first shape that fits nowhere breaks, how many shapes there
     were, and the best score."""
     shapes = enumerate_shapes(policy, workload, admissions=admissions)
+    if not shapes:  # only continuous admission asked, and no shape has more prompts than rows
+        return [], [f"continuous admission needs more prompts than rows in flight, and {workload.num_prompts} prompts "
+                    "fill every shape's rows at once (more prompts, or --admission waves)"], 0, 0.0
     scored: list[tuple[float, Shape]] = []
     closest = None
     coeffs = memo.coefficients if memo is not None else {}

@@ -84,10 +84,16 @@ class Grid:
             raise InputError(source, where + "gpu", "is missing", "a GPU profile name or a list of them")
         models = tuple(_models(source, data["models"], where)) if "models" in data else DEFAULT_MODELS
         at = lambda key: where + key  # noqa: E731
+        host_mems = _list(source, at("host_mem"), data.get("host_mem"), str, "a size such as 256GB", none=True)
+        from specplan.hardware import memory_size
+
+        for i, h in enumerate(host_mems):
+            if h is not None:
+                memory_size(h, source, at("host_mem") + (f"[{i}]" if isinstance(data.get("host_mem"), list) else ""))
         return cls(
             gpus=_list(source, at("gpu"), data["gpu"], str, "a GPU profile name"),
             pcies=_list(source, at("pcie"), data.get("pcie"), str, "a PCIe generation (3, 4, 5) or link name", none=True),
-            host_mems=_list(source, at("host_mem"), data.get("host_mem"), str, "a size such as 256GB", none=True),
+            host_mems=host_mems,
             models=models,
             prompt_lens=_list(source, at("prompt_len"), data.get("prompt_len", 512), int, "a positive integer"),
             gen_lens=_list(source, at("gen_len"), data.get("gen_len", 128), int, "a positive integer"),
@@ -203,8 +209,18 @@ def load_prices(path: str) -> dict[str, float]:
     import re
 
     day = data.get("date")
-    if not isinstance(day, datetime.date) and not (isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)):
-        raise InputError(path, "date", "is missing" if day is None else f"is {day!r}",
+
+    def real_day(text: str) -> bool:
+        try:
+            datetime.date.fromisoformat(text)
+            return True
+        except ValueError:  # 2024-13-45
+            return False
+
+    if not isinstance(day, datetime.date) and not (isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)
+                                                   and real_day(day)):
+        raise InputError(path, "date", "is missing" if day is None else f"{day!r} is not a day of the calendar"
+                         if isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) else f"is {day!r}",
                          "the day the prices were read, YYYY-MM-DD")
     if not isinstance(data.get("source"), str) or not data["source"].strip():
         raise InputError(path, "source", "is missing", "where the prices were read: a URL or a quote")

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from specplan.cli import JsonOpt, err, out, print_json
-from specplan.errors import InputError
-from specplan.fileio import check_writable, write_atomic, write_json
+from specplan.errors import InfeasibleError, InputError
+from specplan.fileio import check_not_inputs, check_writable, write_atomic, write_json
 from specplan.units import fmt_seconds
 
 from .sweep import (
@@ -40,6 +40,10 @@ def _grid_from_flags(base: Grid | None, gpu, pcie, host_mem, target, draft, prom
         raise InputError("argument", "--draft", f"{len(draft)} drafts for {len(target)} targets",
                          "one --draft per --target (or 'none'), or one for all")
     models = tuple(zip(target, draft if len(draft) == len(target) else draft * len(target))) if target else None
+    from specplan.hardware import memory_size
+
+    for h in host_mem:
+        memory_size(h, "argument", "--host-mem")
     g = base or Grid(gpus=tuple(shipped_names()))  # workload values are checked where each point is made (Workload)
     pick = lambda flag, axis: tuple(dict.fromkeys(flag)) if flag else axis  # noqa: E731
     return Grid(gpus=pick(gpu, g.gpus), pcies=pick(pcie, g.pcies), host_mems=pick(host_mem, g.host_mems),
@@ -127,6 +131,14 @@ def sweep_cmd(
             check_writable(path, flag)
     if plots:
         check_writable(Path(plots) / "tok_s_by_gpu.png", "--plots")
+    from .sweep_plots import plot_names
+
+    plot_files = [Path(plots) / n for n in plot_names(dict.fromkeys(p.target for p in points))] if plots else []
+    check_not_inputs([("--csv", csv_path), ("--plan-out", plan_out), *(("--plots", f) for f in plot_files)],
+                     [("--grid", grid_file), ("--prices", prices_file),
+                      *(("--gpu", g) for g in dict.fromkeys(p.gpu for p in points)),
+                      *(("--target", m) for m in dict.fromkeys(p.target for p in points)),
+                      *(("--draft", m) for m in dict.fromkeys(p.draft for p in points))])
     cache_dir = None if no_cache else (cache or default_cache_dir())
     if cache_dir:
         check_writable(Path(cache_dir) / "probe.json", "--cache")
@@ -157,6 +169,7 @@ def sweep_cmd(
         for path in ([csv_path] if csv_path else []) + written + ([plan_out] if plan_out and best else []):
             err.print(f"wrote {path}")
     if best is None:
-        err.print("[yellow]no point of the grid has a plan[/]")
-        raise typer.Exit(3)
+        whys = list(dict.fromkeys(r["why"] for r in rows))
+        raise InfeasibleError(f"no point of the grid has a plan: {whys[0]}"
+                              + (f" (and {len(whys) - 1} other reasons: see the table)" if len(whys) > 1 else ""))
 

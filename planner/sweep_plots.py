@@ -40,6 +40,18 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
+BAR_PLOTS = ("tok_s_by_gpu.png", "usd_per_mtok_by_gpu.png")
+
+
+def heatmap_name(target: str) -> str:
+    return f"heatmap_link_host_{target}.png"
+
+
+def plot_names(targets) -> list[str]:
+    """Every file write_plots may write for these targets (the outputs checked before a sweep)."""
+    return [*BAR_PLOTS, *(heatmap_name(t) for t in targets)]
+
+
 def write_plots(rows: list[dict], folder: str) -> list[str]:
     """The PNG files written into `folder`."""
     import matplotlib
@@ -62,8 +74,8 @@ def write_plots(rows: list[dict], folder: str) -> list[str]:
             if len({r["point"][key] for r in rows}) > 1]
     also = (", " + ", ".join(over)) if over else ""
 
-    for key, ylabel, name, lower in (("tok_s", "generated tokens / s (simulated)", "tok_s_by_gpu.png", False),
-                                     ("usd_per_mtok", "$ per million generated tokens", "usd_per_mtok_by_gpu.png", True)):
+    for (key, ylabel, lower), name in zip((("tok_s", "generated tokens / s (simulated)", False),
+                                           ("usd_per_mtok", "$ per million generated tokens", True)), BAR_PLOTS):
         best = _best(rows, key, lower)
         if not best:
             continue
@@ -108,5 +120,5 @@ def write_plots(rows: list[dict], folder: str) -> list[str]:
             ax.axis("off")
         fig.suptitle(f"{target}: simulated tok/s over link x host memory" + (f" (best over{also[1:]})" if also else ""))
         fig.tight_layout()
-        written.append(_save(fig, Path(folder) / f"heatmap_link_host_{target}.png"))
+        written.append(_save(fig, Path(folder) / heatmap_name(target)))
     return written

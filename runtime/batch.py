@@ -24,9 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from specplan.errors import InputError
-from specplan.fileio import check_writable, write_json
+from specplan.fileio import check_not_inputs, check_writable, write_json
 
-from .cli import (ColumnOpt, DeviceOpt, DraftSeedOpt, DtypeOpt, ForceOpt, IgnoreEosOpt, RandomWeightsOpt, ResumeOpt,
+from .cli import (ColumnOpt, DeviceOpt, DraftSeedOpt, DtypeOpt, ForceOpt, IgnoreEosOpt, RandomWeightsOpt, RepairOpt, ResumeOpt,
                   SampleSeedOpt, SeedOpt, StopOpt, TargetOpt, TemperatureOpt, TopKOpt, TopPOpt, job_rows, job_settings,
                   sampling_flags)
 
@@ -54,6 +54,7 @@ def batch_cmd(
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", min=1, help="Rows per shard (default: four times a worker's rows in flight). A lost worker's unfinished rows of its shard run again.")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="The job report (JSON): per worker its node, profile, plan, predicted and measured tok/s. Default: OUT.report.json.")] = None,
     resume: ResumeOpt = False,
+    repair: RepairOpt = False,
     column: ColumnOpt = None,
     random_weights: RandomWeightsOpt = False,
     device: DeviceOpt = "auto",
@@ -71,7 +72,7 @@ def batch_cmd(
 ) -> None:
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
     from specplan.plan import ADMISSIONS, POLICIES
-    from specplan.units import parse_bytes
+    from specplan.hardware import memory_size
 
     from . import shards
     from .cluster import Driver, BatchRun, PlanRequest, WorkerConfig
@@ -89,8 +90,9 @@ def batch_cmd(
         raise InputError("argument", "--policy", f"{', '.join(policy)} drafts tokens and there is no --draft",
                          "a --draft model, or --policy flexgen | sequential")
     report = report or output.with_name(output.name + ".report.json")
-    if report.resolve() in (output.resolve(), sidecar_path(output).resolve()):
-        raise InputError("argument", "--report", f"is {report}, which the job writes too", "another path")
+    check_not_inputs([("--output", output), ("--output's job file", sidecar_path(output)),
+                      ("--output's shards", shards.shards_dir(output), True), ("--report", report)],
+                     [("--prompts", prompts, True), ("--profile", profile), ("--target", target), ("--draft", draft)])
     check_writable(output, "--output")
     check_writable(report, "--report")
     fallback = None
@@ -105,7 +107,12 @@ def batch_cmd(
     data, _ = job_rows(prompts, target, column, stop)
     settings = job_settings(sampling, stop, column, seed, draft_seed, random_weights, dtype, ignore_eos)
     identity = identity_of_job(target, draft, data, settings | {"gen_len": gen_len})
-    done, first_shard = shards.prepare(output, identity, resume)
+    if repair and not resume:
+        raise InputError("argument", "--repair", "mends an output being resumed, and --resume is not given",
+                         "--resume --repair")
+    done, first_shard = shards.prepare(output, identity, resume, {r.id for r in data.rows}, repair,
+                                       lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False,
+                                                             soft_wrap=True))
     todo = [i for i, r in enumerate(data.rows) if r.id not in done]
     if done:
         err.print(f"resuming {output}: {len(done)} of {len(data.rows)} rows done, {len(todo)} to run", highlight=False)
@@ -126,8 +133,8 @@ def batch_cmd(
                        dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed, sampling=sampling,
                        force=force, profile=fallback)
     req = PlanRequest(gen_len=gen_len, acceptance=acceptance, policies=tuple(policy), admissions=tuple(admission),
-                      gpu_memory_bytes=parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
-                      host_memory_bytes=parse_bytes(host_mem, "argument", "--host-mem") if host_mem else None)
+                      gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
+                      host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None)
     driver = Driver(cfg, req, BatchRun(address, workers, cpus_per_worker, shard_rows, local_cpus), say, progress)
     job_report: dict = {"output": str(output), "rows": len(data.rows), "rows_before": len(done), "resumed": bool(done)}
     # Ray prints its own news (a worker died, ...) to stdout: it goes to stderr here, so that

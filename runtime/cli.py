@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from specplan.errors import InputError
-from specplan.fileio import check_writable, write_json
+from specplan.fileio import check_not_inputs, check_writable, write_json
 from specplan.units import fmt_bytes, fmt_seconds
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
@@ -38,7 +38,8 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Override the w
 IgnoreEosOpt = Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Default: ignore EOS with random weights.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random weights and prompts.")]
 DraftSeedOpt = Annotated[Optional[int], typer.Option("--draft-seed", help="Seed of a random draft; the target's seed makes a truncated self-draft.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the job whose --output exists: skip the ids it holds (refused if the plan, models, input or sampling differ, or if it holds an id twice or one the input lacks).")]
+RepairOpt = Annotated[bool, typer.Option("--repair", help="With --resume: drop the output's lines of ids it holds twice or the input lacks, and say so, instead of refusing.")]
 ColumnOpt = Annotated[Optional[str], typer.Option("--column", help="The text column of a .jsonl, parquet or datasets input (default: prompt, else messages).")]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy (default: the plan's workload).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", max=1.0, help="Nucleus sampling: keep the most likely tokens up to this probability mass.")]
@@ -65,11 +66,14 @@ def job_rows(prompts: Path, target: str, column: str | None, stop: list[str]):
     line's stop strings given to rows without their own; and the target's folder."""
     from dataclasses import replace
 
-    from .jobio import read_dataset
+    from .jobio import has_tokenizer, read_dataset
     from .run import model_folder, resolve_model
 
     folder = model_folder(target)
     data = read_dataset(prompts, folder, resolve_model(target)[0].vocab, column)
+    if stop and data.tokenizer is None and not has_tokenizer(folder):
+        raise InputError("argument", "--stop", f"needs a tokenizer to find stop strings, and {target} has none",
+                         "--target a model directory with a tokenizer")
     if stop:
         data.rows[:] = [r if r.stop else replace(r, stop=tuple(stop)) for r in data.rows]
     return data, folder
@@ -159,6 +163,7 @@ def run(
     force: ForceOpt = False,
     output: Annotated[Optional[Path], typer.Option("--output", help="The dataset job: write one JSON line per prompt as it finishes (id, text, token ids, finish reason, counts) to this file.")] = None,
     resume: ResumeOpt = False,
+    repair: RepairOpt = False,
     column: ColumnOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = 1.0,
@@ -171,6 +176,10 @@ def run(
     from specplan.plan import Plan
 
     if threads:
+        from specplan.host import threads_warning
+
+        if why := threads_warning(threads):
+            err.print(f"[yellow]warning:[/] {escape(why)}", highlight=False, soft_wrap=True)
         import torch
 
         torch.set_num_threads(threads)
@@ -187,8 +196,12 @@ def run(
     sampling = sampling_flags(temperature, top_p, top_k, sample_seed)
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
-    if output is not None and report.resolve() in (output.resolve(), sidecar_path(output).resolve()):
-        raise InputError("argument", "--report", f"is {report}, which the dataset job writes too", "another path")
+    if repair and not resume:
+        raise InputError("argument", "--repair", "mends an output being resumed, and --resume is not given",
+                         "--resume --repair")
+    check_not_inputs([("--output", output), ("--output's job file", output and sidecar_path(output)),
+                      ("--report", report), ("--torch-profile", torch_profile)],
+                     [("--plan", plan), ("--prompts", prompts, True), ("--target", target), ("--draft", draft)])
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
@@ -214,7 +227,7 @@ def run(
     try:
         if output is not None:
             result = _dataset_job(the_plan, workload, base, plan, target, draft, prompts, output, resume, column, stop,
-                                  as_json, kw)
+                                  as_json, kw, repair)
             if result is None:
                 return
         else:
@@ -238,7 +251,7 @@ def run(
 
 
 def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: str | None, prompts: Path, output: Path,
-                 resume: bool, column: str | None, stop: list[str], as_json: bool, kw: dict):
+                 resume: bool, column: str | None, stop: list[str], as_json: bool, kw: dict, repair: bool = False):
     """Run the rows of `prompts` not yet in `output`; the report, or None when none was left."""
     from specplan.progress import steps
     from specplan.workload import check_row_positions
@@ -252,7 +265,8 @@ def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: 
     data, folder = job_rows(prompts, target, column, stop)
     settings = job_settings(kw["sampling"], stop, column, kw["seed"], kw["draft_seed"], kw["random_weights"],
                             kw["dtype"], kw["ignore_eos"])
-    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, settings), resume)
+    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, settings), resume,
+                                     {r.id for r in data.rows}, repair, kw["warn"])
     try:
         todo = [i for i, r in enumerate(data.rows) if r.id not in done]
         if kw.get("max_rows"):

@@ -29,8 +29,10 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
+from specplan.entry import check as check_interrupt
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.units import fmt_duration
 
@@ -85,6 +87,14 @@ def node_profile(device_name: str, fallback: dict | None) -> tuple[dict | None, 
                   "and no --profile was given")
 
 
+def profile_hint(fallback: dict | None) -> str:
+    """What to do about a node without a usable profile: --profile is only suggested where it
+    was not given (a node whose own SPECPLAN_PROFILE is broken does not fall back to it)."""
+    if fallback is not None:
+        return f"fix the profile {PROFILE_ENV} names there, or start the node without {PROFILE_ENV} so --profile applies"
+    return f"run `specplan profile --out FILE` there and start the node with {PROFILE_ENV}=FILE, or give --profile"
+
+
 class Worker:
     """One GPU (or CPU slot) of the cluster: its engine, built once, runs shard after shard.
     Methods return {"error": one line} for what the user can act on; Ray carries the rest."""
@@ -117,8 +127,7 @@ class Worker:
                 return node | {"error": f"node {node['host']}: {flag}: {e}"}
         profile, why = node_profile(node["device"], self.cfg.profile)
         if profile is None:
-            return node | {"error": f"node {node['host']}: no hardware profile: {why} (run `specplan profile --out "
-                                    f"FILE` there and start the node with {PROFILE_ENV}=FILE, or give --profile)"}
+            return node | {"error": f"node {node['host']}: no hardware profile: {why} ({profile_hint(self.cfg.profile)})"}
         return node | {"profile": profile, "profile_from": why}
 
     def prepare(self, plan: dict, longest_prompt: int, rows: int) -> dict:
@@ -181,6 +190,55 @@ def _node_id() -> str | None:
 # ---- the cluster -------------------------------------------------------------------------------------
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()  # after "pid (name) "
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    """SIGTERM each of `pids` still alive, then SIGKILL what is left after `grace_s`."""
+    import signal
+
+    def alive(p: int) -> bool:
+        try:
+            os.kill(p, 0)
+        except OSError:
+            return False
+        # a zombie (our child, not yet reaped) has ended
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def send(to: list[int], sig: int) -> None:
+        for p in to:
+            try:
+                os.kill(p, sig)
+            except OSError:  # ended meanwhile
+                pass
+
+    left = [p for p in pids if alive(p)]
+    send(left, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if alive(p)]
+    send(left, signal.SIGKILL)
+
+
 def _ray():
     try:
         import ray
@@ -197,6 +255,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
     kw = dict(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kw)  # a new instance, never a running one
+        check_interrupt()  # a Ctrl-C that Ray's start-up swallowed
         return
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
@@ -210,6 +269,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
                              "the address `ray start --head` printed, with that node up") from None
     try:
         ray.init(address=address, **{k: v for k, v in kw.items() if k != "include_dashboard"})
+        check_interrupt()
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError("argument", "--address", f"cannot join a Ray cluster at {address}: {first}",
@@ -402,7 +462,9 @@ class Driver:
                                          name=f"{ACTOR_PREFIX}{os.getpid()}-{i}", namespace=NAMESPACE,
                                          scheduling_strategy=NodeAffinitySchedulingStrategy(s.node_id, soft=False))
                           .remote(cfg))
+        check_interrupt()
         infos = self._answers([a.describe.remote() for a in actors], "start")
+        check_interrupt()
         self.workers = [_Worker(i, a, s, info or {"host": s.host}) for i, (a, s, info) in enumerate(zip(actors, slots, infos))]
         self._drop([w for w in self.workers if not w.info.get("profile") and not w.info.get("error")],
                    "did not start in time")
@@ -555,17 +617,23 @@ class Driver:
                                        for w in self.workers if w.plan is not None and w.lost is None) or None}
 
     def close(self) -> None:
-        """Stop the workers and leave the cluster (a `local` one stops with it)."""
-        import ray
+        """Stop the workers and leave the cluster (a `local` one stops with it), whatever state
+        an interrupt left Ray in (mid-import, mid-start); then end any process this one started
+        that outlived the shutdown (Ray's agents, orphaned when their raylet stops)."""
+        started = _descendants(os.getpid())
+        try:
+            import ray
 
-        if not ray.is_initialized():
-            return
-        for w in self.workers:
-            try:
-                ray.kill(w.actor)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        ray.shutdown()
+            if ray.is_initialized():
+                for w in self.workers:
+                    try:
+                        ray.kill(w.actor)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+            ray.shutdown()  # also after a ray.init that an interrupt cut short
+        except Exception:  # noqa: BLE001 - Ray half imported or half started: its processes are ended below
+            pass
+        _end_processes(started)
 
     # helpers
 

@@ -6,7 +6,7 @@ the tokenizer's chat template), .parquet, or a Hugging Face `datasets` directory
 `save_to_disk` (both read with pyarrow; `column` picks the text column). A row may set
 `max_tokens`, `stop`, and its own sampling (`temperature`, 0 greedy; `top_p`; `top_k`;
 `seed`, which keys its random stream by itself); rows without an id get their line (or row)
-number.
+number. A .txt or .jsonl may be gzip-compressed (`data.jsonl.gz`).
 
 Output (`JobWriter`): one JSON object a line, appended as each row finishes, flushed at
 once and fsync'd at a bounded interval, so a crash loses at most the rows of the last
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from specplan.errors import InputError
-from specplan.fileio import read_text, write_json
+from specplan.fileio import read_text, write_atomic, write_json
 
 from .sampling import MAX_SEED, MIN_TEMPERATURE
 
@@ -57,10 +57,13 @@ class Dataset:
 
 
 def _file_hash(path: Path) -> str:
+    """The input's content: a file's bytes (not its name, so a renamed copy resumes), or a
+    datasets directory's .arrow files, by their names within it and their bytes."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(path.glob("*.arrow")) if path.is_dir() else [path]
     for f in files:
-        h.update(f.name.encode())
+        if path.is_dir():
+            h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -185,6 +188,33 @@ def _row_sampling(obj: dict, where: str, source: str) -> tuple[tuple[str, float 
     return tuple(out)
 
 
+def _kind(path: Path) -> str:
+    """A file's format by its name: data.jsonl.gz is a .jsonl."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def _text(path: Path, expected: str) -> str:
+    """A text input, gunzipped where its name ends in .gz; errors name the file."""
+    if path.suffix != ".gz":
+        return read_text(path, expected)
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+        raise InputError(str(path), "file", f"is not a whole gzip file ({_first_line(e)})", f"{expected}, gzipped") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(str(path), f"byte {e.start} (uncompressed)", "is not UTF-8 text", expected) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _arrow_rows(path: Path, column: str | None):
     """(where, record) from a parquet file or a `save_to_disk` directory of arrow files."""
     try:
@@ -199,14 +229,27 @@ def _arrow_rows(path: Path, column: str | None):
             raise InputError(str(path), "directory", "holds no .arrow files", "a directory written by datasets' save_to_disk")
         tables = []
         for f in files:
-            with pa.memory_map(str(f)) as src:
-                try:
-                    tables.append(pa.ipc.open_stream(src).read_all())
-                except pa.ArrowInvalid:
-                    tables.append(pa.ipc.open_file(src).read_all())
-        table = pa.concat_tables(tables)
+            try:
+                with pa.memory_map(str(f)) as src:
+                    try:
+                        tables.append(pa.ipc.open_stream(src).read_all())
+                    except pa.ArrowInvalid:
+                        src.seek(0)
+                        tables.append(pa.ipc.open_file(src).read_all())
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(str(f), "file", f"is not a readable Arrow file ({_first_line(e)})",
+                                 "the .arrow files datasets' save_to_disk writes") from None
+        try:
+            table = pa.concat_tables(tables)
+        except pa.ArrowException as e:
+            raise InputError(str(path), "directory", f"holds .arrow files of different columns ({_first_line(e)})",
+                             "one dataset's files, written by save_to_disk") from None
     else:
-        table = pq.read_table(str(path))
+        try:
+            table = pq.read_table(str(path))
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(str(path), "file", f"is not a readable parquet file ({_first_line(e)})",
+                             "a parquet file, e.g. written by pandas' to_parquet") from None
     names = table.column_names
     text_col = column or ("prompt" if "prompt" in names else "messages" if "messages" in names else None)
     if text_col is None or text_col not in names:
@@ -232,10 +275,10 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
         for where, obj in _arrow_rows(path, column):
             chat |= "messages" in obj
             rows.append(_row(obj, where, where.split()[-1], enc, source))
-    elif path.suffix in (".jsonl", ".json"):
+    elif _kind(path) in (".jsonl", ".json"):
         if column is not None:
             obj_key = column
-        for n, line in enumerate(_lines(read_text(path, "a UTF-8 JSONL file, one object a line")), 1):
+        for n, line in enumerate(_lines(_text(path, "a UTF-8 JSONL file, one object a line")), 1):
             if not line.strip():
                 continue
             try:
@@ -253,7 +296,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
             chat |= isinstance(obj, dict) and "messages" in obj
             rows.append(_row(obj, f"line {n}", str(n), enc, source))
     else:
-        for n, line in enumerate(_lines(read_text(path, "a UTF-8 text file, one prompt per line")), 1):
+        for n, line in enumerate(_lines(_text(path, "a UTF-8 text file, one prompt per line")), 1):
             if line.strip():
                 ids = enc.text(line, f"line {n}")
                 if not ids:
@@ -279,9 +322,9 @@ def sidecar_path(output: Path) -> Path:
 
 
 def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset, settings: dict) -> dict:
-    """What makes two runs the same job: resuming one with another's output is refused."""
-    return {"plan": plan_sha, "target": target, "draft": draft, "input": str(dataset.path.resolve()),
-            "input_sha256": dataset.sha256, "settings": settings}
+    """What makes two runs the same job: resuming one with another's output is refused. The
+    input counts by its content (a moved or renamed copy is the same input)."""
+    return {"plan": plan_sha, "target": target, "draft": draft, "input_sha256": dataset.sha256, "settings": settings}
 
 
 def result_lines(output: Path) -> tuple[list[tuple[str, int, int]], int]:
@@ -312,10 +355,37 @@ def read_done(output: Path) -> tuple[set[str], int]:
     return {i for i, _, _ in lines}, end
 
 
-def resume_state(output: Path, identity: dict, resume: bool) -> tuple[set[str], int]:
+def audit_results(files: list[Path], input_ids: set[str], repair: bool, say=None) -> set[str]:
+    """The ids done in a job's result files (its output, a batch's shards), each checked: an
+    id written twice, or one the input does not hold, is refused with the id named; with
+    `repair`, the extra lines are dropped (the file rewritten atomically, each drop said)."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        lines, _ = result_lines(f)
+        keep = []
+        for rid, start, stop in lines:
+            why = (f"has two result lines in {f}" if seen[rid] == f else f"has result lines in {seen[rid]} and in {f}") \
+                if rid in seen else None if rid in input_ids else "is not in the input, so this line is another job's"
+            if why is None:
+                seen[rid] = f
+                keep.append((start, stop))
+            elif not repair:
+                raise InputError(str(f), f"id {rid!r}", why,
+                                 "--resume --repair to keep each input id's first line and drop the others")
+            elif say is not None:
+                say(f"{f}: dropped the line of id {rid!r}: it {why}")
+        if len(keep) < len(lines):
+            data = f.read_bytes()
+            write_atomic(f, b"".join(data[a:b] for a, b in keep))
+    return set(seen)
+
+
+def resume_state(output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None,
+                 repair: bool = False, say=None) -> tuple[set[str], int]:
     """Check `output` against this job and read what is done: the ids it holds and where
-    appending starts. Refused: an existing output without --resume, or one whose .job.json
-    records another job."""
+    appending starts. Refused: an existing output without --resume, one whose .job.json
+    records another job, and (given `input_ids`) one that holds an id twice or an id the
+    input lacks (audit_results; `repair` drops those lines instead)."""
     side = sidecar_path(output)
     if resume and (output.exists() or side.exists()):
         if not side.exists():
@@ -330,6 +400,8 @@ def resume_state(output: Path, identity: dict, resume: bool) -> tuple[set[str], 
         if diff:
             raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
                              "--resume with the plan, models, input and sampling that wrote it, or a new --output")
+        if input_ids is not None:
+            audit_results([output], input_ids, repair, say)
         return read_done(output)
     if output.exists() and not resume:
         raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
@@ -357,11 +429,12 @@ class JobWriter:
     _end: int = 0  # where appending starts: after the last complete line
 
     @classmethod
-    def prepare(cls, output: Path, identity: dict, resume: bool) -> tuple["JobWriter", set[str]]:
+    def prepare(cls, output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None,
+                repair: bool = False, say=None) -> tuple["JobWriter", set[str]]:
         """Check the output against this job and read what is done (resume_state); writes
-        nothing (start() does, once the run is sure to begin, so a refused plan leaves no file
-        behind)."""
-        done, end = resume_state(output, identity, resume)
+        nothing but a --repair's fixes (start() does, once the run is sure to begin, so a
+        refused plan leaves no file behind)."""
+        done, end = resume_state(output, identity, resume, input_ids, repair, say)
         return cls(output, identity=identity, _end=end), done
 
     @classmethod

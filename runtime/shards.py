@@ -21,7 +21,7 @@ from pathlib import Path
 
 from specplan.errors import InputError, SpecplanError
 
-from .jobio import _fsync_dir, result_lines, resume_state, sidecar_path
+from .jobio import _fsync_dir, audit_results, result_lines, resume_state, sidecar_path
 
 
 def shards_dir(output: Path) -> Path:
@@ -49,10 +49,12 @@ class Shard:
     places: tuple[int, ...]  # the rows' places in the input
 
 
-def prepare(output: Path, identity: dict, resume: bool) -> tuple[set[str], int]:
+def prepare(output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None, repair: bool = False,
+            say=None) -> tuple[set[str], int]:
     """Check OUT and its shards against this job (the single-machine job's rules: an existing
-    output needs --resume, and --resume refuses another job's); returns the ids done and the
-    first free shard number. Writes nothing."""
+    output needs --resume, --resume refuses another job's, and an id written twice or not in
+    the input is refused, or with `repair` dropped); returns the ids done and the first free
+    shard number. Writes nothing but a repair."""
     shards = _shard_files(output)
     if shards and not resume:
         raise InputError("--output", str(shards_dir(output)), "holds an unfinished job's shards",
@@ -61,6 +63,9 @@ def prepare(output: Path, identity: dict, resume: bool) -> tuple[set[str], int]:
         raise InputError(str(shards_dir(output)), "job", f"has no {sidecar_path(output).name} beside {output.name}, "
                          "so which job wrote it is unknown", "the shards and .job.json specplan batch wrote")
     done, _ = resume_state(output, identity, resume)
+    if input_ids is not None and resume:
+        return audit_results([output, *(f for _, f in shards)], input_ids, repair, say), \
+            max((n for n, _ in shards), default=-1) + 1
     for _, f in shards:
         done |= {i for i, _, _ in result_lines(f)[0]}
     return done, max((n for n, _ in shards), default=-1) + 1

@@ -303,21 +303,26 @@ def validate_cmd(
     from rich.table import Table
 
     from specplan.cli import err, out, print_json
-    from specplan.hardware import load_profile
-    from specplan.units import parse_bytes
+    from specplan.hardware import load_profile, memory_size
 
     if threads:
+        from specplan.host import threads_warning
+
+        if why := threads_warning(threads):
+            err.print(f"[yellow]warning:[/] {why}", highlight=False, soft_wrap=True)
         import torch
 
         torch.set_num_threads(threads)
-    from specplan.fileio import check_writable
+    from specplan.fileio import check_not_inputs, check_writable
     from specplan.host import busy_warning, machine_load
     from specplan.progress import steps
 
     t0 = time.perf_counter()
-    cap = parse_bytes(gpu_mem, "argument", "--gpu-mem")
-    for name in ("validation.json", "validation.csv", "validation.png", "profile.json"):
-        check_writable(Path(out_dir) / name, "--out-dir")
+    cap = memory_size(gpu_mem, "argument", "--gpu-mem")
+    written = [Path(out_dir) / name for name in ("validation.json", "validation.csv", "validation.png", "profile.json")]
+    for path in written:
+        check_writable(path, "--out-dir")
+    check_not_inputs([("--out-dir", p) for p in written], [("--profile", profile), ("--target", target), ("--draft", draft)])
     load = machine_load()
     if busy := busy_warning(load, "the measured throughputs"):
         err.print(f"[yellow]warning:[/] {busy}", highlight=False, soft_wrap=True)

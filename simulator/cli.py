@@ -8,13 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
+from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, given_options, out, print_json,
+                          profile_from_flags)
 from specplan.errors import InfeasibleError, InputError
-from specplan.fileio import check_writable
+from specplan.fileio import check_not_inputs, check_writable
+from specplan.hardware import memory_size
 from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
-from specplan.units import fmt_bytes, fmt_seconds, parse_bytes
+from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
 
 from .run import SimConfig, SimResult, simulate
@@ -59,6 +61,13 @@ def result_table(title: str, r: SimResult) -> Table:
 
 
 COMPARE = ("specoffload", "spec-serial", "flexgen", "sequential")
+# the flags a --plan fixes (refused beside it), and those that apply to it
+PLAN_SETS = {"gpu", "target", "draft", "policy", "batch", "num_batches", "prefill_chunk", "admission", "prefill_tokens",
+             "draft_batch", "gamma", "attention", "prompt_len", "gen_len", "num_prompts", "acceptance",
+             "acceptance_spread"}
+PLAN_KEEPS = {"pcie", "host", "host_mem", "gpu_mem", "mode", "seed", "compare", "ignore_memory", "trace", "gantt",
+              "window"}
+
 
 
 def same_rows_schedule(base: Schedule, policy: str) -> Schedule:
@@ -92,15 +101,15 @@ def simulate_cmd(
     plan: Annotated[Optional[str], typer.Option("--plan", help="A plan.json from `specplan optimize`; flags below are ignored except outputs.")] = None,
     gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name or JSON file.")] = "rtx4090",
     target: Annotated[str, typer.Option(help="Target model: preset, directory or config.json.")] = "mixtral-8x7b",
-    draft: Annotated[str, typer.Option(help="Draft model (speculative policies).")] = "mistral-7b-v0.2",
+    draft: Annotated[str, typer.Option(help="Draft model (speculative policies), or 'none' (flexgen and sequential only).")] = "mistral-7b-v0.2",
     policy: Annotated[str, typer.Option(help="specoffload | spec-serial | flexgen | sequential")] = "specoffload",
     batch: Annotated[int, typer.Option(help="Rows per batch.")] = 256,
-    num_batches: Annotated[Optional[int], typer.Option(help="Batches (specoffload: 2; flexgen: micro-batches).")] = None,
+    num_batches: Annotated[Optional[int], typer.Option(help="Batches (specoffload: 2; flexgen: micro-batches, default 2; sequential and spec-serial: batches run one after another, default 1).")] = None,
     prefill_chunk: Annotated[int, typer.Option(help="Rows per prefill pass (waves).")] = 64,
     admission: Annotated[str, typer.Option(help="waves (static batches, prefill passes) | continuous (freed rows refilled, prompts prefilled inside decode passes)")] = "waves",
     prefill_tokens: Annotated[int, typer.Option(help="Continuous: prompt tokens one pass may carry beside its decode rows.")] = 512,
-    draft_batch: Annotated[int, typer.Option(help="Rows the draft processes at once.")] = 16,
-    gamma: Annotated[int, typer.Option(help="Tokens drafted per round (ignored without a draft).")] = 7,
+    draft_batch: Annotated[int, typer.Option(help="Speculative policies: rows the draft processes at once.")] = 16,
+    gamma: Annotated[int, typer.Option(help="Speculative policies: tokens drafted per round.")] = 7,
     attention: Annotated[str, typer.Option(help="Target decode attention device: cpu | gpu.")] = "cpu",
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 512,
     gen_len: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
@@ -116,26 +125,46 @@ def simulate_cmd(
     window: Annotated[Optional[str], typer.Option("--window", help="Gantt time window in seconds, START:END.")] = None,
     pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
     as_json: JsonOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Simulate offloaded (speculative) inference on a machine you may not have."""
+    given = given_options(ctx)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if plan:
+        fixed = sorted(given & PLAN_SETS)
+        if fixed:
+            raise InputError("argument", flag(fixed[0]), "is set by --plan, which would ignore it",
+                             f"--plan alone (with {', '.join(sorted(flag(k) for k in PLAN_KEEPS))}), or no --plan")
         p = Plan.load(plan)
         tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
         profile = p.hardware_profile().compose(
-            pcie=pcie, host=host, host_memory_bytes=parse_bytes(host_mem, "argument", "--host-mem") if host_mem else None,
-            gpu_memory_bytes=parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None)
+            pcie=pcie, host=host, host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None,
+            gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None)
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
     else:
         if num_batches is None:
             num_batches = 2 if policy in ("specoffload", "flexgen") else 1
         speculative = policy in ("specoffload", "spec-serial")
+        unused = ([k for k in ("gamma", "draft_batch") if k in given] if not speculative else []) \
+            + (["prefill_tokens"] if admission == "waves" and "prefill_tokens" in given else [])
+        if unused:
+            why = f"{policy} drafts no tokens" if unused[0] != "prefill_tokens" else "waves admission prefills in chunks"
+            raise InputError("argument", flag(unused[0]), f"does nothing here: {why}",
+                             "a speculative --policy with it" if unused[0] != "prefill_tokens"
+                             else "--admission continuous with it, or --prefill-chunk")
+        if policy == "specoffload" and num_batches != 2:
+            raise InputError("argument", "--num-batches", f"{num_batches} with specoffload, whose two batches "
+                             "alternate", "2")
+        if speculative and draft.lower() == "none":
+            raise InputError("argument", "--policy", f"{policy} drafts tokens and --draft is none",
+                             "a --draft model, or --policy flexgen | sequential")
         schedule = Schedule(policy=policy, target_batch=batch, num_batches=num_batches, prefill_chunk=prefill_chunk,
                             draft_batch=draft_batch, gamma=gamma if speculative else 0, attention_device=attention,
                             prefetch_depth=0 if policy == "sequential" else 1, admission=admission,
                             prefill_tokens=prefill_tokens).validate("argument")
         tgt = ModelSpec.resolve(target)
-        drf = ModelSpec.resolve(draft) if speculative or compare else None
+        drf = ModelSpec.resolve(draft) if (speculative or compare) and draft.lower() != "none" else None
         profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
         workload = Workload.make(prompt_len, gen_len, num_prompts, acceptance, seed=seed, source="argument",
                                  acceptance_spread=acceptance_spread)
@@ -150,6 +179,8 @@ def simulate_cmd(
     for path, flag in ((trace, "--trace"), (gantt, "--gantt")):
         if path:
             check_writable(path, flag)
+    check_not_inputs([("--trace", trace), ("--gantt", gantt)],
+                     [("--plan", plan), ("--gpu", gpu), ("--target", target), ("--draft", draft)])
 
     want_spans = bool(trace or gantt)
     cfg = SimConfig(tgt, drf, profile, workload, schedule, placement, mode=mode, check_memory=not ignore_memory)
@@ -162,6 +193,9 @@ def simulate_cmd(
             if pol == schedule.policy:
                 continue
             sch = same_rows_schedule(schedule, pol)
+            if sch.speculative and drf is None:
+                others[pol] = "drafts tokens, and --draft is none"
+                continue
             pl = default_placement(tgt, drf, sch, workload, profile)
             try:
                 results[pol] = simulate(SimConfig(tgt, drf if sch.speculative else None, profile, workload, sch, pl,

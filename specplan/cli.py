@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import SpecplanError
-from .units import fmt_bytes, fmt_count, parse_bytes
+from .units import fmt_bytes, fmt_count
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plan, simulate and run offloaded speculative LLM inference on one small GPU.")
@@ -33,13 +33,20 @@ GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Cap usable 
 
 def profile_from_flags(gpu: str, pcie: str | None = None, host: str | None = None,
                        host_mem: str | None = None, gpu_mem: str | None = None):
-    from .hardware import load_profile
+    from .hardware import load_profile, memory_size
 
     return load_profile(
         gpu, pcie=pcie, host=host,
-        host_memory_bytes=parse_bytes(host_mem, "argument", "--host-mem") if host_mem else None,
-        gpu_memory_bytes=parse_bytes(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
+        host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None,
+        gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
     )
+
+
+def given_options(ctx) -> set[str]:
+    """The parameters the command line set itself (not left at their defaults)."""
+    if ctx is None:
+        return set()
+    return {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE"}
 
 
 def print_json(obj) -> None:
@@ -193,16 +200,22 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_app(typer_app: typer.Typer, prog: str = "specplan") -> None:
+def run_app(typer_app: typer.Typer, prog: str = "specplan", before: Callable[[], None] | None = None) -> None:
     """Run a Typer app the specplan way: every error a user can make is one red line on stderr
-    and a documented exit code (EXIT_CODES); Ctrl-C is 130; a traceback only for a bug with
-    SPECPLAN_DEBUG=1."""
+    and a documented exit code (EXIT_CODES); Ctrl-C is 130 (specplan.entry), also where a
+    library swallowed it; a traceback only for a bug with SPECPLAN_DEBUG=1. `before` runs
+    first, under the same rules (registering the commands imports their modules)."""
     import os
+
+    from . import entry
 
     debug = os.environ.get("SPECPLAN_DEBUG") == "1"
     _one_line_warnings()
     try:
+        if before is not None:
+            before()
         rv = typer_app(standalone_mode=False, prog_name=prog)
+        entry.check()
     except SpecplanError as e:
         fail(str(e), e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
@@ -234,8 +247,7 @@ def run_app(typer_app: typer.Typer, prog: str = "specplan") -> None:
 
 
 def main() -> None:
-    _register_subcommands(sys.argv[1:])
-    run_app(app)
+    run_app(app, before=lambda: _register_subcommands(sys.argv[1:]))
 
 
 def exit_without_teardown(entry: Callable[[], None]) -> None:

@@ -8,7 +8,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import InputError
 
@@ -71,6 +71,50 @@ def check_writable(path: str | Path, source: str) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file: one resolved path, or one inode (a hard link, a bind mount)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _files_read(path: Path, whole: bool) -> Iterable[Path]:
+    """What reading `path` reads: the file itself, a folder's files (a model's config and
+    weights); a `whole` folder (a datasets directory) is read entire, new files included."""
+    if not path.is_dir():
+        return [path]
+    return [path] if whole else [f for f in path.iterdir() if f.is_file()]
+
+
+def check_not_inputs(writes: Iterable[tuple], reads: Iterable[tuple]) -> None:
+    """The rule for every file a command writes: it is none of the files the same command reads,
+    nor another of its outputs. Compared by resolved path and by inode, before any work.
+    `writes` and `reads` are (option, path) pairs (path None: not given). A third item True
+    marks a folder used entire: a read folder (a datasets directory) in which no output may
+    go, or a written folder (shards, removed after the merge) that may hold no input.
+    Refused with both options named (exit 2)."""
+    outs = [(flag, Path(p), bool(rest and rest[0])) for flag, p, *rest in writes if p is not None]
+    ins = []
+    for flag, p, *rest in reads:
+        whole = bool(rest and rest[0])
+        if p is not None and Path(p).exists():
+            ins += [(flag, f, whole) for f in _files_read(Path(p), whole)]
+    for i, (flag, path, folder) in enumerate(outs):
+        for other, used, whole in ins:
+            inside = ((whole and used.resolve() in path.resolve().parents)
+                      or (folder and path.resolve() in used.resolve().parents))
+            if inside or _same_file(path, used):
+                raise InputError("argument", flag, f"{path} {'holds or is inside' if inside else 'is'} what {other} "
+                                 "reads, and writing it would destroy that input",
+                                 "a path that no option of this command reads")
+        for other, earlier, _ in outs[:i]:
+            if _same_file(path, earlier):
+                raise InputError("argument", flag, f"{path} is also written as {other}", "a path of its own for each output")
 
 
 def read_text(path: str | Path, expected: str) -> str:

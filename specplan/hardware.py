@@ -39,6 +39,32 @@ def _plausible(v: float, key: str, where: str, source: str) -> None:
             return
 
 
+def check_memory_size(n: float, source: str, field: str) -> float:
+    """A memory size given by a person (--host-mem, --gpu-mem, a grid's host_mem): positive and
+    physically plausible (PLAUSIBLE), or refused with the field named. A bare number is bytes,
+    so '256' meant as gigabytes is caught here."""
+    from .units import fmt_bytes
+
+    lo, hi, _ = PLAUSIBLE["memory_bytes"]
+    if not math.isfinite(n) or n <= 0:
+        raise InputError(source, field, f"got {n:g}", "a positive size, e.g. 256GB")
+    if n < lo:
+        raise InputError(source, field, f"{fmt_bytes(n)} is less than any machine has (a bare number is bytes)",
+                         f"at least {fmt_bytes(lo)}, with a unit, e.g. 256GB")
+    if n > hi:
+        raise InputError(source, field, f"{n:.4g} bytes is more than any machine has", f"at most {hi:g} bytes (1 PB)")
+    return n
+
+
+def memory_size(text: str | float, source: str, field: str) -> int:
+    """parse_bytes, then check_memory_size."""
+    from .units import parse_bytes
+
+    n = parse_bytes(text, source, field)
+    check_memory_size(n, source, field)
+    return n
+
+
 def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, default: Any = ...) -> float:
     if key not in d:
         if default is not ...:
@@ -302,8 +328,7 @@ class HardwareProfile:
             p = replace(p, host=standard_host(host))
             notes.append(f"host-{host}")
         if host_memory_bytes is not None:
-            if host_memory_bytes <= 0:
-                raise InputError("argument", "--host-mem", f"got {host_memory_bytes}", "a positive size")
+            check_memory_size(host_memory_bytes, "argument", "--host-mem")
             p = replace(p, host=replace(p.host, memory_bytes=float(host_memory_bytes)))
             notes.append(f"host-mem-{host_memory_bytes / 1e9:g}GB")
         if host_cores is not None:
@@ -314,8 +339,7 @@ class HardwareProfile:
             p = replace(p, host=replace(p.host, cores=host_cores, matmul_flops_per_s=flops))
             notes.append(f"host-cores-{host_cores}")
         if gpu_memory_bytes is not None:
-            if gpu_memory_bytes <= 0:
-                raise InputError("argument", "--gpu-mem", f"got {gpu_memory_bytes}", "a positive size")
+            check_memory_size(gpu_memory_bytes, "argument", "--gpu-mem")
             if gpu_memory_bytes > p.gpu.memory_bytes:
                 from .units import fmt_bytes
 

@@ -29,6 +29,24 @@ def cpu_device_name() -> str:
     return f"CPU as device ({cpu_model()})"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_warning(threads: int | None, flag: str = "--threads") -> str | None:
+    """Why a thread count is a mistake that still runs: more threads than cores make torch
+    slower (each waits for the others' time slices), not faster."""
+    cores = usable_cores()
+    if threads and threads > cores:
+        return (f"{flag} {threads} is more than the {cores} cores this process may use: torch will run slower, "
+                f"not faster (at most {cores})")
+    return None
+
+
 def meminfo_bytes(key: str) -> float | None:
     """A /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes, or None."""
     try:

@@ -19,23 +19,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .entry import check
+
 
 class Steps:
     """The handle a long task reports through: `say(what)` for the current step, `advance()`
-    when one of `total` units is done, `set(done, total)` for counts known as they come."""
+    when one of `total` units is done, `set(done, total)` for counts known as they come. Each
+    is also where a Ctrl-C that a library swallowed is raised again (specplan.entry.check)."""
 
     def __init__(self, bar: Progress | None, task):
         self._bar, self._task = bar, task
 
     def say(self, what: str) -> None:
+        check()
         if self._bar is not None:
             self._bar.update(self._task, description=what)
 
     def advance(self, n: float = 1) -> None:
+        check()
         if self._bar is not None:
             self._bar.update(self._task, advance=n)
 
     def set(self, done: float, total: float | None = None) -> None:
+        check()
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import InputError
@@ -25,6 +26,8 @@ def parse_bytes(text: str | int | float, source: str = "argument", field: str = 
         value, unit = float(m.group(1)), m.group(2).lower()
     if value < 0:
         raise InputError(source, field, f"negative size {text}", "a size >= 0")
+    if not math.isfinite(value * _UNITS[unit]):
+        raise InputError(source, field, f"'{text}' is not a finite size", "a number with an optional unit, e.g. 256GB")
     return int(round(value * _UNITS[unit]))
 
 

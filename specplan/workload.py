@@ -145,7 +145,11 @@ def check_row_positions(source: str, where: str, prompt_tokens: int, gen_len: in
     need = prompt_tokens + gen_len + gamma
     for m in models:
         if m is not None and need > m.max_positions:
+            room = m.max_positions - gen_len - gamma
+            if room < 1:  # gen_len alone is too long: no prompt length fits, so gen_len is at fault
+                where = "gen_len" if where == "prompt_len" else where
             raise InputError(source, where, f"{prompt_tokens} prompt tokens + gen_len {gen_len}"
                              + (f" + gamma {gamma}" if gamma else "")
                              + f" = {need} exceed {m.name}'s max_position_embeddings {m.max_positions}",
-                             f"prompts of at most {m.max_positions - gen_len - gamma} tokens")
+                             f"prompts of at most {room} tokens" if room >= 1 else
+                             f"a gen_len of at most {m.max_positions - gamma - 1} (a prompt needs a token)")

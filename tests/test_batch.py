@@ -287,7 +287,9 @@ def test_an_unreachable_address_is_one_line_before_anything_runs(tmp_path):
 
 def test_a_cluster_with_no_worker_that_can_hold_the_model_is_one_line(cluster, tmp_path):
     args = _job(tmp_path, prompts=4)
-    r = _batch([*args, "--output", "out.jsonl", "--address", cluster.address, "--gpu-mem", "1KB", "--host-mem", "1KB"],
+    # the smallest memories a profile may have (1 MB) hold tiny-llama: a 135M-parameter target does not fit them
+    args[args.index("--target") + 1], args[args.index("--draft") + 1] = "smollm2-135m", "none"
+    r = _batch([*args, "--output", "out.jsonl", "--address", cluster.address, "--gpu-mem", "2MB", "--host-mem", "2MB"],
                tmp_path)
     _one_line_error(r, 3, "no worker can hold the model", "node-a", "node-b")
     assert not (tmp_path / "out.jsonl").exists() and not shards.shards_dir(tmp_path / "out.jsonl").exists()
@@ -303,3 +305,16 @@ def test_a_node_without_a_profile_is_one_line_naming_it(tmp_path, monkeypatch):
     r = _batch([*args, "--output", "out.jsonl", "--address", "local", "--local-cpus", "1"], tmp_path)
     _one_line_error(r, 2, f"node {socket.gethostname()}: no hardware profile", PROFILE_ENV)
     assert not (tmp_path / "out.jsonl").exists() and not shards.shards_dir(tmp_path / "out.jsonl").exists()
+
+
+def test_a_nodes_broken_profile_is_not_answered_with_give_profile_when_profile_was_given(tmp_path, monkeypatch):
+    from specplan.runtime.cluster import PROFILE_ENV, node_profile, profile_hint
+
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv(PROFILE_ENV, str(bad))
+    fallback = json.loads((ROOT / "hwprofiles" / "measured" / "cpu-2core-xeon.json").read_text())
+    profile, why = node_profile("some CPU", fallback)  # the node's own profile wins, and it is broken
+    assert profile is None and str(bad) in why
+    assert "give --profile" not in profile_hint(fallback) and PROFILE_ENV in profile_hint(fallback)
+    assert "give --profile" in profile_hint(None)

@@ -25,6 +25,7 @@ DOC = ROOT / "docs" / "errors.md"
 
 # (command line, exit code, what the message must name); run in a folder holding FILES
 SPEC = ["--target", "tiny-llama", "--draft", "tiny-draft", "--random-weights"]
+JOB = ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl"]
 CASES: list[tuple[str, list[str], int, str]] = [
     # usage: unknown commands, options and malformed values
     ("specplan", ["frobnicate"], 2, "frobnicate"),
@@ -121,6 +122,53 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specrun", ["--plan", "plan.json", *SPEC, "--resume"], 2, "--resume"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--device", "cpu"],
      3, "made for rtx4090"),
+    # resume checks what it keeps, and knows its input by content
+    ("specrun", [*JOB, "--output", "dup.jsonl", "--resume"], 2, "dup.jsonl: id 'a': has two result lines"),
+    ("specrun", [*JOB, "--output", "stray.jsonl", "--resume"], 2, "stray.jsonl: id 'zz': is not in the input"),
+    ("specrun", [*JOB, "--output", "o.jsonl", "--repair"], 2, "--repair"),
+    ("specrun", [*JOB, "--output", "o.jsonl", "--stop", "x"], 2, "argument: --stop"),
+    # data files a reader cannot read: the file named, exit 2
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "cut.parquet", "--output", "o.jsonl"], 2,
+     "cut.parquet: file"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "broken-ds", "--output", "o.jsonl"], 2,
+     "broken-ds/data-00000-of-00001.arrow"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "cut.jsonl.gz", "--output", "o.jsonl"], 2,
+     "cut.jsonl.gz: file"),
+    # no output may be an input, or another output (by path or by inode)
+    ("specrun", [*JOB, "--output", "o.jsonl", "--report", "data.jsonl"], 2, "--report: data.jsonl is what --prompts"),
+    ("specrun", [*JOB, "--output", "o.jsonl", "--report", "plan.json"], 2, "--report: plan.json is what --plan"),
+    ("specrun", [*JOB, "--output", "o.jsonl", "--report", "link-to-plan.json"], 2, "is what --plan reads"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "ds", "--output", "o.jsonl", "--report", "ds/r.json"], 2,
+     "holds or is inside what --prompts reads"),
+    ("specrun", [*JOB, "--output", "o.jsonl", "--report", "r.json", "--torch-profile", "r.json"], 2,
+     "--torch-profile: r.json is also written as --report"),
+    ("specplan", ["batch", *JOB[2:], "--output", "o.jsonl", "--report", "data.jsonl"], 2, "is what --prompts reads"),
+    ("specplan", ["batch", *JOB[2:], "--output", "data.jsonl", "--resume"], 2, "--output: data.jsonl is what --prompts"),
+    ("specplan", ["sweep", "--grid", "grid.yaml", "--csv", "grid.yaml"], 2, "--csv: grid.yaml is what --grid reads"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--csv", "s.csv", "--plan-out", "s.csv"], 2, "--plan-out"),
+    ("specplan", ["optimize", "--gpu", "profile.json", "--out", "profile.json"], 2, "--out: profile.json is what --gpu"),
+    ("specplan", ["simulate", "--plan", "plan.json", "--trace", "plan.json"], 2, "--trace: plan.json is what --plan"),
+    ("specplan", ["calibrate", "report-cpu.json", "--plan", "plan.json", "--out", "plan.json"], 2, "--out: plan.json"),
+    # sizes: finite, positive, plausible
+    ("specplan", ["optimize", "--host-mem", "1e400"], 2, "--host-mem"),
+    ("specplan", ["optimize", "--gpu-mem", "1e400"], 2, "--gpu-mem"),
+    ("specplan", ["optimize", "--host-mem", "1e30"], 2, "--host-mem"),
+    ("specplan", ["simulate", "--host-mem", "1e400"], 2, "--host-mem"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--host-mem", "1e30"], 2, "--host-mem"),
+    ("specplan", ["batch", *JOB[2:], "--output", "o.jsonl", "--gpu-mem", "1e400"], 2, "--gpu-mem"),
+    ("specplan", ["sweep", "--grid", "grid-host-256.yaml"], 2, "host_mem[0]"),
+    # accepted no more: a report of another device, an impossible date, flags the policy ignores
+    ("specplan", ["calibrate", "report-cpu.json", "--plan", "plan.json"], 2, "device.name"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-bad-date.json"], 2, "date"),
+    ("specplan", ["simulate", "--policy", "flexgen", "--gamma", "4"], 2, "--gamma"),
+    ("specplan", ["simulate", "--policy", "specoffload", "--num-batches", "3"], 2, "--num-batches"),
+    ("specplan", ["simulate", "--policy", "sequential", "--draft-batch", "8"], 2, "--draft-batch"),
+    ("specplan", ["simulate", "--plan", "plan.json", "--batch", "4"], 2, "--batch"),
+    ("specplan", ["simulate", "--draft", "none"], 2, "--policy"),
+    # messages that say what is wrong, and why nothing fits
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--gen-len", "999999"], 2, "gen_len"),
+    ("specplan", ["optimize", "--admission", "continuous", "--num-prompts", "2"], 3, "more prompts than rows"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--host-mem", "2MB", "--no-cache"], 3, "no point of the grid has a plan: "),
     # the sweep: its grid, prices and outputs are checked before any point is planned
     ("specplan", ["sweep", "--grid", "grid-unknown.yaml"], 2, "gpus"),
     ("specplan", ["sweep", "--grid", "grid-bad.yaml"], 2, "grid-bad.yaml"),
@@ -143,7 +191,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
 # (nor those that quote the OS's reason an output under /proc cannot be written)
 MACHINE_SPECIFIC = {"made for rtx4090", "host memory"}
 
-ENTRY = {"specplan": "specplan.cli", "specrun": "specplan.runtime.cli"}
+ENTRY = {"specplan": "specplan", "specrun": "specplan.runtime"}  # the console entry points (specplan.entry)
 
 
 def case_id(case) -> str:
@@ -208,10 +256,60 @@ def write_files(d: Path) -> None:
     (d / "report.json").write_text(json.dumps(report))
     report["measured"]["stage_timing"] = "per-pass"
     (d / "report-per-pass.json").write_text(json.dumps(report))
+    cpu_run = {"measured": {"throughput_tok_s": 10.0, "stage_s": {}}, "plan": _plan().to_dict(),
+               "device": {"type": "cpu", "name": "CPU as device (a test CPU)"}}
+    (d / "report-cpu.json").write_text(json.dumps(cpu_run))
+    (d / "profile.json").write_text(json.dumps(prof))
+    (d / "grid.yaml").write_text("gpu: [rtx4090]\n")
+    (d / "grid-host-256.yaml").write_text("gpu: [rtx4090]\nhost_mem: [256]\n")
+    (d / "prices-bad-date.json").write_text(json.dumps({"date": "2024-13-45", "source": "a quote", "prices": {"rtx4090": 0.35}}))
+    os.link(d / "plan.json", d / "link-to-plan.json")
+    _data_files(d)
+    _resumable_outputs(d)
+
+
+def _data_files(d: Path) -> None:
+    """A datasets directory, one with a broken .arrow file, a parquet file and a gzip cut short."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["a", "b"], "prompt": [[1, 2, 3], [4, 5]]})
+    (d / "ds").mkdir()
+    with pa.OSFile(str(d / "ds" / "data-00000-of-00001.arrow"), "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+    (d / "broken-ds").mkdir()
+    (d / "broken-ds" / "data-00000-of-00001.arrow").write_bytes(b"12345")
+    pq.write_table(table, str(d / "whole.parquet"))
+    (d / "cut.parquet").write_bytes((d / "whole.parquet").read_bytes()[:200])
+    (d / "whole.parquet").unlink()
+    (d / "cut.jsonl.gz").write_bytes(gzip.compress((d / "data.jsonl").read_bytes())[:30])
+
+
+def _resumable_outputs(d: Path) -> None:
+    """Outputs of JOB's job (their .job.json is its identity), one holding an id twice and one
+    an id the input lacks."""
+    from specplan.runtime.cli import job_settings, sampling_flags
+    from specplan.runtime.job import identity_of
+    from specplan.runtime.jobio import read_dataset
+
+    settings = job_settings(sampling_flags(None, 1.0, 0, None), [], None, 0, None, True, None, None)
+    ident = identity_of(d / "plan.json", "tiny-llama", "tiny-draft", read_dataset(d / "data.jsonl", None, 256), settings)
+    line = lambda rid: json.dumps({"id": rid, "token_ids": [1], "finish_reason": "length"}) + "\n"  # noqa: E731
+    for name, ids in (("dup.jsonl", ["a", "a"]), ("stray.jsonl", ["a", "zz"])):
+        (d / name).write_text("".join(line(i) for i in ids))
+        (d / f"{name}.job.json").write_text(json.dumps(ident))
 
 
 def listing(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+
+def contents(d: Path) -> dict[str, bytes | None]:
+    """Every path under `d` with its bytes (None for a folder): the inputs, byte for byte."""
+    return {str(p.relative_to(d)): None if p.is_dir() else p.read_bytes() for p in d.rglob("*")}
 
 
 def run_cli(entry: str, args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -226,13 +324,6 @@ def first_error_line(stderr: str) -> str:
     return lines[0] if lines else ""
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("inputs")
-    write_files(d)
-    return d
-
-
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 40
     commands = {c[1][0] if c[0] == "specplan" and c[1] else "specrun" for c in CASES}
@@ -242,13 +333,12 @@ def test_the_table_is_large_and_covers_every_command():
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_bad_input_is_one_line_and_leaves_nothing(case, files, tmp_path):
+def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path):
     entry, args, code, names = case
     d = tmp_path / "run"
     d.mkdir()
-    for f in files.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    before = listing(d)
+    write_files(d)
+    before = contents(d)
     t0 = time.perf_counter()
     res = run_cli(entry, args, d)
     wall = time.perf_counter() - t0
@@ -257,7 +347,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, files, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.stderr
     assert names in errors[0], errors[0]
-    assert listing(d) == before, "files were left behind"
+    after = contents(d)
+    assert set(after) == set(before), "files were left behind"
+    assert after == before, f"an input changed: {[k for k in after if after[k] != before[k]]}"
     assert wall < 30, f"took {wall:.1f} s to refuse"  # refusals come before the work (README commands: under 5 s)
     # /proc refusals carry the OS's words (which differ as root and as a user): not compared
     if not any(m in names for m in MACHINE_SPECIFIC) and not any(a.startswith("/proc") for a in args):
@@ -282,10 +374,12 @@ def _has_children(pid: int) -> bool:
 
 
 def _interrupt_after(entry: str, args: list[str], cwd: Path, seconds: float,
-                     ready: Path | str | None = None) -> subprocess.CompletedProcess:
+                     ready: Path | str | None = None, again_s: float | None = None) -> subprocess.CompletedProcess:
     """Start a command, send SIGINT to its process group `seconds` after it started (or after
     the file `ready` appeared, or with ready="workers" after its first worker process did):
-    what a terminal's Ctrl-C does, the workers get it too."""
+    what a terminal's Ctrl-C does, the workers get it too. `again_s`: a second SIGINT that
+    long after the first (a wrapper and a terminal both sending one). The process ran in a
+    session of its own, whose id is its pid (see _left_in_session)."""
     env = {k: v for k, v in os.environ.items() if k != "SPECPLAN_DEBUG"}
     env.update(NO_COLOR="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", ENTRY[entry], *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
@@ -299,8 +393,76 @@ def _interrupt_after(entry: str, args: list[str], cwd: Path, seconds: float,
     time.sleep(seconds)
     assert p.poll() is None, "the command ended before it could be interrupted"
     os.killpg(p.pid, signal.SIGINT)
+    if again_s is not None:
+        time.sleep(again_s)
+        try:
+            os.killpg(p.pid, signal.SIGINT)
+        except ProcessLookupError:  # it had already ended
+            pass
     out, err = p.communicate(timeout=60)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    res = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    res.pid = p.pid
+    return res
+
+
+def _left_in_session(sid: int, wait_s: float = 5.0) -> list[str]:
+    """The processes still in session `sid` after up to `wait_s` seconds: what a command
+    started in a session of its own left running (Ray's servers and agents stay in it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = text[text.rfind(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                left.append(f"{stat.parent.name}: {cmd[:100]}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _clean_interrupt(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr[-2000:]
+    assert "interrupted" in res.stderr.splitlines()[-1], res.stderr[-2000:]
+    left = _left_in_session(res.pid)
+    assert not left, f"processes outlived the interrupt by 5 s: {left}"
+
+
+def _entry_import_s() -> float:
+    """How long this machine takes to start Python and reach specplan.entry (the least of 3)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import specplan.entry"], env=env, check=True)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_ctrl_c_during_the_imports_exits_130_and_writes_nothing(tmp_path, step):
+    # from just after the handler is in place, through the imports of typer, numpy, the planner
+    # (a sweep of every shipped GPU runs for seconds after them)
+    delay = 1.5 * _entry_import_s() + 0.05 * step
+    res = _interrupt_after("specplan", ["sweep", "--no-cache", "--csv", "s.csv", "--plan-out", "p.json"], tmp_path,
+                           delay)
+    _clean_interrupt(res)
+    assert listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("at_s", [0.8, 1.6, 2.4, 3.2])
+def test_ctrl_c_during_ray_start_up_exits_130_and_leaves_no_ray_process(tmp_path, at_s):
+    pytest.importorskip("ray")
+    write_files(tmp_path)
+    profile = ROOT / "hwprofiles" / "measured" / "cpu-2core-xeon.json"
+    res = _interrupt_after("specplan", ["batch", *SPEC, "--prompts", "data.jsonl", "--output", "o.jsonl", "--gen-len", "4",
+                                        "--profile", str(profile), "--force", "--local-cpus", "2"], tmp_path, at_s)
+    _clean_interrupt(res)
 
 
 def _no_process_left(pattern: str) -> bool:
@@ -320,8 +482,9 @@ def test_ctrl_c_during_optimize_exits_130_and_writes_nothing(tmp_path):
     assert _no_process_left(str(out)), "a planner worker outlived the interrupt"
 
 
-@pytest.mark.parametrize("job", [False, True], ids=["prompts", "dataset job"])
-def test_ctrl_c_during_specrun_exits_130_and_keeps_only_the_report_of_what_ran(tmp_path, job):
+@pytest.mark.parametrize("job, twice", [(False, False), (True, False), (True, True)],
+                         ids=["prompts", "dataset job", "dataset job, Ctrl-C twice"])
+def test_ctrl_c_during_specrun_exits_130_and_keeps_only_the_report_of_what_ran(tmp_path, job, twice):
     write_files(tmp_path)
     # a plan long enough to be interrupted mid-run on any machine: 64 prompts of 48 tokens, 240 generated
     plan = _plan(workload=Workload.make(prompt_len=48, gen_len=240, num_prompts=64).to_dict())
@@ -333,9 +496,8 @@ def test_ctrl_c_during_specrun_exits_130_and_keeps_only_the_report_of_what_ran(t
     # the dataset job opens its output once the engine is built: interrupt a second into the run
     res = _interrupt_after("specrun", ["--plan", "plan.json", *SPEC, "--device", "cpu", "--force",
                                        "--report", "r.json", *extra], tmp_path, 1.5 if job else 7.0,
-                           ready=tmp_path / "out.jsonl" if job else None)
-    assert res.returncode == 130, res.stderr
-    assert "Traceback" not in res.stderr and "interrupted" in res.stderr
+                           ready=tmp_path / "out.jsonl" if job else None, again_s=0.005 if twice else None)
+    _clean_interrupt(res)
     # the report of what ran is written whole (atomically); nothing else, no temporary file
     new = listing(tmp_path) - before
     assert new == ({"r.json", "out.jsonl", "out.jsonl.job.json"} if job else {"r.json"}), new
@@ -367,6 +529,35 @@ def test_busy_cores_are_warned_about_and_a_quiet_machine_is_not(monkeypatch):
     monkeypatch.setattr(host.os, "times", lambda: next(times))
     load = host.machine_load(0.3)
     assert load["others_busy_cores"] == pytest.approx(1.0 - 0.1 / 0.3, abs=1e-3)
+
+
+def test_more_threads_than_cores_is_warned_about(monkeypatch):
+    from specplan import host
+
+    monkeypatch.setattr(host, "usable_cores", lambda: 2)
+    assert host.threads_warning(None) is None and host.threads_warning(2) is None
+    assert "--threads 10000 is more than the 2 cores" in host.threads_warning(10000)
+
+
+def test_no_output_goes_where_an_input_is(tmp_path):
+    """check_not_inputs' folder rules (the file rules are in the table above): a folder read
+    whole holds no output, and a folder written whole (a batch's shards, removed at the
+    merge) holds no input."""
+    from specplan.errors import InputError
+    from specplan.fileio import check_not_inputs
+
+    shards = tmp_path / "o.jsonl.shards"
+    shards.mkdir()
+    (shards / "data.jsonl").write_text("{}\n")
+    with pytest.raises(InputError, match="--output's shards: .* holds or is inside what --prompts reads"):
+        check_not_inputs([("--output's shards", shards, True)], [("--prompts", shards / "data.jsonl")])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    check_not_inputs([("--report", model / "report.json")], [("--target", model)])  # a new file beside a model's
+    with pytest.raises(InputError, match="--report: .*config.json is what --target reads"):
+        check_not_inputs([("--report", model / "config.json")], [("--target", model)])
+    check_not_inputs([("--report", None), ("--out", tmp_path / "a")], [("--plan", None), ("--gpu", "rtx4090")])
 
 
 # ---- internal errors and warnings ------------------------------------------------------------------------

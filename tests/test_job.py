@@ -153,6 +153,55 @@ def test_resume_refuses_another_jobs_output_and_a_new_job_an_existing_one(tmp_pa
         JobWriter.open(out, {"plan": "p", "input_sha256": "i"}, resume=True)
 
 
+def test_the_input_is_known_by_its_content_so_a_renamed_copy_resumes_and_an_edited_one_does_not(tmp_path):
+    from specplan.runtime.jobio import job_identity
+
+    a, b, c = tmp_path / "data.jsonl", tmp_path / "elsewhere" / "copy.jsonl", tmp_path / "edited.jsonl"
+    a.write_text('{"id": "x", "prompt": [1, 2]}\n')
+    b.parent.mkdir()
+    b.write_bytes(a.read_bytes())
+    c.write_text('{"id": "x", "prompt": [1, 3]}\n')
+    ident = [job_identity("p", "t", None, read_dataset(f, None, 256), {}) for f in (a, b, c)]
+    assert ident[0] == ident[1] and ident[0] != ident[2]
+    out = tmp_path / "out.jsonl"
+    w, _ = JobWriter.open(out, ident[0], resume=False)
+    w.write({"id": "x", "token_ids": [1]})
+    w.close()
+    assert JobWriter.prepare(out, ident[1], resume=True, input_ids={"x"})[1] == {"x"}
+    with pytest.raises(InputError, match="input_sha256"):
+        JobWriter.prepare(out, ident[2], resume=True, input_ids={"x"})
+
+
+def _output(path: Path, ids: list[str]) -> list[dict]:
+    lines = [{"id": i, "token_ids": [n]} for n, i in enumerate(ids)]
+    w, _ = JobWriter.open(path, {"plan": "p"}, resume=False)
+    for rec in lines:
+        w.write(rec)
+    w.close()
+    return lines
+
+
+def test_resume_refuses_an_id_written_twice_or_not_in_the_input_and_repair_drops_those_lines(tmp_path):
+    inputs = {"a", "b", "c", "d"}
+    dup, stray = tmp_path / "dup.jsonl", tmp_path / "stray.jsonl"
+    _output(dup, ["a", "b", "a"])
+    _output(stray, ["a", "zz"])
+    before = {f: f.read_bytes() for f in (dup, stray)}
+    with pytest.raises(InputError, match=r"dup.jsonl: id 'a': has two result lines"):
+        JobWriter.prepare(dup, {"plan": "p"}, resume=True, input_ids=inputs)
+    with pytest.raises(InputError, match=r"stray.jsonl: id 'zz': is not in the input"):
+        JobWriter.prepare(stray, {"plan": "p"}, resume=True, input_ids=inputs)
+    assert {f: f.read_bytes() for f in (dup, stray)} == before  # a refusal changes nothing
+
+    out = tmp_path / "out.jsonl"
+    lines = _output(out, ["a", "b", "a", "zz", "c"])
+    said: list[str] = []
+    _, done = JobWriter.prepare(out, {"plan": "p"}, resume=True, input_ids=inputs, repair=True, say=said.append)
+    assert done == {"a", "b", "c"}
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [lines[0], lines[1], lines[4]]  # first lines kept
+    assert len(said) == 2 and "'a'" in said[0] and "'zz'" in said[1] and "not in the input" in said[1]
+
+
 # ---- rows that end early, and the whole job ----------------------------------------------------------------
 
 

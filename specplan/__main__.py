@@ -1,0 +1,5 @@
+"""`python -m specplan`: the specplan command."""
+
+from specplan.entry import specplan
+
+specplan()
