@@ -47,6 +47,10 @@ def stage_factors(measured: dict, predicted: dict, old: dict) -> dict:
     return factors
 
 
+def calibrated_name(name: str) -> str:
+    return name + "+calibrated"
+
+
 def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration:
     from specplan.simulator.run import simulate_as_run
 
@@ -63,6 +67,6 @@ def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration
     prov = replace(profile.provenance, kind="calibrated",
                    notes=(profile.provenance.notes + f" | calibrated from a specrun report of plan {plan.schedule.policy} "
                           f"on {report.get('device', {}).get('name', '?')}").strip(" |"))
-    new = replace(profile, calibration=factors, provenance=prov, name=profile.name + "+calibrated")
+    new = replace(profile, calibration=factors, provenance=prov, name=calibrated_name(profile.name))
     return Calibration(new, factors, measured.get("acceptance_per_token"), float(measured["throughput_tok_s"]),
                        before.throughput_tok_s, sim(new).throughput_tok_s)

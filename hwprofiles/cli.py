@@ -10,7 +10,7 @@ import typer
 
 from specplan.cli import JsonOpt, err, hardware, print_json
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import memory_size
+from specplan.hardware import memory_size, profile_file
 
 MEASURED_DIR = Path("hwprofiles") / "measured"
 
@@ -37,7 +37,7 @@ def profile_cmd(
     cap = memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
     # the default name comes from the device, known only after measuring: probe its folder
     check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")
-    check_not_inputs([("--out", out)], [("--target", target), ("--draft", draft)])
+    check_not_inputs([("--out", out)], [("--target", ModelSpec.files_of(target)), ("--draft", ModelSpec.files_of(draft))])
     from specplan.host import busy_warning, machine_load
     from specplan.progress import steps
 
@@ -113,10 +113,10 @@ def calibrate_cmd(
     from specplan.plan import Plan
     from specplan.runtime.stats import timed_per_layer
 
-    from .calibrate import calibrate
+    from .calibrate import calibrate, calibrated_name
 
-    reads = [("REPORT", report), ("--plan", plan), ("--gpu", gpu)]
-    if out:
+    reads = [("REPORT", report), ("--plan", plan), ("--gpu", gpu and profile_file(gpu))]
+    if out:  # the default path is known once the profile is
         check_writable(out, "--out")
         check_not_inputs([("--out", out)], reads)
     rep = read_json(report)
@@ -129,9 +129,10 @@ def calibrate_cmd(
     check_same_plan(rep, p, report, plan)
     prof = load_profile(gpu) if gpu else p.hardware_profile()
     check_same_device(rep, prof, report, "--gpu" if gpu else f"{plan}'s hardware")
+    path = Path(out) if out else MEASURED_DIR / f"{calibrated_name(prof.name)}.json"
+    if not out:
+        check_not_inputs([("--out (default)", path)], reads)
     cal = calibrate(rep, p, prof)
-    path = Path(out) if out else MEASURED_DIR / f"{cal.profile.name}.json"
-    check_not_inputs([("--out", path)], reads)
     cal.profile.save(path)
     err.print(f"wrote {path}")
     if as_json:

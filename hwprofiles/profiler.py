@@ -476,6 +476,13 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
         torch.empty(1, device=dev)
         free, total = torch.cuda.mem_get_info(dev)
         reserved = float(total - free)
+    has = float(total) if dev.type == "cuda" else ram  # on the CPU the device's memory is the host's
+    if gpu_memory_bytes and has and gpu_memory_bytes > has:
+        from specplan.errors import InputError
+        from specplan.units import fmt_bytes
+
+        raise InputError("argument", "--gpu-mem", f"{fmt_bytes(gpu_memory_bytes)} is more than this device's "
+                         f"{fmt_bytes(has)}; it can only cap it", f"at most {fmt_bytes(has)}")
 
     say("link: copy sweep")
     link = measure_copies(dev, grid, on_progress=say)

@@ -230,6 +230,7 @@ def _after_fork() -> None:
     import warnings
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent across the fork
     warnings.showwarning = lambda message, category, *a, **k: sys.stderr.write(f"warning: {message}\n")
     try:
         import highspy
@@ -324,7 +325,13 @@ class Jobs:
                 key = min(self.queue, key=lambda k: self.priority[k])
             self.queue.remove(key)
             fn, args = self.jobs[key]
-            self.running[self.pool.submit(fn, *args)] = key
+            # a worker forked here starts with Ctrl-C blocked until _after_fork ignores it: a
+            # SIGINT in between reaches the parent alone, not a child that would print a traceback
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self.running[self.pool.submit(fn, *args)] = key
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _program_candidates(policy: str, shortlist: list[Shape], first_guess: float, target, draft, profile, workload,

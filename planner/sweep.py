@@ -117,15 +117,27 @@ class Grid:
         return [cls.from_mapping(path, data)]
 
 
+def _yaml_load(text: str) -> Any:
+    """YAML's safe subset, a date left as the text it is (so that a prices file's
+    `date: 2024-13-45` is refused as a date, not as unreadable YAML)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
+
+
 def read_mapping(path: str, what: str) -> Any:
     """A JSON file, or YAML for a .yaml / .yml one, parsed; a parse error is one line with
     the line it is on."""
     text = read_text(path, f"a JSON or YAML {what} file")
     try:
         if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            return yaml.safe_load(text)
+            return _yaml_load(text)
         return json.loads(text)
     except ValueError as e:
         raise InputError(path, what, f"is not JSON ({e})", "JSON, or YAML in a .yaml / .yml file") from None
@@ -195,6 +207,22 @@ def parse_prices(prices: Any, source: str, where: str) -> dict[str, float]:
     return out
 
 
+def _check_day(day: Any, path: str) -> None:
+    """A prices file's date: a real day written YYYY-MM-DD (not 2024-13-45)."""
+    import datetime
+    import re
+
+    expected = "the day the prices were read, YYYY-MM-DD"
+    if day is None:
+        raise InputError(path, "date", "is missing", expected)
+    if not isinstance(day, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+        raise InputError(path, "date", f"is {day!r}", expected)
+    try:
+        datetime.date.fromisoformat(day)
+    except ValueError:
+        raise InputError(path, "date", f"{day!r} is not a day of the calendar", expected) from None
+
+
 def load_prices(path: str) -> dict[str, float]:
     """A prices file: {"date": "YYYY-MM-DD", "source": "where they came from", "prices":
     {gpu: $ per hour}}. A price is a claim about a market on a day: without its date and its
@@ -205,23 +233,7 @@ def load_prices(path: str) -> dict[str, float]:
     unknown = sorted(set(data) - {"date", "source", "prices", "note"})
     if unknown:
         raise InputError(path, unknown[0], "is not a prices-file key", "date, source, prices, note")
-    import datetime
-    import re
-
-    day = data.get("date")
-
-    def real_day(text: str) -> bool:
-        try:
-            datetime.date.fromisoformat(text)
-            return True
-        except ValueError:  # 2024-13-45
-            return False
-
-    if not isinstance(day, datetime.date) and not (isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day)
-                                                   and real_day(day)):
-        raise InputError(path, "date", "is missing" if day is None else f"{day!r} is not a day of the calendar"
-                         if isinstance(day, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) else f"is {day!r}",
-                         "the day the prices were read, YYYY-MM-DD")
+    _check_day(data.get("date"), path)
     if not isinstance(data.get("source"), str) or not data["source"].strip():
         raise InputError(path, "source", "is missing", "where the prices were read: a URL or a quote")
     if not isinstance(data.get("prices"), dict) or not data["prices"]:

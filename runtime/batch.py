@@ -27,8 +27,8 @@ from specplan.errors import InputError
 from specplan.fileio import check_not_inputs, check_writable, write_json
 
 from .cli import (ColumnOpt, DeviceOpt, DraftSeedOpt, DtypeOpt, ForceOpt, IgnoreEosOpt, RandomWeightsOpt, RepairOpt, ResumeOpt,
-                  SampleSeedOpt, SeedOpt, StopOpt, TargetOpt, TemperatureOpt, TopKOpt, TopPOpt, job_rows, job_settings,
-                  sampling_flags)
+                  SampleSeedOpt, SeedOpt, StopOpt, TargetOpt, TemperatureOpt, TopKOpt, TopPOpt, check_repair, job_rows,
+                  job_settings, sampling_flags, warn)
 
 out = Console()
 err = Console(stderr=True)
@@ -72,16 +72,18 @@ def batch_cmd(
 ) -> None:
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
     from specplan.plan import ADMISSIONS, POLICIES
-    from specplan.hardware import memory_size
+    from specplan.hardware import memory_size, profile_file
+    from specplan.models import ModelSpec
 
     from . import shards
     from .cluster import Driver, BatchRun, PlanRequest, WorkerConfig
     from .job import identity_of_job
-    from .jobio import sidecar_path
+    from .jobio import legacy_identity, sidecar_path
 
     t_start = time.perf_counter()
     draft = None if draft is not None and draft.lower() == "none" else draft
     sampling = sampling_flags(temperature, top_p, top_k, sample_seed)
+    check_repair(resume, repair)
     for flag, given, known in (("--policy", policy, POLICIES), ("--admission", admission, ADMISSIONS)):
         bad = [p for p in given if p not in known]
         if bad:
@@ -92,7 +94,8 @@ def batch_cmd(
     report = report or output.with_name(output.name + ".report.json")
     check_not_inputs([("--output", output), ("--output's job file", sidecar_path(output)),
                       ("--output's shards", shards.shards_dir(output), True), ("--report", report)],
-                     [("--prompts", prompts, True), ("--profile", profile), ("--target", target), ("--draft", draft)])
+                     [("--prompts", prompts, True), ("--profile", profile and profile_file(profile)),
+                      ("--target", ModelSpec.files_of(target)), ("--draft", ModelSpec.files_of(draft))])
     check_writable(output, "--output")
     check_writable(report, "--report")
     fallback = None
@@ -107,12 +110,8 @@ def batch_cmd(
     data, _ = job_rows(prompts, target, column, stop)
     settings = job_settings(sampling, stop, column, seed, draft_seed, random_weights, dtype, ignore_eos)
     identity = identity_of_job(target, draft, data, settings | {"gen_len": gen_len})
-    if repair and not resume:
-        raise InputError("argument", "--repair", "mends an output being resumed, and --resume is not given",
-                         "--resume --repair")
-    done, first_shard = shards.prepare(output, identity, resume, {r.id for r in data.rows}, repair,
-                                       lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False,
-                                                             soft_wrap=True))
+    done, first_shard = shards.prepare(output, identity, resume, {r.id for r in data.rows}, repair, warn,
+                                       legacy=lambda: legacy_identity(identity, data))
     todo = [i for i, r in enumerate(data.rows) if r.id not in done]
     if done:
         err.print(f"resuming {output}: {len(done)} of {len(data.rows)} rows done, {len(todo)} to run", highlight=False)

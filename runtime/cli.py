@@ -49,6 +49,28 @@ StopOpt = Annotated[list[str], typer.Option("--stop", help="Stop string (repeata
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run a plan made for another device, or one this machine's memory looks too small for, with a warning instead of a refusal.")]
 
 
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads, with a warning where they outnumber the cores."""
+    if threads:
+        from specplan.host import threads_warning
+
+        if why := threads_warning(threads):
+            warn(why)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def check_repair(resume: bool, repair: bool) -> None:
+    if repair and not resume:
+        raise InputError("argument", "--repair", "mends an output being resumed, and --resume is not given",
+                         "--resume --repair")
+
+
 def sampling_flags(temperature: float | None, top_p: float, top_k: int, sample_seed: int | None) -> dict:
     """The sampling the command line sets ({temperature, top_p, top_k, seed}), checked."""
     from .sampling import MIN_TEMPERATURE
@@ -173,16 +195,10 @@ def run(
     timing: Annotated[bool, typer.Option("--timing", help="Also time the stages that run once per layer (target proj / attention / ffn / head, each weight copy) and compare them with the simulator's. Off by default: those timers slow a run by a few percent.")] = False,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
+    from specplan.models import ModelSpec
     from specplan.plan import Plan
 
-    if threads:
-        from specplan.host import threads_warning
-
-        if why := threads_warning(threads):
-            err.print(f"[yellow]warning:[/] {escape(why)}", highlight=False, soft_wrap=True)
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
     from specplan.workload import Workload
 
@@ -196,12 +212,11 @@ def run(
     sampling = sampling_flags(temperature, top_p, top_k, sample_seed)
     if (resume or column) and output is None:
         raise InputError("argument", "--resume" if resume else "--column", "needs --output", "--output OUT.jsonl")
-    if repair and not resume:
-        raise InputError("argument", "--repair", "mends an output being resumed, and --resume is not given",
-                         "--resume --repair")
+    check_repair(resume, repair)
     check_not_inputs([("--output", output), ("--output's job file", output and sidecar_path(output)),
                       ("--report", report), ("--torch-profile", torch_profile)],
-                     [("--plan", plan), ("--prompts", prompts, True), ("--target", target), ("--draft", draft)])
+                     [("--plan", plan), ("--prompts", prompts, True), ("--target", ModelSpec.files_of(target)),
+                      ("--draft", ModelSpec.files_of(draft))])
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
@@ -210,9 +225,6 @@ def run(
     if base.temperature == 0 and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks its rows
         raise InputError("argument", "--top-p" if top_p < 1.0 else "--top-k", "filters sampling, and this run is greedy",
                          "--temperature T (> 0) with it")
-
-    def warn(msg: str) -> None:
-        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
     from specplan.host import busy_warning, machine_load
 
@@ -257,7 +269,7 @@ def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: 
     from specplan.workload import check_row_positions
 
     from .job import Job, identity_of
-    from .jobio import JobWriter, load_tokenizer
+    from .jobio import JobWriter, legacy_identity, load_tokenizer
     from .run import resolve_model, run_plan
 
     check_writable(output, "--output")
@@ -265,8 +277,9 @@ def _dataset_job(the_plan, workload, base, plan_path: Path, target: str, draft: 
     data, folder = job_rows(prompts, target, column, stop)
     settings = job_settings(kw["sampling"], stop, column, kw["seed"], kw["draft_seed"], kw["random_weights"],
                             kw["dtype"], kw["ignore_eos"])
-    writer, done = JobWriter.prepare(output, identity_of(plan_path, target, draft, data, settings), resume,
-                                     {r.id for r in data.rows}, repair, kw["warn"])
+    identity = identity_of(plan_path, target, draft, data, settings)
+    writer, done = JobWriter.prepare(output, identity, resume, {r.id for r in data.rows}, repair, kw["warn"],
+                                     legacy=lambda: legacy_identity(identity, data))
     try:
         todo = [i for i, r in enumerate(data.rows) if r.id not in done]
         if kw.get("max_rows"):
@@ -302,11 +315,15 @@ def main() -> None:
 
 
 def console_main() -> None:
-    """The `specrun` command (the console script, and `python -m specplan.runtime.cli`)."""
+    """The `specrun` command, once specplan.entry has put its Ctrl-C handler in place (the
+    console script and `python -m specplan.runtime` go through it)."""
     from specplan.cli import exit_without_teardown
 
     exit_without_teardown(main)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m specplan.runtime.cli: the handler after this module's imports
+    from specplan.entry import install
+
+    install()
     console_main()

@@ -29,9 +29,9 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
+from specplan import procs
 from specplan.entry import check as check_interrupt
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.units import fmt_duration
@@ -190,55 +190,6 @@ def _node_id() -> str | None:
 # ---- the cluster -------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes below `pid` (Linux /proc; none elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2:].split()  # after "pid (name) "
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
-    """SIGTERM each of `pids` still alive, then SIGKILL what is left after `grace_s`."""
-    import signal
-
-    def alive(p: int) -> bool:
-        try:
-            os.kill(p, 0)
-        except OSError:
-            return False
-        # a zombie (our child, not yet reaped) has ended
-        try:
-            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return True
-
-    def send(to: list[int], sig: int) -> None:
-        for p in to:
-            try:
-                os.kill(p, sig)
-            except OSError:  # ended meanwhile
-                pass
-
-    left = [p for p in pids if alive(p)]
-    send(left, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if alive(p)]
-    send(left, signal.SIGKILL)
-
-
 def _ray():
     try:
         import ray
@@ -271,6 +222,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
         ray.init(address=address, **{k: v for k, v in kw.items() if k != "include_dashboard"})
         check_interrupt()
     except (ConnectionError, RuntimeError, ValueError) as e:
+        check_interrupt()  # an interrupted ray.init may end in one of these
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError("argument", "--address", f"cannot join a Ray cluster at {address}: {first}",
                          "local, or the address of a running cluster (`ray start --head`)") from None
@@ -432,6 +384,7 @@ class Driver:
         self.workers: list[_Worker] = []
         self.times: dict[str, float] = {}
         self.refused: dict[str, str] = {}
+        self.started: list[procs.Proc] = []  # the processes Ray started here (procs.descendants)
 
     # before any weight is read
 
@@ -448,6 +401,7 @@ class Driver:
         ray = _ray()
         t0 = time.perf_counter()
         connect(self.where.address, self.where.num_cpus)
+        self.started = procs.descendants(os.getpid())  # Ray's processes, should an interrupt orphan them
         slots = worker_slots(ray.nodes(), self.cfg.device, self.where.cpus_per_worker, self.where.max_workers)
         self.times["connect_s"] = time.perf_counter() - t0
         self.say(f"{len(slots)} worker slot{'s' * (len(slots) != 1)} on {len({s.node_id for s in slots})} node(s)")
@@ -464,6 +418,7 @@ class Driver:
                           .remote(cfg))
         check_interrupt()
         infos = self._answers([a.describe.remote() for a in actors], "start")
+        self.started = list(dict.fromkeys(self.started + procs.descendants(os.getpid())))
         check_interrupt()
         self.workers = [_Worker(i, a, s, info or {"host": s.host}) for i, (a, s, info) in enumerate(zip(actors, slots, infos))]
         self._drop([w for w in self.workers if not w.info.get("profile") and not w.info.get("error")],
@@ -618,9 +573,9 @@ class Driver:
 
     def close(self) -> None:
         """Stop the workers and leave the cluster (a `local` one stops with it), whatever state
-        an interrupt left Ray in (mid-import, mid-start); then end any process this one started
-        that outlived the shutdown (Ray's agents, orphaned when their raylet stops)."""
-        started = _descendants(os.getpid())
+        an interrupt left Ray in (mid-import, mid-start); then end every process this one
+        started that outlived the shutdown (Ray's agents, orphaned when their raylet stops)."""
+        started = list(dict.fromkeys(self.started + procs.descendants(os.getpid())))
         try:
             import ray
 
@@ -633,7 +588,8 @@ class Driver:
             ray.shutdown()  # also after a ray.init that an interrupt cut short
         except Exception:  # noqa: BLE001 - Ray half imported or half started: its processes are ended below
             pass
-        _end_processes(started)
+        finally:
+            procs.end(started)
 
     # helpers
 

@@ -57,17 +57,31 @@ class Dataset:
 
 
 def _file_hash(path: Path) -> str:
-    """The input's content: a file's bytes (not its name, so a renamed copy resumes), or a
-    datasets directory's .arrow files, by their names within it and their bytes."""
-    h = hashlib.sha256()
+    """The input's content, not its name (a moved or renamed copy is the same input): its
+    format (.jsonl, .txt, parquet, a datasets directory) and its bytes, uncompressed where it is
+    gzipped; a datasets directory's .arrow files by their names within it and their bytes."""
+    import gzip
+
+    h = hashlib.sha256(("datasets" if path.is_dir() else _kind(path)).encode() + b"\0")
     files = sorted(path.glob("*.arrow")) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
             h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
+        with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def legacy_identity(identity: dict, dataset: "Dataset") -> dict:
+    """`identity` as specplan 0.1.0 before the input counted by its content recorded it (the
+    input's path, and a hash of its files' names and bytes): an output it wrote still resumes."""
+    path = dataset.path
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {**identity, "input": str(path.resolve()), "input_sha256": h.hexdigest()[:16]}
 
 
 def _ids_or_none(text: str) -> list[int] | None:
@@ -381,11 +395,12 @@ def audit_results(files: list[Path], input_ids: set[str], repair: bool, say=None
 
 
 def resume_state(output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None,
-                 repair: bool = False, say=None) -> tuple[set[str], int]:
+                 repair: bool = False, say=None, legacy=None) -> tuple[set[str], int]:
     """Check `output` against this job and read what is done: the ids it holds and where
     appending starts. Refused: an existing output without --resume, one whose .job.json
     records another job, and (given `input_ids`) one that holds an id twice or an id the
-    input lacks (audit_results; `repair` drops those lines instead)."""
+    input lacks (audit_results; `repair` drops those lines instead). `legacy()`: the identity
+    as an earlier format of .job.json recorded it (legacy_identity), for outputs it wrote."""
     side = sidecar_path(output)
     if resume and (output.exists() or side.exists()):
         if not side.exists():
@@ -397,6 +412,9 @@ def resume_state(output: Path, identity: dict, resume: bool, input_ids: set[str]
         if not isinstance(theirs, dict):
             raise InputError(str(side), "top level", "is not a JSON object", "the .job.json specrun wrote")
         diff = [k for k in identity if theirs.get(k) != identity[k]]
+        if diff and legacy is not None and "input" in theirs:  # written before the input counted by content
+            old = legacy()
+            diff = [k for k in old if theirs.get(k) != old[k]]
         if diff:
             raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
                              "--resume with the plan, models, input and sampling that wrote it, or a new --output")
@@ -430,11 +448,11 @@ class JobWriter:
 
     @classmethod
     def prepare(cls, output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None,
-                repair: bool = False, say=None) -> tuple["JobWriter", set[str]]:
+                repair: bool = False, say=None, legacy=None) -> tuple["JobWriter", set[str]]:
         """Check the output against this job and read what is done (resume_state); writes
         nothing but a --repair's fixes (start() does, once the run is sure to begin, so a
         refused plan leaves no file behind)."""
-        done, end = resume_state(output, identity, resume, input_ids, repair, say)
+        done, end = resume_state(output, identity, resume, input_ids, repair, say, legacy)
         return cls(output, identity=identity, _end=end), done
 
     @classmethod

@@ -397,10 +397,8 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     tokens_per_round = 1.0 + c.get("accepted", 0.0) / rounds if rounds else None
     if device.type == "cuda":
         peak_gpu = torch.cuda.max_memory_allocated(device)
-        device_name = torch.cuda.get_device_name(device)
     else:
         peak_gpu = engine.device_bytes()  # what would sit on the GPU: weights, stream slots, device KV caches
-        device_name = "cpu"
     measured = {
         "throughput_tok_s": generated / wall_s if wall_s > 0 else None,
         "decode_tok_s": (generated - len(lengths)) / max(wall_s - stage_s.get("prefill", 0.0), 1e-12),
@@ -463,7 +461,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                            "error_pct": error_pct(stage_s.get(stage), seconds)})
     return {
         "tool": {"specplan": __version__, "torch": torch.__version__},
-        "device": {"type": device.type, "name": device_name},
+        "device": {"type": device.type, "name": device_name(device)},  # as a profile of this device names it
         "plan": {"target": plan.target, "draft": plan.draft, "hardware": plan.hardware,
                  "schedule": plan.to_dict()["schedule"], "placement": plan.to_dict()["placement"]},
         "models": {"target": model_shape(target) | {"name": target.name, "dtype": target.dtype},

@@ -50,7 +50,7 @@ class Shard:
 
 
 def prepare(output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None, repair: bool = False,
-            say=None) -> tuple[set[str], int]:
+            say=None, legacy=None) -> tuple[set[str], int]:
     """Check OUT and its shards against this job (the single-machine job's rules: an existing
     output needs --resume, --resume refuses another job's, and an id written twice or not in
     the input is refused, or with `repair` dropped); returns the ids done and the first free
@@ -62,12 +62,12 @@ def prepare(output: Path, identity: dict, resume: bool, input_ids: set[str] | No
     if shards and not sidecar_path(output).exists():
         raise InputError(str(shards_dir(output)), "job", f"has no {sidecar_path(output).name} beside {output.name}, "
                          "so which job wrote it is unknown", "the shards and .job.json specplan batch wrote")
-    done, _ = resume_state(output, identity, resume)
+    done, _ = resume_state(output, identity, resume, legacy=legacy)
+    files = [output, *(f for _, f in shards)]
     if input_ids is not None and resume:
-        return audit_results([output, *(f for _, f in shards)], input_ids, repair, say), \
-            max((n for n, _ in shards), default=-1) + 1
-    for _, f in shards:
-        done |= {i for i, _, _ in result_lines(f)[0]}
+        done = audit_results(files, input_ids, repair, say)
+    else:
+        done = {i for f in files for i, _, _ in result_lines(f)[0]}
     return done, max((n for n, _ in shards), default=-1) + 1
 
 

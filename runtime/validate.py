@@ -303,16 +303,11 @@ def validate_cmd(
     from rich.table import Table
 
     from specplan.cli import err, out, print_json
-    from specplan.hardware import load_profile, memory_size
+    from specplan.hardware import load_profile, memory_size, profile_file
 
-    if threads:
-        from specplan.host import threads_warning
+    from .cli import set_threads
 
-        if why := threads_warning(threads):
-            err.print(f"[yellow]warning:[/] {why}", highlight=False, soft_wrap=True)
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     from specplan.fileio import check_not_inputs, check_writable
     from specplan.host import busy_warning, machine_load
     from specplan.progress import steps
@@ -322,7 +317,9 @@ def validate_cmd(
     written = [Path(out_dir) / name for name in ("validation.json", "validation.csv", "validation.png", "profile.json")]
     for path in written:
         check_writable(path, "--out-dir")
-    check_not_inputs([("--out-dir", p) for p in written], [("--profile", profile), ("--target", target), ("--draft", draft)])
+    check_not_inputs([("--out-dir", p) for p in written], [("--profile", profile and profile_file(profile)),
+                                                           ("--target", ModelSpec.files_of(target)),
+                                                           ("--draft", ModelSpec.files_of(draft))])
     load = machine_load()
     if busy := busy_warning(load, "the measured throughputs"):
         err.print(f"[yellow]warning:[/] {busy}", highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err,
                           profile_from_flags)
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import memory_size
+from specplan.hardware import memory_size, profile_file
 from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
@@ -61,22 +61,22 @@ def result_table(title: str, r: SimResult) -> Table:
 
 
 COMPARE = ("specoffload", "spec-serial", "flexgen", "sequential")
-# the flags a --plan fixes (refused beside it), and those that apply to it
+# the flags a --plan fixes (refused beside it); the others apply to it
 PLAN_SETS = {"gpu", "target", "draft", "policy", "batch", "num_batches", "prefill_chunk", "admission", "prefill_tokens",
              "draft_batch", "gamma", "attention", "prompt_len", "gen_len", "num_prompts", "acceptance",
              "acceptance_spread"}
-PLAN_KEEPS = {"pcie", "host", "host_mem", "gpu_mem", "mode", "seed", "compare", "ignore_memory", "trace", "gantt",
-              "window"}
 
 
 
-def same_rows_schedule(base: Schedule, policy: str) -> Schedule:
-    """Each policy with the same rows in flight as `base`, for a like-for-like comparison."""
+def same_rows_schedule(base: Schedule, policy: str, gamma: int) -> Schedule:
+    """Each policy with the same rows in flight as `base`, for a like-for-like comparison; the
+    speculative ones draft `gamma` tokens a round (a non-speculative base has none)."""
     rows = base.rows
     if policy == "specoffload":
-        return replace(base, policy=policy, num_batches=2, target_batch=max(1, rows // 2), prefetch_depth=max(1, base.prefetch_depth))
+        return replace(base, policy=policy, num_batches=2, target_batch=max(1, rows // 2), gamma=gamma,
+                       prefetch_depth=max(1, base.prefetch_depth))
     if policy == "spec-serial":
-        return replace(base, policy=policy, num_batches=1, target_batch=rows)
+        return replace(base, policy=policy, num_batches=1, target_batch=rows, gamma=gamma)
     if policy == "flexgen":
         return replace(base, policy=policy, gamma=0, num_batches=2, target_batch=max(1, rows // 2),
                        prefetch_depth=max(1, base.prefetch_depth))
@@ -98,7 +98,7 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def simulate_cmd(
-    plan: Annotated[Optional[str], typer.Option("--plan", help="A plan.json from `specplan optimize`; flags below are ignored except outputs.")] = None,
+    plan: Annotated[Optional[str], typer.Option("--plan", help="A plan.json from `specplan optimize`: it sets the machine, models, schedule and workload (those flags are refused beside it); --pcie, --host, --host-mem, --gpu-mem, --mode, --seed, --compare and the outputs apply to it.")] = None,
     gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name or JSON file.")] = "rtx4090",
     target: Annotated[str, typer.Option(help="Target model: preset, directory or config.json.")] = "mixtral-8x7b",
     draft: Annotated[str, typer.Option(help="Draft model (speculative policies), or 'none' (flexgen and sequential only).")] = "mistral-7b-v0.2",
@@ -129,12 +129,13 @@ def simulate_cmd(
 ) -> None:
     """Simulate offloaded (speculative) inference on a machine you may not have."""
     given = given_options(ctx)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    opt = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if plan:
         fixed = sorted(given & PLAN_SETS)
         if fixed:
-            raise InputError("argument", flag(fixed[0]), "is set by --plan, which would ignore it",
-                             f"--plan alone (with {', '.join(sorted(flag(k) for k in PLAN_KEEPS))}), or no --plan")
+            keeps = sorted(opt(k) for k in set(ctx.params) - PLAN_SETS - {"plan", "as_json"})
+            raise InputError("argument", opt(fixed[0]), "is set by --plan, which would ignore it",
+                             f"--plan alone (with {', '.join(keeps)}), or no --plan")
         p = Plan.load(plan)
         tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
         profile = p.hardware_profile().compose(
@@ -146,11 +147,12 @@ def simulate_cmd(
         if num_batches is None:
             num_batches = 2 if policy in ("specoffload", "flexgen") else 1
         speculative = policy in ("specoffload", "spec-serial")
-        unused = ([k for k in ("gamma", "draft_batch") if k in given] if not speculative else []) \
+        # the draft's flags do nothing for a policy without one (unless --compare runs those that have one)
+        unused = ([k for k in ("gamma", "draft_batch") if k in given] if not speculative and not compare else []) \
             + (["prefill_tokens"] if admission == "waves" and "prefill_tokens" in given else [])
         if unused:
             why = f"{policy} drafts no tokens" if unused[0] != "prefill_tokens" else "waves admission prefills in chunks"
-            raise InputError("argument", flag(unused[0]), f"does nothing here: {why}",
+            raise InputError("argument", opt(unused[0]), f"does nothing here: {why}",
                              "a speculative --policy with it" if unused[0] != "prefill_tokens"
                              else "--admission continuous with it, or --prefill-chunk")
         if policy == "specoffload" and num_batches != 2:
@@ -180,7 +182,8 @@ def simulate_cmd(
         if path:
             check_writable(path, flag)
     check_not_inputs([("--trace", trace), ("--gantt", gantt)],
-                     [("--plan", plan), ("--gpu", gpu), ("--target", target), ("--draft", draft)])
+                     [("--plan", plan), ("--gpu", profile_file(gpu)), ("--target", ModelSpec.files_of(target)),
+                      ("--draft", ModelSpec.files_of(draft))])
 
     want_spans = bool(trace or gantt)
     cfg = SimConfig(tgt, drf, profile, workload, schedule, placement, mode=mode, check_memory=not ignore_memory)
@@ -192,7 +195,7 @@ def simulate_cmd(
         for pol in COMPARE:
             if pol == schedule.policy:
                 continue
-            sch = same_rows_schedule(schedule, pol)
+            sch = same_rows_schedule(schedule, pol, schedule.gamma or gamma)
             if sch.speculative and drf is None:
                 others[pol] = "drafts tokens, and --draft is none"
                 continue
@@ -223,7 +226,7 @@ def simulate_cmd(
     out.print(result_table(f"{schedule.policy}: {tgt.name} + {drf.name if drf and schedule.speculative else 'no draft'} "
                            f"on {profile.name}", res))
     if compare:
-        t = Table(title=f"Policies with {schedule.rows} rows in flight (acceptance {acceptance:g})")
+        t = Table(title=f"Policies with {schedule.rows} rows in flight (acceptance {workload.mean_acceptance:g})")
         for col in ("policy", "tok/s", f"vs {schedule.policy}", "rounds", "tok/row/round", "GPU util", "H2D util"):
             t.add_column(col)
         base = res.throughput_tok_s

@@ -210,22 +210,30 @@ def run_app(typer_app: typer.Typer, prog: str = "specplan", before: Callable[[],
     from . import entry
 
     debug = os.environ.get("SPECPLAN_DEBUG") == "1"
-    _one_line_warnings()
+
+    def interrupted() -> None:
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
+
     try:
+        _one_line_warnings()
         if before is not None:
             before()
         rv = typer_app(standalone_mode=False, prog_name=prog)
         entry.check()
     except SpecplanError as e:
+        if entry.interrupted():  # a library turned the interrupt into another error
+            interrupted()
         fail(str(e), e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        err.print("interrupted", highlight=False)
-        sys.exit(130)
+        interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - the one place every other error ends
+        if entry.interrupted():
+            interrupted()
         if _usage_error(e):
             ctx = getattr(e, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -240,8 +248,7 @@ def run_app(typer_app: typer.Typer, prog: str = "specplan", before: Callable[[],
         fail(f"internal error: {type(e).__name__}: {e} (set SPECPLAN_DEBUG=1 for the traceback)", 1)
     # without standalone mode typer returns an Exit's code (Ctrl-C inside a command is Exit(130))
     if rv == 130:
-        err.print("interrupted", highlight=False)
-        sys.exit(130)
+        interrupted()
     if isinstance(rv, int) and rv:
         sys.exit(rv)
 
@@ -269,6 +276,10 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
         sys.stderr.write(code + "\n")
         code = 1
     code = int(code or 0)
+    if code == 130:  # interrupted, and its interrupt path has run: a later Ctrl-C changes nothing
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept through the interpreter's teardown
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
@@ -281,9 +292,13 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
 
 
 def console_main() -> None:
-    """The `specplan` command (the console script, and `python -m specplan.cli`)."""
+    """The `specplan` command, once specplan.entry has put its Ctrl-C handler in place (the
+    console script and `python -m specplan` go through it)."""
     exit_without_teardown(main)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m specplan.cli: the handler after this module's imports
+    from specplan.entry import install
+
+    install()
     console_main()

@@ -6,10 +6,10 @@ interrupt during those imports ends the command with 130 and one line, not a tra
 
 The handler raises KeyboardInterrupt once and remembers that it did, so that an interrupt a
 library swallowed (raised inside a finaliser or a callback: "Exception ignored in ...") is
-raised again at the next `check()` (each progress update, each stage of a Ray start-up).
-A second SIGINT within FORCE_AFTER_S of the first (a wrapper and the terminal both sending
-one) is ignored, so the interrupt path (writing the report of the finished rows, stopping
-workers) runs to its end; one sent later ends the process at once, without that path.
+raised again at the next `check()` (each progress update, each stage of a Ray start-up). A
+second SIGINT (a wrapper and the terminal both sending one, or an impatient key) is ignored,
+so that the interrupt path (the report of the finished rows, stopping workers and Ray) runs
+to its end; a third ends the process at once, its child processes with it, without that path.
 """
 
 from __future__ import annotations
@@ -17,31 +17,33 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
-FORCE_AFTER_S = 2.0
 EXIT_INTERRUPTED = 130
 
-_first_s: float | None = None
+_interrupts = 0
 
 
 def _on_sigint(signum, frame) -> None:
-    global _first_s
-    now = time.monotonic()
-    if _first_s is None:
-        _first_s = now
+    global _interrupts
+    _interrupts += 1
+    if _interrupts == 1:
         raise KeyboardInterrupt
-    if now - _first_s >= FORCE_AFTER_S:
-        os.write(2, b"interrupted again: stopping at once\n")
-        os._exit(EXIT_INTERRUPTED)
+    if _interrupts == 2:
+        os.write(2, b"stopping: finishing what is being written (Ctrl-C again to stop at once)\n")
+        return
+    os.write(2, b"interrupted again: stopping at once\n")
+    from . import procs
+
+    procs.end(procs.descendants(os.getpid()), grace_s=0.0)
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _unraisable(info) -> None:
     """An interrupt raised where Python cannot pass it on (a finaliser, a weakref callback) is
     remembered for check(), not printed as "Exception ignored" with a traceback."""
-    global _first_s
+    global _interrupts
     if isinstance(info.exc_value, KeyboardInterrupt):
-        _first_s = _first_s or time.monotonic()
+        _interrupts = max(_interrupts, 1)
         return
     sys.__unraisablehook__(info)
 
@@ -53,12 +55,12 @@ def install() -> None:
 
 
 def interrupted() -> bool:
-    return _first_s is not None
+    return _interrupts > 0
 
 
 def check() -> None:
     """Raise KeyboardInterrupt if Ctrl-C was pressed, even if a library swallowed it."""
-    if _first_s is not None:
+    if _interrupts:
         raise KeyboardInterrupt
 
 

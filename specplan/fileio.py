@@ -86,9 +86,12 @@ def _same_file(a: Path, b: Path) -> bool:
 def _files_read(path: Path, whole: bool) -> Iterable[Path]:
     """What reading `path` reads: the file itself, a folder's files (a model's config and
     weights); a `whole` folder (a datasets directory) is read entire, new files included."""
-    if not path.is_dir():
+    if not path.is_dir() or whole:
         return [path]
-    return [path] if whole else [f for f in path.iterdir() if f.is_file()]
+    try:
+        return [f for f in path.iterdir() if f.is_file()]
+    except OSError:  # a folder we may not list: its reader will say so
+        return []
 
 
 def check_not_inputs(writes: Iterable[tuple], reads: Iterable[tuple]) -> None:
@@ -106,12 +109,16 @@ def check_not_inputs(writes: Iterable[tuple], reads: Iterable[tuple]) -> None:
             ins += [(flag, f, whole) for f in _files_read(Path(p), whole)]
     for i, (flag, path, folder) in enumerate(outs):
         for other, used, whole in ins:
-            inside = ((whole and used.resolve() in path.resolve().parents)
-                      or (folder and path.resolve() in used.resolve().parents))
-            if inside or _same_file(path, used):
-                raise InputError("argument", flag, f"{path} {'holds or is inside' if inside else 'is'} what {other} "
-                                 "reads, and writing it would destroy that input",
-                                 "a path that no option of this command reads")
+            if _same_file(path, used):
+                where = "is"
+            elif whole and used.resolve() in path.resolve().parents:
+                where = "is inside"
+            elif folder and path.resolve() in used.resolve().parents:
+                where = "holds"
+            else:
+                continue
+            raise InputError("argument", flag, f"{path} {where} what {other} reads, and writing it would destroy "
+                             "that input", "a path that no option of this command reads")
         for other, earlier, _ in outs[:i]:
             if _same_file(path, earlier):
                 raise InputError("argument", flag, f"{path} is also written as {other}", "a path of its own for each output")

@@ -390,17 +390,25 @@ def standard_host(name: str) -> HostSpec:
     return HostSpec.from_dict({"name": name, **hosts[name]}, "hwprofiles/parts.json")
 
 
-def load_profile(name_or_path: str | Path, **compose_kw: Any) -> HardwareProfile:
-    """A shipped profile name or a JSON file path, optionally composed with other parts."""
+def profile_file(name_or_path: str | Path) -> Path | None:
+    """The user's file a profile name reads: the path itself, or for a name that is not shipped,
+    hwprofiles/measured/NAME.json where `specplan profile` writes by default (None for a
+    shipped name, or a name no file holds)."""
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
+        return path
+    measured = Path("hwprofiles") / "measured" / f"{name_or_path}.json"
+    return measured if str(name_or_path).lower() not in shipped_names() and measured.exists() else None
+
+
+def load_profile(name_or_path: str | Path, **compose_kw: Any) -> HardwareProfile:
+    """A shipped profile name or a JSON file path, optionally composed with other parts."""
+    path = profile_file(name_or_path)
+    if path is not None:
         prof = HardwareProfile.from_dict(read_json(path), str(path))
     else:
         key = str(name_or_path).lower()
         names = shipped_names()
-        measured = Path("hwprofiles") / "measured" / f"{name_or_path}.json"
-        if key not in names and measured.exists():  # `specplan profile` writes here by default
-            return load_profile(measured, **compose_kw)
         if key not in names:
             raise UnknownNameError("GPU profile", str(name_or_path), names)
         text = _shipped_dir().joinpath(f"{key}.json").read_text()

@@ -139,6 +139,15 @@ class ModelSpec:
             return cls.from_file(p)
         return cls.from_preset(name_or_path)
 
+    @staticmethod
+    def files_of(name_or_path: str | None) -> Path | None:
+        """The folder whose files a model name reads (its config, weights and tokenizer): the
+        directory, or a config.json's folder; None for a preset."""
+        p = Path(name_or_path) if name_or_path else None
+        if p is None or not p.exists():
+            return None
+        return p if p.is_dir() else p.parent
+
     def with_dtype(self, dtype: str) -> "ModelSpec":
         require(dtype in DTYPE_BYTES, "argument", "dtype", f"'{dtype}' is unknown", ", ".join(DTYPE_BYTES))
         return replace(self, dtype=dtype)

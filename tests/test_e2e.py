@@ -111,6 +111,11 @@ def test_profile_optimize_specrun_on_this_cpu(measured_profile, tmp_path):
     assert len(report["outputs"]) == NUM_PROMPTS and all(len(o) == GEN_LEN for o in report["outputs"])
     check_report(report, plan)
 
+    # the run folds back into the profile of the device it ran on (another device's is refused)
+    res = run("specplan.cli", "calibrate", "report.json", "--plan", "plan.json", "--out", "calibrated.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "calibrated.json").read_text())["provenance"]["kind"] == "calibrated"
+
 
 @pytest.mark.parametrize("policy", ["specoffload", "specoffload/draft_kv=cpu", "spec-serial", "flexgen", "sequential"])
 def test_each_policy_plans_and_runs(measured_profile, tmp_path, policy, one_thread):

@@ -139,7 +139,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specrun", [*JOB, "--output", "o.jsonl", "--report", "plan.json"], 2, "--report: plan.json is what --plan"),
     ("specrun", [*JOB, "--output", "o.jsonl", "--report", "link-to-plan.json"], 2, "is what --plan reads"),
     ("specrun", ["--plan", "plan.json", *SPEC, "--prompts", "ds", "--output", "o.jsonl", "--report", "ds/r.json"], 2,
-     "holds or is inside what --prompts reads"),
+     "is inside what --prompts reads"),
     ("specrun", [*JOB, "--output", "o.jsonl", "--report", "r.json", "--torch-profile", "r.json"], 2,
      "--torch-profile: r.json is also written as --report"),
     ("specplan", ["batch", *JOB[2:], "--output", "o.jsonl", "--report", "data.jsonl"], 2, "is what --prompts reads"),
@@ -160,6 +160,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     # accepted no more: a report of another device, an impossible date, flags the policy ignores
     ("specplan", ["calibrate", "report-cpu.json", "--plan", "plan.json"], 2, "device.name"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-bad-date.json"], 2, "date"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-bad-date.yaml"], 2, "date: '2024-13-45' is not a day"),
+    ("specplan", ["profile", "--quick", "--gpu-mem", "900TB", "--out", "p.json"], 2, "this device's"),
     ("specplan", ["simulate", "--policy", "flexgen", "--gamma", "4"], 2, "--gamma"),
     ("specplan", ["simulate", "--policy", "specoffload", "--num-batches", "3"], 2, "--num-batches"),
     ("specplan", ["simulate", "--policy", "sequential", "--draft-batch", "8"], 2, "--draft-batch"),
@@ -189,7 +191,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
 ]
 # messages that name this machine (its CPU, its free memory): checked, but not compared with docs/errors.md
 # (nor those that quote the OS's reason an output under /proc cannot be written)
-MACHINE_SPECIFIC = {"made for rtx4090", "host memory"}
+MACHINE_SPECIFIC = {"made for rtx4090", "host memory", "this device's"}
 
 ENTRY = {"specplan": "specplan", "specrun": "specplan.runtime"}  # the console entry points (specplan.entry)
 
@@ -262,6 +264,7 @@ def write_files(d: Path) -> None:
     (d / "profile.json").write_text(json.dumps(prof))
     (d / "grid.yaml").write_text("gpu: [rtx4090]\n")
     (d / "grid-host-256.yaml").write_text("gpu: [rtx4090]\nhost_mem: [256]\n")
+    (d / "prices-bad-date.yaml").write_text("date: 2024-13-45\nsource: a quote\nprices: {rtx4090: 0.35}\n")
     (d / "prices-bad-date.json").write_text(json.dumps({"date": "2024-13-45", "source": "a quote", "prices": {"rtx4090": 0.35}}))
     os.link(d / "plan.json", d / "link-to-plan.json")
     _data_files(d)
@@ -539,6 +542,51 @@ def test_more_threads_than_cores_is_warned_about(monkeypatch):
     assert "--threads 10000 is more than the 2 cores" in host.threads_warning(10000)
 
 
+def test_ctrl_c_raises_once_ignores_the_second_and_the_third_ends_the_process_and_its_children(monkeypatch, capfd):
+    """specplan.entry's handler, called as the signal would call it (the interrupt paths of the
+    commands here end in milliseconds, too soon for a third key)."""
+    from specplan import entry, procs
+
+    monkeypatch.setattr(entry, "_interrupts", 0)
+    ended: list = []
+    monkeypatch.setattr(procs, "descendants", lambda pid: [(pid + 1, 7)])
+    monkeypatch.setattr(procs, "end", lambda found, grace_s: ended.append((found, grace_s)))
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(entry.os, "_exit", exit_now)
+    with pytest.raises(KeyboardInterrupt):
+        entry._on_sigint(signal.SIGINT, None)
+    assert entry.interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        entry.check()  # raised again wherever the first was swallowed
+    entry._on_sigint(signal.SIGINT, None)  # the second: ignored, said
+    assert "Ctrl-C again to stop at once" in capfd.readouterr().err and not ended
+    with pytest.raises(SystemExit) as stop:
+        entry._on_sigint(signal.SIGINT, None)
+    assert stop.value.code == 130 and ended == [([(os.getpid() + 1, 7)], 0.0)]
+
+
+def test_the_processes_a_command_started_are_found_and_ended_and_a_reused_pid_is_spared():
+    from specplan import procs
+
+    sh = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(procs.descendants(os.getpid())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        found = procs.descendants(os.getpid())
+        assert {pid for pid, _ in found} >= {sh.pid} and len(found) >= 3
+        assert all(procs.alive(p) for p in found)
+        assert not procs.alive((sh.pid, dict(found)[sh.pid] + 1))  # the same pid, started at another time: not ours
+        procs.end(found, grace_s=2.0)
+        sh.wait(timeout=10)
+        assert not any(procs.alive(p) for p in found)
+    finally:
+        sh.kill()
+
+
 def test_no_output_goes_where_an_input_is(tmp_path):
     """check_not_inputs' folder rules (the file rules are in the table above): a folder read
     whole holds no output, and a folder written whole (a batch's shards, removed at the
@@ -549,7 +597,7 @@ def test_no_output_goes_where_an_input_is(tmp_path):
     shards = tmp_path / "o.jsonl.shards"
     shards.mkdir()
     (shards / "data.jsonl").write_text("{}\n")
-    with pytest.raises(InputError, match="--output's shards: .* holds or is inside what --prompts reads"):
+    with pytest.raises(InputError, match="--output's shards: .* holds what --prompts reads"):
         check_not_inputs([("--output's shards", shards, True)], [("--prompts", shards / "data.jsonl")])
     model = tmp_path / "model"
     model.mkdir()

@@ -172,6 +172,35 @@ def test_the_input_is_known_by_its_content_so_a_renamed_copy_resumes_and_an_edit
         JobWriter.prepare(out, ident[2], resume=True, input_ids={"x"})
 
 
+def test_an_output_whose_job_file_has_the_earlier_format_still_resumes(tmp_path):
+    """.job.json files written before the input counted by its content hold its path and a hash
+    of its name and bytes: their outputs resume, and the next start rewrites the file."""
+    import hashlib
+
+    from specplan.runtime.jobio import job_identity, legacy_identity
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "x", "prompt": [1, 2]}\n')
+    dataset = read_dataset(data, None, 256)
+    ident = job_identity("p", "t", None, dataset, {"seed": 0})
+    earlier = {"plan": "p", "target": "t", "draft": None, "input": str(data.resolve()),
+               "input_sha256": hashlib.sha256(b"data.jsonl" + data.read_bytes()).hexdigest()[:16], "settings": {"seed": 0}}
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "x", "token_ids": [1]}) + "\n")
+    sidecar_path(out).write_text(json.dumps(earlier))
+    with pytest.raises(InputError, match="input_sha256: differ"):
+        JobWriter.prepare(out, ident, resume=True)
+    w, done = JobWriter.prepare(out, ident, resume=True, legacy=lambda: legacy_identity(ident, dataset))
+    assert done == {"x"}
+    w.start()
+    w.close()
+    assert json.loads(sidecar_path(out).read_text()) == ident  # the new format from now on
+    other = dict(earlier, settings={"seed": 1})
+    sidecar_path(out).write_text(json.dumps(other))
+    with pytest.raises(InputError, match="settings: differ"):
+        JobWriter.prepare(out, ident, resume=True, legacy=lambda: legacy_identity(ident, dataset))
+
+
 def _output(path: Path, ids: list[str]) -> list[dict]:
     lines = [{"id": i, "token_ids": [n]} for n, i in enumerate(ids)]
     w, _ = JobWriter.open(path, {"plan": "p"}, resume=False)
