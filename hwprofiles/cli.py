@@ -10,7 +10,7 @@ import typer
 
 from specplan.cli import JsonOpt, err, hardware, print_json
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import memory_size, profile_file
+from specplan.hardware import memory_size, profile_path
 
 MEASURED_DIR = Path("hwprofiles") / "measured"
 
@@ -34,7 +34,7 @@ def profile_cmd(
     from .profiler import profile_machine
 
     models = [ModelSpec.resolve(target)] + ([ModelSpec.resolve(draft)] if draft else [])
-    cap = memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None
+    cap = memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None
     # the default name comes from the device, known only after measuring: probe its folder
     check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")
     check_not_inputs([("--out", out)], [("--target", ModelSpec.files_of(target)), ("--draft", ModelSpec.files_of(draft))])
@@ -115,7 +115,7 @@ def calibrate_cmd(
 
     from .calibrate import calibrate, calibrated_name
 
-    reads = [("REPORT", report), ("--plan", plan), ("--gpu", gpu and profile_file(gpu))]
+    reads = [("REPORT", report), ("--plan", plan), ("--gpu", gpu and profile_path(gpu))]
     if out:  # the default path is known once the profile is
         check_writable(out, "--out")
         check_not_inputs([("--out", out)], reads)

@@ -12,7 +12,7 @@ from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, 
 from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import profile_file
+from specplan.hardware import profile_path
 from specplan.models import ModelSpec
 from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
@@ -183,7 +183,7 @@ def optimize_cmd(
         raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
     workload.check_positions(workload_file or "argument", tgt, drf)
     check_writable(out_path, "--out")
-    check_not_inputs([("--out", out_path)], [("--gpu", profile_file(gpu)), ("--workload", workload_file),
+    check_not_inputs([("--out", out_path)], [("--gpu", profile_path(gpu)), ("--workload", workload_file),
                                              ("--target", ModelSpec.files_of(target)),
                                              ("--draft", ModelSpec.files_of(draft))])
     from specplan.progress import steps

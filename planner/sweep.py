@@ -198,7 +198,7 @@ def parse_prices(prices: Any, source: str, where: str) -> dict[str, float]:
     out = {}
     for name, value in items:
         try:
-            v = float(value)
+            v = -1.0 if isinstance(value, bool) else float(value)  # true is no price
         except (TypeError, ValueError):
             v = -1.0
         if not math.isfinite(v) or v <= 0:

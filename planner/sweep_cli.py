@@ -131,7 +131,7 @@ def sweep_cmd(
             check_writable(path, flag)
     if plots:
         check_writable(Path(plots) / "tok_s_by_gpu.png", "--plots")
-    from specplan.hardware import profile_file
+    from specplan.hardware import profile_path
     from specplan.models import ModelSpec
 
     from .sweep_plots import plot_names
@@ -139,7 +139,7 @@ def sweep_cmd(
     plot_files = [Path(plots) / n for n in plot_names(dict.fromkeys(p.target for p in points))] if plots else []
     check_not_inputs([("--csv", csv_path), ("--plan-out", plan_out), *(("--plots", f) for f in plot_files)],
                      [("--grid", grid_file), ("--prices", prices_file),
-                      *(("--gpu", profile_file(g)) for g in dict.fromkeys(p.gpu for p in points)),
+                      *(("--gpu", profile_path(g)) for g in dict.fromkeys(p.gpu for p in points)),
                       *(("--target", ModelSpec.files_of(m)) for m in dict.fromkeys(p.target for p in points)),
                       *(("--draft", ModelSpec.files_of(m)) for m in dict.fromkeys(p.draft for p in points))])
     cache_dir = None if no_cache else (cache or default_cache_dir())

@@ -72,7 +72,7 @@ def batch_cmd(
 ) -> None:
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
     from specplan.plan import ADMISSIONS, POLICIES
-    from specplan.hardware import memory_size, profile_file
+    from specplan.hardware import memory_size, profile_path
     from specplan.models import ModelSpec
 
     from . import shards
@@ -94,7 +94,7 @@ def batch_cmd(
     report = report or output.with_name(output.name + ".report.json")
     check_not_inputs([("--output", output), ("--output's job file", sidecar_path(output)),
                       ("--output's shards", shards.shards_dir(output), True), ("--report", report)],
-                     [("--prompts", prompts, True), ("--profile", profile and profile_file(profile)),
+                     [("--prompts", prompts, True), ("--profile", profile and profile_path(profile)),
                       ("--target", ModelSpec.files_of(target)), ("--draft", ModelSpec.files_of(draft))])
     check_writable(output, "--output")
     check_writable(report, "--report")
@@ -132,8 +132,8 @@ def batch_cmd(
                        dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed, sampling=sampling,
                        force=force, profile=fallback)
     req = PlanRequest(gen_len=gen_len, acceptance=acceptance, policies=tuple(policy), admissions=tuple(admission),
-                      gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
-                      host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None)
+                      gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None,
+                      host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None)
     driver = Driver(cfg, req, BatchRun(address, workers, cpus_per_worker, shard_rows, local_cpus), say, progress)
     job_report: dict = {"output": str(output), "rows": len(data.rows), "rows_before": len(done), "resumed": bool(done)}
     # Ray prints its own news (a worker died, ...) to stdout: it goes to stderr here, so that

@@ -303,7 +303,7 @@ def validate_cmd(
     from rich.table import Table
 
     from specplan.cli import err, out, print_json
-    from specplan.hardware import load_profile, memory_size, profile_file
+    from specplan.hardware import load_profile, memory_size, profile_path
 
     from .cli import set_threads
 
@@ -317,7 +317,7 @@ def validate_cmd(
     written = [Path(out_dir) / name for name in ("validation.json", "validation.csv", "validation.png", "profile.json")]
     for path in written:
         check_writable(path, "--out-dir")
-    check_not_inputs([("--out-dir", p) for p in written], [("--profile", profile and profile_file(profile)),
+    check_not_inputs([("--out-dir", p) for p in written], [("--profile", profile and profile_path(profile)),
                                                            ("--target", ModelSpec.files_of(target)),
                                                            ("--draft", ModelSpec.files_of(draft))])
     load = machine_load()

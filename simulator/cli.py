@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -12,7 +13,7 @@ from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err,
                           profile_from_flags)
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import memory_size, profile_file
+from specplan.hardware import memory_size, profile_path
 from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
@@ -117,7 +118,7 @@ def simulate_cmd(
     acceptance: Annotated[float, typer.Option(help="Per-token acceptance rate of the draft, in [0, 1].")] = 0.7,
     acceptance_spread: Annotated[float, typer.Option(help="Standard deviation of the acceptance between rows (specrun reports it); 0: rows alike.")] = 0.0,
     mode: Annotated[str, typer.Option(help="sampled (per-row acceptance, seeded) | expected")] = "sampled",
-    seed: Annotated[int, typer.Option(help="Seed for per-row acceptance.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for per-row acceptance.")] = 0,
     compare: Annotated[bool, typer.Option("--compare", help="Also run every other policy with the same rows in flight.")] = False,
     ignore_memory: Annotated[bool, typer.Option("--ignore-memory", help="Simulate even if the plan does not fit.")] = False,
     trace: Annotated[Optional[str], typer.Option("--trace", help="Write a Chrome trace-event JSON (Perfetto).")] = None,
@@ -139,8 +140,8 @@ def simulate_cmd(
         p = Plan.load(plan)
         tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
         profile = p.hardware_profile().compose(
-            pcie=pcie, host=host, host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None,
-            gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None)
+            pcie=pcie, host=host, host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None,
+            gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None)
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
     else:
@@ -176,18 +177,21 @@ def simulate_cmd(
     win = _window(window) if window else None
     if window and not gantt:
         raise InputError("argument", "--window", "is given without --gantt", "--gantt FILE.png --window START:END")
+    if gantt and Path(gantt).suffix.lower() != ".png":
+        raise InputError("argument", "--gantt", f"{gantt} does not end in .png, and the chart is a PNG", "FILE.png")
     workload.check_positions(plan or "argument", tgt, drf if schedule.speculative else None,
                              extra_tokens=schedule.gamma if schedule.speculative else 0)
     for path, flag in ((trace, "--trace"), (gantt, "--gantt")):
         if path:
             check_writable(path, flag)
     check_not_inputs([("--trace", trace), ("--gantt", gantt)],
-                     [("--plan", plan), ("--gpu", profile_file(gpu)), ("--target", ModelSpec.files_of(target)),
+                     [("--plan", plan), ("--gpu", profile_path(gpu)), ("--target", ModelSpec.files_of(target)),
                       ("--draft", ModelSpec.files_of(draft))])
 
     want_spans = bool(trace or gantt)
     cfg = SimConfig(tgt, drf, profile, workload, schedule, placement, mode=mode, check_memory=not ignore_memory)
-    err.print(f"simulating {schedule.policy} on {profile.name} ...")
+    if not as_json and err.is_terminal:  # progress: a terminal's only
+        err.print(f"simulating {schedule.policy} on {profile.name} ...")
     res = simulate(cfg, record_spans=want_spans, seed=seed)
     results = {schedule.policy: res}
     others: dict[str, str] = {}
@@ -197,7 +201,7 @@ def simulate_cmd(
                 continue
             sch = same_rows_schedule(schedule, pol, schedule.gamma or gamma)
             if sch.speculative and drf is None:
-                others[pol] = "drafts tokens, and --draft is none"
+                others[pol] = "drafts tokens, and the plan has no draft" if plan else "drafts tokens, and --draft is none"
                 continue
             pl = default_placement(tgt, drf, sch, workload, profile)
             try:

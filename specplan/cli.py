@@ -37,8 +37,8 @@ def profile_from_flags(gpu: str, pcie: str | None = None, host: str | None = Non
 
     return load_profile(
         gpu, pcie=pcie, host=host,
-        host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem else None,
-        gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem else None,
+        host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None,
+        gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None,
     )
 
 
@@ -262,7 +262,9 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
     once the output is flushed and the atexit handlers (multiprocessing's, tempfile's, Ray's)
     have run, freeing every object and module one by one only costs time (specplan optimize:
     0.13-0.15 s of a 1.1-1.5 s run). Where a thread other than this one still runs, the usual
-    exit waits for it instead."""
+    exit waits for it instead, unless the command failed or was interrupted: its error path has
+    stopped what it started, and a process pool's manager thread, joined at teardown after the
+    pool was abandoned, would only print a traceback of its closed pipe (CPython 3.11)."""
     import atexit
     import os
     import threading
@@ -279,8 +281,9 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
     if code == 130:  # interrupted, and its interrupt path has run: a later Ctrl-C changes nothing
         import signal
 
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept through the interpreter's teardown
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == 0 and any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                         if t is not threading.current_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -141,6 +141,8 @@ def read_text(path: str | Path, expected: str) -> str:
 
 def read_json(path: str | Path) -> Any:
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe may never end
+        raise InputError(str(path), "file", "is not a regular file (a device or a pipe)", "a JSON file")
     text = read_text(path, "a readable JSON file (UTF-8)")
     try:
         return json.loads(text, parse_constant=_no_constant(path))

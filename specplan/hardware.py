@@ -39,7 +39,7 @@ def _plausible(v: float, key: str, where: str, source: str) -> None:
             return
 
 
-def check_memory_size(n: float, source: str, field: str) -> float:
+def check_memory_size(n: float, source: str, field: str, unit_given: bool = True) -> float:
     """A memory size given by a person (--host-mem, --gpu-mem, a grid's host_mem): positive and
     physically plausible (PLAUSIBLE), or refused with the field named. A bare number is bytes,
     so '256' meant as gigabytes is caught here."""
@@ -47,22 +47,23 @@ def check_memory_size(n: float, source: str, field: str) -> float:
 
     lo, hi, _ = PLAUSIBLE["memory_bytes"]
     if not math.isfinite(n) or n <= 0:
-        raise InputError(source, field, f"got {n:g}", "a positive size, e.g. 256GB")
+        raise InputError(source, field, f"got {n:.4g} B", "a positive size, e.g. 256GB")
     if n < lo:
-        raise InputError(source, field, f"{fmt_bytes(n)} is less than any machine has (a bare number is bytes)",
+        raise InputError(source, field, f"{n:.4g} B is less than any machine has"
+                         + ("" if unit_given else " (a bare number is bytes)"),
                          f"at least {fmt_bytes(lo)}, with a unit, e.g. 256GB")
     if n > hi:
-        raise InputError(source, field, f"{n:.4g} bytes is more than any machine has", f"at most {hi:g} bytes (1 PB)")
+        raise InputError(source, field, f"{n:.4g} B is more than any machine has", f"at most {hi:g} B (1 PB)")
     return n
 
 
 def memory_size(text: str | float, source: str, field: str) -> int:
-    """parse_bytes, then check_memory_size."""
-    from .units import parse_bytes
+    """A size (units.size_bytes) that check_memory_size accepts, in whole bytes."""
+    from .units import size_bytes
 
-    n = parse_bytes(text, source, field)
-    check_memory_size(n, source, field)
-    return n
+    n, unit_given = size_bytes(text, source, field)
+    check_memory_size(n, source, field, unit_given)
+    return int(round(n))
 
 
 def _num(d: dict, key: str, source: str, where: str, *, positive: bool = True, default: Any = ...) -> float:
@@ -399,6 +400,17 @@ def profile_file(name_or_path: str | Path) -> Path | None:
         return path
     measured = Path("hwprofiles") / "measured" / f"{name_or_path}.json"
     return measured if str(name_or_path).lower() not in shipped_names() and measured.exists() else None
+
+
+def profile_path(name_or_path: str | Path | None) -> Path | None:
+    """The file a profile name reads, a shipped profile's included (an output may not be it)."""
+    if not name_or_path:
+        return None
+    path = profile_file(name_or_path)
+    key = str(name_or_path).lower()
+    if path is None and key in shipped_names():
+        path = Path(str(_shipped_dir().joinpath(f"{key}.json")))
+    return path
 
 
 def load_profile(name_or_path: str | Path, **compose_kw: Any) -> HardwareProfile:

@@ -141,12 +141,16 @@ class ModelSpec:
 
     @staticmethod
     def files_of(name_or_path: str | None) -> Path | None:
-        """The folder whose files a model name reads (its config, weights and tokenizer): the
-        directory, or a config.json's folder; None for a preset."""
+        """What a model name reads (an output may not be it): a directory (its config, weights
+        and tokenizer), a config.json's folder, or a preset's file."""
         p = Path(name_or_path) if name_or_path else None
-        if p is None or not p.exists():
+        if p is None:
             return None
-        return p if p.is_dir() else p.parent
+        if p.exists():
+            return p if p.is_dir() else p.parent
+        key = str(name_or_path).lower()
+        preset = Path(str(resources.files("specplan").joinpath(f"presets/models/{key}.json")))
+        return preset if key in preset_names() and preset.is_file() else None
 
     def with_dtype(self, dtype: str) -> "ModelSpec":
         require(dtype in DTYPE_BYTES, "argument", "dtype", f"'{dtype}' is unknown", ", ".join(DTYPE_BYTES))

@@ -9,14 +9,16 @@ from .errors import InputError
 
 _UNITS = {
     "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
 _SIZE_RE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_bytes(text: str | int | float, source: str = "argument", field: str = "size") -> int:
-    """'256GB' -> 256e9, '24GiB' -> 24*2**30, 1e9 -> 1e9. Negative or unknown units raise InputError."""
+def size_bytes(text: str | int | float, source: str = "argument", field: str = "size") -> tuple[float, bool]:
+    """'256GB' -> (256e9, True), '24GiB' -> (24*2**30, True), 1e9 -> (1e9, False): the size in
+    bytes, not rounded, and whether it had a unit. Anything but a finite number with a known
+    unit raises InputError; the sign is the caller's to judge."""
     if isinstance(text, (int, float)):
         value, unit = float(text), ""
     else:
@@ -24,11 +26,17 @@ def parse_bytes(text: str | int | float, source: str = "argument", field: str = 
         if not m or m.group(2).lower() not in _UNITS:
             raise InputError(source, field, f"'{text}' is not a size", "a number with an optional unit, e.g. 256GB or 24GiB")
         value, unit = float(m.group(1)), m.group(2).lower()
-    if value < 0:
-        raise InputError(source, field, f"negative size {text}", "a size >= 0")
     if not math.isfinite(value * _UNITS[unit]):
         raise InputError(source, field, f"'{text}' is not a finite size", "a number with an optional unit, e.g. 256GB")
-    return int(round(value * _UNITS[unit]))
+    return value * _UNITS[unit], unit not in ("", "b")
+
+
+def parse_bytes(text: str | int | float, source: str = "argument", field: str = "size") -> int:
+    """'256GB' -> 256e9, '24GiB' -> 24*2**30, 1e9 -> 1e9. Negative or unknown units raise InputError."""
+    n, _ = size_bytes(text, source, field)
+    if n < 0:
+        raise InputError(source, field, f"negative size {text}", "a size >= 0")
+    return int(round(n))
 
 
 def fmt_bytes(n: float) -> str:

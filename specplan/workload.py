@@ -89,6 +89,8 @@ class Workload:
         require(self.sampling in SAMPLING_MODES, source, "sampling", f"got {self.sampling!r}", " or ".join(SAMPLING_MODES))
         require(self.temperature >= MIN_TEMPERATURE, source, "temperature", f"got {self.temperature!r}",
                 f"a number >= {MIN_TEMPERATURE}")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2 ** 63, source,
+                "seed", f"got {self.seed!r}", "an integer >= 0")
 
     @property
     def mean_acceptance(self) -> float:

@@ -157,6 +157,12 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["sweep", "--gpu", "rtx4090", "--host-mem", "1e30"], 2, "--host-mem"),
     ("specplan", ["batch", *JOB[2:], "--output", "o.jsonl", "--gpu-mem", "1e400"], 2, "--gpu-mem"),
     ("specplan", ["sweep", "--grid", "grid-host-256.yaml"], 2, "host_mem[0]"),
+    ("specplan", ["optimize", "--host-mem", "0.5"], 2, "--host-mem: 0.5 B"),
+    ("specplan", ["optimize", "--host-mem", ""], 2, "--host-mem"),
+    ("specplan", ["optimize", "--workload", "workload-seed.json"], 2, "seed"),
+    ("specplan", ["simulate", "--plan", "/dev/zero"], 2, "/dev/zero"),
+    ("specplan", ["simulate", "--gantt", "g.svg"], 2, "--gantt"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-true.json"], 2, "prices.rtx4090"),
     # accepted no more: a report of another device, an impossible date, flags the policy ignores
     ("specplan", ["calibrate", "report-cpu.json", "--plan", "plan.json"], 2, "device.name"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-bad-date.json"], 2, "date"),
@@ -264,6 +270,8 @@ def write_files(d: Path) -> None:
     (d / "profile.json").write_text(json.dumps(prof))
     (d / "grid.yaml").write_text("gpu: [rtx4090]\n")
     (d / "grid-host-256.yaml").write_text("gpu: [rtx4090]\nhost_mem: [256]\n")
+    (d / "workload-seed.json").write_text(json.dumps({"seed": -1}))
+    (d / "prices-true.json").write_text(json.dumps({"date": "2024-05-01", "source": "a quote", "prices": {"rtx4090": True}}))
     (d / "prices-bad-date.yaml").write_text("date: 2024-13-45\nsource: a quote\nprices: {rtx4090: 0.35}\n")
     (d / "prices-bad-date.json").write_text(json.dumps({"date": "2024-13-45", "source": "a quote", "prices": {"rtx4090": 0.35}}))
     os.link(d / "plan.json", d / "link-to-plan.json")
@@ -585,6 +593,19 @@ def test_the_processes_a_command_started_are_found_and_ended_and_a_reused_pid_is
         assert not any(procs.alive(p) for p in found)
     finally:
         sh.kill()
+
+
+def test_a_shipped_profile_or_preset_is_an_input_too(tmp_path):
+    """A shipped profile and a model preset are files the command reads: writing over them
+    would break every later command that names them."""
+    shipped = ROOT / "hwprofiles" / "shipped" / "rtx4090.json"
+    preset = ROOT / "specplan" / "presets" / "models" / "tiny-llama.json"
+    before = shipped.read_bytes(), preset.read_bytes()
+    for args, names in ((["--out", str(shipped)], "--out: "), (["--target", "tiny-llama", "--draft", "none", "--out",
+                                                                str(preset)], "what --target reads")):
+        res = run_cli("specplan", ["optimize", *args], tmp_path)
+        assert res.returncode == 2 and names in first_error_line(res.stderr), res.stderr
+    assert (shipped.read_bytes(), preset.read_bytes()) == before
 
 
 def test_no_output_goes_where_an_input_is(tmp_path):
