@@ -195,6 +195,9 @@ def parse_prices(prices: Any, source: str, where: str) -> dict[str, float]:
             if not sep or not name:
                 raise InputError(source, where, f"'{flag}' is not NAME=PRICE", "e.g. --price rtx4090=0.35 ($ per hour)")
             items.append((name, value))
+        twice = [n for n in dict.fromkeys(n for n, _ in items) if sum(m == n for m, _ in items) > 1]
+        if twice:
+            raise InputError(source, f"{where}.{twice[0]}", "is priced twice", "one price per GPU")
     out = {}
     for name, value in items:
         try:

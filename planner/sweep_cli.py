@@ -142,6 +142,8 @@ def sweep_cmd(
                       *(("--gpu", profile_path(g)) for g in dict.fromkeys(p.gpu for p in points)),
                       *(("--target", ModelSpec.files_of(m)) for m in dict.fromkeys(p.target for p in points)),
                       *(("--draft", ModelSpec.files_of(m)) for m in dict.fromkeys(p.draft for p in points))])
+    if no_cache and cache:
+        raise InputError("argument", "--cache", "is given with --no-cache, which caches nothing", "one of them")
     cache_dir = None if no_cache else (cache or default_cache_dir())
     if cache_dir:
         check_writable(Path(cache_dir) / "probe.json", "--cache")

@@ -53,6 +53,8 @@ class Workload:
                  "temperature", "seed"}
         unknown = set(d) - known
         require(not unknown, source, ", ".join(sorted(unknown)), "unknown field", ", ".join(sorted(known)))
+        require(not {"prompt_len", "prompt_lens"} <= set(d), source, "prompt_lens",
+                "is given beside prompt_len, and one would be ignored", "one of prompt_len and prompt_lens")
         prompt = d.get("prompt_lens", d.get("prompt_len", 512))
         return cls.make(prompt, d.get("gen_len", 128), d.get("num_prompts", 512), d.get("acceptance", 0.7),
                         d.get("sampling", "greedy"), d.get("temperature", 1.0), d.get("seed", 0), source=source,

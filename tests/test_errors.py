@@ -163,6 +163,10 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["simulate", "--plan", "/dev/zero"], 2, "/dev/zero"),
     ("specplan", ["simulate", "--gantt", "g.svg"], 2, "--gantt"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-true.json"], 2, "prices.rtx4090"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--price", "rtx4090=0.3", "--price", "rtx4090=0.5"], 2,
+     "--price.rtx4090: is priced twice"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--cache", "c", "--no-cache"], 2, "--cache"),
+    ("specplan", ["optimize", "--workload", "workload-two-lens.json"], 2, "prompt_lens"),
     # accepted no more: a report of another device, an impossible date, flags the policy ignores
     ("specplan", ["calibrate", "report-cpu.json", "--plan", "plan.json"], 2, "device.name"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-bad-date.json"], 2, "date"),
@@ -271,6 +275,7 @@ def write_files(d: Path) -> None:
     (d / "grid.yaml").write_text("gpu: [rtx4090]\n")
     (d / "grid-host-256.yaml").write_text("gpu: [rtx4090]\nhost_mem: [256]\n")
     (d / "workload-seed.json").write_text(json.dumps({"seed": -1}))
+    (d / "workload-two-lens.json").write_text(json.dumps({"prompt_len": 64, "prompt_lens": [32, 128]}))
     (d / "prices-true.json").write_text(json.dumps({"date": "2024-05-01", "source": "a quote", "prices": {"rtx4090": True}}))
     (d / "prices-bad-date.yaml").write_text("date: 2024-13-45\nsource: a quote\nprices: {rtx4090: 0.35}\n")
     (d / "prices-bad-date.json").write_text(json.dumps({"date": "2024-13-45", "source": "a quote", "prices": {"rtx4090": 0.35}}))
