@@ -318,3 +318,24 @@ def test_a_nodes_broken_profile_is_not_answered_with_give_profile_when_profile_w
     assert profile is None and str(bad) in why
     assert "give --profile" not in profile_hint(fallback) and PROFILE_ENV in profile_hint(fallback)
     assert "give --profile" in profile_hint(None)
+
+
+def test_resume_over_the_output_and_its_shards_refuses_an_id_in_two_of_them_and_repair_keeps_the_first(tmp_path):
+    from specplan.runtime.jobio import sidecar_path
+
+    out = tmp_path / "out.jsonl"
+    line = lambda rid: json.dumps({"id": rid, "token_ids": [1]}) + "\n"  # noqa: E731
+    out.write_text(line("a") + line("b"))
+    sidecar_path(out).write_text(json.dumps({"plan": None}))
+    shards.shards_dir(out).mkdir()
+    shards.shard_path(out, 0).write_text(line("c") + line("a"))
+    shards.shard_path(out, 1).write_text(line("zz"))
+    before = {p: p.read_bytes() for p in (out, shards.shard_path(out, 0), shards.shard_path(out, 1))}
+    with pytest.raises(InputError, match=r"shard-00000.jsonl: id 'a': has result lines in .*out.jsonl and in"):
+        shards.prepare(out, {"plan": None}, resume=True, input_ids={"a", "b", "c", "d"})
+    assert {p: p.read_bytes() for p in before} == before
+    said: list[str] = []
+    done, next_shard = shards.prepare(out, {"plan": None}, resume=True, input_ids={"a", "b", "c", "d"}, repair=True,
+                                      say=said.append)
+    assert done == {"a", "b", "c"} and next_shard == 2 and len(said) == 2
+    assert shards.shard_path(out, 0).read_text() == line("c") and shards.shard_path(out, 1).read_text() == ""
