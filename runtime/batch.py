@@ -72,7 +72,8 @@ def batch_cmd(
 ) -> None:
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
     from specplan.plan import ADMISSIONS, POLICIES
-    from specplan.hardware import memory_size, profile_path
+    from specplan.cli import memory_caps
+    from specplan.hardware import profile_path
     from specplan.models import ModelSpec
 
     from . import shards
@@ -132,8 +133,7 @@ def batch_cmd(
                        dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed, sampling=sampling,
                        force=force, profile=fallback)
     req = PlanRequest(gen_len=gen_len, acceptance=acceptance, policies=tuple(policy), admissions=tuple(admission),
-                      gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None,
-                      host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None)
+                      **memory_caps(host_mem, gpu_mem))
     driver = Driver(cfg, req, BatchRun(address, workers, cpus_per_worker, shard_rows, local_cpus), say, progress)
     job_report: dict = {"output": str(output), "rows": len(data.rows), "rows_before": len(done), "resumed": bool(done)}
     # Ray prints its own news (a worker died, ...) to stdout: it goes to stderr here, so that

@@ -67,10 +67,14 @@ def _file_hash(path: Path) -> str:
     for f in files:
         if path.is_dir():
             h.update(f.name.encode() + b"\0")
-        with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _hash_file(h, f, gzip.open if f.suffix == ".gz" else open)
     return h.hexdigest()[:16]
+
+
+def _hash_file(h, path: Path, opener=open) -> None:
+    with opener(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
 
 
 def legacy_identity(identity: dict, dataset: "Dataset") -> dict:
@@ -80,7 +84,7 @@ def legacy_identity(identity: dict, dataset: "Dataset") -> dict:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        _hash_file(h, f)
     return {**identity, "input": str(path.resolve()), "input_sha256": h.hexdigest()[:16]}
 
 
@@ -207,24 +211,6 @@ def _kind(path: Path) -> str:
     return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
 
 
-def _text(path: Path, expected: str) -> str:
-    """A text input, gunzipped where its name ends in .gz; errors name the file."""
-    if path.suffix != ".gz":
-        return read_text(path, expected)
-    import gzip
-    import zlib
-
-    try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
-        raise InputError(str(path), "file", f"is not a whole gzip file ({_first_line(e)})", f"{expected}, gzipped") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(str(path), f"byte {e.start} (uncompressed)", "is not UTF-8 text", expected) from None
-
-
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -292,7 +278,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
     elif _kind(path) in (".jsonl", ".json"):
         if column is not None:
             obj_key = column
-        for n, line in enumerate(_lines(_text(path, "a UTF-8 JSONL file, one object a line")), 1):
+        for n, line in enumerate(_lines(read_text(path, "a UTF-8 JSONL file, one object a line")), 1):
             if not line.strip():
                 continue
             try:
@@ -310,7 +296,7 @@ def read_dataset(path: str | Path, model_dir: Path | None, vocab: int, column: s
             chat |= isinstance(obj, dict) and "messages" in obj
             rows.append(_row(obj, f"line {n}", str(n), enc, source))
     else:
-        for n, line in enumerate(_lines(_text(path, "a UTF-8 text file, one prompt per line")), 1):
+        for n, line in enumerate(_lines(read_text(path, "a UTF-8 text file, one prompt per line")), 1):
             if line.strip():
                 ids = enc.text(line, f"line {n}")
                 if not ids:
@@ -341,13 +327,14 @@ def job_identity(plan_sha: str, target: str, draft: str | None, dataset: Dataset
     return {"plan": plan_sha, "target": target, "draft": draft, "input_sha256": dataset.sha256, "settings": settings}
 
 
-def result_lines(output: Path) -> tuple[list[tuple[str, int, int]], int]:
-    """(id, start, end) byte offsets of every complete result line of `output`, and where its
-    complete lines end (none, and 0, if it does not exist): a torn last line, from a kill
-    mid-write, is not one, and is cut off before appending."""
-    if not output.exists():
-        return [], 0
-    data = output.read_bytes()
+def result_lines(output: Path, data: bytes | None = None) -> tuple[list[tuple[str, int, int]], int]:
+    """(id, start, end) byte offsets of every complete result line of `output` (read, unless
+    its bytes are given), and where its complete lines end (none, and 0, if it does not
+    exist): a torn last line, from a kill mid-write, is not one, and is cut off before appending."""
+    if data is None:
+        if not output.exists():
+            return [], 0
+        data = output.read_bytes()
     end = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
     found: list[tuple[str, int, int]] = []
     at = 0
@@ -369,38 +356,47 @@ def read_done(output: Path) -> tuple[set[str], int]:
     return {i for i, _, _ in lines}, end
 
 
-def audit_results(files: list[Path], input_ids: set[str], repair: bool, say=None) -> set[str]:
+def audit_results(files: list[Path], input_ids: set[str], repair: bool,
+                  say=None) -> tuple[set[str], dict[Path, int]]:
     """The ids done in a job's result files (its output, a batch's shards), each checked: an
     id written twice, or one the input does not hold, is refused with the id named; with
-    `repair`, the extra lines are dropped (the file rewritten atomically, each drop said)."""
+    `repair`, the extra lines are dropped (the file rewritten atomically, each drop said).
+    Also where each file's complete lines end (result_lines). Each file is read once."""
     seen: dict[str, Path] = {}
+    ends: dict[Path, int] = {}
     for f in files:
-        lines, _ = result_lines(f)
+        data = f.read_bytes() if f.exists() else b""
+        lines, ends[f] = result_lines(f, data)
         keep = []
         for rid, start, stop in lines:
-            why = (f"has two result lines in {f}" if seen[rid] == f else f"has result lines in {seen[rid]} and in {f}") \
-                if rid in seen else None if rid in input_ids else "is not in the input, so this line is another job's"
-            if why is None:
+            if rid in seen:
+                why = f"has two result lines in {f}" if seen[rid] == f else f"has result lines in {seen[rid]} and in {f}"
+            elif rid not in input_ids:
+                why = "is not in the input, so this line is another job's"
+            else:
                 seen[rid] = f
                 keep.append((start, stop))
-            elif not repair:
+                continue
+            if not repair:
                 raise InputError(str(f), f"id {rid!r}", why,
                                  "--resume --repair to keep each input id's first line and drop the others")
-            elif say is not None:
+            if say is not None:
                 say(f"{f}: dropped the line of id {rid!r}: it {why}")
         if len(keep) < len(lines):
-            data = f.read_bytes()
-            write_atomic(f, b"".join(data[a:b] for a, b in keep))
-    return set(seen)
+            kept = b"".join(data[a:b] for a, b in keep)
+            write_atomic(f, kept)
+            ends[f] = len(kept)
+    return set(seen), ends
 
 
 def resume_state(output: Path, identity: dict, resume: bool, input_ids: set[str] | None = None,
-                 repair: bool = False, say=None, legacy=None) -> tuple[set[str], int]:
-    """Check `output` against this job and read what is done: the ids it holds and where
-    appending starts. Refused: an existing output without --resume, one whose .job.json
-    records another job, and (given `input_ids`) one that holds an id twice or an id the
-    input lacks (audit_results; `repair` drops those lines instead). `legacy()`: the identity
-    as an earlier format of .job.json recorded it (legacy_identity), for outputs it wrote."""
+                 repair: bool = False, say=None, legacy=None, also: list[Path] = ()) -> tuple[set[str], int]:
+    """Check `output` against this job and read what is done: the ids it (and the result files
+    `also`, a batch's shards) hold, and where appending to it starts. Refused: an existing
+    output without --resume, one whose .job.json records another job, and (given `input_ids`)
+    an id written twice or one the input lacks (audit_results; `repair` drops those lines
+    instead). `legacy()`: the identity as an earlier format of .job.json recorded it
+    (legacy_identity), for outputs it wrote."""
     side = sidecar_path(output)
     if resume and (output.exists() or side.exists()):
         if not side.exists():
@@ -419,8 +415,10 @@ def resume_state(output: Path, identity: dict, resume: bool, input_ids: set[str]
             raise InputError(str(side), ", ".join(diff), "differ from this job's, so its results are another job's",
                              "--resume with the plan, models, input and sampling that wrote it, or a new --output")
         if input_ids is not None:
-            audit_results([output], input_ids, repair, say)
-        return read_done(output)
+            done, ends = audit_results([output, *also], input_ids, repair, say)
+            return done, ends[output]
+        done, end = read_done(output)
+        return done.union(*(read_done(f)[0] for f in also)), end
     if output.exists() and not resume:
         raise InputError("--output", str(output), "exists", "--resume to continue that job, or a new path")
     return set(), 0

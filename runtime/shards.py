@@ -21,7 +21,7 @@ from pathlib import Path
 
 from specplan.errors import InputError, SpecplanError
 
-from .jobio import _fsync_dir, audit_results, result_lines, resume_state, sidecar_path
+from .jobio import _fsync_dir, result_lines, resume_state, sidecar_path
 
 
 def shards_dir(output: Path) -> Path:
@@ -62,12 +62,7 @@ def prepare(output: Path, identity: dict, resume: bool, input_ids: set[str] | No
     if shards and not sidecar_path(output).exists():
         raise InputError(str(shards_dir(output)), "job", f"has no {sidecar_path(output).name} beside {output.name}, "
                          "so which job wrote it is unknown", "the shards and .job.json specplan batch wrote")
-    done, _ = resume_state(output, identity, resume, legacy=legacy)
-    files = [output, *(f for _, f in shards)]
-    if input_ids is not None and resume:
-        done = audit_results(files, input_ids, repair, say)
-    else:
-        done = {i for f in files for i, _, _ in result_lines(f)[0]}
+    done, _ = resume_state(output, identity, resume, input_ids, repair, say, legacy, also=[f for _, f in shards])
     return done, max((n for n, _ in shards), default=-1) + 1
 
 

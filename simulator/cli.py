@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, given_options, out, print_json,
-                          profile_from_flags)
+from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, given_options, memory_caps, out,
+                          print_json, profile_from_flags)
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
-from specplan.hardware import memory_size, profile_path
+from specplan.hardware import profile_path
 from specplan.memory import least_placement, placement_ladder, plan_memory
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
@@ -139,9 +139,7 @@ def simulate_cmd(
                              f"--plan alone (with {', '.join(keeps)}), or no --plan")
         p = Plan.load(plan)
         tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
-        profile = p.hardware_profile().compose(
-            pcie=pcie, host=host, host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None,
-            gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None)
+        profile = p.hardware_profile().compose(pcie=pcie, host=host, **memory_caps(host_mem, gpu_mem))
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
     else:

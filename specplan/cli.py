@@ -31,15 +31,19 @@ HostMemOpt = Annotated[Optional[str], typer.Option("--host-mem", help="Host memo
 GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Cap usable GPU memory, e.g. 24GiB.")]
 
 
+def memory_caps(host_mem: str | None, gpu_mem: str | None) -> dict:
+    """--host-mem and --gpu-mem, checked, as HardwareProfile.compose's keywords (None: not given)."""
+    from .hardware import memory_size
+
+    return {"host_memory_bytes": None if host_mem is None else memory_size(host_mem, "argument", "--host-mem"),
+            "gpu_memory_bytes": None if gpu_mem is None else memory_size(gpu_mem, "argument", "--gpu-mem")}
+
+
 def profile_from_flags(gpu: str, pcie: str | None = None, host: str | None = None,
                        host_mem: str | None = None, gpu_mem: str | None = None):
-    from .hardware import load_profile, memory_size
+    from .hardware import load_profile
 
-    return load_profile(
-        gpu, pcie=pcie, host=host,
-        host_memory_bytes=memory_size(host_mem, "argument", "--host-mem") if host_mem is not None else None,
-        gpu_memory_bytes=memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None,
-    )
+    return load_profile(gpu, pcie=pcie, host=host, **memory_caps(host_mem, gpu_mem))
 
 
 def given_options(ctx) -> set[str]:

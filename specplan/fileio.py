@@ -125,18 +125,31 @@ def check_not_inputs(writes: Iterable[tuple], reads: Iterable[tuple]) -> None:
 
 
 def read_text(path: str | Path, expected: str) -> str:
-    """A UTF-8 text file, or one line naming the file and what was wrong."""
+    """A UTF-8 text file, gunzipped where its name ends in .gz, or one line naming the file and
+    what was wrong."""
     path = Path(path)
     try:
-        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the text
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(str(path), "file", "does not exist", expected) from None
     except IsADirectoryError:
         raise InputError(str(path), "file", "is a directory", expected) from None
     except OSError as e:
         raise InputError(str(path), "file", f"cannot be read ({e.strerror})", expected) from None
+    gz = path.suffix == ".gz"
+    if gz:
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+            raise InputError(str(path), "file", f"is not a whole gzip file ({e})", f"{expected}, gzipped") from None
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark is not part of the text
     except UnicodeDecodeError as e:
-        raise InputError(str(path), f"byte {e.start}", "is not UTF-8 text", expected) from None
+        raise InputError(str(path), f"byte {e.start}" + (" (uncompressed)" if gz else ""), "is not UTF-8 text",
+                         expected) from None
 
 
 def read_json(path: str | Path) -> Any:
