@@ -400,6 +400,7 @@ class Driver:
 
         ray = _ray()
         t0 = time.perf_counter()
+        procs.adopt_orphans()  # Ray's agents, orphaned by a shutdown mid-start, stay findable below this process
         connect(self.where.address, self.where.num_cpus)
         self.started = procs.descendants(os.getpid())  # Ray's processes, should an interrupt orphan them
         slots = worker_slots(ray.nodes(), self.cfg.device, self.where.cpus_per_worker, self.where.max_workers)
@@ -589,7 +590,7 @@ class Driver:
         except Exception:  # noqa: BLE001 - Ray half imported or half started: its processes are ended below
             pass
         finally:
-            procs.end(started)
+            procs.end_all_below(os.getpid(), started)
 
     # helpers
 

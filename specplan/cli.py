@@ -286,6 +286,10 @@ def exit_without_teardown(entry: Callable[[], None]) -> None:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # an exit handler of a library whose import the interrupt cut short (Ray's shutdown
+        # importing more of a half-initialised ray) fails: a consequence of the interrupt
+        # already reported, not an error to print
+        sys.unraisablehook = lambda info: None
     if code == 0 and any(t.is_alive() and not t.daemon for t in threading.enumerate()
                          if t is not threading.current_thread()):
         sys.exit(code)

@@ -46,6 +46,32 @@ def alive(proc: Proc) -> bool:
     return fields is not None and int(fields[19]) == proc[1] and fields[0] != "Z"
 
 
+def adopt_orphans() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux PR_SET_CHILD_SUBREAPER):
+    a process whose parent ends (an agent whose server a shutdown stopped while it was being
+    started) is then re-parented here, not to init, so `descendants` still finds it. False
+    where the system has no such call."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # 36 = PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def end_all_below(pid: int, known: list[Proc] = (), grace_s: float = 3.0, rounds: int = 4) -> None:
+    """End `known` and every process below `pid`, again while ending them leaves new orphans
+    here (see adopt_orphans) or a process was mid-start."""
+    todo = list(dict.fromkeys([*known, *descendants(pid)]))
+    for _ in range(rounds):
+        todo = [p for p in todo if alive(p)]
+        if not todo:
+            return
+        end(todo, grace_s)
+        todo = descendants(pid)
+
+
 def end(procs: list[Proc], grace_s: float = 3.0) -> None:
     """SIGTERM each of `procs` still alive, then SIGKILL what is left after `grace_s`."""
     def send(to: list[Proc], sig: int) -> None:
