@@ -201,6 +201,166 @@ def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str],
     return get
 
 
+# ---- compressed weights -----------------------------------------------------------------------------
+
+MATRIX_GROUPS = {"attention": "attention", "ffn": "experts"}  # tensor_group -> formats group
+
+
+def matrix_group(name: str) -> str | None:
+    """The formats group of a matrix (formats.py), None for what stays in the dtype: norms,
+    the router, biases. `name`: relative to its layer, or a global name."""
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name == "model.embed_tokens.weight":
+        return "embed"
+    if not name.endswith(".weight") or name.startswith("model."):
+        return None
+    return MATRIX_GROUPS.get(tensor_group(name))
+
+
+class CompressedCheckpoint(Checkpoint):
+    """A checkpoint's tensors with each matrix in its group's format (spec.weights): QWeights
+    quantized from the full-precision tensors at load (round to nearest), or read back from
+    a cache file written by an earlier load of the same checkpoint in the same formats."""
+
+    def __init__(self, base: Checkpoint, cache: "QuantCache | None" = None):
+        super().__init__(base.spec, base._get, base.dtype, base.source)
+        self.base, self.cache = base, cache
+
+    def _convert(self, name: str, t: torch.Tensor):
+        from .quant import quantize
+
+        return quantize(t, self.spec.fmt(matrix_group(name))) if self._converted(name) else t
+
+    def layer(self, i: int) -> dict:
+        prefix = f"model.layers.{i}."
+        names = layer_tensor_names(self.spec)
+        cached = self.cache.load(f"layer{i}") if self.cache is not None else None
+        if cached is not None and all(n in cached for n in names if self._converted(n)):
+            return {n: cached[n] if self._converted(n) else self.base.tensor(prefix + n) for n in names}
+        out = {n: self._convert(n, t) for n, t in self.base.layer(i).items()}
+        self._save(f"layer{i}", out)
+        return out
+
+    def _converted(self, name: str) -> bool:
+        from specplan.formats import DTYPE_FORMAT
+
+        group = matrix_group(name)
+        return group is not None and self.spec.fmt(group).name != DTYPE_FORMAT.get(self.spec.dtype)
+
+    def _save(self, unit: str, tensors: dict) -> None:
+        from .quant import QWeight
+
+        if self.cache is not None:
+            self.cache.save(unit, {n: t for n, t in tensors.items() if isinstance(t, QWeight)})
+
+    def globals(self) -> dict:
+        g = self.base.globals()
+        cached = self.cache.load("globals") if self.cache is not None else None
+        out = {n: (cached or {}).get(n) if self._converted(n) and n in (cached or {}) else self._convert(n, t)
+               for n, t in g.items() if n != "lm_head.weight"}
+        head = g["lm_head.weight"]
+        if head is g["model.embed_tokens.weight"] and self.spec.fmt("lm_head") == self.spec.fmt("embed"):
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        elif cached and "lm_head.weight" in cached:
+            out["lm_head.weight"] = cached["lm_head.weight"]
+        else:
+            out["lm_head.weight"] = self._convert("lm_head.weight", head)
+        if not cached:
+            self._save("globals", out)
+        return out
+
+
+class QuantCache:
+    """Compressed weights on disk, so that a second load reads codes instead of quantizing:
+    one safetensors file per layer (and one for the globals) in a folder named by the
+    checkpoint's key and the formats. Each file records both in its metadata; a file whose
+    record differs (copied from another checkpoint's folder) is refused, not used."""
+
+    def __init__(self, root: Path, checkpoint_key: str, spec: ModelSpec):
+        self.key = checkpoint_key
+        self.formats = spec.weights.describe()
+        tag = "_".join(f"{g}-{f}" for g, f in spec.weights.to_dict().items()) or "dtype"
+        self.folder = Path(root) / f"{checkpoint_key[:16]}-{spec.dtype}-{tag}"
+
+    def load(self, unit: str) -> dict | None:
+        from safetensors import safe_open
+
+        from specplan.formats import parse_format
+
+        from .quant import PARTS, assemble
+
+        path = self.folder / f"{unit}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a cut or foreign file
+            raise InputError(str(path), "file", f"is not a readable safetensors file ({type(e).__name__})",
+                             "delete it: the weights are quantized again") from None
+        if meta.get("checkpoint") != self.key or meta.get("formats") != self.formats:
+            raise InputError(str(path), "metadata.checkpoint",
+                             f"was written for checkpoint {str(meta.get('checkpoint'))[:16]} ({meta.get('formats')}), "
+                             f"not this one ({self.key[:16]}, {self.formats})", "delete the file or its folder")
+        out = {}
+        for name in {k.rsplit(".", 1)[0] for k in tensors}:
+            parts = {p: tensors[f"{name}.{p}"] for p in PARTS if f"{name}.{p}" in tensors}
+            shape = tuple(int(x) for x in meta[f"shape:{name}"].split(","))
+            out[name] = assemble(parse_format(meta[f"format:{name}"]), shape, parts, None)
+        return out
+
+    def save(self, unit: str, qweights: dict) -> None:
+        from safetensors.torch import save
+
+        from specplan.fileio import write_atomic
+
+        if not qweights:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = {"checkpoint": self.key, "formats": self.formats}
+        tensors = {}
+        for name, q in qweights.items():
+            meta[f"format:{name}"] = q.fmt.name
+            meta[f"shape:{name}"] = ",".join(map(str, q.shape))
+            tensors.update({f"{name}.{p}": t.contiguous() for p, t in q.parts().items()})
+        write_atomic(self.folder / f"{unit}.safetensors", save(tensors, metadata=meta))
+
+
+def checkpoint_key(path: Path) -> str:
+    """A HF directory's identity for the cache: its config and each safetensors file's name,
+    size and header (tensor names, dtypes, shapes, offsets), hashed; reads no weight."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 26)))
+    return h.hexdigest()
+
+
+def default_cache_root() -> Path:
+    """$SPECPLAN_CACHE, else $XDG_CACHE_HOME/specplan, else ~/.cache/specplan; + quantized/."""
+    root = os.environ.get("SPECPLAN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specplan"
+    return Path(root) / "quantized"
+
+
+def compress(ck: Checkpoint, cache: "QuantCache | None" = None) -> Checkpoint:
+    """`ck` in its spec's weight formats (itself when every group is in the model's dtype)."""
+    from specplan.formats import DTYPE_FORMAT
+
+    spec = ck.spec
+    if all(spec.fmt(g).name == DTYPE_FORMAT.get(spec.dtype) for g in ("attention", "experts", "lm_head", "embed")):
+        return ck
+    return CompressedCheckpoint(ck, cache)
+
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -213,9 +373,10 @@ def torch_dtype(spec: ModelSpec, source: str = "model") -> torch.dtype:
 def open_checkpoint(spec: ModelSpec, weights_dir: Path | None, random_weights: bool, seed: int = 0) -> Checkpoint:
     """The weights `specrun` runs: a model directory's safetensors, or random ones when asked for."""
     dtype = torch_dtype(spec, spec.name)
-    if random_weights:
-        return random_checkpoint(spec, dtype, seed)
+    if random_weights:  # quantized at each load: no file to key a cache by
+        return compress(random_checkpoint(spec, dtype, seed))
     if weights_dir is None:
         raise InputError(spec.name, "weights", "none to load (a preset, or a directory without *.safetensors)",
                          "a HF model directory with *.safetensors, or --random-weights")
-    return load_checkpoint(weights_dir, spec, dtype)
+    ck = load_checkpoint(weights_dir, spec, dtype)
+    return compress(ck, QuantCache(default_cache_root(), checkpoint_key(Path(weights_dir)), spec))

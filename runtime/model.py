@@ -23,6 +23,7 @@ from specplan.models import ModelSpec
 
 from .attention import attend, group_mask
 from .kvcache import KVCache
+from .quant import dense
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -107,7 +108,7 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return F.linear(x, dense(w[f"{name}.weight"]), w.get(f"{name}.bias"))
 
 
 # Projections that read the same input are fused when the weights are loaded (fuse_layer):
@@ -127,12 +128,15 @@ def _expert_fusions(tensors: dict) -> dict[str, tuple[str, ...]]:
 def fuse_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors with q|k|v, gate|up and each expert's w1|w3 concatenated
     along the output dimension (weights, and biases where there are any); the rest as given."""
+    from .quant import QWeight, cat
+
     out = dict(tensors)
     for fused, parts in (FUSED | _expert_fusions(tensors)).items():
         for kind in ("weight", "bias"):
             names = [f"{p}.{kind}" for p in parts]
             if all(n in out for n in names):
-                out[f"{fused}.{kind}"] = torch.cat([out.pop(n) for n in names])
+                pieces = [out.pop(n) for n in names]
+                out[f"{fused}.{kind}"] = cat(pieces) if isinstance(pieces[0], QWeight) else torch.cat(pieces)
     return out
 
 
@@ -141,9 +145,10 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     FFN-wide intermediate, worked on in place (cost.activation_bytes)."""
     f = gate_up.shape[0] // 2
     # one batched GEMM [2, tokens, F]: gate and up each come out contiguous, so the product
-    # is formed in gate's half and goes into down_proj without a copy
-    gate, up = torch.matmul(x.reshape(-1, x.shape[-1]), gate_up.view(2, f, -1).transpose(1, 2))
-    return F.linear(F.silu(gate, inplace=True).mul_(up), down).view(*x.shape[:-1], -1)
+    # is formed in gate's half and goes into down_proj without a copy. A compressed weight is
+    # dequantized right before its GEMM, gate|up's scratch reused for down.
+    gate, up = torch.matmul(x.reshape(-1, x.shape[-1]), dense(gate_up).view(2, f, -1).transpose(1, 2))
+    return F.linear(F.silu(gate, inplace=True).mul_(up), dense(down)).view(*x.shape[:-1], -1)
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -331,6 +336,6 @@ class Model:
             x = x[torch.arange(x.shape[0], device=x.device), step.pick.to(x.device)]
         x = rms_norm(x, w["model.norm.weight"], self.spec.rms_norm_eps)
         flat = x.reshape(-1, x.shape[-1])
-        lm_head = w["lm_head.weight"]
+        lm_head = dense(w["lm_head.weight"])
         chunks = [F.linear(c, lm_head).float() for c in flat.split(LOGITS_CHUNK_TOKENS)]
         return torch.cat(chunks).view(*x.shape[:-1], -1)

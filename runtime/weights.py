@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from specplan.plan import Placement
 
 from .checkpoint import Checkpoint, tensor_group
 from .model import fuse_layer
+from .quant import PARTS, QWeight, assemble
 from .stats import Stats
 
 ALIGN = 256  # bytes; keeps every tensor view in a slot aligned for vectorised kernels
@@ -60,6 +61,7 @@ class _Part:
 class _Unit:
     resident: dict[str, torch.Tensor] = field(default_factory=dict)
     layout: dict[str, tuple[int, torch.dtype, torch.Size]] = field(default_factory=dict)  # name -> (offset, dtype, shape)
+    compressed: dict[str, tuple] = field(default_factory=dict)  # name -> (format, shape): its parts are "name#part"
     parts: list[_Part] = field(default_factory=list)
     nbytes: int = 0  # streamed bytes
 
@@ -77,9 +79,12 @@ class WeightStore:
         self.bytes = {"gpu": 0, "cpu_pinned": 0, "cpu_pageable": 0, "disk": 0}
         self._spill: tempfile.TemporaryDirectory | None = None
         spec = checkpoint.spec
+        self.dtype = checkpoint.dtype  # the compute dtype every compressed weight is dequantized to
+        self.scratch_numel = 0  # the largest compressed matrix: the one dequantization buffer's size
+        self.resident_q: list[QWeight] = []
 
         g = checkpoint.globals()
-        self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed)
+        self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed, dense_use=False)
         self.units = [self._build_unit(i, fuse_layer(checkpoint.layer(i)), lambda name, i=i: self._home(placement, i, name))
                       for i in range(spec.layers)]
         head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
@@ -90,7 +95,15 @@ class WeightStore:
         self.units.append(self._build_unit(spec.layers, head, lambda name: placement.lm_head if name == "lm_head.weight" else "gpu"))
         if tied_on_gpu:
             self.units[-1].resident["lm_head.weight"] = self.embed_weight
+            if isinstance(self.embed_weight, QWeight):
+                self.scratch_numel = max(self.scratch_numel, self.embed_weight.shape[0] * self.embed_weight.shape[1])
 
+        self.scratch = None
+        if self.scratch_numel:
+            self.scratch = torch.empty(self.scratch_numel, dtype=self.dtype, device=device)
+            self.bytes["gpu"] += self.scratch.nbytes
+            for q in self.resident_q:
+                q.scratch = self.scratch
         self.order = [u for u, unit in enumerate(self.units) if unit.parts]  # units that stream
         n_slots = min(prefetch_depth + 1, len(self.order))
         slot_bytes = max((self.units[u].nbytes for u in self.order), default=0)
@@ -120,7 +133,15 @@ class WeightStore:
             return placement.ffn_home(layer)
         return "gpu"  # norms and the router are small and needed to route before experts arrive
 
-    def _place(self, t: torch.Tensor, home: str) -> torch.Tensor:
+    def _place(self, t: torch.Tensor | QWeight, home: str, dense_use: bool = True) -> torch.Tensor | QWeight:
+        """`t` at `home`; a compressed matrix used whole (not the embedding's row lookups)
+        sizes the scratch buffer it is dequantized into."""
+        if isinstance(t, QWeight):
+            if dense_use:
+                self.scratch_numel = max(self.scratch_numel, t.shape[0] * t.shape[1])
+            placed = replace(t, **{k: self._place(p, home) for k, p in t.parts().items()})
+            self.resident_q.append(placed)
+            return placed
         if home == "gpu":
             self.bytes["gpu"] += t.nbytes
             return t.to(self.device).contiguous()
@@ -131,10 +152,18 @@ class WeightStore:
     def _build_unit(self, u: int, tensors: dict[str, torch.Tensor], home_of) -> _Unit:
         unit = _Unit()
         by_home: dict[str, list[str]] = {}
-        for name, t in tensors.items():
+        for name, t in list(tensors.items()):
             home = home_of(name)
             if home == "gpu":
                 unit.resident[name] = self._place(t, "gpu")
+                continue
+            if isinstance(t, QWeight):  # streamed as its parts, put back together by acquire
+                unit.compressed[name] = (t.fmt, t.shape)
+                self.scratch_numel = max(self.scratch_numel, t.shape[0] * t.shape[1])
+                del tensors[name]
+                for part, p in t.parts().items():
+                    tensors[f"{name}#{part}"] = p
+                    by_home.setdefault(home, []).append(f"{name}#{part}")
             else:
                 by_home.setdefault(home, []).append(name)
         offset = 0
@@ -163,6 +192,8 @@ class WeightStore:
 
     # ---- the per-layer protocol ----------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed_weight, QWeight):  # only the rows looked up are dequantized
+            return self.embed_weight.rows(tokens.to(self.embed_weight.codes.device), self.dtype)
         return F.embedding(tokens.to(self.embed_weight.device), self.embed_weight)
 
     def acquire(self, u: int) -> dict[str, torch.Tensor]:
@@ -178,9 +209,13 @@ class WeightStore:
         views = self._views.get((u, slot))
         if views is None:
             buf = self.slots[slot]
-            views = self._views[(u, slot)] = unit.resident | {
+            views = unit.resident | {
                 name: buf[off:off + dtype.itemsize * shape.numel()].view(dtype).view(shape)
                 for name, (off, dtype, shape) in unit.layout.items()}
+            for name, (fmt, shape) in unit.compressed.items():
+                parts = {p: views.pop(f"{name}#{p}") for p in PARTS if f"{name}#{p}" in views}
+                views[name] = assemble(fmt, shape, parts, self.scratch)
+            self._views[(u, slot)] = views
         return views
 
     def release(self, u: int) -> None:

@@ -16,12 +16,12 @@ from typing import Any
 
 from .errors import InputError, UnknownNameError, require
 from .fileio import read_json
+from .formats import WeightFormat, WeightFormats
 
+# the compute dtype: activations, the KV cache, norms; weight matrices have a format (formats.py)
 DTYPE_BYTES: dict[str, float] = {
     "float32": 4, "fp32": 4,
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
-    "int8": 1, "fp8": 1,
-    "int4": 0.5,
 }
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM")
 
@@ -66,6 +66,7 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_positions: int = 4096
+    weights: WeightFormats = WeightFormats()  # each tensor group's format (formats.py)
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- construction -------------------------------------------------------------
@@ -156,6 +157,45 @@ class ModelSpec:
         require(dtype in DTYPE_BYTES, "argument", "dtype", f"'{dtype}' is unknown", ", ".join(DTYPE_BYTES))
         return replace(self, dtype=dtype)
 
+    def with_weights(self, weights: WeightFormats, source: str = "argument") -> "ModelSpec":
+        """This model with its tensor groups in `weights` (refused if a matrix cannot hold them)."""
+        spec = replace(self, weights=weights)
+        for group, shapes in spec._matrices().items():
+            fmt = spec.fmt(group)
+            for rows, cols in shapes:
+                fmt.check_shape(rows, cols, source, f"--weights {group}={fmt.name} for {self.name}")
+        return spec
+
+    def fmt(self, group: str) -> WeightFormat:
+        """The format of a tensor group: attention, experts, lm_head or embed."""
+        return self.weights.of(group, self.dtype)
+
+    def _matrices(self) -> dict[str, list[tuple[int, int]]]:
+        """Each group's weight matrices as [rows, cols] (one expert for `experts`)."""
+        h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"attention": [(q, h), (kv, h), (kv, h), (h, q)], "experts": [(f, h), (f, h), (h, f)],
+                "lm_head": [(self.vocab, h)], "embed": [(self.vocab, h)]}
+
+    def group_bytes(self, group: str) -> float:
+        """Bytes of a group's matrices in its format (one expert for `experts`), biases apart."""
+        fmt = self.fmt(group)
+        return float(sum(fmt.matrix_bytes(r, c) for r, c in self._matrices()[group]))
+
+    @cached_property
+    def dequant_params(self) -> dict[str, int]:
+        """Weights a layer dequantizes per use, by group (0 where the group is not compressed):
+        attention's four matrices, one expert's three, the LM head."""
+        return {g: sum(r * c for r, c in m) if self.fmt(g).compressed else 0
+                for g, m in self._matrices().items() if g != "embed"}
+
+    @cached_property
+    def dequant_scratch_params(self) -> int:
+        """The largest matrix one dequantization writes at once (the runtime's scratch buffer):
+        fused q|k|v, o, fused gate|up, down, the LM head; 0 if nothing is compressed."""
+        h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        sizes = {"attention": [(q + 2 * kv) * h, q * h], "experts": [2 * f * h, f * h], "lm_head": [self.vocab * h]}
+        return max((n for g, ns in sizes.items() if self.fmt(g).compressed for n in ns), default=0)
+
     def validate(self, source: str) -> None:
         require(self.heads % self.kv_heads == 0, source, "num_key_value_heads",
                 f"{self.kv_heads} does not divide num_attention_heads={self.heads}", "a divisor of the head count")
@@ -220,32 +260,40 @@ class ModelSpec:
 
     @cached_property
     def layer_bytes(self) -> LayerBytes:
+        """Each group in its format (formats.py); biases, norms and the router in the dtype."""
         b = self.dtype_bytes
+        expert_bias = self.expert_params - 3 * self.hidden * self.ffn_inner
         return LayerBytes(
-            attention=self.attention_params_per_layer * b,
+            attention=self.group_bytes("attention") + self._attention_bias_params * b,
             router=self.router_params_per_layer * b,
-            expert=self.expert_params * b,
+            expert=self.group_bytes("experts") + expert_bias * b,
             experts=self.experts,
             norms=self.norm_params_per_layer * b,
         )
 
     @cached_property
+    def _attention_bias_params(self) -> int:
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return bias + (self.hidden if self.o_bias else 0)
+
+    @cached_property
     def embed_bytes(self) -> float:
-        return self.embed_params * self.dtype_bytes
+        return self.group_bytes("embed")
 
     @cached_property
     def lm_head_bytes(self) -> float:
-        return self.lm_head_params * self.dtype_bytes
+        return 0.0 if self.tie_embeddings else self.group_bytes("lm_head")
 
     @cached_property
     def head_bytes(self) -> float:
         """The LM head's weights; with tied embeddings the runtime keeps its own copy of the
         embedding matrix for the head (the host copy serves token lookups)."""
-        return self.vocab * self.hidden * self.dtype_bytes
+        return self.group_bytes("lm_head")
 
     @cached_property
     def total_bytes(self) -> float:
-        return self.total_params * self.dtype_bytes
+        lb = self.layer_bytes
+        return self.layers * lb.total + self.embed_bytes + self.lm_head_bytes + self.hidden * self.dtype_bytes
 
     @cached_property
     def kv_bytes_per_token(self) -> float:
@@ -280,6 +328,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("hf_config")
+        d["weights"] = self.weights.to_dict()
         d["total_params"] = self.total_params
         d["active_params_per_token"] = self.active_params_per_token
         d["flops_per_token"] = self.flops_per_token(0)

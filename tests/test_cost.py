@@ -246,7 +246,7 @@ def test_resident_step_time_positive_and_grows(prof):
 def test_kv_cache_bytes():
     m = ModelSpec.from_preset("mixtral-8x7b")
     assert cost.kv_cache_bytes(m, 256, 640) == 256 * 640 * 131072
-    assert cost.kv_cache_bytes(m.with_dtype("int8"), 256, 640) == 256 * 640 * 131072 / 2
+    assert cost.kv_cache_bytes(m.with_dtype("float32"), 256, 640) == 256 * 640 * 131072 * 2
 
 
 def test_activation_bytes_grows_with_tokens():

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from specplan.errors import InputError, UnknownNameError
+from specplan.formats import parse_weights
 from specplan.models import ModelSpec
 
 GB = 1e9
@@ -155,16 +156,20 @@ def test_tied_embeddings_have_no_lm_head_bytes():
     assert s.embed_params == 128256 * 2048
 
 
-def test_with_dtype_int4_halves_int8():
+def test_weight_formats_count_codes_scales_and_zero_points():
     s = ModelSpec.from_preset("mixtral-8x7b")
-    i8, i4 = s.with_dtype("int8"), s.with_dtype("int4")
-    assert i4.total_bytes == pytest.approx(i8.total_bytes / 2)
-    assert i4.layer_bytes.expert == pytest.approx(i8.layer_bytes.expert / 2)
-    assert i4.kv_bytes_per_token == pytest.approx(i8.kv_bytes_per_token / 2)
-    assert i8.total_bytes == pytest.approx(s.total_bytes / 2)  # bf16 -> int8
+    i8, i4 = (s.with_weights(parse_weights(w).fixed) for w in ("int8", "int4"))
+    h, f = s.hidden, s.ffn_inner
+    assert i8.layer_bytes.expert == 3 * h * f + (2 * f + h) * 2  # one byte a weight, a float16 scale a row
+    assert i4.layer_bytes.expert == 3 * h * f / 2 + 3 * h * f / 64 * 4  # half a byte, scale + zero per 64
+    assert i4.layer_bytes.norms == s.layer_bytes.norms and i4.layer_bytes.router == s.layer_bytes.router
+    assert i4.kv_bytes_per_token == s.kv_bytes_per_token  # the KV stays in the compute dtype
+    assert i4.embed_bytes == s.embed_bytes and i4.head_bytes == s.head_bytes  # a bare format: the layers only
     assert i4.total_params == s.total_params
+    with pytest.raises(InputError, match="int3"):
+        parse_weights("int3")
     with pytest.raises(InputError, match="dtype"):
-        s.with_dtype("int3")
+        s.with_dtype("int8")
 
 
 def test_flops_per_token_grows_with_context():

@@ -1,0 +1,126 @@
+"""Compressed weight matrices: quantize at load, keep the codes, dequantize just before use.
+
+The formats and their byte counts are specplan.formats'. A QWeight holds one [rows, cols]
+matrix as codes plus per-row or per-group scales (and zero points): the weight store packs
+those pieces into a streamed unit like any other tensors, and hands back a QWeight of views
+into the slot. `dense(w)` turns one into the compute dtype in the store's scratch buffer, a
+single preallocated buffer reused by every dequantization, so the model's arithmetic after
+that point is the uncompressed model's, operation for operation.
+
+Rows are independent in every format (scales never span rows), so fusing q|k|v or gate|up
+concatenates codes and scales row-wise and gives the same codes as quantizing each part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from specplan.formats import FLOAT_FORMATS, WeightFormat
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("codes", "scale", "zero")
+
+
+def fp8_dtype() -> torch.dtype | None:
+    return getattr(torch, "float8_e4m3fn", None)
+
+
+@dataclass
+class QWeight:
+    """One matrix in a compressed (or another float) format. `scratch`: where `dense` writes,
+    set by the weight store on the views it hands out; None: a fresh tensor."""
+
+    fmt: WeightFormat
+    shape: tuple[int, int]
+    codes: torch.Tensor  # int8 [r, c] | uint8 [r, c/2] (int4) | float8 [r, c] | float [r, c]
+    scale: torch.Tensor | None = None  # float16 [r] (int8, fp8) or [r, c/g] (int4)
+    zero: torch.Tensor | None = None  # float16 [r, c/g] (int4)
+    scratch: torch.Tensor | None = None  # flat, of the compute dtype
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in PARTS if getattr(self, k) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.parts().values())
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix in `dtype`: (q * s + z) in float32, each operation rounded once, then cast."""
+        r, c = self.shape
+        name = self.fmt.name
+        if name in FLOAT_FORMATS:
+            w = self.codes
+        elif name == "int8" or name == "fp8":
+            w = self.codes.float() * self.scale.float()[:, None]
+        else:  # int4, groups along the row
+            g = self.fmt.group_size
+            low, high = self.codes & 0xF, self.codes >> 4
+            q = torch.stack((low, high), dim=-1).view(r, c // g, g).float()
+            w = (q * self.scale.float()[:, :, None] + self.zero.float()[:, :, None]).view(r, c)
+        if out is None:
+            return w.to(dtype)
+        return out.copy_(w)
+
+    def to(self, device: torch.device) -> "QWeight":
+        return replace(self, **{k: t.to(device) for k, t in self.parts().items()})
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `index` dequantized (an embedding lookup), without dequantizing the rest."""
+        sub = replace(self, shape=(int(index.numel()), self.shape[1]),
+                      **{k: t[index.reshape(-1)] for k, t in self.parts().items()})
+        return sub.dequantize(dtype).view(*index.shape, self.shape[1])
+
+
+def dense(w: torch.Tensor | QWeight) -> torch.Tensor:
+    """A weight ready for a matmul: a tensor as it is, a QWeight dequantized into its scratch
+    (valid until the next dense() of the same store)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    if w.scratch is None:
+        raise RuntimeError("a compressed weight without a scratch buffer")  # the store always sets one
+    n = w.shape[0] * w.shape[1]
+    return w.dequantize(w.scratch.dtype, w.scratch[:n].view(w.shape))
+
+
+def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
+    """Round-to-nearest quantization of a [rows, cols] matrix (computed in float32)."""
+    r, c = w.shape
+    x = w.float()
+    if fmt.name in FLOAT_FORMATS:
+        return QWeight(fmt, (r, c), w.to(_FLOAT_DTYPES[fmt.name]).contiguous())
+    if fmt.name == "int8":
+        scale = (x.abs().amax(dim=1) / 127.0).half()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round(x / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return QWeight(fmt, (r, c), codes, scale=scale)
+    if fmt.name == "fp8":
+        scale = (x.abs().amax(dim=1) / FP8_MAX).half()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = (x / scale.float()[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(fp8_dtype())
+        return QWeight(fmt, (r, c), codes, scale=scale)
+    g = fmt.group_size
+    xg = x.view(r, c // g, g)
+    lo, hi = xg.amin(dim=2), xg.amax(dim=2)
+    scale = ((hi - lo) / 15.0).half()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = lo.half()
+    q = torch.round((xg - zero.float()[:, :, None]) / scale.float()[:, :, None]).clamp_(0, 15).to(torch.uint8)
+    q = q.view(r, c)
+    codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return QWeight(fmt, (r, c), codes, scale=scale, zero=zero)
+
+
+def cat(ws: list[QWeight]) -> QWeight:
+    """Row-wise concatenation (a fused projection): rows keep their own scales."""
+    first = ws[0]
+    assert all(w.fmt == first.fmt and w.shape[1] == first.shape[1] for w in ws)
+    return replace(first, shape=(sum(w.shape[0] for w in ws), first.shape[1]),
+                   **{k: torch.cat([getattr(w, k) for w in ws]) for k in first.parts()})
+
+
+def assemble(fmt: WeightFormat, shape: tuple[int, int], parts: dict[str, torch.Tensor],
+             scratch: torch.Tensor | None) -> QWeight:
+    return QWeight(fmt, shape, parts["codes"], parts.get("scale"), parts.get("zero"), scratch)

@@ -1,0 +1,178 @@
+"""Weight formats: how a tensor group is stored in host memory, streamed, and turned back
+into the compute dtype on the device. One source of truth for what a matrix of a format
+weighs (codes and scales) and for which format each group of a model has.
+
+Formats (a weight matrix is [rows = output features, cols = input features]):
+
+  bf16 / fp16 / fp32  the values in that dtype (a dtype other than the model's is cast on use)
+  int8                symmetric, one scale per row: w = q * s, q in [-127, 127]
+  int4, int4gN        asymmetric, groups of N (32, 64 or 128; int4 = int4g64) consecutive
+                      input features per row: w = q * s + z, q in [0, 15], two codes a byte
+                      (the even column in the low nibble); s and z per group
+  fp8                 float8 e4m3 codes, one scale per row: w = q * s, |q| <= 448
+
+Scales and zero points are float16. Quantization is round to nearest; dequantization computes
+q * s (+ z) in float32, each product and sum rounded once, then casts to the compute dtype.
+
+Tensor groups: `attention` (q, k, v, o), `experts` (each expert, or the dense MLP), `lm_head`,
+`embed`, each of the target; `draft` is every matrix group of a separate draft. Norms and the
+MoE router stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import InputError
+
+FLOAT_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+INT4_GROUPS = (32, 64, 128)
+SCALE_BYTES = 2  # float16 scales and zero points
+GROUPS = ("attention", "experts", "lm_head", "embed", "draft")
+# what a bare format (--weights int4) applies to: the layers' matrices, which are what streams
+LAYER_GROUPS = ("attention", "experts", "draft")
+FORMAT_NAMES = ("bf16", "fp16", "fp32", "int8", "int4", "int4g32", "int4g64", "int4g128", "fp8")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str  # canonical: bf16 | fp16 | fp32 | int8 | int4g32 | int4g64 | int4g128 | fp8
+
+    @property
+    def compressed(self) -> bool:
+        return self.name not in FLOAT_FORMATS
+
+    @property
+    def group_size(self) -> int | None:
+        """Input features that share a scale: None for float formats, the row for int8 / fp8."""
+        return int(self.name[5:]) if self.name.startswith("int4g") else None
+
+    @property
+    def code_bits(self) -> int:
+        if self.name in FLOAT_FORMATS:
+            return 8 * FLOAT_FORMATS[self.name]
+        return 4 if self.name.startswith("int4") else 8
+
+    def matrix_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of a [rows, cols] matrix in this format: codes, scales and zero points."""
+        codes = rows * cols * self.code_bits // 8
+        if not self.compressed:
+            return codes
+        if self.group_size is None:
+            return codes + rows * SCALE_BYTES  # one scale per row
+        return codes + rows * (cols // self.group_size) * 2 * SCALE_BYTES  # scale and zero per group
+
+    def check_shape(self, rows: int, cols: int, source: str, field: str) -> None:
+        """Refuse a matrix this format cannot hold (an int4 group that does not divide the row)."""
+        g = self.group_size
+        if g is not None and cols % g:
+            raise InputError(source, field, f"{self.name} groups of {g} do not divide the {cols} input features "
+                             f"of a [{rows}, {cols}] matrix", f"a group size dividing {cols} (int4g32 / int4g64 / int4g128), "
+                             "or int8 / fp8")
+        if self.code_bits == 4 and cols % 2:
+            raise InputError(source, field, f"int4 packs two codes a byte; {cols} input features is odd", "int8 or fp8")
+
+
+def parse_format(text: str, source: str = "argument", field: str = "--weights") -> WeightFormat:
+    t = text.strip().lower()
+    t = {"int4": "int4g64", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
+         "fp8_e4m3": "fp8", "e4m3": "fp8"}.get(t, t)
+    if t not in FORMAT_NAMES:
+        raise InputError(source, field, f"'{text}' is not a weight format", " | ".join(FORMAT_NAMES))
+    return WeightFormat(t)
+
+
+@dataclass(frozen=True)
+class WeightFormats:
+    """The format of each tensor group; None: the model's own dtype."""
+
+    attention: WeightFormat | None = None
+    experts: WeightFormat | None = None
+    lm_head: WeightFormat | None = None
+    embed: WeightFormat | None = None
+    draft: WeightFormat | None = None
+
+    def of(self, group: str, model_dtype: str) -> WeightFormat:
+        f = getattr(self, group)
+        return f if f is not None else WeightFormat(DTYPE_FORMAT.get(model_dtype, "bf16"))
+
+    @property
+    def compressed(self) -> bool:
+        return any(f is not None and f.compressed for f in (getattr(self, g) for g in GROUPS))
+
+    def for_draft(self) -> "WeightFormats":
+        """A separate draft's formats: its `draft` format on its layers, the rest its dtype."""
+        return WeightFormats(attention=self.draft, experts=self.draft)
+
+    def to_dict(self) -> dict[str, str]:
+        """Only the groups that differ from the model's dtype (plan.json's `weights`)."""
+        return {g: getattr(self, g).name for g in GROUPS if getattr(self, g) is not None}
+
+    @classmethod
+    def from_dict(cls, d: object, source: str) -> "WeightFormats":
+        if d in (None, {}):
+            return cls()
+        if not isinstance(d, dict):
+            raise InputError(source, "weights", f"got {d!r}", "an object of group: format")
+        for g in d:
+            if g not in GROUPS:
+                raise InputError(source, f"weights.{g}", "is not a tensor group", " | ".join(GROUPS))
+        return cls(**{g: parse_format(str(v), source, f"weights.{g}") for g, v in d.items()})
+
+    def describe(self) -> str:
+        d = self.to_dict()
+        return ", ".join(f"{g}={f}" for g, f in d.items()) or "the model's dtype"
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What --weights asked for: fixed formats, and per group the formats `auto` may choose from."""
+
+    fixed: WeightFormats
+    auto: dict[str, tuple[WeightFormat, ...]]  # group -> candidates (the planner picks)
+
+    def candidates(self) -> list[WeightFormats]:
+        """Every assignment the planner weighs: the fixed groups as given, each auto group one
+        of its candidates."""
+        out = [self.fixed]
+        for group, options in self.auto.items():
+            out = [replace(f, **{group: o}) for f in out for o in options]
+        return list(dict.fromkeys(out))
+
+
+AUTO_DEFAULT = ("bf16", "int8", "int4g64", "fp8")
+
+
+def parse_weights(text: str | None, source: str = "argument", field: str = "--weights") -> WeightsChoice:
+    """`--weights`: a format for the layer groups (`int4`), `auto` (the planner chooses each layer
+    group among bf16, int8, int4, fp8), `auto:int8+int4` (among those), or per group,
+    `experts=int4,attention=int8,lm_head=int8,draft=auto`; a bare format with groups named
+    (`int4,attention=int8`) is the other layer groups' format."""
+    if text is None or not text.strip():
+        return WeightsChoice(WeightFormats(), {})
+    fixed: dict[str, WeightFormat] = {}
+    auto: dict[str, tuple[WeightFormat, ...]] = {}
+    items = [p.strip() for p in text.split(",")]
+    bare = [p for p in items if "=" not in p]
+    if len(bare) == 1:  # a bare format is the layer groups' unless a group names its own
+        named = {p.partition("=")[0].strip() for p in items if "=" in p}
+        items = [f"{g}={bare[0]}" for g in LAYER_GROUPS if g not in named] + [p for p in items if "=" in p]
+    for item in items:
+        group, eq, value = item.partition("=")
+        group = {"mlp": "experts", "ffn": "experts", "attn": "attention", "head": "lm_head"}.get(group.strip(), group.strip())
+        if not eq or group not in GROUPS:
+            raise InputError(source, field, f"'{item}' is not GROUP=FORMAT",
+                             f"a format ({' | '.join(FORMAT_NAMES)} | auto), or GROUP=FORMAT,... with GROUP one of "
+                             + " | ".join(GROUPS))
+        if group in fixed or group in auto:
+            raise InputError(source, field, f"group '{group}' is given twice", "each group once")
+        value = value.strip().lower()
+        if value == "auto" or value.startswith("auto:"):
+            names = value[5:].split("+") if value.startswith("auto:") else list(AUTO_DEFAULT)
+            auto[group] = tuple(dict.fromkeys(parse_format(n, source, field) for n in names if n.strip()))
+            if not auto[group]:
+                raise InputError(source, field, f"'{item}' allows no format", "auto, or auto:FORMAT+FORMAT")
+        else:
+            fixed[group] = parse_format(value, source, field)
+    return WeightsChoice(WeightFormats(**fixed), auto)

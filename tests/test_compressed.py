@@ -1,0 +1,185 @@
+"""Compressed weights (specplan.formats, runtime/quant.py) against an independent reference.
+
+The reference for a format is the model whose weights are the quantized codes dequantized by
+this file's own numpy arithmetic (from the layout formats.py documents), saved as a HF
+directory and run by transformers' greedy decoding. The engine, which streams the codes and
+dequantizes them with torch on the device, must produce the same tokens, under each policy,
+streamed and resident. A misplaced scale, zero point or group boundary changes the numpy
+dequantization's error bound or the engine's tokens; both are checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from specplan.errors import InputError
+from specplan.formats import WeightFormat, parse_weights
+from specplan.models import ModelSpec
+from specplan.plan import Placement, Schedule
+from specplan.runtime.checkpoint import (CompressedCheckpoint, QuantCache, matrix_group, state_dict_checkpoint)
+from specplan.runtime.engine import Engine
+from specplan.runtime.quant import quantize
+from specplan.runtime.sampling import SamplingParams
+from specplan.runtime.stats import Stats
+from specplan.runtime.weights import RESIDENT
+
+CPU = torch.device("cpu")
+GEN = 8
+STREAMED = Placement(attention="cpu_pinned", ffn="disk", ffn_gpu_layers=1, embed="cpu_pinned", lm_head="cpu_pageable",
+                     draft_kv="cpu")
+
+
+# ---- the independent dequantization ------------------------------------------------------------
+
+
+def numpy_dequant(q) -> np.ndarray:
+    """codes, scales and zero points -> float32, written from formats.py's description alone."""
+    rows, cols = q.shape
+    scale = None if q.scale is None else q.scale.numpy().astype(np.float32)
+    if q.fmt.name == "int8":
+        return q.codes.numpy().astype(np.float32) * scale[:, None]
+    if q.fmt.name == "fp8":
+        return q.codes.to(torch.float32).numpy() * scale[:, None]
+    g = q.fmt.group_size
+    packed = q.codes.numpy()
+    codes = np.empty((rows, cols), dtype=np.float32)
+    codes[:, 0::2] = packed & 0x0F  # the even column in the low nibble
+    codes[:, 1::2] = packed >> 4
+    zero = q.zero.numpy().astype(np.float32)
+    out = np.empty((rows, cols), dtype=np.float32)
+    for j in range(cols // g):
+        block = slice(j * g, (j + 1) * g)
+        out[:, block] = codes[:, block] * scale[:, j:j + 1] + zero[:, j:j + 1]
+    return out
+
+
+def error_bound_holds(w: torch.Tensor, q) -> bool:
+    """Round to nearest: each weight within half its own group's step of the original."""
+    deq = numpy_dequant(q)
+    err = np.abs(deq - w.numpy())
+    if q.fmt.name == "fp8":  # 3 mantissa bits: half an ulp of the scaled value
+        return bool((err <= np.abs(w.numpy()) * 2 ** -4 + q.scale.float().numpy()[:, None] * 2 ** -9 + 1e-7).all())
+    step = q.scale.float().numpy()
+    step = step[:, None] if step.ndim == 1 else np.repeat(step, q.fmt.group_size, axis=1)
+    slack = 1e-3 * np.abs(w.numpy()) + 1e-6  # float16 rounding of the scale and zero point
+    return bool((err <= 0.5 * step + slack).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "int4g64", "int4g128", "fp8"])
+def test_dequantization_is_within_half_a_step_of_each_weight(fmt):
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    w[3, 70] = 0.9  # an outlier widens only its own row / group
+    q = quantize(w, WeightFormat(fmt))
+    assert error_bound_holds(w, q)
+    assert q.nbytes == WeightFormat(fmt).matrix_bytes(24, 256)
+
+
+@pytest.mark.parametrize("fmt", ["int4g32", "int4g128", "int8"])
+def test_a_misplaced_scale_or_group_boundary_is_caught(fmt):
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[:, :32] *= 20  # groups of very different ranges
+    q = quantize(w, WeightFormat(fmt))
+    assert error_bound_holds(w, q)
+    if q.scale.ndim == 2:
+        q.scale = torch.roll(q.scale, 1, dims=1)  # each group given its neighbour's scale
+    else:
+        q.scale = torch.roll(q.scale, 1, dims=0)  # each row given another row's scale
+    assert not error_bound_holds(w, q)
+    if q.zero is not None:
+        q = quantize(w, WeightFormat(fmt))
+        q.zero = torch.roll(q.zero, 1, dims=1)
+        assert not error_bound_holds(w, q)
+
+
+# ---- the engine against transformers on the dequantized model -------------------------------------
+
+
+def tiny(name: str, **changes) -> tuple[ModelSpec, dict]:
+    spec = ModelSpec.from_preset(name)
+    cfg = dict(spec.hf_config, **changes)
+    spec = ModelSpec.from_hf_config(cfg, name=name)
+    hf_cfg = transformers.CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+    torch.manual_seed(3)
+    return spec, transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+
+
+def reference_model(spec: ModelSpec, hf, weights: str, folder):
+    """The HF model whose matrices are the quantized codes, dequantized by numpy_dequant."""
+    spec = spec.with_weights(parse_weights(weights).fixed)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    def dequantized(t: torch.Tensor, group: str) -> torch.Tensor:
+        q = quantize(t, spec.fmt(group))
+        assert error_bound_holds(t, q)
+        return torch.from_numpy(numpy_dequant(q))
+
+    for name, t in state.items():
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        if short.startswith("mlp.experts."):  # transformers keeps Mixtral's experts stacked [E, rows, cols]
+            state[name] = torch.stack([dequantized(m, "experts") for m in t])
+            continue
+        group = None if short == "mlp.gate.weight" else matrix_group(short)  # the router stays
+        if group is not None and spec.fmt(group).compressed:
+            state[name] = dequantized(t, group)
+    ref = type(hf)(hf.config).eval()
+    ref.load_state_dict(state)
+    ref.save_pretrained(folder)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), spec
+
+
+@torch.no_grad()
+def greedy(hf, prompts, n):
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        for _ in range(n):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def run(policy, spec, weights, placement, prompts, draft=None):
+    speculative = policy in ("specoffload", "spec-serial")
+    schedule = Schedule(policy=policy, target_batch=2, num_batches=2, prefill_chunk=4, draft_batch=2,
+                        gamma=3 if speculative else 0, attention_device="cpu",
+                        prefetch_depth=0 if policy == "sequential" else 1).validate()
+    target = CompressedCheckpoint(state_dict_checkpoint(spec, weights, torch.float32))
+    stats = Stats(CPU)
+    engine = Engine(schedule, placement, target, draft if speculative else None, CPU, rows=schedule.rows,
+                    max_prompt_len=max(map(len, prompts)), gen_len=GEN, sampling=SamplingParams(temperature=0.0),
+                    stats=stats)
+    try:
+        return engine.generate(prompts), stats.counts
+    finally:
+        engine.close()
+
+
+def prompts_for(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+
+
+CASES = [("tiny-llama", {}, "int8"), ("tiny-llama", {}, "int4g32"), ("tiny-llama", {}, "fp8"),
+         ("tiny-llama", {"hidden_size": 128, "intermediate_size": 256}, "int4g128,lm_head=int8,embed=int4g64"),
+         ("tiny-mixtral", {}, "int4g32"), ("tiny-mixtral", {}, "attention=fp8,experts=int8")]
+
+
+@pytest.mark.parametrize("name,changes,weights", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_engine_equals_transformers_on_the_dequantized_model(tmp_path, name, changes, weights):
+    spec, hf = tiny(name, **changes)
+    ref, qspec = reference_model(spec, hf, weights, tmp_path / "ref")
+    prompts = prompts_for(spec.vocab)
+    expected = greedy(ref, prompts, GEN)
+    assert expected != greedy(hf, prompts, GEN) or "int8" in weights  # the formats change the model
+    state = hf.state_dict()
+    draft = state_dict_checkpoint(spec, state, torch.float32)  # full precision: drafts the compressed target
+    policies = ["specoffload", "spec-serial", "flexgen", "sequential"] if name == "tiny-llama" else ["spec-serial", "flexgen"]
+    for policy in policies:
+        for placement in (STREAMED, RESIDENT):
+            out, counts = run(policy, qspec, state, placement, prompts, draft)
+            assert out == expected, (policy, placement)
+            if placement is STREAMED:  # the bytes copied per pass are the plan's, to the byte
+                assert counts["h2d_bytes"] > 0
