@@ -47,7 +47,7 @@ def profile_cmd(
     t0 = time.perf_counter()
     # the profiler's stages: link, disk, GEMM, then per model shape FFN + projections and attention, the draft step
     shapes = {(m.hidden, m.ffn_inner, m.dtype) for m in models}
-    stages = 3 + 2 * len(shapes) + len(models) + (len(models) > 1)
+    stages = 4 + 2 * len(shapes) + len(models) + (len(models) > 1)
     with steps(err, "profiling", total=stages, quiet=as_json) as bar:
         started = [False]
 

@@ -423,6 +423,46 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
             "grid": [list(grid.attn_rows), list(grid.attn_q), list(grid.attn_ctx)], "seconds": secs.tolist()}
 
 
+MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
+
+
+def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) -> dict[str, dict]:
+    """What the runtime does before a compressed group's matmuls: dequantize it into the
+    scratch buffer (runtime/quant.py), per format, over the sizes these models dequantize at
+    once (attention's four matrices, one expert's three), on fresh (uncached) codes. A format
+    this device cannot run is left out, and priced by the cost model's roofline."""
+    from specplan.cost import dequant_op_name
+    from specplan.formats import parse_weights
+    from specplan.runtime.quant import quantize
+
+    tables: dict[str, dict] = {}
+    for fmt in MEASURED_FORMATS:
+        sizes: dict[int, tuple[int, int]] = {}
+        for m in models:
+            try:
+                m = m.with_weights(parse_weights(fmt).fixed)
+            except Exception:  # noqa: BLE001 - a group size that does not divide this model's rows
+                continue
+            h, f = m.hidden, m.ffn_inner
+            sizes.setdefault(m.dequant_params["attention"], (m.dequant_params["attention"] // h, h))
+            sizes.setdefault(m.dequant_params["experts"], (3 * f, h))
+            key = dequant_op_name(m, "attention", "gpu")
+        if not sizes:
+            continue
+        dt = TORCH_DTYPES.get(models[0].dtype, torch.bfloat16)
+        secs = []
+        try:
+            for params, (rows, cols) in sorted(sizes.items()):
+                one = quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), parse_weights(fmt).fixed.attention)
+                copies = _Cycle(_copies(lambda: one.to(device), one.nbytes))
+                out = torch.empty(rows, cols, dtype=dt, device=device)
+                secs.append(median_time_s(lambda: copies.next().dequantize(dt, out), device, grid.repeat))
+        except (RuntimeError, TypeError):  # e.g. no float8 on this device
+            continue
+        tables[key] = {"axes": ["params"], "grid": [sorted(sizes)], "seconds": secs}
+    return tables
+
+
 def step_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
     """The whole decode step of a resident model (the draft) over rows x context."""
     from specplan.runtime.profiling import decode_step_timer
@@ -512,6 +552,8 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
         kernels[attention_op_name(m, "gpu")] = attention_table(m, dev, grid)
         kernels[attention_op_name(m, "cpu")] = (kernels[attention_op_name(m, "gpu")] if dev.type == "cpu"
                                                  else attention_table(m, cpu, grid))
+    say("kernels: dequantization per weight format")
+    kernels.update(dequant_tables(models, dev, grid))
     if len(models) > 1:
         say(f"kernels: {models[-1].name} whole decode step")
         kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from specplan.cli import GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, out, print_json, profile_from_flags
+from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, WeightsOpt, err, out, print_json,
+                          profile_from_flags)
 from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
@@ -33,24 +34,33 @@ def _describe(r: Ranked) -> str:
 
 def placement_table(plan: Plan, target: ModelSpec) -> Table:
     pl, sch = plan.placement, plan.schedule
-    t = Table(title="Placement", show_header=True)
-    for col in ("tensor group", "where", "bytes"):
+    from specplan.memory import streamed_bytes_per_pass
+
+    t = Table(title=f"Placement ({fmt_bytes(streamed_bytes_per_pass(target, pl))} of weights streamed per pass)",
+              show_header=True)
+    for col in ("tensor group", "format", "where", "bytes"):
         t.add_column(col)
     b = target.layer_bytes
     L = target.layers
-    t.add_row("target attention weights", pl.attention, fmt_bytes(b.attention * L))
-    t.add_row("target experts / MLP", f"GPU: {pl.ffn_gpu_layers} layers, rest: {pl.ffn}", fmt_bytes(b.ffn * L))
-    t.add_row("router and norms", "gpu", fmt_bytes((b.router + b.norms) * L))
-    t.add_row("embedding", pl.embed, fmt_bytes(target.embed_bytes))
-    t.add_row("lm_head", pl.lm_head, fmt_bytes(target.head_bytes))
-    t.add_row("target KV cache", "gpu" if sch.attention_device == "gpu" else "cpu_pinned",
-              fmt_bytes(plan.prediction["memory"]["gpu"].get("target KV cache") or plan.prediction["memory"]["host"].get("target KV cache", 0)))
+    from specplan.formats import DTYPE_FORMAT
+
+    dtype = DTYPE_FORMAT.get(target.dtype, target.dtype)
+    t.add_row("target attention weights", target.fmt("attention").name, pl.attention, fmt_bytes(b.attention * L))
+    t.add_row("target experts / MLP", target.fmt("experts").name, f"GPU: {pl.ffn_gpu_layers} layers, rest: {pl.ffn}",
+              fmt_bytes(b.ffn * L))
+    t.add_row("router and norms", dtype, "gpu", fmt_bytes((b.router + b.norms) * L))
+    t.add_row("embedding", target.fmt("embed").name, pl.embed, fmt_bytes(target.embed_bytes))
+    t.add_row("lm_head", target.fmt("lm_head").name, pl.lm_head, fmt_bytes(target.head_bytes))
+    mem = plan.prediction["memory"]
+    if mem["gpu"].get("dequantization scratch"):
+        t.add_row("dequantization scratch", dtype, "gpu", fmt_bytes(mem["gpu"]["dequantization scratch"]))
+    t.add_row("target KV cache", dtype, "gpu" if sch.attention_device == "gpu" else "cpu_pinned",
+              fmt_bytes(mem["gpu"].get("target KV cache") or mem["host"].get("target KV cache", 0)))
     if plan.draft:
-        mem = plan.prediction["memory"]
-        t.add_row("draft weights", "gpu", fmt_bytes(mem["gpu"].get("draft weights", 0)))
+        t.add_row("draft weights", plan.weights.get("draft", "dtype"), "gpu", fmt_bytes(mem["gpu"].get("draft weights", 0)))
         where = {"gpu": "gpu", "cpu": "cpu_pinned (swapped in per micro-batch)",
                  "recompute": "none kept (each context re-read per round, one micro-batch's buffer on the GPU)"}
-        t.add_row("draft KV cache", where[pl.draft_kv],
+        t.add_row("draft KV cache", dtype, where[pl.draft_kv],
                   fmt_bytes(mem["gpu"].get("draft KV cache") or mem["host"].get("draft KV cache")
                             or mem["gpu"].get("draft KV recompute buffer", 0)))
     return t
@@ -95,6 +105,64 @@ def candidates_table(res: OptimizeResult) -> Table:
     for i, r in enumerate(res.ranked, 1):
         t.add_row(str(i), _describe(r), f"{r.candidate.estimate_tok_s:.2f}", f"{r.tok_s:.2f}", f"{r.tok_s / best:.2f}x")
     return t
+
+
+def weight_candidates(choice, tgt: ModelSpec, drf: ModelSpec | None, profile) -> list[tuple[ModelSpec, ModelSpec | None]]:
+    """The (target, draft) pairs in each assignment of formats --weights allows: one, or with
+    `auto` one per choice (a draft group only where there is a draft)."""
+    from dataclasses import replace as swap
+
+    from specplan.formats import WeightsChoice
+    from specplan.models import apply_weights
+
+    if drf is None:
+        choice = WeightsChoice(swap(choice.fixed, draft=None), {g: o for g, o in choice.auto.items() if g != "draft"})
+    pairs = [apply_weights(tgt, drf, fmts) for fmts in choice.candidates()]
+    for t, d in pairs:
+        check_formats_on(profile, t, d)
+    return pairs
+
+
+def check_formats_on(profile, tgt: ModelSpec, drf: ModelSpec | None) -> None:
+    """Refuse a format the profile's device could not run: a profile that measured
+    dequantization (specplan profile) and has no table for this format."""
+    from specplan.cost import dequant_op_name
+
+    if not any("_dequant:" in k for k in profile.kernels):
+        return  # a shipped or composed profile: formats are priced from its peaks
+    for m in (tgt, drf):
+        for g in ("attention", "experts", "lm_head") if m is not None else ():
+            if m.converted(g) and m.fmt(g).compressed and profile.kernel(dequant_op_name(m, g, "gpu")) is None:
+                raise InputError("argument", "--weights", f"{g}={m.fmt(g).name}: the profile '{profile.name}' measured "
+                                 f"no {m.fmt(g).name} dequantization on its device (it cannot run it there)",
+                                 "a format the profile measured (specplan hardware PROFILE lists them)")
+
+
+def optimize_formats(pairs, profile, workload, policies, admissions, bar=None) -> tuple[OptimizeResult, ModelSpec, ModelSpec | None]:
+    """The best plan over the weight-format assignments in `pairs` (one unless --weights auto)."""
+    best = None
+    why = []
+    for i, (t, d) in enumerate(pairs):
+        if bar is not None and len(pairs) > 1:
+            bar.say(f"formats {i + 1}/{len(pairs)}: {pair_label(t, d)}")
+        try:
+            res = optimize(t, d, profile, workload, policies, progress=bar, admissions=admissions)
+        except InfeasibleError as e:
+            if len(pairs) == 1:
+                raise
+            why.append(f"{pair_label(t, d)}: {e}")
+            continue
+        if best is None or res.best.tok_s > best[0].best.tok_s:
+            best = (res, t, d)
+    if best is None:
+        raise InfeasibleError("no plan fits with any format: " + " | ".join(why))
+    return best
+
+
+def pair_label(t: ModelSpec, d: ModelSpec | None) -> str:
+    from specplan.models import pair_weights
+
+    return pair_weights(t, d).describe()
 
 
 def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[str, str, float]]:
@@ -161,12 +229,16 @@ def optimize_cmd(
     out_path: Annotated[str, typer.Option("--out", help="Where to write the plan.")] = "plan.json",
     explain: Annotated[bool, typer.Option("--explain", help="Show how throughput moves with gamma, batch, acceptance and link.")] = False,
     pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
-    as_json: JsonOpt = False,
+    weights: WeightsOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Find the best plan: placement, batch sizes, gamma and schedule, checked by the simulator."""
+    from specplan.formats import parse_weights
+
     profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
     tgt = ModelSpec.resolve(target)
     drf = None if draft.lower() == "none" else ModelSpec.resolve(draft)
+    choice = parse_weights(weights)
+    pairs = weight_candidates(choice, tgt, drf, profile)
     if drf is not None and drf.vocab != tgt.vocab:
         err.print(f"[yellow]warning:[/] draft vocab {drf.vocab} != target vocab {tgt.vocab}; speculative decoding needs a shared tokenizer")
     workload = (Workload.from_file(workload_file) if workload_file
@@ -189,8 +261,8 @@ def optimize_cmd(
     from specplan.progress import steps
 
     with steps(err, "optimizing", quiet=as_json) as bar:
-        res = optimize(tgt, drf, profile, workload, tuple(policy) or POLICIES, progress=bar,
-                       admissions=tuple(admission) or ADMISSIONS)
+        res, tgt, drf = optimize_formats(pairs, profile, workload, tuple(policy) or POLICIES,
+                                         tuple(admission) or ADMISSIONS, bar)
     plan = make_plan(res.best, target, draft if drf else None, tgt, drf, profile, workload)
     plan.save(out_path)
     non_spec = res.best_of(("flexgen", "sequential"))

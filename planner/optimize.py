@@ -26,7 +26,7 @@ from specplan.errors import InfeasibleError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
 from specplan.memory import MemoryTotalsCache, least_placement, stream_slot_bytes
-from specplan.models import ModelSpec, model_shape
+from specplan.models import ModelSpec, model_shape, pair_weights
 from specplan.plan import POLICIES, Placement, Plan
 from specplan.progress import Steps
 from specplan.simulator.run import SimConfig, SimResult, checked_need, simulate
@@ -556,7 +556,7 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         inputs={"target": sha256_of(target.hf_config), "draft": sha256_of(draft.hf_config) if draft else None,
                 "hardware": sha256_of(profile.to_dict()), "workload": sha256_of(workload.to_dict()),
                 "target_shape": model_shape(target), "draft_shape": model_shape(draft) if draft else None},
-        profile=profile.to_dict(),
+        profile=profile.to_dict(), weights=pair_weights(target, draft if sch.speculative else None).to_dict(),
         versions={"specplan": __version__, "python": platform.python_version(), "simpy": simpy.__version__,
                   "pulp": pulp.__version__, "solver": solver_name()},
     )

@@ -48,6 +48,7 @@ class SweepPoint:
     gen_len: int
     num_prompts: int
     acceptance: float
+    weights: str | None = None  # --weights (fixed formats); None: the models' dtype
 
     @property
     def machine(self) -> str:
@@ -66,9 +67,10 @@ class Grid:
     num_prompts: tuple[int, ...] = (512,)
     acceptances: tuple[float, ...] = (0.7,)
     prices: dict[str, float] = field(default_factory=dict, compare=False)  # GPU -> $ per hour
+    weights: str | None = None  # every point's weight formats (--weights)
 
     def points(self) -> list[SweepPoint]:
-        return [SweepPoint(g, p, h, t, d, pl, gl, n, a) for (t, d), g, p, h, pl, gl, n, a in itertools.product(
+        return [SweepPoint(g, p, h, t, d, pl, gl, n, a, self.weights) for (t, d), g, p, h, pl, gl, n, a in itertools.product(
             self.models, self.gpus, self.pcies, self.host_mems, self.prompt_lens, self.gen_lens, self.num_prompts,
             self.acceptances)]
 
@@ -270,10 +272,18 @@ def resolve(point: SweepPoint) -> Resolved:
     profile = profile_from_flags(point.gpu, point.pcie, None, point.host_mem, None)
     target = ModelSpec.resolve(point.target)
     draft = None if point.draft.lower() == "none" else ModelSpec.resolve(point.draft)
+    if point.weights:
+        from specplan.formats import parse_weights
+        from specplan.models import apply_weights
+
+        choice = parse_weights(point.weights)
+        if choice.auto:
+            raise InputError("argument", "--weights", "auto is not a sweep axis", "fixed formats, e.g. int4")
+        target, draft = apply_weights(target, draft, choice.fixed)
     workload = Workload.make(point.prompt_len, point.gen_len, point.num_prompts, point.acceptance, source="sweep")
     workload.check_positions("sweep", target, *([draft] if draft else []))
     key = sha256_of({"profile": profile.to_dict(), "workload": workload.to_dict(), "code": code_fingerprint(),
-                     "target": [target.hf_config, model_shape(target)],
+                     "target": [target.hf_config, model_shape(target)], "weights": point.weights,
                      "draft": [draft.hf_config, model_shape(draft)] if draft else None})
     return Resolved(point, profile, target, draft, workload, key)
 

@@ -3,13 +3,14 @@ side by side, priced when prices are given."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from specplan.cli import JsonOpt, err, out, print_json
+from specplan.cli import JsonOpt, WeightsOpt, err, out, print_json
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable, write_atomic, write_json
 from specplan.units import fmt_seconds
@@ -106,6 +107,7 @@ def sweep_cmd(
     plan_out: Annotated[Optional[str], typer.Option("--plan-out", help="Write the best point's plan (as specplan optimize would) to this file.")] = None,
     cache: Annotated[Optional[str], typer.Option(help="Cache folder (one file per point, keyed by the hash of its inputs and of specplan's code). Default: ~/.cache/specplan/sweep.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Plan every point again and cache nothing.")] = False,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan every point of a grid of GPUs, links, host memory sizes, models and workloads
@@ -113,9 +115,13 @@ def sweep_cmd(
     throughput, what binds, and with prices the cost per million tokens and of the job."""
     if sort not in SORTS:
         raise InputError("argument", "--sort", f"'{sort}' is unknown", " | ".join(SORTS))
+    from specplan.formats import parse_weights
+
+    if parse_weights(weights).auto:
+        raise InputError("argument", "--weights", "auto is not a sweep axis", "fixed formats, e.g. int4")
     bases = Grid.from_file(grid_file) if grid_file else [None]
-    grids = [_grid_from_flags(b, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts, acceptance)
-             for b in bases]
+    grids = [replace(_grid_from_flags(b, gpu, pcie, host_mem, target, draft, prompt_len, gen_len, num_prompts,
+                                      acceptance), weights=weights) for b in bases]
     gpus = tuple(dict.fromkeys(g for grid in grids for g in grid.gpus))
     # a grid file's prices for GPUs that --gpu flags leave out price nothing, and are no mistake
     prices = {k: v for grid in grids for k, v in grid.prices.items() if not gpu or k in gpus}

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from specplan.cli import WeightsOpt
 from specplan.errors import InputError
 from specplan.fileio import check_not_inputs, check_writable, write_json
 
@@ -68,6 +69,7 @@ def batch_cmd(
     sample_seed: SampleSeedOpt = None,
     stop: StopOpt = [],  # noqa: B006
     force: ForceOpt = False,
+    weights: WeightsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job report as JSON instead of a table.")] = False,
 ) -> None:
     """Run a dataset job on a Ray cluster: a worker per GPU (or CPU slot), a plan per machine, nothing lost or run twice."""
@@ -132,8 +134,11 @@ def batch_cmd(
     cfg = WorkerConfig(target=target, draft=draft, source=str(prompts), device=device, random_weights=random_weights,
                        dtype=dtype, ignore_eos=ignore_eos, seed=seed, draft_seed=draft_seed, sampling=sampling,
                        force=force, profile=fallback)
+    from specplan.formats import parse_weights
+
+    parse_weights(weights)  # a bad format is refused before Ray starts
     req = PlanRequest(gen_len=gen_len, acceptance=acceptance, policies=tuple(policy), admissions=tuple(admission),
-                      **memory_caps(host_mem, gpu_mem))
+                      weights=weights, **memory_caps(host_mem, gpu_mem))
     driver = Driver(cfg, req, BatchRun(address, workers, cpus_per_worker, shard_rows, local_cpus), say, progress)
     job_report: dict = {"output": str(output), "rows": len(data.rows), "rows_before": len(done), "resumed": bool(done)}
     # Ray prints its own news (a worker died, ...) to stdout: it goes to stderr here, so that

@@ -328,9 +328,15 @@ class QuantCache:
         write_atomic(self.folder / f"{unit}.safetensors", save(tensors, metadata=meta))
 
 
+CACHE_SAMPLES = 64  # pieces of each weights file read into its key
+CACHE_SAMPLE_BYTES = 1 << 16
+
+
 def checkpoint_key(path: Path) -> str:
-    """A HF directory's identity for the cache: its config and each safetensors file's name,
-    size and header (tensor names, dtypes, shapes, offsets), hashed; reads no weight."""
+    """A HF directory's identity for the cache, without reading all its weights: its config,
+    and per safetensors file its name, size, modification time, header (tensor names, dtypes,
+    shapes, offsets) and 64 pieces of 64 KiB spread over the file, hashed. Two checkpoints of
+    one shape (a base model and its fine-tune) differ in those pieces."""
     import hashlib
     import struct
 
@@ -339,9 +345,14 @@ def checkpoint_key(path: Path) -> str:
     if config.is_file():
         h.update(config.read_bytes())
     for f in sorted(path.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         with open(f, "rb") as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
-            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 26)))
+            h.update(fh.read(min(n, 1 << 26)))
+            for k in range(CACHE_SAMPLES):
+                fh.seek(8 + n + (st.st_size - 8 - n) * k // CACHE_SAMPLES)
+                h.update(fh.read(CACHE_SAMPLE_BYTES))
     return h.hexdigest()
 
 

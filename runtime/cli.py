@@ -110,6 +110,19 @@ def job_settings(sampling: dict, stop: list[str], column: str | None, seed: int,
 
 
 
+def check_plan_weights(plan, weights: str | None, source: str) -> None:
+    """--weights names the formats the plan must have; the plan decides them."""
+    from specplan.formats import parse_weights
+
+    if weights is None:
+        return
+    given = parse_weights(weights)
+    want = plan.weight_formats()
+    if given.auto or given.fixed.to_dict() != {k: v for k, v in want.to_dict().items() if k != "draft" or plan.draft}:
+        raise InputError(source, "weights", f"the plan's formats are {want.describe()}, not {weights}",
+                         f"a plan made with specplan optimize --weights {weights}, or no --weights")
+
+
 def read_prompts(path: Path, model_dir: Path | None, vocab: int) -> list[list[int]]:
     """The token ids of every prompt in a prompts file (runtime.jobio.read_dataset)."""
     from .jobio import read_dataset
@@ -193,6 +206,7 @@ def run(
     sample_seed: SampleSeedOpt = None,
     stop: StopOpt = [],  # noqa: B006
     timing: Annotated[bool, typer.Option("--timing", help="Also time the stages that run once per layer (target proj / attention / ffn / head, each weight copy) and compare them with the simulator's. Off by default: those timers slow a run by a few percent.")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="The weight formats the plan must have (it records them; `specplan optimize --weights` chooses them): refused if it has others.")] = None,
 ) -> None:
     """Run a plan and report measured vs predicted throughput, stage times, H2D bandwidth and memory."""
     from specplan.models import ModelSpec
@@ -220,6 +234,7 @@ def run(
     if output is not None and prompts is None:
         raise InputError("argument", "--output", "needs --prompts, the dataset to run", "--prompts data.jsonl")
     the_plan = Plan.load(str(plan))
+    check_plan_weights(the_plan, weights, str(plan))
     workload = Workload.from_dict(the_plan.workload, "plan workload")
     base = run_sampling(workload, sampling, seed)
     if base.temperature == 0 and (top_p < 1.0 or top_k > 0) and output is None:  # a dataset job checks its rows

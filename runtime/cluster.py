@@ -276,6 +276,7 @@ class PlanRequest:
     admissions: tuple[str, ...] = ()
     gpu_memory_bytes: float | None = None
     host_memory_bytes: float | None = None
+    weights: str | None = None  # --weights: the formats (or auto) each profile's plan may use
 
 
 @dataclass
@@ -336,7 +337,9 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
     from specplan.fileio import sha256_of
     from specplan.hardware import HardwareProfile
     from specplan.plan import ADMISSIONS, POLICIES
-    from specplan.planner.optimize import make_plan, optimize
+    from specplan.formats import parse_weights
+    from specplan.planner.cli import optimize_formats, weight_candidates
+    from specplan.planner.optimize import make_plan
 
     from .run import resolve_model
 
@@ -354,12 +357,12 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
             prof = prof.compose(**{k: v for k, v in caps.items() if v is not None})
         say(f"planning for {prof.name} ({info['host']})")
         try:
-            res = optimize(tspec, dspec, prof, workload, req.policies or POLICIES,
-                           admissions=req.admissions or ADMISSIONS)
+            pairs = weight_candidates(parse_weights(req.weights), tspec, dspec, prof)
+            res, t, d = optimize_formats(pairs, prof, workload, req.policies or POLICIES, req.admissions or ADMISSIONS)
         except InfeasibleError as e:
             refused[key] = f"{prof.name}: {e}"
             continue
-        plans[key] = make_plan(res.best, target, draft if dspec is not None else None, tspec, dspec, prof, workload)
+        plans[key] = make_plan(res.best, target, draft if d is not None else None, t, d, prof, workload)
     return plans, refused
 
 

@@ -65,7 +65,7 @@ class QWeight:
         return out.copy_(w)
 
     def to(self, device: torch.device) -> "QWeight":
-        return replace(self, **{k: t.to(device) for k, t in self.parts().items()})
+        return replace(self, **{k: t.to(device, copy=True) for k, t in self.parts().items()})
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `index` dequantized (an embedding lookup), without dequantizing the rest."""

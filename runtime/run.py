@@ -23,7 +23,7 @@ from specplan.cost import acceptance_for_tokens_per_round, error_pct, row_accept
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
-from specplan.models import SHAPE_FIELDS, ModelSpec, model_shape
+from specplan.models import SHAPE_FIELDS, ModelSpec, apply_weights, model_shape, pair_weights
 from specplan.plan import Plan
 from specplan.simulator.run import simulate_as_run
 from specplan.units import fmt_bytes
@@ -96,6 +96,25 @@ def pick_device(device: str) -> torch.device:
 # ---- refusing a plan before loading anything ----------------------------------------------------
 
 
+def check_device_formats(models: list[ModelSpec], device: torch.device) -> None:
+    """Refuse a format this device cannot dequantize (fp8: torch without float8, or a device
+    whose torch cannot convert it), before any weight is read."""
+    from .quant import fp8_dtype
+
+    for m in models:
+        for group in ("attention", "experts", "lm_head", "embed"):
+            if m.fmt(group).name != "fp8":
+                continue
+            dt = fp8_dtype()
+            try:
+                if dt is None:
+                    raise TypeError("no float8_e4m3fn in this torch")
+                torch.zeros(2, dtype=dt, device=device).float()
+            except (RuntimeError, TypeError) as e:
+                raise InputError("plan", f"weights.{group}", f"fp8 cannot run on {device} here ({e})",
+                                 "int8 or int4 (specplan optimize --weights int8)") from None
+
+
 def _check_model(plan: Plan, role: str, given: ModelSpec) -> None:
     planned = plan.inputs.get(f"{role}_shape")
     name = getattr(plan, role)
@@ -118,6 +137,7 @@ def check_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, device: t
     _check_model(plan, "target", target)
     check_supported(target, target.name)
     torch_dtype(target, target.name)
+    check_device_formats([m for m in (target, draft) if m is not None], device)
     if s.speculative:
         if draft is None:
             raise InputError("plan", "draft", f"policy {s.policy} drafts tokens but no draft model was given", "--draft")
@@ -272,6 +292,9 @@ class PlanRunner:
         if dtype:
             tspec = tspec.with_dtype(dtype)
             dspec = dspec.with_dtype(dtype) if dspec else None
+        # the plan's weight formats: refused here, before any weight is read, where a matrix of
+        # these models cannot hold its format
+        tspec, dspec = apply_weights(tspec, dspec, plan.weight_formats(), "plan")
         self.tspec, self.dspec = tspec, dspec
         self.dev = dev = pick_device(device)
         workload = Workload.from_dict(plan.workload, "plan workload")
@@ -464,6 +487,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
         "device": {"type": device.type, "name": device_name(device)},  # as a profile of this device names it
         "plan": {"target": plan.target, "draft": plan.draft, "hardware": plan.hardware,
                  "schedule": plan.to_dict()["schedule"], "placement": plan.to_dict()["placement"]},
+        "weights": pair_weights(target, draft).to_dict(),
         "models": {"target": model_shape(target) | {"name": target.name, "dtype": target.dtype},
                    "draft": model_shape(draft) | {"name": draft.name, "dtype": draft.dtype} if draft else None},
         "planned_memory": {"gpu_bytes": need.gpu_bytes, "host_bytes": need.host_bytes, "pinned_bytes": need.pinned_bytes,

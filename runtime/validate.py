@@ -27,7 +27,7 @@ from specplan.cost import error_pct, stage_total
 from specplan.hwprofiles.calibrate import CALIBRATED_STAGES
 from specplan.fileio import write_atomic, write_json
 from specplan.hardware import HardwareProfile
-from specplan.models import ModelSpec
+from specplan.models import ModelSpec, apply_weights
 from specplan.plan import Plan, Schedule
 from specplan.workload import Workload
 
@@ -43,11 +43,13 @@ class Case:
     draft_batch: int = 8
     prefill_chunk: int = 8
     attention_device: str = "cpu"
+    weights: str | None = None  # --weights of the plan: the layers' format (None: the dtype)
 
     @property
     def label(self) -> str:
         g = f" g{self.gamma}" if self.gamma else ""
-        return f"{self.policy} {self.num_batches}x{self.target_batch}{g} p{self.prompt_len} n{self.gen_len}"
+        w = f" {self.weights}" if self.weights else ""
+        return f"{self.policy} {self.num_batches}x{self.target_batch}{g} p{self.prompt_len} n{self.gen_len}{w}"
 
     def schedule(self) -> Schedule:
         return Schedule(self.policy, self.target_batch, self.num_batches, self.prefill_chunk, self.draft_batch,
@@ -61,6 +63,8 @@ QUICK_CASES = (  # the first four: one workload (16 rows, prompt 64, 24 new toke
     Case("specoffload", 8, 2, 3, 64, 24),
     Case("spec-serial", 16, 1, 5, 128, 24, draft_batch=16),
     Case("flexgen", 16, 2, 0, 128, 16, attention_device="gpu"),
+    Case("flexgen", 8, 2, 0, 64, 24, weights="int8"),  # the first workload again, its layers compressed
+    Case("flexgen", 8, 2, 0, 64, 24, weights="int4g64"),
 )
 FULL_CASES = QUICK_CASES + (
     Case("sequential", 32, 1, 0, 128, 32, prefill_chunk=16),
@@ -111,6 +115,9 @@ def make_case_plan(case: Case, target_name: str, draft_name: str | None, target:
     from specplan.simulator.cli import default_placement
     from specplan.simulator.run import SimConfig, simulate
 
+    from specplan.formats import parse_weights
+
+    target, draft = apply_weights(target, draft, parse_weights(case.weights).fixed)
     sch = case.schedule()
     wl = Workload.make(case.prompt_len, case.gen_len, case.target_batch * case.num_batches, acceptance)
     pl = default_placement(target, draft if sch.speculative else None, sch, wl, profile)
@@ -197,7 +204,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = simulate_as_run(plan, target, draft, profile, m)
+        sim = simulate_as_run(plan, *apply_weights(target, draft, plan.weight_formats(), "plan"), profile, m)
         stages = {}
         for st in CALIBRATED_STAGES:
             ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)
@@ -285,7 +292,7 @@ def plot(rows: list[Row], path, title: str):
 
 
 def validate_cmd(
-    quick: Annotated[bool, typer.Option("--quick", help="6 workloads, 2 runs each: under 5 minutes on a 2-core CPU.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="8 workloads (2 with compressed layers), 2 runs each: about 5 minutes on a 2-core CPU.")] = False,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile to predict with; default: profile this machine now (--quick).")] = None,
     target: Annotated[str, typer.Option(help="Target model: a preset (random weights) or a HF directory (its weights).")] = "smollm2-135m",
     draft: Annotated[str, typer.Option(help="Draft: with random weights and the target's seed, a truncated self-draft.")] = "smollm2-135m-4l",

@@ -63,7 +63,8 @@ class _Unit:
     layout: dict[str, tuple[int, torch.dtype, torch.Size]] = field(default_factory=dict)  # name -> (offset, dtype, shape)
     compressed: dict[str, tuple] = field(default_factory=dict)  # name -> (format, shape): its parts are "name#part"
     parts: list[_Part] = field(default_factory=list)
-    nbytes: int = 0  # streamed bytes
+    nbytes: int = 0  # the slot bytes it fills, alignment padding included
+    payload: int = 0  # its tensors' own bytes: what a pass streams (memory.streamed_bytes_per_pass)
 
 
 def _align(n: int) -> int:
@@ -172,6 +173,7 @@ class WeightStore:
             for name in names:
                 unit.layout[name] = (offset, tensors[name].dtype, tensors[name].shape)
                 offset = _align(offset + tensors[name].nbytes)
+                unit.payload += tensors[name].nbytes
             flat = torch.zeros(offset - start, dtype=torch.uint8, pin_memory=home == "cpu_pinned" and self.cuda)
             for name in names:
                 off, t = unit.layout[name][0] - start, tensors[name].contiguous()
@@ -253,7 +255,7 @@ class WeightStore:
             t = time.perf_counter()
             for p in unit.parts:
                 dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
-            self._record_copy(unit.nbytes, seconds=time.perf_counter() - t if timed else None)
+            self._record_copy(unit.payload, seconds=time.perf_counter() - t if timed else None)
             return
         # Disk and pageable parts go through pinned staging first, on this thread: a copy from
         # pageable memory would block this thread until the copy stream reached it, i.e. until
@@ -282,7 +284,7 @@ class WeightStore:
             self.ready[slot].record()
             if self.staging:
                 self.staged[slot].record()
-        self._record_copy(unit.nbytes, events=events)
+        self._record_copy(unit.payload, events=events)
 
     def _record_copy(self, nbytes: int, seconds: float | None = None, events=None) -> None:
         if self.stats is None:

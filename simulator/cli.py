@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, err, given_options, memory_caps, out,
-                          print_json, profile_from_flags)
+from specplan.cli import (GpuMemOpt, HostMemOpt, HostOpt, JsonOpt, PcieOpt, WeightsOpt, err, given_options, memory_caps,
+                          out, print_json, profile_from_flags)
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
 from specplan.hardware import profile_path
@@ -65,7 +65,7 @@ COMPARE = ("specoffload", "spec-serial", "flexgen", "sequential")
 # the flags a --plan fixes (refused beside it); the others apply to it
 PLAN_SETS = {"gpu", "target", "draft", "policy", "batch", "num_batches", "prefill_chunk", "admission", "prefill_tokens",
              "draft_batch", "gamma", "attention", "prompt_len", "gen_len", "num_prompts", "acceptance",
-             "acceptance_spread"}
+             "acceptance_spread", "weights"}
 
 
 
@@ -125,10 +125,13 @@ def simulate_cmd(
     gantt: Annotated[Optional[str], typer.Option("--gantt", help="Write a Gantt chart PNG.")] = None,
     window: Annotated[Optional[str], typer.Option("--window", help="Gantt time window in seconds, START:END.")] = None,
     pcie: PcieOpt = None, host: HostOpt = None, host_mem: HostMemOpt = None, gpu_mem: GpuMemOpt = None,
-    as_json: JsonOpt = False,
+    weights: WeightsOpt = None, as_json: JsonOpt = False,
     ctx: typer.Context = None,
 ) -> None:
     """Simulate offloaded (speculative) inference on a machine you may not have."""
+    from specplan.formats import parse_weights
+    from specplan.models import apply_weights
+
     given = given_options(ctx)
     opt = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if plan:
@@ -138,7 +141,8 @@ def simulate_cmd(
             raise InputError("argument", opt(fixed[0]), "is set by --plan, which would ignore it",
                              f"--plan alone (with {', '.join(keeps)}), or no --plan")
         p = Plan.load(plan)
-        tgt, drf = ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None
+        tgt, drf = apply_weights(ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None,
+                                 p.weight_formats(), plan)
         profile = p.hardware_profile().compose(pcie=pcie, host=host, **memory_caps(host_mem, gpu_mem))
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
@@ -166,6 +170,11 @@ def simulate_cmd(
                             prefill_tokens=prefill_tokens).validate("argument")
         tgt = ModelSpec.resolve(target)
         drf = ModelSpec.resolve(draft) if (speculative or compare) and draft.lower() != "none" else None
+        choice = parse_weights(weights)
+        if choice.auto:
+            raise InputError("argument", "--weights", "auto: simulate runs the formats it is given; the planner "
+                             "chooses among formats", "fixed formats, or specplan optimize --weights auto")
+        tgt, drf = apply_weights(tgt, drf, choice.fixed)
         profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
         workload = Workload.make(prompt_len, gen_len, num_prompts, acceptance, seed=seed, source="argument",
                                  acceptance_spread=acceptance_spread)

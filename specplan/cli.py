@@ -28,6 +28,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 PcieOpt = Annotated[Optional[str], typer.Option("--pcie", help="Swap the host link: 3, 4, 5 or a link name in hwprofiles/parts.json.")]
 HostOpt = Annotated[Optional[str], typer.Option("--host", help="Swap the host part: 'workstation' or 'server'.")]
 HostMemOpt = Annotated[Optional[str], typer.Option("--host-mem", help="Host memory, e.g. 256GB.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    "--weights", help="Weight formats (docs/weights.md): bf16 | fp16 | fp32 | int8 | int4 (groups of 64; int4g32, "
+    "int4g128) | fp8 for the layers; auto lets the planner choose each group (auto:int8+int4 among those; dtype is the model's own); or per "
+    "group, e.g. experts=int4,attention=int8,lm_head=int8,embed=int8,draft=int8. Default: the model's dtype.")]
 GpuMemOpt = Annotated[Optional[str], typer.Option("--gpu-mem", help="Cap usable GPU memory, e.g. 24GiB.")]
 
 
@@ -109,16 +113,24 @@ def hardware(
 @app.command()
 def models(
     name: Annotated[Optional[str], typer.Argument(help="Preset name, model directory or config.json; omit to list.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Override the dtype: bfloat16, float16, float32, int8, int4.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Override the compute dtype (activations, KV cache): bfloat16, float16, float32.")] = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the model presets, or show one model's shapes and byte breakdown."""
+    """List the model presets, or show one model's shapes and byte breakdown (per tensor group
+    in its weight format with --weights)."""
+    from .errors import InputError
+    from .formats import parse_weights
     from .models import ModelSpec, preset_names
 
+    choice = parse_weights(weights)
+    if choice.auto:
+        raise InputError("argument", "--weights", "auto: the planner chooses it", "fixed formats, e.g. int4")
     if name is None:
         specs = [ModelSpec.from_preset(n) for n in preset_names()]
         if dtype:
             specs = [s.with_dtype(dtype) for s in specs]
+        specs = [s.with_weights(choice.fixed) for s in specs]
         if as_json:
             return print_json([s.to_dict() for s in specs])
         t = Table(title="Model presets")
@@ -133,6 +145,7 @@ def models(
     s = ModelSpec.resolve(name)
     if dtype:
         s = s.with_dtype(dtype)
+    s = s.with_weights(choice.fixed)
     if as_json:
         return print_json(s.to_dict())
     t = Table(title=f"{s.name} ({s.arch}, {s.dtype})", show_header=False)
@@ -146,6 +159,7 @@ def models(
         ("heads / KV heads / head dim", f"{s.heads} / {s.kv_heads} / {s.head_dim}"),
         ("experts", f"{s.experts}, top {s.top_k}" if s.is_moe else "dense MLP"),
         ("vocab", str(s.vocab)),
+        ("weight formats", ", ".join(f"{g} {s.fmt(g).name}" for g in ("attention", "experts", "lm_head", "embed"))),
         ("attention / layer", fmt_bytes(lb.attention)),
         ("router / layer", fmt_bytes(lb.router)),
         ("one expert" if s.is_moe else "MLP / layer", fmt_bytes(lb.expert)),

@@ -284,20 +284,40 @@ def attention_op_name(model: ModelSpec, device: str) -> str:
 
 def step_op_name(model: ModelSpec, device: str) -> str:
     """Kernel-table key for a resident model's whole decode step (rows x context)."""
-    return f"{device}_step:{model.name}:L{model.layers}:h{model.hidden}:{model.dtype}"
+    formats = ",".join(f"{g}={f}" for g, f in model.weights.to_dict().items())
+    return f"{device}_step:{model.name}:L{model.layers}:h{model.hidden}:{model.dtype}" + (f":{formats}" if formats else "")
+
+
+def dequant_op_name(model: ModelSpec, group: str, device: str) -> str:
+    """Kernel-table key for turning a group's format into the compute dtype (the profiler
+    writes the same key); its one axis is the weights dequantized."""
+    return f"{device}_dequant:{model.fmt(group).name}:{model.dtype}"
+
+
+def dequant_time_s(profile: HardwareProfile, model: ModelSpec, group: str, *, device: str = "gpu") -> float:
+    """One use of a group's matrices (attention's four, one expert's three, the LM head)
+    dequantized into the scratch buffer; 0 when the group is in the compute dtype. Without a
+    measured table: a memory-bound kernel reading the codes and scales and writing the dtype."""
+    params = model.dequant_params.get(group, 0)
+    if not params:
+        return 0.0
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    fallback = kernel(profile, 2.0 * params, model.group_bytes(group) + params * model.dtype_bytes, model.dtype)
+    return _table_or(profile, dequant_op_name(model, group, device), (params,), fallback)
 
 
 def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
     """One layer's FFN for `tokens` tokens: dense MLP, or each touched expert over its share."""
     if tokens <= 0:
         return 0.0
-    b = model.layer_bytes
+    # the GEMM reads the weights in the compute dtype (a compressed expert is dequantized first)
+    weight_bytes = model.expert_params * model.dtype_bytes
     if model.is_moe:
         touched = expected_experts_touched(tokens, model.experts, model.top_k)
         per_expert_tokens = tokens * model.top_k / touched
-        one = _ffn_one(profile, model, per_expert_tokens, device, b.expert)
+        one = _ffn_one(profile, model, per_expert_tokens, device, weight_bytes)
         return touched * one
-    return _ffn_one(profile, model, tokens, device, b.expert)
+    return _ffn_one(profile, model, tokens, device, weight_bytes)
 
 
 def _ffn_one(profile: HardwareProfile, model: ModelSpec, tokens: float, device: str, weight_bytes: float) -> float:
@@ -305,7 +325,8 @@ def _ffn_one(profile: HardwareProfile, model: ModelSpec, tokens: float, device: 
     act_bytes = tokens * (2 * model.hidden + 2 * model.ffn_inner) * model.dtype_bytes
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
     fallback = kernel(profile, flops, weight_bytes + act_bytes, model.dtype)
-    return _table_or(profile, ffn_op_name(model, device), (tokens,), fallback)
+    return _table_or(profile, ffn_op_name(model, device), (tokens,), fallback) + dequant_time_s(profile, model, "experts",
+                                                                                              device=device)
 
 
 def attn_proj_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
@@ -316,7 +337,8 @@ def attn_proj_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, 
     flops = 2.0 * params * tokens
     nbytes = params * model.dtype_bytes + tokens * 4 * model.hidden * model.dtype_bytes
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
-    return _table_or(profile, attn_proj_op_name(model, device), (tokens,), kernel(profile, flops, nbytes, model.dtype))
+    return (_table_or(profile, attn_proj_op_name(model, device), (tokens,), kernel(profile, flops, nbytes, model.dtype))
+            + dequant_time_s(profile, model, "attention", device=device))
 
 
 def attention_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float,
@@ -343,7 +365,8 @@ def lm_head_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *,
     params = model.vocab * model.hidden
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
     fallback = kernel(profile, 2.0 * params * tokens, params * model.dtype_bytes, model.dtype)
-    return _table_or(profile, head_op_name(model, device), (tokens,), fallback)
+    return (_table_or(profile, head_op_name(model, device), (tokens,), fallback)
+            + dequant_time_s(profile, model, "lm_head", device=device))
 
 
 def resident_step_time_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, context: float) -> float:

@@ -130,7 +130,7 @@ class WeightsChoice:
     """What --weights asked for: fixed formats, and per group the formats `auto` may choose from."""
 
     fixed: WeightFormats
-    auto: dict[str, tuple[WeightFormat, ...]]  # group -> candidates (the planner picks)
+    auto: dict[str, tuple[WeightFormat | None, ...]]  # group -> candidates (the planner picks; None: the dtype)
 
     def candidates(self) -> list[WeightFormats]:
         """Every assignment the planner weighs: the fixed groups as given, each auto group one
@@ -141,18 +141,18 @@ class WeightsChoice:
         return list(dict.fromkeys(out))
 
 
-AUTO_DEFAULT = ("bf16", "int8", "int4g64", "fp8")
+AUTO_DEFAULT = ("dtype", "int8", "int4g64")  # fp8 weighs what int8 does; name it to weigh it too
 
 
 def parse_weights(text: str | None, source: str = "argument", field: str = "--weights") -> WeightsChoice:
     """`--weights`: a format for the layer groups (`int4`), `auto` (the planner chooses each layer
-    group among bf16, int8, int4, fp8), `auto:int8+int4` (among those), or per group,
+    group among the model's dtype, int8 and int4), `auto:dtype+int8+fp8` (among those), or per group,
     `experts=int4,attention=int8,lm_head=int8,draft=auto`; a bare format with groups named
     (`int4,attention=int8`) is the other layer groups' format."""
     if text is None or not text.strip():
         return WeightsChoice(WeightFormats(), {})
     fixed: dict[str, WeightFormat] = {}
-    auto: dict[str, tuple[WeightFormat, ...]] = {}
+    auto: dict[str, tuple[WeightFormat | None, ...]] = {}
     items = [p.strip() for p in text.split(",")]
     bare = [p for p in items if "=" not in p]
     if len(bare) == 1:  # a bare format is the layer groups' unless a group names its own
@@ -170,7 +170,8 @@ def parse_weights(text: str | None, source: str = "argument", field: str = "--we
         value = value.strip().lower()
         if value == "auto" or value.startswith("auto:"):
             names = value[5:].split("+") if value.startswith("auto:") else list(AUTO_DEFAULT)
-            auto[group] = tuple(dict.fromkeys(parse_format(n, source, field) for n in names if n.strip()))
+            auto[group] = tuple(dict.fromkeys(None if n.strip() == "dtype" else parse_format(n, source, field)
+                                              for n in names if n.strip()))
             if not auto[group]:
                 raise InputError(source, field, f"'{item}' allows no format", "auto, or auto:FORMAT+FORMAT")
         else:

@@ -104,6 +104,13 @@ def _draft_activation_bytes(draft: ModelSpec, schedule: Schedule, workload: Work
                activation_bytes(draft, schedule.draft_batch, 2, seq))
 
 
+def streamed_bytes_per_pass(target: ModelSpec, placement: Placement) -> float:
+    """The weight bytes one pass of the target copies to the GPU: every streamed layer's
+    chunks (all experts: the runtime streams a layer whole) and the LM head if it streams."""
+    layers = sum(c[2] for i in range(target.layers) for c in streamed_chunks(target, placement, i))
+    return layers + (target.head_bytes if placement.lm_head != "gpu" else 0.0)
+
+
 def stream_slot_bytes(target: ModelSpec, placement: Placement) -> float:
     """One weight-stream buffer: the largest unit that streams, a layer (its FFN unless every FFN
     is resident, plus its attention unless resident) or the LM head with the final norm when the
@@ -170,6 +177,8 @@ def weights_memory(target: ModelSpec, placement: Placement, prefetch_depth: int)
     # tied and both on the GPU: one tensor; a head that streams is packed into its own copy
     if not (target.tie_embeddings and placement.lm_head == placement.embed == "gpu"):
         parts.append(("lm_head", placement.lm_head, target.head_bytes))
+    if target.dequant_scratch_bytes:  # where a compressed matrix is dequantized before its matmul
+        parts.append(("dequantization scratch", "gpu", target.dequant_scratch_bytes))
     streamed = stream_slot_bytes(target, placement)
     if streamed > 0:
         slots = prefetch_depth + 1
@@ -197,6 +206,8 @@ def draft_rows_memory(draft: ModelSpec | None, schedule: Schedule, workload: Wor
         return []
     seq = workload.max_seq_len + schedule.gamma
     parts = [("draft weights", "gpu", draft.total_bytes)]
+    if draft.dequant_scratch_bytes:
+        parts.append(("draft dequantization scratch", "gpu", draft.dequant_scratch_bytes))
     draft_kv_all = kv_cache_bytes(draft, schedule.rows, seq)
     if draft_kv == "gpu":
         parts.append(("draft KV cache", "gpu", draft_kv_all))

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InputError, UnknownNameError, require
 from .fileio import read_json
-from .formats import WeightFormat, WeightFormats
+from .formats import DTYPE_FORMAT, WeightFormat, WeightFormats
 
 # the compute dtype: activations, the KV cache, norms; weight matrices have a format (formats.py)
 DTYPE_BYTES: dict[str, float] = {
@@ -159,7 +159,7 @@ class ModelSpec:
 
     def with_weights(self, weights: WeightFormats, source: str = "argument") -> "ModelSpec":
         """This model with its tensor groups in `weights` (refused if a matrix cannot hold them)."""
-        spec = replace(self, weights=weights)
+        spec = replace(self, weights=replace(weights, draft=None))  # a separate draft's format is the draft's own
         for group, shapes in spec._matrices().items():
             fmt = spec.fmt(group)
             for rows, cols in shapes:
@@ -169,6 +169,11 @@ class ModelSpec:
     def fmt(self, group: str) -> WeightFormat:
         """The format of a tensor group: attention, experts, lm_head or embed."""
         return self.weights.of(group, self.dtype)
+
+    def converted(self, group: str) -> bool:
+        """The group's weights are stored in another format than the dtype: turned into the
+        dtype (dequantized, or cast) before each use."""
+        return self.fmt(group).name != DTYPE_FORMAT.get(self.dtype)
 
     def _matrices(self) -> dict[str, list[tuple[int, int]]]:
         """Each group's weight matrices as [rows, cols] (one expert for `experts`)."""
@@ -185,7 +190,7 @@ class ModelSpec:
     def dequant_params(self) -> dict[str, int]:
         """Weights a layer dequantizes per use, by group (0 where the group is not compressed):
         attention's four matrices, one expert's three, the LM head."""
-        return {g: sum(r * c for r, c in m) if self.fmt(g).compressed else 0
+        return {g: sum(r * c for r, c in m) if self.converted(g) else 0
                 for g, m in self._matrices().items() if g != "embed"}
 
     @cached_property
@@ -194,7 +199,11 @@ class ModelSpec:
         fused q|k|v, o, fused gate|up, down, the LM head; 0 if nothing is compressed."""
         h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
         sizes = {"attention": [(q + 2 * kv) * h, q * h], "experts": [2 * f * h, f * h], "lm_head": [self.vocab * h]}
-        return max((n for g, ns in sizes.items() if self.fmt(g).compressed for n in ns), default=0)
+        return max((n for g, ns in sizes.items() if self.converted(g) for n in ns), default=0)
+
+    @cached_property
+    def dequant_scratch_bytes(self) -> float:
+        return self.dequant_scratch_params * self.dtype_bytes
 
     def validate(self, source: str) -> None:
         require(self.heads % self.kv_heads == 0, source, "num_key_value_heads",
@@ -334,6 +343,19 @@ class ModelSpec:
         d["flops_per_token"] = self.flops_per_token(0)
         d["bytes"] = self.byte_breakdown()
         return d
+
+
+def apply_weights(target: ModelSpec, draft: ModelSpec | None, weights: WeightFormats,
+                  source: str = "argument") -> tuple[ModelSpec, ModelSpec | None]:
+    """The pair with their groups in `weights`: the target's groups, and `draft` on the draft's
+    layers (refused, one line, where a matrix cannot hold its format)."""
+    return (target.with_weights(weights, source),
+            draft.with_weights(weights.for_draft(), source) if draft is not None else None)
+
+
+def pair_weights(target: ModelSpec, draft: ModelSpec | None) -> WeightFormats:
+    """What a plan records: the target's formats, and the draft's (its layers' format)."""
+    return replace(target.weights, draft=draft.weights.attention if draft is not None else None)
 
 
 SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_inner", "vocab", "experts", "top_k")

@@ -106,6 +106,7 @@ class Plan:
     inputs: dict = field(default_factory=dict)  # hashes of the model specs, profile and workload
     versions: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)  # the full hardware profile it was made for
+    weights: dict = field(default_factory=dict)  # tensor group -> format, where not the model's dtype (formats.py)
     format: int = PLAN_FORMAT
 
     def hardware_profile(self):
@@ -134,9 +135,18 @@ class Plan:
             placement = Placement(**d["placement"]).validate(source)
         except TypeError as e:
             raise InputError(source, "schedule/placement", str(e), "the fields in docs/planner.md") from None
+        from .formats import WeightFormats
+
+        weights = WeightFormats.from_dict(d.get("weights"), source).to_dict()
         return cls(target=d["target"], draft=d.get("draft"), hardware=d["hardware"], schedule=schedule,
                    placement=placement, workload=d["workload"], prediction=d.get("prediction", {}),
-                   inputs=d.get("inputs", {}), versions=d.get("versions", {}), profile=d.get("profile", {}))
+                   inputs=d.get("inputs", {}), versions=d.get("versions", {}), profile=d.get("profile", {}),
+                   weights=weights)
+
+    def weight_formats(self):
+        from .formats import WeightFormats
+
+        return WeightFormats.from_dict(self.weights, "plan")
 
     @classmethod
     def load(cls, path: str) -> "Plan":

@@ -36,12 +36,20 @@ def test_models_json_mixtral():
     assert d["experts"] == 8 and d["top_k"] == 2
 
 
-def test_models_json_dtype_override():
-    res = run("models", "mixtral-8x7b", "--dtype", "int4", "--json")
+def test_models_json_weight_formats():
+    res = run("models", "mixtral-8x7b", "--weights", "int4", "--json")
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
-    assert d["dtype"] == "int4"
-    assert d["bytes"]["total_bytes"] == pytest.approx(46702792704 / 2)
+    assert d["dtype"] == "bfloat16" and d["weights"] == {"attention": "int4g64", "experts": "int4g64"}
+    from specplan.models import ModelSpec
+
+    m = ModelSpec.from_preset("mixtral-8x7b")
+    matrices = m.layers * (m.attention_params_per_layer + m.experts * m.expert_params)
+    rest = m.total_params - matrices
+    # half a byte a weight, two float16 values (scale, zero point) per 64; the rest in bf16
+    assert d["bytes"]["total_bytes"] == matrices / 2 + matrices / 64 * 4 + rest * 2
+    res = run("models", "mixtral-8x7b", "--dtype", "int4")
+    assert res.returncode == 2 and "dtype" in res.stderr
 
 
 def test_models_from_config_file(tmp_path):

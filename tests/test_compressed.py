@@ -183,3 +183,63 @@ def test_engine_equals_transformers_on_the_dequantized_model(tmp_path, name, cha
             assert out == expected, (policy, placement)
             if placement is STREAMED:  # the bytes copied per pass are the plan's, to the byte
                 assert counts["h2d_bytes"] > 0
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4g32,lm_head=int8", "fp8,attention=int4g64", ""])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
+def test_bytes_copied_per_pass_are_the_plans_to_the_byte(name, weights):
+    from specplan.memory import streamed_bytes_per_pass, weights_memory
+    from specplan.runtime.checkpoint import random_checkpoint
+    from specplan.runtime.weights import WeightStore
+
+    spec = ModelSpec.from_preset(name).with_weights(parse_weights(weights).fixed)
+    stats = Stats(CPU)
+    store = WeightStore(CompressedCheckpoint(random_checkpoint(spec, torch.float32)), STREAMED, CPU, 0, stats)
+
+    def one_pass():
+        for u in range(spec.layers + 1):
+            store.acquire(u)
+            store.release(u)
+    one_pass()
+    before = stats.counts["h2d_bytes"]
+    one_pass()
+    assert stats.counts["h2d_bytes"] - before == streamed_bytes_per_pass(spec, STREAMED)
+    # the scratch buffer is the plan's: the largest dequantized matrix, in the compute dtype
+    scratch = dict((n, b) for n, _, b in weights_memory(spec, STREAMED, 0)).get("dequantization scratch", 0)
+    assert (store.scratch.nbytes if store.scratch is not None else 0) == scratch
+    store.close()
+
+
+def test_a_cached_file_of_another_checkpoint_is_refused(tmp_path):
+    """The cache is keyed by the checkpoint: a file copied from another's folder is refused,
+    one line naming it, and a second load of the same checkpoint reads the codes back."""
+    from specplan.runtime.checkpoint import QuantCache, checkpoint_key, compress, load_checkpoint
+
+    spec, hf = tiny("tiny-llama")
+    qspec = spec.with_weights(parse_weights("int4g32").fixed)
+    a, b = tmp_path / "a", tmp_path / "b"
+    hf.save_pretrained(a)
+    torch.manual_seed(4)
+    type(hf)(hf.config).save_pretrained(b)
+    cache_a = QuantCache(tmp_path / "cache", checkpoint_key(a), qspec)
+    first = compress(load_checkpoint(a, qspec, torch.float32), cache_a).layer(1)
+    again = compress(load_checkpoint(a, qspec, torch.float32), cache_a).layer(1)  # read back from the file
+    assert torch.equal(first["mlp.down_proj.weight"].codes, again["mlp.down_proj.weight"].codes)
+    assert (cache_a.folder / "layer1.safetensors").is_file()
+    cache_b = QuantCache(tmp_path / "cache", checkpoint_key(b), qspec)
+    assert cache_b.folder != cache_a.folder
+    cache_b.folder.mkdir(parents=True)
+    (cache_b.folder / "layer1.safetensors").write_bytes((cache_a.folder / "layer1.safetensors").read_bytes())
+    with pytest.raises(InputError, match="layer1.safetensors: metadata.checkpoint: was written for checkpoint"):
+        compress(load_checkpoint(b, qspec, torch.float32), cache_b).layer(1)
+
+
+def test_fp8_is_refused_where_the_device_cannot_convert_it(monkeypatch):
+    from specplan.runtime import quant
+    from specplan.runtime.run import check_device_formats
+
+    spec = ModelSpec.from_preset("tiny-llama").with_weights(parse_weights("fp8").fixed)
+    check_device_formats([spec], CPU)  # this torch has float8 on the CPU
+    monkeypatch.setattr(quant, "fp8_dtype", lambda: None)
+    with pytest.raises(InputError, match="weights.attention: fp8 cannot run on cpu"):
+        check_device_formats([spec], CPU)

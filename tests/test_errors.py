@@ -192,6 +192,19 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("specplan", ["sweep", "--gpu", "rtx4090", "--prices", "prices-undated.json"], 2, "date"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--sort", "cost"], 2, "--sort"),
     ("specplan", ["sweep", "--gpu", "rtx4090", "--csv", "/proc/x/s.csv"], 2, "--csv"),
+    # weight formats
+    ("specplan", ["optimize", "--weights", "int3"], 2, "--weights"),
+    ("specplan", ["optimize", "--weights", "experts=int4,experts=int8"], 2, "given twice"),
+    ("specplan", ["optimize", "--weights", "layers=int4"], 2, "GROUP=FORMAT"),
+    ("specplan", ["optimize", "--target", "tiny-mixtral", "--draft", "none", "--weights", "int4g64"], 2,
+     "--weights experts=int4g64"),
+    ("specplan", ["optimize", "--gpu", "no-fp8.json", "--target", "tiny-llama", "--draft", "none", "--weights", "fp8"], 2,
+     "measured no fp8"),
+    ("specplan", ["simulate", "--weights", "auto"], 2, "--weights"),
+    ("specplan", ["sweep", "--gpu", "rtx4090", "--weights", "auto"], 2, "--weights"),
+    ("specplan", ["models", "tiny-llama", "--weights", "int4g128"], 2, "int4g128"),
+    ("specrun", ["--plan", "plan.json", *SPEC, "--weights", "int8"], 2, "the plan's formats"),
+    ("specrun", ["--plan", "plan-int3.json", *SPEC], 2, "weights.experts"),
     # plans that do not fit: exit 3
     ("specplan", ["optimize", "--gpu-mem", "1GB"], 2, "--gpu-mem"),
     ("specplan", ["optimize", "--gpu-mem", "2GB"], 3, "no plan fits: specoffload: GPU memory"),
@@ -255,6 +268,11 @@ def write_files(d: Path) -> None:
     p = json.loads(json.dumps(prof))
     p["link"]["h2d_pinned"]["bytes_per_s"] = 1e-3
     variant("slow-link.json", json.dumps(p))
+    # a measured profile whose device ran int8 dequantization and not fp8
+    p = json.loads(json.dumps(prof))
+    p["kernels"]["gpu_dequant:int8:float32"] = {"axes": ["params"], "grid": [[1000.0]], "seconds": [1e-6]}
+    variant("no-fp8.json", json.dumps(p))
+    variant("plan-int3.json", json.dumps(_plan(weights={"experts": "int3"}).to_dict()))
     p = json.loads(json.dumps(prof))
     p["link"]["h2d_pinned"]["bytes_per_s"] = math.nan
     variant("nan-link.json", json.dumps(p))  # json writes NaN, which is not JSON
