@@ -3,7 +3,7 @@ simulator, every policy) with the weights in the model's dtype and in each forma
 ratio of each to the dtype's. Formats apply to the target's attention and experts / MLP and
 to the draft's layers (`--weights FORMAT`); `auto` lets the planner choose per group.
 
-    python benchmarks/compressed_weights.py [--only mixtral-8x7b] [--json out.json]
+    python benchmarks/compressed_weights.py [--only mixtral-8x7b] [--quality quality.json] [--json out.json]
 
 Deterministic (a simulation, on datasheet profiles): the machine's load does not matter.
 """
@@ -56,13 +56,51 @@ def best(sc: Scenario, weights: str, workload: Workload) -> dict:
             "cpu_attention_s": stages.get("target_attention", 0.0), "plan_s": time.perf_counter() - t0}
 
 
+def drafts(quality: dict[str, float], rows: list) -> None:
+    """The target as its own draft, compressed (all its layers: the acceptance measured is a
+    whole model's), against a separate draft and no draft, with the target's layers in
+    int4g64. A self-draft's acceptance is the greedy agreement its format measured on
+    SmolLM2-135M (benchmarks/weight_quality.py); the separate draft's is the default 0.7."""
+    from specplan.models import resolve_draft
+
+    for sc, gpu in ((SCENARIOS[0], "rtx4090"), (SCENARIOS[0], "h100-pcie")):
+        print(f"\n{sc.target} (layers int4g64) on {gpu}: drafts")
+        print(f"{'draft':18} {'acceptance':>10} {'best plan':24} {'tok/s':>8}   best speculative plan")
+        profile = profile_from_flags(gpu, None, None, None, None)
+        tgt = ModelSpec.resolve(sc.target)
+        for name, acc in [("none", 0.7), (sc.draft, 0.7)] + [(f"self:{f}", a) for f, a in quality.items()]:
+            drf = resolve_draft(name, tgt)
+            wl = Workload.make(512, 128, 512, acc, source="benchmark")
+            res, _, _ = optimize_formats(weight_candidates(parse_weights("int4g64"), tgt, drf, profile), profile, wl,
+                                         POLICIES, ADMISSIONS)
+            r, s = res.best, res.best.candidate.shape
+            spec = res.best_of(("specoffload", "spec-serial"))
+            unsim = [f"{p}: program {c.estimate_tok_s:.1f} tok/s, not simulated" for p, c in res.unsimulated.items()
+                     if p in ("specoffload", "spec-serial")]
+            why = "" if drf is None else (f"{spec.candidate.shape.policy} {spec.tok_s:.1f} tok/s" if spec else
+                                          "; ".join([f"{p}: {w[:60]}" for p, w in res.infeasible.items()] + unsim))
+            rows.append({"scenario": f"drafts {gpu}", "draft": name, "acceptance": acc, "policy": s.policy,
+                         "rows": f"{s.num_batches}x{s.target_batch}", "tok_s": r.tok_s,
+                         "speculative_tok_s": spec.tok_s if spec else None, "speculative": why})
+            print(f"{name:18} {acc:10.3f} {s.policy + ' ' + f'{s.num_batches}x{s.target_batch}':24} {r.tok_s:8.1f}   {why}",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="scenario name (repeatable)")
+    ap.add_argument("--quality", help="benchmarks/weight_quality.py --json output: adds the self-draft table")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     workload = Workload.make(512, 128, 512, 0.7, source="benchmark")
     rows = []
+    if args.quality:
+        import json
+        from pathlib import Path
+
+        measured = {r["weights"]: r["agreement"] for r in json.loads(Path(args.quality).read_text())
+                    if r.get("agreement") and r["weights"] in ("int8", "int4g64")}
+        drafts(measured, rows)
     for sc in SCENARIOS:
         if args.only and sc.name not in args.only:
             continue

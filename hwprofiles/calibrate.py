@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from specplan.cost import error_pct, stage_total
 from specplan.hardware import HardwareProfile
-from specplan.models import ModelSpec
+from specplan.models import ModelSpec, resolve_draft
 from specplan.plan import Plan
 
 CALIBRATED_STAGES = ("h2d", "target_proj", "target_attention", "target_ffn", "target_head", "draft")
@@ -56,7 +56,7 @@ def calibrate(report: dict, plan: Plan, profile: HardwareProfile) -> Calibration
 
     measured = report["measured"]
     target = ModelSpec.resolve(plan.target)
-    draft = ModelSpec.resolve(plan.draft) if plan.draft else None
+    draft = resolve_draft(plan.draft, target, "draft")
     def sim(p: HardwareProfile):  # the plan as it ran: measured acceptance and its spread, the same rows
         return simulate_as_run(plan, target, draft, p, measured)
 

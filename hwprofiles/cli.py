@@ -33,7 +33,10 @@ def profile_cmd(
 
     from .profiler import profile_machine
 
-    models = [ModelSpec.resolve(target)] + ([ModelSpec.resolve(draft)] if draft else [])
+    from specplan.models import resolve_draft
+
+    tspec = ModelSpec.resolve(target)
+    models = [tspec] + ([resolve_draft(draft, tspec)] if draft and draft.lower() != "none" else [])
     cap = memory_size(gpu_mem, "argument", "--gpu-mem") if gpu_mem is not None else None
     # the default name comes from the device, known only after measuring: probe its folder
     check_writable(out or MEASURED_DIR / f"{name or 'profile'}.json", "--out")

@@ -14,7 +14,7 @@ from specplan.cost import max_acceptance_spread
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import check_not_inputs, check_writable
 from specplan.hardware import profile_path
-from specplan.models import ModelSpec
+from specplan.models import ModelSpec, resolve_draft
 from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
@@ -236,7 +236,7 @@ def optimize_cmd(
 
     profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
     tgt = ModelSpec.resolve(target)
-    drf = None if draft.lower() == "none" else ModelSpec.resolve(draft)
+    drf = resolve_draft(draft, tgt)
     choice = parse_weights(weights)
     pairs = weight_candidates(choice, tgt, drf, profile)
     if drf is not None and drf.vocab != tgt.vocab:

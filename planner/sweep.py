@@ -28,7 +28,7 @@ from typing import Any
 from specplan import __version__
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import read_text, sha256_of, write_json
-from specplan.models import ModelSpec, model_shape
+from specplan.models import ModelSpec, model_shape, resolve_draft
 from specplan.workload import Workload
 
 DEFAULT_MODELS = (("mixtral-8x7b", "mistral-7b-v0.2"),)
@@ -271,7 +271,7 @@ def resolve(point: SweepPoint) -> Resolved:
 
     profile = profile_from_flags(point.gpu, point.pcie, None, point.host_mem, None)
     target = ModelSpec.resolve(point.target)
-    draft = None if point.draft.lower() == "none" else ModelSpec.resolve(point.draft)
+    draft = resolve_draft(point.draft, target, "draft")
     if point.weights:
         from specplan.formats import parse_weights
         from specplan.models import apply_weights

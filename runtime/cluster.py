@@ -34,6 +34,7 @@ from typing import Any, Callable
 from specplan import procs
 from specplan.entry import check as check_interrupt
 from specplan.errors import InfeasibleError, InputError, SpecplanError
+from specplan.models import is_self_draft, resolve_draft
 from specplan.units import fmt_duration
 
 from .jobio import JobRow
@@ -121,7 +122,7 @@ class Worker:
             return node | {"error": f"node {node['host']}: --device: {e}"}
         for flag, name in (("--target", self.cfg.target), ("--draft", self.cfg.draft)):
             try:
-                if name is not None:
+                if name is not None and not is_self_draft(name):
                     resolve_model(name)  # the model must be there on every node, at the same path
             except SpecplanError as e:
                 return node | {"error": f"node {node['host']}: {flag}: {e}"}
@@ -344,7 +345,7 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
     from .run import resolve_model
 
     tspec = resolve_model(target)[0]
-    dspec = resolve_model(draft)[0] if draft is not None else None
+    dspec = resolve_draft(draft, tspec)
     plans: dict[str, Any] = {}
     refused: dict[str, str] = {}
     for info in infos:
@@ -445,7 +446,7 @@ class Driver:
         self._drop([w for w in self._live() if w.plan is None], "its profile cannot hold the model")
         self.times["plan_s"] = time.perf_counter() - t1
         tspec = resolve_model(self.cfg.target)[0]
-        dspec = resolve_model(self.cfg.draft)[0] if self.cfg.draft else None
+        dspec = resolve_draft(self.cfg.draft, tspec)
         gammas = {w.plan.schedule.gamma if w.plan.schedule.speculative else 0 for w in self._live()}
         for i in todo:  # named by id, before any weight is read
             for g in gammas:

@@ -23,7 +23,8 @@ from specplan.cost import acceptance_for_tokens_per_round, error_pct, row_accept
 from specplan.errors import InfeasibleError, InputError, SpecplanError
 from specplan.fileio import write_atomic
 from specplan.memory import MemoryNeed, plan_memory
-from specplan.models import SHAPE_FIELDS, ModelSpec, apply_weights, model_shape, pair_weights
+from specplan.models import (SHAPE_FIELDS, ModelSpec, apply_weights, is_self_draft, model_shape, pair_weights,
+                             resolve_draft)
 from specplan.plan import Plan
 from specplan.simulator.run import simulate_as_run
 from specplan.units import fmt_bytes
@@ -288,10 +289,14 @@ class PlanRunner:
                  timing: bool = False, rows: int | None = None):
         self.plan = plan
         tspec, tdir = resolve_model(target)
-        dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
         if dtype:
             tspec = tspec.with_dtype(dtype)
-            dspec = dspec.with_dtype(dtype) if dspec else None
+        self_draft = plan.schedule.speculative and is_self_draft(draft)
+        if self_draft:  # the target's own weights, compressed: read from the target's directory
+            dspec, ddir = resolve_draft(draft, tspec), tdir
+        else:
+            dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
+            dspec = dspec.with_dtype(dtype) if dspec and dtype else dspec
         # the plan's weight formats: refused here, before any weight is read, where a matrix of
         # these models cannot hold its format
         tspec, dspec = apply_weights(tspec, dspec, plan.weight_formats(), "plan")
@@ -307,7 +312,7 @@ class PlanRunner:
         tck = open_checkpoint(tspec, tdir, random_weights, seed)
         # random weights are drawn per tensor name, so a draft with the target's seed is a truncated
         # copy of the target (a self-draft); another seed gives an unrelated draft
-        dseed = seed + 1 if draft_seed is None else draft_seed
+        dseed = seed if self_draft else seed + 1 if draft_seed is None else draft_seed
         dck = open_checkpoint(dspec, ddir, random_weights, dseed) if dspec is not None else None
         if ignore_eos is None:
             ignore_eos = random_weights  # a random model's EOS means nothing; run the planned lengths

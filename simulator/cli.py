@@ -130,7 +130,7 @@ def simulate_cmd(
 ) -> None:
     """Simulate offloaded (speculative) inference on a machine you may not have."""
     from specplan.formats import parse_weights
-    from specplan.models import apply_weights
+    from specplan.models import apply_weights, resolve_draft
 
     given = given_options(ctx)
     opt = lambda name: "--" + name.replace("_", "-")  # noqa: E731
@@ -141,8 +141,8 @@ def simulate_cmd(
             raise InputError("argument", opt(fixed[0]), "is set by --plan, which would ignore it",
                              f"--plan alone (with {', '.join(keeps)}), or no --plan")
         p = Plan.load(plan)
-        tgt, drf = apply_weights(ModelSpec.resolve(p.target), ModelSpec.resolve(p.draft) if p.draft else None,
-                                 p.weight_formats(), plan)
+        tgt = ModelSpec.resolve(p.target)
+        tgt, drf = apply_weights(tgt, resolve_draft(p.draft, tgt, "draft"), p.weight_formats(), plan)
         profile = p.hardware_profile().compose(pcie=pcie, host=host, **memory_caps(host_mem, gpu_mem))
         workload = Workload.from_dict(p.workload, plan)
         schedule, placement = p.schedule, p.placement
@@ -169,7 +169,7 @@ def simulate_cmd(
                             prefetch_depth=0 if policy == "sequential" else 1, admission=admission,
                             prefill_tokens=prefill_tokens).validate("argument")
         tgt = ModelSpec.resolve(target)
-        drf = ModelSpec.resolve(draft) if (speculative or compare) and draft.lower() != "none" else None
+        drf = resolve_draft(draft, tgt) if speculative or compare else None
         choice = parse_weights(weights)
         if choice.auto:
             raise InputError("argument", "--weights", "auto: simulate runs the formats it is given; the planner "

@@ -67,6 +67,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     max_positions: int = 4096
     weights: WeightFormats = WeightFormats()  # each tensor group's format (formats.py)
+    self_draft: bool = False  # the target's own weights, compressed (resolve_draft): its formats are its own
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- construction -------------------------------------------------------------
@@ -338,6 +339,7 @@ class ModelSpec:
         d = asdict(self)
         d.pop("hf_config")
         d["weights"] = self.weights.to_dict()
+        d.pop("self_draft")
         d["total_params"] = self.total_params
         d["active_params_per_token"] = self.active_params_per_token
         d["flops_per_token"] = self.flops_per_token(0)
@@ -348,9 +350,45 @@ class ModelSpec:
 def apply_weights(target: ModelSpec, draft: ModelSpec | None, weights: WeightFormats,
                   source: str = "argument") -> tuple[ModelSpec, ModelSpec | None]:
     """The pair with their groups in `weights`: the target's groups, and `draft` on the draft's
-    layers (refused, one line, where a matrix cannot hold its format)."""
-    return (target.with_weights(weights, source),
-            draft.with_weights(weights.for_draft(), source) if draft is not None else None)
+    layers (refused, one line, where a matrix cannot hold its format); a self-draft keeps the
+    format its name gives."""
+    if draft is not None and not draft.self_draft:
+        draft = draft.with_weights(weights.for_draft(), source)
+    return target.with_weights(weights, source), draft
+
+
+SELF_PREFIX = "self:"
+
+
+def is_self_draft(name: str | None) -> bool:
+    return bool(name) and str(name).lower().startswith(SELF_PREFIX)
+
+
+def resolve_draft(name: str | None, target: ModelSpec, source: str = "--draft") -> ModelSpec | None:
+    """A draft by name: `none`, a model (ModelSpec.resolve), or `self:FORMAT[:LAYERS]`, the
+    target's own weights in FORMAT (int8, int4, ...), its first LAYERS layers (default all)
+    with its LM head and embedding, all in that format, resident on the GPU."""
+    if name is None or str(name).lower() == "none":
+        return None
+    if not is_self_draft(name):
+        return ModelSpec.resolve(name)
+    from .formats import parse_format
+
+    parts = str(name)[len(SELF_PREFIX):].split(":")
+    expected = "self:FORMAT or self:FORMAT:LAYERS, e.g. self:int4 or self:int4:8"
+    if len(parts) > 2 or not parts[0]:
+        raise InputError("argument", source, f"'{name}' is not a self-draft", expected)
+    fmt = parse_format(parts[0], "argument", source)
+    layers = target.layers
+    if len(parts) == 2:
+        if not parts[1].isdigit() or not 1 <= int(parts[1]) <= target.layers:
+            raise InputError("argument", source, f"'{name}': {parts[1]!r} layers of {target.name}'s {target.layers}",
+                             f"1 to {target.layers} layers ({expected})")
+        layers = int(parts[1])
+    cfg = dict(target.hf_config, num_hidden_layers=layers)
+    spec = replace(target, name=f"{target.name}-self-{fmt.name}" + (f"-{layers}l" if layers < target.layers else ""),
+                   layers=layers, hf_config=cfg, self_draft=True)
+    return spec.with_weights(WeightFormats(attention=fmt, experts=fmt, lm_head=fmt, embed=fmt), source)
 
 
 def pair_weights(target: ModelSpec, draft: ModelSpec | None) -> WeightFormats:

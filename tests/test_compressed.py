@@ -243,3 +243,42 @@ def test_fp8_is_refused_where_the_device_cannot_convert_it(monkeypatch):
     monkeypatch.setattr(quant, "fp8_dtype", lambda: None)
     with pytest.raises(InputError, match="weights.attention: fp8 cannot run on cpu"):
         check_device_formats([spec], CPU)
+
+
+# ---- the target as its own draft, compressed ------------------------------------------------------
+
+
+def test_a_compressed_self_draft_keeps_the_targets_greedy_tokens(tmp_path):
+    """`--draft self:int8` drafts with the target's own weights in int8 (self:int4g32:2, its
+    first two layers in int4): greedy output is the target's alone, and the int8 copy of a
+    model agrees with it on most tokens."""
+    import subprocess
+    import sys
+
+    from specplan.plan import Plan
+    from specplan.runtime.run import run_plan
+
+    common = ["--target", "tiny-llama", "--prompt-len", "6", "--gen-len", "10", "--num-prompts", "4",
+              "--gpu", "rtx4090", "--acceptance", "0.9"]
+    outputs = {}
+    for draft, policy in (("none", "flexgen"), ("self:int8", "spec-serial"), ("self:int4g32:2", "specoffload")):
+        path = tmp_path / f"{policy}.json"
+        res = subprocess.run([sys.executable, "-m", "specplan", "optimize", *common, "--draft", draft, "--policy", policy,
+                              "--out", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        plan = Plan.load(str(path))
+        assert plan.draft == (None if draft == "none" else draft)
+        rep = run_plan(plan, "tiny-llama", plan.draft, random_weights=True, device="cpu", force=True)
+        outputs[draft] = rep["outputs"]
+        if draft == "self:int8":
+            assert plan.weights == {"draft": "int8"}
+            assert rep["measured"]["acceptance_rate"] > 0.5
+    assert outputs["self:int8"] == outputs["none"] == outputs["self:int4g32:2"]
+
+
+@pytest.mark.parametrize("name", ["self:int3", "self:int4:0", "self:int4:99", "self:", "self:int8:2:1"])
+def test_a_bad_self_draft_is_one_line(name):
+    from specplan.models import resolve_draft
+
+    with pytest.raises(InputError, match="--draft"):
+        resolve_draft(name, ModelSpec.from_preset("tiny-llama"))
