@@ -428,8 +428,8 @@ MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
 
 def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) -> dict[str, dict]:
     """What the runtime does before a compressed group's matmuls: dequantize it into the
-    scratch buffer (runtime/quant.py), per format, over the sizes these models dequantize at
-    once (attention's four matrices, one expert's three), on fresh (uncached) codes. A format
+    scratch buffer (runtime/quant.py), per format, over the matrices these models dequantize
+    one call each (ModelSpec.dequant_shapes), on fresh (uncached) codes. A format
     this device cannot run is left out, and priced by the cost model's roofline."""
     from specplan.cost import dequant_op_name
     from specplan.formats import parse_weights
@@ -443,9 +443,8 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
                 m = m.with_weights(parse_weights(fmt).fixed)
             except Exception:  # noqa: BLE001 - a group size that does not divide this model's rows
                 continue
-            h, f = m.hidden, m.ffn_inner
-            sizes.setdefault(m.dequant_params["attention"], (m.dequant_params["attention"] // h, h))
-            sizes.setdefault(m.dequant_params["experts"], (3 * f, h))
+            for rows, cols in m.dequant_shapes("attention") + m.dequant_shapes("experts"):
+                sizes.setdefault(rows * cols, (rows, cols))
             key = dequant_op_name(m, "attention", "gpu")
         if not sizes:
             continue

@@ -51,6 +51,8 @@ class QWeight:
         """The matrix in `dtype`: (q * s + z) in float32, each operation rounded once, then cast."""
         r, c = self.shape
         name = self.fmt.name
+        if out is not None and out.dtype == torch.float32 and name not in FLOAT_FORMATS:
+            return self._dequantize_into(out)
         if name in FLOAT_FORMATS:
             w = self.codes
         elif name == "int8" or name == "fp8":
@@ -63,6 +65,19 @@ class QWeight:
         if out is None:
             return w.to(dtype)
         return out.copy_(w)
+
+    def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The same arithmetic written straight into a float32 `out`, without a full-size
+        temporary (the codes are converted into `out`, then scaled in place)."""
+        r, c = self.shape
+        if self.fmt.group_size is None:  # int8, fp8: one scale a row
+            return out.copy_(self.codes).mul_(self.scale.float()[:, None])
+        g = self.fmt.group_size
+        pairs = out.view(r, c // 2, 2)
+        pairs[:, :, 0].copy_(self.codes & 0xF)
+        pairs[:, :, 1].copy_(self.codes >> 4)
+        grouped = out.view(r, c // g, g)
+        return grouped.mul_(self.scale.float()[:, :, None]).add_(self.zero.float()[:, :, None]).view(r, c)
 
     def to(self, device: torch.device) -> "QWeight":
         return replace(self, **{k: t.to(device, copy=True) for k, t in self.parts().items()})

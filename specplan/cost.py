@@ -295,15 +295,18 @@ def dequant_op_name(model: ModelSpec, group: str, device: str) -> str:
 
 
 def dequant_time_s(profile: HardwareProfile, model: ModelSpec, group: str, *, device: str = "gpu") -> float:
-    """One use of a group's matrices (attention's four, one expert's three, the LM head)
-    dequantized into the scratch buffer; 0 when the group is in the compute dtype. Without a
-    measured table: a memory-bound kernel reading the codes and scales and writing the dtype."""
-    params = model.dequant_params.get(group, 0)
-    if not params:
-        return 0.0
+    """One use of a group's matrices dequantized into the scratch buffer, one call per matrix
+    the runtime dequantizes (ModelSpec.dequant_shapes); 0 when the group is in the compute
+    dtype. Without a measured table: a memory-bound kernel reading the codes and scales and
+    writing the dtype."""
+    fmt = model.fmt(group)
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
-    fallback = kernel(profile, 2.0 * params, model.group_bytes(group) + params * model.dtype_bytes, model.dtype)
-    return _table_or(profile, dequant_op_name(model, group, device), (params,), fallback)
+    total = 0.0
+    for rows, cols in model.dequant_shapes(group):  # one call each, as the runtime makes them
+        params = rows * cols
+        fallback = kernel(profile, 2.0 * params, fmt.matrix_bytes(rows, cols) + params * model.dtype_bytes, model.dtype)
+        total += _table_or(profile, dequant_op_name(model, group, device), (params,), fallback)
+    return total
 
 
 def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:

@@ -187,20 +187,21 @@ class ModelSpec:
         fmt = self.fmt(group)
         return float(sum(fmt.matrix_bytes(r, c) for r, c in self._matrices()[group]))
 
-    @cached_property
-    def dequant_params(self) -> dict[str, int]:
-        """Weights a layer dequantizes per use, by group (0 where the group is not compressed):
-        attention's four matrices, one expert's three, the LM head."""
-        return {g: sum(r * c for r, c in m) if self.converted(g) else 0
-                for g, m in self._matrices().items() if g != "embed"}
+    def dequant_shapes(self, group: str) -> list[tuple[int, int]]:
+        """The matrices one use of a group dequantizes, one call each, as [rows, cols] (none
+        where the group is in the dtype): fused q|k|v and o; one expert's fused gate|up and
+        down; the LM head."""
+        if not self.converted(group):
+            return []
+        h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"attention": [(q + 2 * kv, h), (h, q)], "experts": [(2 * f, h), (h, f)],
+                "lm_head": [(self.vocab, h)]}.get(group, [])
 
     @cached_property
     def dequant_scratch_params(self) -> int:
-        """The largest matrix one dequantization writes at once (the runtime's scratch buffer):
-        fused q|k|v, o, fused gate|up, down, the LM head; 0 if nothing is compressed."""
-        h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        sizes = {"attention": [(q + 2 * kv) * h, q * h], "experts": [2 * f * h, f * h], "lm_head": [self.vocab * h]}
-        return max((n for g, ns in sizes.items() if self.converted(g) for n in ns), default=0)
+        """The largest matrix one dequantization writes at once (the runtime's scratch buffer);
+        0 if nothing is compressed."""
+        return max((r * c for g in ("attention", "experts", "lm_head") for r, c in self.dequant_shapes(g)), default=0)
 
     @cached_property
     def dequant_scratch_bytes(self) -> float:
