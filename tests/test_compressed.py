@@ -26,6 +26,7 @@ from specplan.runtime.quant import quantize
 from specplan.runtime.sampling import SamplingParams
 from specplan.runtime.stats import Stats
 from specplan.runtime.weights import RESIDENT
+from test_runtime_engine import reference_greedy  # transformers' greedy decoding, one row at a time
 
 CPU = torch.device("cpu")
 GEN = 8
@@ -130,17 +131,6 @@ def reference_model(spec: ModelSpec, hf, weights: str, folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), spec
 
 
-@torch.no_grad()
-def greedy(hf, prompts, n):
-    out = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        for _ in range(n):
-            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        out.append(ids[0, len(p):].tolist())
-    return out
-
-
 def run(policy, spec, weights, placement, prompts, draft=None):
     speculative = policy in ("specoffload", "spec-serial")
     schedule = Schedule(policy=policy, target_batch=2, num_batches=2, prefill_chunk=4, draft_batch=2,
@@ -172,8 +162,8 @@ def test_engine_equals_transformers_on_the_dequantized_model(tmp_path, name, cha
     spec, hf = tiny(name, **changes)
     ref, qspec = reference_model(spec, hf, weights, tmp_path / "ref")
     prompts = prompts_for(spec.vocab)
-    expected = greedy(ref, prompts, GEN)
-    assert expected != greedy(hf, prompts, GEN) or "int8" in weights  # the formats change the model
+    expected = reference_greedy(ref, prompts, GEN)
+    assert expected != reference_greedy(hf, prompts, GEN) or "int8" in weights  # the formats change the model
     state = hf.state_dict()
     draft = state_dict_checkpoint(spec, state, torch.float32)  # full precision: drafts the compressed target
     policies = ["specoffload", "spec-serial", "flexgen", "sequential"] if name == "tiny-llama" else ["spec-serial", "flexgen"]
