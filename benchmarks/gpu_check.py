@@ -34,9 +34,11 @@ OVERLAP_GOAL = 1.10  # specoffload round time / busiest resource per round, at m
 # fit, so every plan streams experts over PCIe (with 8, a non-speculative plan keeps them all).
 MODES = {
     "gpu": dict(target_preset="mixtral-8x7b", draft_preset="mistral-7b-v0.2", layers=10, draft_layers=4,
-                dtype="bfloat16", gpu_mem="24GiB", device="cuda", prompt_len=256, gen_len=32, num_prompts=64),
+                dtype="bfloat16", gpu_mem="24GiB", device="cuda", prompt_len=256, gen_len=32, num_prompts=64,
+                formats=("int8", "int4g64", "fp8")),
     "cpu": dict(target_preset="tiny-mixtral", draft_preset="tiny-draft", layers=None, draft_layers=None,
-                dtype=None, gpu_mem="1MB", device="cpu", prompt_len=16, gen_len=8, num_prompts=8),
+                dtype=None, gpu_mem="1MB", device="cpu", prompt_len=16, gen_len=8, num_prompts=8,
+                formats=("int8", "int4g32", "fp8")),  # tiny-mixtral's 96-wide FFN: groups of 32
 }
 STEP_TIMEOUT_S = {"pytest": 240, "profile": 300, "optimize": 180, "specrun": 300}
 
@@ -165,7 +167,40 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-def table(results: list[dict], profile: dict | None, mode: str, steps_done: list[dict]) -> tuple[str, list[dict]]:
+def compressed_rows(profile: dict | None, target: Path, plans: dict[str, dict | None]) -> list[dict]:
+    """Per weight format, from the measured profile: one target layer's dequantization on the
+    device (attention, and every expert, one call per matrix as the runtime makes them)
+    against the copy of that layer's compressed bytes over the profiled pinned link; and the
+    compressed plan's predicted throughput against the dtype's."""
+    if not profile:
+        return []
+    from specplan.cost import dequant_op_name, dequant_time_s, h2d_time_s
+    from specplan.formats import parse_weights
+    from specplan.hardware import HardwareProfile
+    from specplan.models import ModelSpec
+
+    prof = HardwareProfile.from_dict(profile, "profile.json")
+    base = ModelSpec.from_file(target)
+    rows = []
+    for fmt in plans:
+        try:
+            m = base.with_weights(parse_weights(fmt).fixed)
+        except Exception as e:  # noqa: BLE001 - a group that does not divide this model's rows
+            rows.append({"format": fmt, "error": str(e)})
+            continue
+        measured = prof.kernel(dequant_op_name(m, "experts", "gpu")) is not None
+        dq = dequant_time_s(prof, m, "attention") + m.experts * dequant_time_s(prof, m, "experts")
+        copy = h2d_time_s(prof, m.layer_bytes.total)
+        plan = plans.get(fmt)
+        rows.append({"format": fmt, "measured": measured, "dequant_layer_s": dq, "stream_layer_s": copy,
+                     "ratio": dq / copy if copy else None,
+                     "planned_tok_s": (plan or {}).get("prediction", {}).get("throughput_tok_s"),
+                     "policy": (plan or {}).get("schedule", {}).get("policy")})
+    return rows
+
+
+def table(results: list[dict], profile: dict | None, mode: str, steps_done: list[dict],
+          compressed: list[dict] = ()) -> tuple[str, list[dict]]:
     rows: list[tuple[str, str, str, str]] = []
     checks: list[dict] = []
 
@@ -223,6 +258,20 @@ def table(results: list[dict], profile: dict | None, mode: str, steps_done: list
             row(f"{tag}   predicted at the measured acceptance ({t['measured_acceptance']:.3f})",
                 f"{t['predicted_at_measured_acceptance_tok_s']:.2f} tok/s", "",
                 f"error {e2:+.1f}%" if e2 is not None else "-")
+    dtype_tok_s = next((r["throughput"]["predicted_tok_s"] for r in results if r.get("label") == "auto"
+                        and "throughput" in r), None)
+    for c in compressed:
+        if "error" in c:
+            row(f"[{c['format']}] weights", c["error"][:80], "", "n/a")
+            continue
+        src = "profiled" if c["measured"] else "roofline: not profiled"
+        row(f"[{c['format']}] dequantize one layer / stream it ({src})",
+            f"{c['dequant_layer_s'] * 1e3:.2f} / {c['stream_layer_s'] * 1e3:.2f} ms",
+            "", f"{c['ratio']:.2f}" if c["ratio"] is not None else "-")
+        if c["planned_tok_s"] and dtype_tok_s:
+            row(f"[{c['format']}]   planned tok/s ({c['policy']}) vs the dtype's plan",
+                f"{c['planned_tok_s']:.2f} vs {dtype_tok_s:.2f}", "", f"{c['planned_tok_s'] / dtype_tok_s:.2f}x")
+        checks.append({"check": f"{c['format']} dequantization vs stream", "value": c["ratio"], "ok": None})
     for step in steps_done:
         if step["step"] != "runtime CUDA tests" and step["rc"] != 0:
             row(f"step {step['step']}", f"failed ({step['rc']})", "", "FAIL")
@@ -292,6 +341,13 @@ def main() -> int:
                 steps.run(f"specrun {label}", ["specplan.runtime.cli", "--plan", str(plan), "--target", str(target),
                                                "--draft", str(draft), "--random-weights", "--device", dev,
                                                "--report", str(report), "--timing"], STEP_TIMEOUT_S["specrun"])
+        # compressed layers: each format's plan (the planner only: no run), for the table's rows
+        for fmt in cfg["formats"]:
+            steps.run(f"optimize {fmt}", ["specplan.cli", "optimize", "--gpu", str(profile_path), "--gpu-mem", cfg["gpu_mem"],
+                                          "--target", str(target), "--draft", str(draft), "--weights", fmt,
+                                          "--prompt-len", str(cfg["prompt_len"]), "--gen-len", str(cfg["gen_len"]),
+                                          "--num-prompts", str(cfg["num_prompts"]), "--out", str(work / f"plan_{fmt}.json")],
+                      STEP_TIMEOUT_S["optimize"])
         # where the time goes: the chosen plan once more, a quarter of its prompts, under torch.profiler
         if (out / "plan.json").exists():
             steps.run("specrun under torch.profiler", [
@@ -302,10 +358,11 @@ def main() -> int:
 
     profile = read(profile_path)
     results = [analyse(label, read(plan), read(report), profile) for label, (plan, report, _) in plans.items()]
-    text, checks = table(results, profile, a.mode, steps.done)
+    compressed = compressed_rows(profile, target, {f: read(work / f"plan_{f}.json") for f in cfg["formats"]})
+    text, checks = table(results, profile, a.mode, steps.done, compressed)
     (out / "table.txt").write_text(text)
     summary = {"mode": a.mode, "config": cfg, "goals": {"h2d_ratio_at_least": H2D_GOAL, "overlap_ratio_at_most": OVERLAP_GOAL},
-               "steps": steps.done, "checks": checks, "results": results,
+               "steps": steps.done, "checks": checks, "results": results, "compressed": compressed,
                "models": {"target": json.loads((target / "config.json").read_text()),
                           "draft": json.loads((draft / "config.json").read_text())},
                "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1)}

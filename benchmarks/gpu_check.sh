@@ -14,6 +14,9 @@
 #      round within 10% of its busiest resource); otherwise the row says n/a and why.
 #   3. Predicted vs measured throughput of both plans (the optimizer's choice and
 #      specoffload), with the error in percent (reported, no goal).
+#   4. Compressed layers (int8, int4g64, fp8): one layer's dequantization on the device, as
+#      the profile measured it, against streaming that layer's compressed bytes; and each
+#      format's planned throughput against the dtype's plan (optimize --weights; no run).
 #   0. Before those, `pytest tests/test_runtime_gpu.py`: the runtime's CUDA paths (copy
 #      stream, draft thread, draft KV swap streams and events) give what the CPU gives.
 # Models (gpu mode): Mixtral-8x7B's shapes (hidden 4096, FFN 14336, 32/8 heads, 8 experts
