@@ -432,7 +432,7 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
     one call each (ModelSpec.dequant_shapes), on fresh (uncached) codes. A format
     this device cannot run is left out, and priced by the cost model's roofline."""
     from specplan.cost import dequant_op_name
-    from specplan.formats import parse_weights
+    from specplan.formats import DEQUANT_BLOCK_ELEMS, parse_weights
     from specplan.runtime.quant import quantize
 
     tables: dict[str, dict] = {}
@@ -455,7 +455,8 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
                 one = quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), parse_weights(fmt).fixed.attention)
                 copies = _Cycle(_copies(lambda: one.to(device), one.nbytes))
                 out = torch.empty(rows, cols, dtype=dt, device=device)
-                secs.append(median_time_s(lambda: copies.next().dequantize(dt, out), device, grid.repeat))
+                block = torch.empty(min(params, DEQUANT_BLOCK_ELEMS), dtype=torch.float32, device=device)
+                secs.append(median_time_s(lambda: copies.next().dequantize(dt, out, block), device, grid.repeat))
         except (RuntimeError, TypeError):  # e.g. no float8 on this device
             continue
         tables[key] = {"axes": ["params"], "grid": [sorted(sizes)], "seconds": secs}

@@ -251,8 +251,14 @@ class CompressedCheckpoint(Checkpoint):
     def _save(self, unit: str, tensors: dict) -> None:
         from .quant import QWeight
 
-        if self.cache is not None:
-            self.cache.save(unit, {n: t for n, t in tensors.items() if isinstance(t, QWeight)})
+        if self.cache is not None:  # a tied LM head that is the embedding is saved once (loads re-tie it)
+            seen: set[int] = set()
+            kept = {}
+            for n, t in tensors.items():
+                if isinstance(t, QWeight) and id(t) not in seen:
+                    seen.add(id(t))
+                    kept[n] = t
+            self.cache.save(unit, kept)
 
     def globals(self) -> dict:
         g = self.base.globals()

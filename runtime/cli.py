@@ -114,11 +114,17 @@ def check_plan_weights(plan, weights: str | None, source: str) -> None:
     """--weights names the formats the plan must have; the plan decides them."""
     from specplan.formats import parse_weights
 
+    from specplan.models import is_self_draft
+
     if weights is None:
         return
     given = parse_weights(weights)
     want = plan.weight_formats()
-    if given.auto or given.fixed.to_dict() != {k: v for k, v in want.to_dict().items() if k != "draft" or plan.draft}:
+    # a separate draft's format counts only where the plan has one (a self-draft's is in its name)
+    separate = bool(plan.draft) and not is_self_draft(plan.draft)
+    mine = {k: v for k, v in given.fixed.to_dict().items() if k != "draft" or separate}
+    theirs = {k: v for k, v in want.to_dict().items() if k != "draft" or separate}
+    if given.auto or mine != theirs:
         raise InputError(source, "weights", f"the plan's formats are {want.describe()}, not {weights}",
                          f"a plan made with specplan optimize --weights {weights}, or no --weights")
 

@@ -8,7 +8,7 @@ import torch
 
 from specplan.models import ModelSpec
 
-from .checkpoint import random_checkpoint, torch_dtype
+from .checkpoint import compress, random_checkpoint, torch_dtype
 from .kvcache import KVCache
 from .model import Model, Step
 from .weights import RESIDENT, WeightStore
@@ -18,7 +18,7 @@ def decode_step_timer(spec: ModelSpec, device: torch.device, rows: int, context:
     """A closure running one single-token decode step of `spec`, resident on `device`, for
     `rows` rows whose KV cache already holds `context` tokens: what a draft step costs."""
     dtype = torch_dtype(spec, spec.name)
-    store = WeightStore(random_checkpoint(spec, dtype, seed), RESIDENT, device)
+    store = WeightStore(compress(random_checkpoint(spec, dtype, seed)), RESIDENT, device)
     cache = KVCache(spec.layers, rows, context + 1, spec.kv_heads, spec.head_dim, dtype, device)
     cache.lengths[:] = context
     model = Model(spec, store, cache, device)
@@ -41,7 +41,7 @@ def forward_timer(spec: ModelSpec, device: torch.device, rows: int = 1) -> Calla
     """A closure running one single-token pass of `spec` (resident on `device`) over one
     group of `rows` rows at context 8: the runtime's per-layer and per-pass issuing."""
     dtype = torch_dtype(spec, spec.name)
-    store = WeightStore(random_checkpoint(spec, dtype, 0), RESIDENT, device)
+    store = WeightStore(compress(random_checkpoint(spec, dtype, 0)), RESIDENT, device)
     cache = KVCache(spec.layers, rows, 9, spec.kv_heads, spec.head_dim, dtype, device)
     cache.lengths[:] = 8
     model = Model(spec, store, cache, device)

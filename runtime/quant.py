@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specplan.formats import FLOAT_FORMATS, WeightFormat
+from specplan.formats import DEQUANT_BLOCK_ELEMS, FLOAT_FORMATS, WeightFormat
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,6 +39,7 @@ class QWeight:
     scale: torch.Tensor | None = None  # float16 [r] (int8, fp8) or [r, c/g] (int4)
     zero: torch.Tensor | None = None  # float16 [r, c/g] (int4)
     scratch: torch.Tensor | None = None  # flat, of the compute dtype
+    block: torch.Tensor | None = None  # flat float32, for a 16-bit scratch (DEQUANT_BLOCK_ELEMS)
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in PARTS if getattr(self, k) is not None}
@@ -47,12 +48,17 @@ class QWeight:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.parts().values())
 
-    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The matrix in `dtype`: (q * s + z) in float32, each operation rounded once, then cast."""
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None,
+                   block: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix in `dtype`: (q * s + z) in float32, each operation rounded once, then cast.
+        Into `out`: in place when it is float32, else through the float32 `block` buffer a
+        band of rows at a time (no temporary the size of the matrix)."""
         r, c = self.shape
         name = self.fmt.name
-        if out is not None and out.dtype == torch.float32 and name not in FLOAT_FORMATS:
-            return self._dequantize_into(out)
+        if out is not None and name not in FLOAT_FORMATS:
+            if out.dtype == torch.float32:
+                return self._dequantize_into(out)
+            return self._dequantize_banded(out, block)
         if name in FLOAT_FORMATS:
             w = self.codes
         elif name == "int8" or name == "fp8":
@@ -79,6 +85,17 @@ class QWeight:
         grouped = out.view(r, c // g, g)
         return grouped.mul_(self.scale.float()[:, :, None]).add_(self.zero.float()[:, :, None]).view(r, c)
 
+    def _dequantize_banded(self, out: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
+        r, c = self.shape
+        if block is None:
+            block = torch.empty(min(r * c, DEQUANT_BLOCK_ELEMS), dtype=torch.float32, device=out.device)
+        band = max(1, block.numel() // c)
+        for a in range(0, r, band):
+            b = min(r, a + band)
+            rows = replace(self, shape=(b - a, c), **{k: t[a:b] for k, t in self.parts().items()})
+            out[a:b].copy_(rows._dequantize_into(block[:(b - a) * c].view(b - a, c)))
+        return out
+
     def to(self, device: torch.device) -> "QWeight":
         return replace(self, **{k: t.to(device, copy=True) for k, t in self.parts().items()})
 
@@ -97,7 +114,7 @@ def dense(w: torch.Tensor | QWeight) -> torch.Tensor:
     if w.scratch is None:
         raise RuntimeError("a compressed weight without a scratch buffer")  # the store always sets one
     n = w.shape[0] * w.shape[1]
-    return w.dequantize(w.scratch.dtype, w.scratch[:n].view(w.shape))
+    return w.dequantize(w.scratch.dtype, w.scratch[:n].view(w.shape), w.block)
 
 
 def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
@@ -137,5 +154,5 @@ def cat(ws: list[QWeight]) -> QWeight:
 
 
 def assemble(fmt: WeightFormat, shape: tuple[int, int], parts: dict[str, torch.Tensor],
-             scratch: torch.Tensor | None) -> QWeight:
-    return QWeight(fmt, shape, parts["codes"], parts.get("scale"), parts.get("zero"), scratch)
+             scratch: torch.Tensor | None, block: torch.Tensor | None = None) -> QWeight:
+    return QWeight(fmt, shape, parts["codes"], parts.get("scale"), parts.get("zero"), scratch, block)

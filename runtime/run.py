@@ -294,6 +294,10 @@ class PlanRunner:
         self_draft = plan.schedule.speculative and is_self_draft(draft)
         if self_draft:  # the target's own weights, compressed: read from the target's directory
             dspec, ddir = resolve_draft(draft, tspec), tdir
+            planned = plan.weights.get("draft")
+            if planned and planned != dspec.fmt("attention").name:
+                raise InputError("plan", "draft", f"was made for a self-draft in {planned}, not {draft}",
+                                 f"--draft self:{planned}, as the plan says")
         else:
             dspec, ddir = resolve_model(draft) if draft is not None and plan.schedule.speculative else (None, None)
             dspec = dspec.with_dtype(dtype) if dspec and dtype else dspec

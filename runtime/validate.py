@@ -204,7 +204,7 @@ def validate(target_name: str, draft_name: str, profile: HardwareProfile, cases=
         mid = sorted(range(repeat), key=lambda k: measured[k])[repeat // 2]
         rep = reports[mid]
         m = rep["measured"]
-        sim = simulate_as_run(plan, *apply_weights(target, draft, plan.weight_formats(), "plan"), profile, m)
+        sim = simulate_as_run(plan, target, draft, profile, m)
         stages = {}
         for st in CALIBRATED_STAGES:
             ms, ss = stage_total(m["stage_s"], st), stage_total(sim.stage_s, st)

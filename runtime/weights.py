@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specplan.formats import DEQUANT_BLOCK_ELEMS
 from specplan.memory import STAGED_HOMES
 from specplan.plan import Placement
 
@@ -99,12 +100,15 @@ class WeightStore:
             if isinstance(self.embed_weight, QWeight):
                 self.scratch_numel = max(self.scratch_numel, self.embed_weight.shape[0] * self.embed_weight.shape[1])
 
-        self.scratch = None
+        self.scratch = self.block = None
         if self.scratch_numel:
             self.scratch = torch.empty(self.scratch_numel, dtype=self.dtype, device=device)
             self.bytes["gpu"] += self.scratch.nbytes
+            if self.dtype != torch.float32:  # the float32 arithmetic's band buffer (QWeight.dequantize)
+                self.block = torch.empty(min(self.scratch_numel, DEQUANT_BLOCK_ELEMS), dtype=torch.float32, device=device)
+                self.bytes["gpu"] += self.block.nbytes
             for q in self.resident_q:
-                q.scratch = self.scratch
+                q.scratch, q.block = self.scratch, self.block
         self.order = [u for u, unit in enumerate(self.units) if unit.parts]  # units that stream
         n_slots = min(prefetch_depth + 1, len(self.order))
         slot_bytes = max((self.units[u].nbytes for u in self.order), default=0)
@@ -216,7 +220,7 @@ class WeightStore:
                 for name, (off, dtype, shape) in unit.layout.items()}
             for name, (fmt, shape) in unit.compressed.items():
                 parts = {p: views.pop(f"{name}#{p}") for p in PARTS if f"{name}#{p}" in views}
-                views[name] = assemble(fmt, shape, parts, self.scratch)
+                views[name] = assemble(fmt, shape, parts, self.scratch, self.block)
             self._views[(u, slot)] = views
         return views
 

@@ -198,7 +198,10 @@ def simulate_plan(plan: Plan, target: ModelSpec, draft: ModelSpec | None, profil
                   acceptance_spread: float | None = None) -> SimResult:
     """A plan simulated again on `profile`, at the per-token `acceptance`, its spread between
     rows and the number of prompts a run measured (the plan's own where not given), without
-    the memory check."""
+    the memory check. The models are taken in the plan's weight formats."""
+    from specplan.models import apply_weights
+
+    target, draft = apply_weights(target, draft, plan.weight_formats(), "plan")
     wl = Workload.from_dict(plan.workload, "plan workload")
     if acceptance is not None and plan.schedule.speculative:
         wl = wl.at_acceptance(acceptance, acceptance_spread)

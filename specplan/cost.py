@@ -4,6 +4,7 @@ and the runtime's report use. Times in seconds, sizes in bytes, rates per second
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -468,11 +469,27 @@ class LayerCosts:
     host: float = 0.0  # what the host's issuing adds beyond the layer's device work (host_issue_s)
 
 
+def sliced_dequant_s(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float) -> tuple[float, float]:
+    """What a pass of more than ACTIVATION_SLICE_TOKENS tokens adds to a layer's projections and
+    FFN: the runtime runs it in slices of whole rows, and each slice dequantizes the layer's
+    compressed matrices again (each expert a slice routes to); attn_proj_time_s and ffn_time_s
+    price one dequantization for the whole pass."""
+    slices = math.ceil(rows / rows_per_slice(q_len)) if rows > 0 else 0
+    if slices <= 1:
+        return 0.0, 0.0
+    proj = (slices - 1) * dequant_time_s(profile, model, "attention")
+    tokens = rows * q_len
+    calls = (slices * expected_experts_touched(tokens / slices, model.experts, model.top_k)
+             - expected_experts_touched(tokens, model.experts, model.top_k)) if model.is_moe else slices - 1
+    return proj, calls * dequant_time_s(profile, model, "experts")
+
+
 def target_layer_costs(profile: HardwareProfile, model: ModelSpec, rows: float, q_len: float, ctx: float,
                        attention_device: str, prefill: bool = False) -> LayerCosts:
     tokens = rows * q_len
-    proj = attn_proj_time_s(profile, model, tokens) * stage_factor(profile, "target_proj")
-    ffn = ffn_time_s(profile, model, tokens) * stage_factor(profile, "target_ffn")
+    extra_proj, extra_ffn = sliced_dequant_s(profile, model, rows, q_len)
+    proj = (attn_proj_time_s(profile, model, tokens) + extra_proj) * stage_factor(profile, "target_proj")
+    ffn = (ffn_time_s(profile, model, tokens) + extra_ffn) * stage_factor(profile, "target_ffn")
     att_factor = stage_factor(profile, "target_attention")
     issue = layer_host_s(profile, model, tokens)
     if prefill or attention_device == "gpu":  # prefill attention always runs next to the fresh K/V

@@ -29,6 +29,9 @@ FLOAT_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 INT4_GROUPS = (32, 64, 128)
 SCALE_BYTES = 2  # float16 scales and zero points
+# float32 elements a dequantization into a 16-bit scratch works through at a time: the block
+# buffer beside the scratch (the arithmetic is float32, the scratch the compute dtype)
+DEQUANT_BLOCK_ELEMS = 1 << 22
 GROUPS = ("attention", "experts", "lm_head", "embed", "draft")
 # what a bare format (--weights int4) applies to: the layers' matrices, which are what streams
 LAYER_GROUPS = ("attention", "experts", "draft")
@@ -153,7 +156,7 @@ def parse_weights(text: str | None, source: str = "argument", field: str = "--we
         return WeightsChoice(WeightFormats(), {})
     fixed: dict[str, WeightFormat] = {}
     auto: dict[str, tuple[WeightFormat | None, ...]] = {}
-    items = [p.strip() for p in text.split(",")]
+    items = [p.strip() for p in text.split(",") if p.strip()]
     bare = [p for p in items if "=" not in p]
     if len(bare) == 1:  # a bare format is the layer groups' unless a group names its own
         named = {p.partition("=")[0].strip() for p in items if "=" in p}

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InputError, UnknownNameError, require
 from .fileio import read_json
-from .formats import DTYPE_FORMAT, WeightFormat, WeightFormats
+from .formats import DEQUANT_BLOCK_ELEMS, DTYPE_FORMAT, WeightFormat, WeightFormats
 
 # the compute dtype: activations, the KV cache, norms; weight matrices have a format (formats.py)
 DTYPE_BYTES: dict[str, float] = {
@@ -205,7 +205,10 @@ class ModelSpec:
 
     @cached_property
     def dequant_scratch_bytes(self) -> float:
-        return self.dequant_scratch_params * self.dtype_bytes
+        """The scratch buffer, and below a float32 dtype the float32 block buffer beside it."""
+        n = self.dequant_scratch_params
+        block = min(n, DEQUANT_BLOCK_ELEMS) * 4 if self.dtype_bytes != 4 else 0
+        return n * self.dtype_bytes + block
 
     def validate(self, source: str) -> None:
         require(self.heads % self.kv_heads == 0, source, "num_key_value_heads",
@@ -293,7 +296,8 @@ class ModelSpec:
 
     @cached_property
     def lm_head_bytes(self) -> float:
-        return 0.0 if self.tie_embeddings else self.group_bytes("lm_head")
+        # tied: the embedding is the head, unless the two are kept in different formats
+        return 0.0 if self.tie_embeddings and self.fmt("lm_head") == self.fmt("embed") else self.group_bytes("lm_head")
 
     @cached_property
     def head_bytes(self) -> float:

@@ -176,15 +176,16 @@ def test_engine_equals_transformers_on_the_dequantized_model(tmp_path, name, cha
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4g32,lm_head=int8", "fp8,attention=int4g64", ""])
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
-def test_bytes_copied_per_pass_are_the_plans_to_the_byte(name, weights):
+@pytest.mark.parametrize("name,dtype", [("tiny-llama", "float32"), ("tiny-mixtral", "float32"), ("tiny-llama", "bfloat16")])
+def test_bytes_copied_per_pass_are_the_plans_to_the_byte(name, dtype, weights):
     from specplan.memory import streamed_bytes_per_pass, weights_memory
     from specplan.runtime.checkpoint import random_checkpoint
     from specplan.runtime.weights import WeightStore
 
-    spec = ModelSpec.from_preset(name).with_weights(parse_weights(weights).fixed)
+    spec = ModelSpec.from_preset(name).with_dtype(dtype).with_weights(parse_weights(weights).fixed)
     stats = Stats(CPU)
-    store = WeightStore(CompressedCheckpoint(random_checkpoint(spec, torch.float32)), STREAMED, CPU, 0, stats)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    store = WeightStore(CompressedCheckpoint(random_checkpoint(spec, torch_dtype)), STREAMED, CPU, 0, stats)
 
     def one_pass():
         for u in range(spec.layers + 1):
@@ -194,9 +195,10 @@ def test_bytes_copied_per_pass_are_the_plans_to_the_byte(name, weights):
     before = stats.counts["h2d_bytes"]
     one_pass()
     assert stats.counts["h2d_bytes"] - before == streamed_bytes_per_pass(spec, STREAMED)
-    # the scratch buffer is the plan's: the largest dequantized matrix, in the compute dtype
+    # the scratch buffer is the plan's: the largest dequantized matrix in the compute dtype (and
+    # below float32 the float32 band buffer beside it)
     scratch = dict((n, b) for n, _, b in weights_memory(spec, STREAMED, 0)).get("dequantization scratch", 0)
-    assert (store.scratch.nbytes if store.scratch is not None else 0) == scratch
+    assert sum(t.nbytes for t in (store.scratch, store.block) if t is not None) == scratch
     store.close()
 
 
@@ -272,3 +274,47 @@ def test_a_bad_self_draft_is_one_line(name):
 
     with pytest.raises(InputError, match="--draft"):
         resolve_draft(name, ModelSpec.from_preset("tiny-llama"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4g32", "fp8"])
+def test_a_16_bit_scratch_is_filled_band_by_band_with_the_same_bits(fmt):
+    """Into a bfloat16 scratch the float32 arithmetic runs through a small float32 buffer a
+    band of rows at a time (no temporary the size of the matrix): the bits are those of
+    dequantizing whole and casting."""
+    q = quantize(torch.randn(37, 64, generator=torch.Generator().manual_seed(3)) * 0.05, WeightFormat(fmt))
+    whole = q.dequantize(torch.bfloat16)
+    out = torch.empty(37, 64, dtype=torch.bfloat16)
+    q.dequantize(torch.bfloat16, out, torch.empty(5 * 64))  # bands of 5 rows
+    assert torch.equal(out, whole)
+
+
+def test_a_tied_head_in_the_embeddings_format_is_cached_once(tmp_path):
+    from specplan.runtime.checkpoint import QuantCache, checkpoint_key, compress, load_checkpoint
+
+    spec, hf = tiny("tiny-llama", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "m")
+    qspec = spec.with_weights(parse_weights("int8,lm_head=int8,embed=int8").fixed)
+    cache = QuantCache(tmp_path / "cache", checkpoint_key(tmp_path / "m"), qspec)
+    for _ in range(2):  # written, then read back
+        g = compress(load_checkpoint(tmp_path / "m", qspec, torch.float32), cache).globals()
+        assert g["lm_head.weight"] is g["model.embed_tokens.weight"]
+
+
+def test_a_sliced_prefill_pays_a_dequantization_per_slice():
+    """A pass of more tokens than one activation slice is run slice by slice, and each slice
+    dequantizes the layer again: the cost model charges each (and nothing when uncompressed)."""
+    from specplan import cost
+    from specplan.hardware import load_profile
+
+    prof = load_profile("rtx4090")
+    m = ModelSpec.from_preset("mixtral-8x7b")
+    q = m.with_weights(parse_weights("int4").fixed)
+    rows, q_len = 64, 512  # 32768 tokens: slices of 8 rows
+    slices = -(-rows // cost.rows_per_slice(q_len))
+    assert slices == 8
+    assert cost.sliced_dequant_s(prof, m, rows, q_len) == (0.0, 0.0)
+    proj, ffn = cost.sliced_dequant_s(prof, q, rows, q_len)
+    assert proj == pytest.approx(7 * cost.dequant_time_s(prof, q, "attention"))
+    assert ffn == pytest.approx((8 * 8 - 8) * cost.dequant_time_s(prof, q, "experts"), rel=1e-3)  # every expert hit
+    one = cost.target_layer_costs(prof, q, 8, q_len, 0, "cpu", prefill=True)
+    assert cost.sliced_dequant_s(prof, q, 8, q_len) == (0.0, 0.0) and one.proj > 0
