@@ -19,7 +19,7 @@ from specplan.fileio import write_json
 from specplan.formats import parse_weights
 from specplan.models import ModelSpec, pair_weights
 from specplan.plan import ADMISSIONS, POLICIES
-from specplan.planner.cli import optimize_formats, weight_candidates
+from specplan.planner.optimize import optimize_formats, weight_candidates
 from specplan.workload import Workload
 
 

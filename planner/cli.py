@@ -19,7 +19,8 @@ from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
 
-from .optimize import ADMISSIONS, SIM_OVER_ESTIMATE, OptimizeResult, Ranked, make_plan, optimize, to_sim_config
+from .optimize import (ADMISSIONS, SIM_OVER_ESTIMATE, OptimizeResult, Ranked, make_plan, optimize_formats, to_sim_config,
+                       weight_candidates)
 
 
 def _describe(r: Ranked) -> str:
@@ -105,64 +106,6 @@ def candidates_table(res: OptimizeResult) -> Table:
     for i, r in enumerate(res.ranked, 1):
         t.add_row(str(i), _describe(r), f"{r.candidate.estimate_tok_s:.2f}", f"{r.tok_s:.2f}", f"{r.tok_s / best:.2f}x")
     return t
-
-
-def weight_candidates(choice, tgt: ModelSpec, drf: ModelSpec | None, profile) -> list[tuple[ModelSpec, ModelSpec | None]]:
-    """The (target, draft) pairs in each assignment of formats --weights allows: one, or with
-    `auto` one per choice (a draft group only where there is a draft)."""
-    from dataclasses import replace as swap
-
-    from specplan.formats import WeightsChoice
-    from specplan.models import apply_weights
-
-    if drf is None:
-        choice = WeightsChoice(swap(choice.fixed, draft=None), {g: o for g, o in choice.auto.items() if g != "draft"})
-    pairs = [apply_weights(tgt, drf, fmts) for fmts in choice.candidates()]
-    for t, d in pairs:
-        check_formats_on(profile, t, d)
-    return pairs
-
-
-def check_formats_on(profile, tgt: ModelSpec, drf: ModelSpec | None) -> None:
-    """Refuse a format the profile's device could not run: a profile that measured
-    dequantization (specplan profile) and has no table for this format."""
-    from specplan.cost import dequant_op_name
-
-    if not any("_dequant:" in k for k in profile.kernels):
-        return  # a shipped or composed profile: formats are priced from its peaks
-    for m in (tgt, drf):
-        for g in ("attention", "experts", "lm_head") if m is not None else ():
-            if m.converted(g) and m.fmt(g).compressed and profile.kernel(dequant_op_name(m, g, "gpu")) is None:
-                raise InputError("argument", "--weights", f"{g}={m.fmt(g).name}: the profile '{profile.name}' measured "
-                                 f"no {m.fmt(g).name} dequantization on its device (it cannot run it there)",
-                                 "a format the profile measured (specplan hardware PROFILE lists them)")
-
-
-def optimize_formats(pairs, profile, workload, policies, admissions, bar=None) -> tuple[OptimizeResult, ModelSpec, ModelSpec | None]:
-    """The best plan over the weight-format assignments in `pairs` (one unless --weights auto)."""
-    best = None
-    why = []
-    for i, (t, d) in enumerate(pairs):
-        if bar is not None and len(pairs) > 1:
-            bar.say(f"formats {i + 1}/{len(pairs)}: {pair_label(t, d)}")
-        try:
-            res = optimize(t, d, profile, workload, policies, progress=bar, admissions=admissions)
-        except InfeasibleError as e:
-            if len(pairs) == 1:
-                raise
-            why.append(f"{pair_label(t, d)}: {e}")
-            continue
-        if best is None or res.best.tok_s > best[0].best.tok_s:
-            best = (res, t, d)
-    if best is None:
-        raise InfeasibleError("no plan fits with any format: " + " | ".join(why))
-    return best
-
-
-def pair_label(t: ModelSpec, d: ModelSpec | None) -> str:
-    from specplan.models import pair_weights
-
-    return pair_weights(t, d).describe()
 
 
 def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[str, str, float]]:

@@ -22,7 +22,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 
 from specplan import __version__
-from specplan.errors import InfeasibleError
+from specplan.cost import dequant_op_name
+from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
 from specplan.memory import MemoryTotalsCache, least_placement, stream_slot_bytes
@@ -560,3 +561,58 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         versions={"specplan": __version__, "python": platform.python_version(), "simpy": simpy.__version__,
                   "pulp": pulp.__version__, "solver": solver_name()},
     )
+
+
+# ---- weight formats: the plan over each assignment --------------------------------------------------
+
+
+def weight_candidates(choice, tgt: ModelSpec, drf: ModelSpec | None, profile) -> list[tuple[ModelSpec, ModelSpec | None]]:
+    """The (target, draft) pairs in each assignment of formats --weights allows: one, or with
+    `auto` one per choice (a draft group only where there is a draft)."""
+    from specplan.formats import WeightsChoice
+    from specplan.models import apply_weights
+
+    if drf is None:
+        choice = WeightsChoice(replace(choice.fixed, draft=None), {g: o for g, o in choice.auto.items() if g != "draft"})
+    pairs = [apply_weights(tgt, drf, fmts) for fmts in choice.candidates()]
+    for t, d in pairs:
+        check_formats_on(profile, t, d)
+    return pairs
+
+
+def check_formats_on(profile, tgt: ModelSpec, drf: ModelSpec | None) -> None:
+    """Refuse a format the profile's device could not run: a profile that measured
+    dequantization (specplan profile) and has no table for this format."""
+    if not any("_dequant:" in k for k in profile.kernels):
+        return  # a shipped or composed profile: formats are priced from its peaks
+    for m in (tgt, drf):
+        for g in ("attention", "experts", "lm_head") if m is not None else ():
+            if m.converted(g) and m.fmt(g).compressed and profile.kernel(dequant_op_name(m, g, "gpu")) is None:
+                raise InputError("argument", "--weights", f"{g}={m.fmt(g).name}: the profile '{profile.name}' measured "
+                                 f"no {m.fmt(g).name} dequantization on its device (it cannot run it there)",
+                                 "a format the profile measured (specplan hardware PROFILE lists them)")
+
+
+def optimize_formats(pairs, profile, workload, policies, admissions, bar=None) -> tuple[OptimizeResult, ModelSpec, ModelSpec | None]:
+    """The best plan over the weight-format assignments in `pairs` (one unless --weights auto)."""
+    best = None
+    why = []
+    for i, (t, d) in enumerate(pairs):
+        if bar is not None and len(pairs) > 1:
+            bar.say(f"formats {i + 1}/{len(pairs)}: {pair_label(t, d)}")
+        try:
+            res = optimize(t, d, profile, workload, policies, progress=bar, admissions=admissions)
+        except InfeasibleError as e:
+            if len(pairs) == 1:
+                raise
+            why.append(f"{pair_label(t, d)}: {e}")
+            continue
+        if best is None or res.best.tok_s > best[0].best.tok_s:
+            best = (res, t, d)
+    if best is None:
+        raise InfeasibleError("no plan fits with any format: " + " | ".join(why))
+    return best
+
+
+def pair_label(t: ModelSpec, d: ModelSpec | None) -> str:
+    return pair_weights(t, d).describe()

@@ -243,10 +243,8 @@ class CompressedCheckpoint(Checkpoint):
         return out
 
     def _converted(self, name: str) -> bool:
-        from specplan.formats import DTYPE_FORMAT
-
         group = matrix_group(name)
-        return group is not None and self.spec.fmt(group).name != DTYPE_FORMAT.get(self.spec.dtype)
+        return group is not None and self.spec.converted(group)
 
     def _save(self, unit: str, tensors: dict) -> None:
         from .quant import QWeight
@@ -266,7 +264,7 @@ class CompressedCheckpoint(Checkpoint):
         out = {n: (cached or {}).get(n) if self._converted(n) and n in (cached or {}) else self._convert(n, t)
                for n, t in g.items() if n != "lm_head.weight"}
         head = g["lm_head.weight"]
-        if head is g["model.embed_tokens.weight"] and self.spec.fmt("lm_head") == self.spec.fmt("embed"):
+        if self.spec.head_is_embedding:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         elif cached and "lm_head.weight" in cached:
             out["lm_head.weight"] = cached["lm_head.weight"]
@@ -370,10 +368,7 @@ def default_cache_root() -> Path:
 
 def compress(ck: Checkpoint, cache: "QuantCache | None" = None) -> Checkpoint:
     """`ck` in its spec's weight formats (itself when every group is in the model's dtype)."""
-    from specplan.formats import DTYPE_FORMAT
-
-    spec = ck.spec
-    if all(spec.fmt(g).name == DTYPE_FORMAT.get(spec.dtype) for g in ("attention", "experts", "lm_head", "embed")):
+    if not any(ck.spec.converted(g) for g in ("attention", "experts", "lm_head", "embed")):
         return ck
     return CompressedCheckpoint(ck, cache)
 

@@ -339,8 +339,7 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
     from specplan.hardware import HardwareProfile
     from specplan.plan import ADMISSIONS, POLICIES
     from specplan.formats import parse_weights
-    from specplan.planner.cli import optimize_formats, weight_candidates
-    from specplan.planner.optimize import make_plan
+    from specplan.planner.optimize import make_plan, optimize_formats, weight_candidates
 
     from .run import resolve_model
 

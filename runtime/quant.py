@@ -53,28 +53,17 @@ class QWeight:
         """The matrix in `dtype`: (q * s + z) in float32, each operation rounded once, then cast.
         Into `out`: in place when it is float32, else through the float32 `block` buffer a
         band of rows at a time (no temporary the size of the matrix)."""
-        r, c = self.shape
-        name = self.fmt.name
-        if out is not None and name not in FLOAT_FORMATS:
-            if out.dtype == torch.float32:
-                return self._dequantize_into(out)
-            return self._dequantize_banded(out, block)
-        if name in FLOAT_FORMATS:
-            w = self.codes
-        elif name == "int8" or name == "fp8":
-            w = self.codes.float() * self.scale.float()[:, None]
-        else:  # int4, groups along the row
-            g = self.fmt.group_size
-            low, high = self.codes & 0xF, self.codes >> 4
-            q = torch.stack((low, high), dim=-1).view(r, c // g, g).float()
-            w = (q * self.scale.float()[:, :, None] + self.zero.float()[:, :, None]).view(r, c)
+        if self.fmt.name in FLOAT_FORMATS:  # a cast
+            return self.codes.to(dtype) if out is None else out.copy_(self.codes)
         if out is None:
-            return w.to(dtype)
-        return out.copy_(w)
+            out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
+        if out.dtype == torch.float32:
+            return self._dequantize_into(out)
+        return self._dequantize_banded(out, block)
 
     def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """The same arithmetic written straight into a float32 `out`, without a full-size
-        temporary (the codes are converted into `out`, then scaled in place)."""
+        """The arithmetic, written straight into a float32 `out` (the codes are converted into
+        it, then scaled in place): no temporary the size of the matrix."""
         r, c = self.shape
         if self.fmt.group_size is None:  # int8, fp8: one scale a row
             return out.copy_(self.codes).mul_(self.scale.float()[:, None])

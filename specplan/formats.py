@@ -27,7 +27,6 @@ from .errors import InputError
 
 FLOAT_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_FORMAT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-INT4_GROUPS = (32, 64, 128)
 SCALE_BYTES = 2  # float16 scales and zero points
 # float32 elements a dequantization into a 16-bit scratch works through at a time: the block
 # buffer beside the scratch (the arithmetic is float32, the scratch the compute dtype)
@@ -99,10 +98,6 @@ class WeightFormats:
     def of(self, group: str, model_dtype: str) -> WeightFormat:
         f = getattr(self, group)
         return f if f is not None else WeightFormat(DTYPE_FORMAT.get(model_dtype, "bf16"))
-
-    @property
-    def compressed(self) -> bool:
-        return any(f is not None and f.compressed for f in (getattr(self, g) for g in GROUPS))
 
     def for_draft(self) -> "WeightFormats":
         """A separate draft's formats: its `draft` format on its layers, the rest its dtype."""

@@ -175,8 +175,7 @@ def weights_memory(target: ModelSpec, placement: Placement, prefetch_depth: int)
              ("router and norms", "gpu", (b.router + b.norms) * L + target.hidden * target.dtype_bytes),
              ("embedding", placement.embed, target.embed_bytes)]
     # tied and both on the GPU: one tensor; a head that streams is packed into its own copy
-    if not (target.tie_embeddings and placement.lm_head == placement.embed == "gpu"
-            and target.fmt("lm_head") == target.fmt("embed")):
+    if not (target.head_is_embedding and placement.lm_head == placement.embed == "gpu"):
         parts.append(("lm_head", placement.lm_head, target.head_bytes))
     if target.dequant_scratch_bytes:  # where a compressed matrix is dequantized before its matmul
         parts.append(("dequantization scratch", "gpu", target.dequant_scratch_bytes))

@@ -296,8 +296,13 @@ class ModelSpec:
 
     @cached_property
     def lm_head_bytes(self) -> float:
-        # tied: the embedding is the head, unless the two are kept in different formats
-        return 0.0 if self.tie_embeddings and self.fmt("lm_head") == self.fmt("embed") else self.group_bytes("lm_head")
+        return 0.0 if self.head_is_embedding else self.group_bytes("lm_head")
+
+    @cached_property
+    def head_is_embedding(self) -> bool:
+        """Tied embeddings kept in one format: one matrix serves both (in different formats the
+        head is a matrix of its own)."""
+        return self.tie_embeddings and self.fmt("lm_head") == self.fmt("embed")
 
     @cached_property
     def head_bytes(self) -> float:

@@ -9,8 +9,6 @@ dequantization's error bound or the engine's tokens; both are checked."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ from specplan.errors import InputError
 from specplan.formats import WeightFormat, parse_weights
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Schedule
-from specplan.runtime.checkpoint import (CompressedCheckpoint, QuantCache, matrix_group, state_dict_checkpoint)
+from specplan.runtime.checkpoint import CompressedCheckpoint, matrix_group, state_dict_checkpoint
 from specplan.runtime.engine import Engine
 from specplan.runtime.quant import quantize
 from specplan.runtime.sampling import SamplingParams
