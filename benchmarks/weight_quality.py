@@ -5,10 +5,14 @@ English text this project did not write (default: the GPL-3 licence text Debian 
 
 Reported per format: perplexity over the text (windows of --window tokens, every token
 after the first of a window scored), its change against fp32, and greedy-token agreement
-(teacher-forced: at each position, does the format's argmax equal fp32's).
+(teacher-forced: at each position, does the format's argmax equal fp32's). With
+--self-depths, also truncated self-drafts (`--draft self:FORMAT:LAYERS`: the first LAYERS
+layers in FORMAT, then the final norm and LM head), whose greedy agreement with the whole
+fp32 model is the per-token acceptance a greedy run of that self-draft would see.
 
     python scripts/smollm2.py convert            # once: out/smollm2-135m
     python benchmarks/weight_quality.py [--model out/smollm2-135m] [--text FILE] [--json out.json]
+                                        [--self-depths 8,15,23 --self-formats int8,int4g64]
 
 A few minutes on 2 cores (float32).
 """
@@ -67,6 +71,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json")
+    ap.add_argument("--self-depths", default="", help="comma-separated layer counts of truncated self-drafts to score")
+    ap.add_argument("--self-formats", default="int8,int4g64", help="their formats")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
@@ -94,6 +100,23 @@ def main() -> None:
         ppl = math.exp(nll)
         rows.append({"weights": fmt, "perplexity": ppl, "ppl_change": ppl / rows[0]["perplexity"] - 1, "agreement": agree})
         print(f"{fmt:10} {ppl:10.3f} {ppl / rows[0]['perplexity'] - 1:+8.2%} {agree:17.4f}", flush=True)
+        model.load_state_dict(base_state)
+    for fmt in [f for f in args.self_formats.split(",") if f] if args.self_depths else []:
+        try:
+            state = quantized_state(model, spec, fmt)
+        except InputError as e:
+            print(f"self:{fmt} refused: {e}", flush=True)
+            continue
+        model.load_state_dict(state)
+        for depth in [int(d) for d in args.self_depths.split(",") if d]:
+            model.config.num_hidden_layers = depth  # the decoder runs its first `depth` layers
+            nll, argmax = score(model, windows)
+            agree = sum((a == b).sum().item() for a, b in zip(argmax, base_argmax)) / sum(a.numel() for a in argmax)
+            name = f"self:{fmt}:{depth}"
+            rows.append({"weights": name, "perplexity": math.exp(nll),
+                         "ppl_change": math.exp(nll) / rows[0]["perplexity"] - 1, "agreement": agree})
+            print(f"{name:16} {math.exp(nll):10.3f} {rows[-1]['ppl_change']:+8.2%} {agree:17.4f}", flush=True)
+        model.config.num_hidden_layers = spec.layers
         model.load_state_dict(base_state)
     if args.json:
         write_json(args.json, rows)

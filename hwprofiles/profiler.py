@@ -18,7 +18,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,9 +29,10 @@ from specplan.cost import attention_op_name, attn_proj_op_name, ffn_op_name, hea
 from specplan.hardware import SCHEMA_VERSION, HardwareProfile
 from specplan.models import ModelSpec
 from specplan.runtime.attention import cuda_sdpa_kernels
+from specplan.runtime.checkpoint import TORCH_DTYPES
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FUSED_CALL_BUDGET_S = 0.02  # a fused kernel's token axis stops past the size whose largest call takes this
 
 
 @dataclass(frozen=True)
@@ -426,33 +427,44 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
 
 
+def _format_matrices(models: list[ModelSpec], fmt, key_of) -> tuple[dict[int, tuple[int, int]], str | None]:
+    """The matrices these models multiply one call each (ModelSpec.call_shapes of attention
+    and experts) with their layers in `fmt`, by size, and the kernel-table key `key_of` gives;
+    a model whose rows `fmt`'s groups do not divide is left out."""
+    from specplan.formats import WeightFormats
+
+    sizes: dict[int, tuple[int, int]] = {}
+    key = None
+    for m in models:
+        try:
+            m = m.with_weights(WeightFormats(attention=fmt, experts=fmt))
+        except Exception:  # noqa: BLE001 - a group size that does not divide this model's rows
+            continue
+        for rows, cols in m.call_shapes("attention") + m.call_shapes("experts"):
+            sizes.setdefault(rows * cols, (rows, cols))
+        key = key_of(m)
+    return sizes, key
+
+
 def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) -> dict[str, dict]:
     """What the runtime does before a compressed group's matmuls: dequantize it into the
     scratch buffer (runtime/quant.py), per format, over the matrices these models dequantize
     one call each (ModelSpec.dequant_shapes), on fresh (uncached) codes. A format
     this device cannot run is left out, and priced by the cost model's roofline."""
     from specplan.cost import dequant_op_name
-    from specplan.formats import DEQUANT_BLOCK_ELEMS, parse_weights
+    from specplan.formats import DEQUANT_BLOCK_ELEMS, parse_format
     from specplan.runtime.quant import quantize
 
     tables: dict[str, dict] = {}
     for fmt in MEASURED_FORMATS:
-        sizes: dict[int, tuple[int, int]] = {}
-        for m in models:
-            try:
-                m = m.with_weights(parse_weights(fmt).fixed)
-            except Exception:  # noqa: BLE001 - a group size that does not divide this model's rows
-                continue
-            for rows, cols in m.dequant_shapes("attention") + m.dequant_shapes("experts"):
-                sizes.setdefault(rows * cols, (rows, cols))
-            key = dequant_op_name(m, "attention", "gpu")
+        sizes, key = _format_matrices(models, parse_format(fmt), lambda m: dequant_op_name(m, "attention", "gpu"))
         if not sizes:
             continue
         dt = TORCH_DTYPES.get(models[0].dtype, torch.bfloat16)
         secs = []
         try:
             for params, (rows, cols) in sorted(sizes.items()):
-                one = quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), parse_weights(fmt).fixed.attention)
+                one = quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), parse_format(fmt))
                 copies = _Cycle(_copies(lambda: one.to(device), one.nbytes))
                 out = torch.empty(rows, cols, dtype=dt, device=device)
                 block = torch.empty(min(params, DEQUANT_BLOCK_ELEMS), dtype=torch.float32, device=device)
@@ -460,6 +472,51 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
         except (RuntimeError, TypeError):  # e.g. no float8 on this device
             continue
         tables[key] = {"axes": ["params"], "grid": [sorted(sizes)], "seconds": secs}
+    return tables
+
+
+def fused_tables(models: list[ModelSpec], device: torch.device, grid: Grid, say=lambda m: None) -> dict[str, dict]:
+    """The other way to run a compressed group: torch's weight-only kernel straight from the
+    codes (runtime/quant.py linear), per format, over tokens x the matrices these models
+    multiply one call each. Only where the kernel runs on this device and agrees with the
+    dequantized matmul (quant.fused_ok): the planner weighs a fused format only where this
+    measured it, so the measurement decides between the two paths."""
+    from specplan.cost import fused_op_name
+    from specplan.formats import parse_format
+    from specplan.runtime.quant import fused_layout, fused_ok, linear, quantize
+
+    dt = TORCH_DTYPES.get(models[0].dtype, torch.bfloat16)
+    tables: dict[str, dict] = {}
+    for name in MEASURED_FORMATS:
+        fmt = parse_format(name)
+        if not fmt.can_fuse:
+            continue
+        fused = replace(fmt, fused=True)
+        why = fused_ok(fused, device, dt)
+        if why is not None:
+            say(f"kernels: no fused {name} ({why})")
+            continue
+        sizes, key = _format_matrices(models, fused, lambda m: fused_op_name(m, "attention", "gpu"))
+        if not sizes:
+            continue
+        calls = {}
+        for params, (rows, cols) in sorted(sizes.items(), reverse=True):  # the largest matrix sets the token axis
+            one = fused_layout(replace(quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), fmt), fmt=fused),
+                               device)
+            copies = _Cycle(_copies(lambda: one.to(device), one.nbytes))
+            calls[params] = lambda t, cols=cols, copies=copies: (lambda x: lambda: linear(x, copies.next()))(
+                _rand((t, cols), device, dt, 1.0))
+        secs: dict[int, list[float]] = {p: [] for p in calls}
+        tokens = []
+        for t in grid.ffn_tokens:  # up to the first size whose largest call passes the budget: beyond
+            tokens.append(t)      # it, time grows with the tokens (cost.fused_time_s scales it)
+            for params, call in calls.items():
+                secs[params].append(median_time_s(call(t), device, grid.repeat))
+            if secs[max(calls)][-1] > FUSED_CALL_BUDGET_S:
+                break
+        order = sorted(calls)
+        tables[key] = {"axes": ["tokens", "params"], "grid": [tokens, order],
+                       "seconds": [[secs[p][i] for p in order] for i in range(len(tokens))]}
     return tables
 
 
@@ -554,6 +611,8 @@ def profile_machine(models: list[ModelSpec], *, quick: bool = True, device: str 
                                                  else attention_table(m, cpu, grid))
     say("kernels: dequantization per weight format")
     kernels.update(dequant_tables(models, dev, grid))
+    say("kernels: fused weight-only matmuls per weight format")
+    kernels.update(fused_tables(models, dev, grid, say))
     if len(models) > 1:
         say(f"kernels: {models[-1].name} whole decode step")
         kernels[step_op_name(models[-1], "gpu")] = step_table(models[-1], dev, grid)

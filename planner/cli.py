@@ -19,8 +19,8 @@ from specplan.plan import POLICIES, Plan
 from specplan.units import fmt_bytes, fmt_seconds
 from specplan.workload import Workload
 
-from .optimize import (ADMISSIONS, SIM_OVER_ESTIMATE, OptimizeResult, Ranked, make_plan, optimize_formats, to_sim_config,
-                       weight_candidates)
+from .optimize import (ADMISSIONS, SIM_OVER_ESTIMATE, OptimizeResult, Ranked, make_plan, optimize_formats,
+                       self_draft_depth, to_sim_config, weight_candidates)
 
 
 def _describe(r: Ranked) -> str:
@@ -46,12 +46,12 @@ def placement_table(plan: Plan, target: ModelSpec) -> Table:
     from specplan.formats import DTYPE_FORMAT
 
     dtype = DTYPE_FORMAT.get(target.dtype, target.dtype)
-    t.add_row("target attention weights", target.fmt("attention").name, pl.attention, fmt_bytes(b.attention * L))
-    t.add_row("target experts / MLP", target.fmt("experts").name, f"GPU: {pl.ffn_gpu_layers} layers, rest: {pl.ffn}",
+    t.add_row("target attention weights", target.fmt("attention").label, pl.attention, fmt_bytes(b.attention * L))
+    t.add_row("target experts / MLP", target.fmt("experts").label, f"GPU: {pl.ffn_gpu_layers} layers, rest: {pl.ffn}",
               fmt_bytes(b.ffn * L))
     t.add_row("router and norms", dtype, "gpu", fmt_bytes((b.router + b.norms) * L))
-    t.add_row("embedding", target.fmt("embed").name, pl.embed, fmt_bytes(target.embed_bytes))
-    t.add_row("lm_head", target.fmt("lm_head").name, pl.lm_head, fmt_bytes(target.head_bytes))
+    t.add_row("embedding", target.fmt("embed").label, pl.embed, fmt_bytes(target.embed_bytes))
+    t.add_row("lm_head", target.fmt("lm_head").label, pl.lm_head, fmt_bytes(target.head_bytes))
     mem = plan.prediction["memory"]
     if mem["gpu"].get("dequantization scratch"):
         t.add_row("dequantization scratch", dtype, "gpu", fmt_bytes(mem["gpu"]["dequantization scratch"]))
@@ -95,6 +95,10 @@ def summary_table(plan: Plan, res: OptimizeResult) -> Table:
     top = sorted(pred["stage_s"].items(), key=lambda kv: -kv[1])[:6]
     t.add_row("largest stage times", ", ".join(f"{k} {fmt_seconds(v)}" for k, v in top))
     t.add_row("search", f"{res.shapes_considered} shapes, {len(res.ranked)} simulated, solver {res.solver}")
+    if res.formats:  # --weights auto, or a kernel choice the profile measured (FORMAT or FORMAT+fused)
+        ranked = sorted(res.formats.items(), key=lambda kv: -(kv[1] or 0.0))
+        t.add_row("formats weighed", "; ".join(f"{label} {'no plan' if v is None else f'{v:.2f} tok/s'}"
+                                               for label, v in ranked))
     return t
 
 
@@ -181,7 +185,6 @@ def optimize_cmd(
     tgt = ModelSpec.resolve(target)
     drf = resolve_draft(draft, tgt)
     choice = parse_weights(weights)
-    pairs = weight_candidates(choice, tgt, drf, profile)
     if drf is not None and drf.vocab != tgt.vocab:
         err.print(f"[yellow]warning:[/] draft vocab {drf.vocab} != target vocab {tgt.vocab}; speculative decoding needs a shared tokenizer")
     workload = (Workload.from_file(workload_file) if workload_file
@@ -197,6 +200,11 @@ def optimize_cmd(
     if bad:
         raise InputError("argument", "--admission", f"unknown {', '.join(bad)}", " | ".join(ADMISSIONS))
     workload.check_positions(workload_file or "argument", tgt, drf)
+    asked = draft
+    draft, drf = self_draft_depth(draft, tgt, drf, profile, workload, tuple(admission) or ADMISSIONS)
+    if draft != asked and not as_json:
+        err.print(f"self-draft: {drf.layers} of {tgt.layers} layers fit beside the target ({draft})")
+    pairs = weight_candidates(choice, tgt, drf, profile)
     check_writable(out_path, "--out")
     check_not_inputs([("--out", out_path)], [("--gpu", profile_path(gpu)), ("--workload", workload_file),
                                              ("--target", ModelSpec.files_of(target)),
@@ -218,6 +226,7 @@ def optimize_cmd(
                            "best_non_speculative_tok_s": non_spec.tok_s if non_spec else None,
                            "unsimulated_program_tok_s": {p: c.estimate_tok_s for p, c in res.unsimulated.items()},
                            "infeasible": res.infeasible,
+                           "formats_weighed_tok_s": res.formats,
                            "sensitivity": [{"vary": a, "value": b, "simulated_tok_s": c} for a, b, c in sens]})
     out.print(summary_table(plan, res))
     out.print(placement_table(plan, tgt))

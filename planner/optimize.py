@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 
 from specplan import __version__
-from specplan.cost import dequant_op_name
+from specplan.cost import dequant_op_name, fused_op_name
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
@@ -73,6 +73,7 @@ class OptimizeResult:
     shapes_considered: int
     solver: str
     unsimulated: dict = field(default_factory=dict)  # policy -> its best, not simulated (SIM_OVER_ESTIMATE)
+    formats: dict = field(default_factory=dict)  # each format assignment weighed -> its best tok/s (None: no plan fits)
 
     @property
     def best(self) -> Ranked:
@@ -574,22 +575,69 @@ def weight_candidates(choice, tgt: ModelSpec, drf: ModelSpec | None, profile) ->
 
     if drf is None:
         choice = WeightsChoice(replace(choice.fixed, draft=None), {g: o for g, o in choice.auto.items() if g != "draft"})
-    pairs = [apply_weights(tgt, drf, fmts) for fmts in choice.candidates()]
-    for t, d in pairs:
-        check_formats_on(profile, t, d)
-    return pairs
+    assignments = choice.candidates()
+    for fmts in assignments:
+        check_formats_on(profile, *apply_weights(tgt, drf, fmts))
+    return [apply_weights(tgt, drf, f) for a in assignments for f in kernel_variants(a, tgt, drf, profile)]
+
+
+def self_draft_depth(draft: str | None, tgt: ModelSpec, drf: ModelSpec | None, profile, workload,
+                     admissions=ADMISSIONS) -> tuple[str | None, ModelSpec | None]:
+    """A self-draft named without a depth (`self:int4`) keeps as many of the target's layers
+    as fit on the GPU: all of them where a speculative plan fits with them, else the deepest
+    of L/2, L/4, ... (with the LM head) beside the smallest speculative shape's least
+    placement. A deeper copy of the target agrees with it more often and costs more GPU
+    memory and draft time; which depth is accepted how often is the dataset's to say, so
+    the rule is the memory's, and `self:FORMAT:LAYERS` sets the depth outright."""
+    from specplan.models import resolve_draft
+
+    if drf is None or not drf.self_draft or draft is None or draft.count(":") > 1:
+        return draft, drf
+    shapes = [sh for pol in ("spec-serial", "specoffload") for sh in enumerate_shapes(pol, workload, admissions=admissions)]
+    if not shapes:
+        return draft, drf
+    small = min(shapes, key=lambda sh: (sh.num_batches * sh.target_batch, sh.draft_batch, sh.gamma))
+    depth = tgt.layers
+    while True:
+        name = f"{draft}:{depth}" if depth < tgt.layers else draft
+        cand = resolve_draft(name, tgt)
+        if minimal_placement(tgt, cand, small, workload, profile, explain=False)[0] is not None or depth == 1:
+            return name, cand
+        depth = max(1, depth // 2)
+
+
+def kernel_variants(fmts, tgt: ModelSpec, drf: ModelSpec | None, profile) -> list:
+    """`fmts`, and each way of running its int8 / int4 layer groups through the fused kernel
+    where the profile measured one (cost.fused_key): the planner prices both paths and keeps
+    the faster plan, so the profile's measurement decides which the runtime takes."""
+    from specplan.cost import fused_key
+
+    out = [fmts]
+    for group in ("attention", "experts", "draft"):
+        f, model = getattr(fmts, group), drf if group == "draft" else tgt
+        if f is None or model is None or f.fused or not f.can_fuse:
+            continue
+        if profile.kernel(fused_key(f, model.dtype, "gpu")) is not None:
+            out += [replace(o, **{group: replace(f, fused=True)}) for o in out]
+    return out
 
 
 def check_formats_on(profile, tgt: ModelSpec, drf: ModelSpec | None) -> None:
-    """Refuse a format the profile's device could not run: a profile that measured
-    dequantization (specplan profile) and has no table for this format."""
-    if not any("_dequant:" in k for k in profile.kernels):
-        return  # a shipped or composed profile: formats are priced from its peaks
+    """Refuse a format the profile's device could not run: a fused kernel the profile did not
+    measure, or, in a profile that measured dequantization (specplan profile), a format it
+    has no table for (a shipped or composed profile prices dequantization from its peaks)."""
+    measured = any("_dequant:" in k for k in profile.kernels)
     for m in (tgt, drf):
         for g in ("attention", "experts", "lm_head") if m is not None else ():
-            if m.converted(g) and m.fmt(g).compressed and profile.kernel(dequant_op_name(m, g, "gpu")) is None:
-                raise InputError("argument", "--weights", f"{g}={m.fmt(g).name}: the profile '{profile.name}' measured "
-                                 f"no {m.fmt(g).name} dequantization on its device (it cannot run it there)",
+            f = m.fmt(g)
+            if f.fused and profile.kernel(fused_op_name(m, g, "gpu")) is None:
+                raise InputError("argument", "--weights", f"{g}={f.label}: the profile '{profile.name}' measured "
+                                 f"no fused {f.name} kernel on its device (torch has none there, or it disagreed "
+                                 "with dequantization)", f"{g}={f.name} (dequantized before the matmul)")
+            if (measured and not f.fused and m.converted(g) and f.compressed
+                    and profile.kernel(dequant_op_name(m, g, "gpu")) is None):
+                raise InputError("argument", "--weights", f"{g}={f.name}: the profile '{profile.name}' measured "
+                                 f"no {f.name} dequantization on its device (it cannot run it there)",
                                  "a format the profile measured (specplan hardware PROFILE lists them)")
 
 
@@ -597,6 +645,7 @@ def optimize_formats(pairs, profile, workload, policies, admissions, bar=None) -
     """The best plan over the weight-format assignments in `pairs` (one unless --weights auto)."""
     best = None
     why = []
+    weighed: dict[str, float | None] = {}
     for i, (t, d) in enumerate(pairs):
         if bar is not None and len(pairs) > 1:
             bar.say(f"formats {i + 1}/{len(pairs)}: {pair_label(t, d)}")
@@ -606,11 +655,15 @@ def optimize_formats(pairs, profile, workload, policies, admissions, bar=None) -
             if len(pairs) == 1:
                 raise
             why.append(f"{pair_label(t, d)}: {e}")
+            weighed[pair_label(t, d)] = None
             continue
+        weighed[pair_label(t, d)] = res.best.tok_s
         if best is None or res.best.tok_s > best[0].best.tok_s:
             best = (res, t, d)
     if best is None:
         raise InfeasibleError("no plan fits with any format: " + " | ".join(why))
+    if len(pairs) > 1:
+        best[0].formats = weighed
     return best
 
 

@@ -237,10 +237,16 @@ class CompressedCheckpoint(Checkpoint):
         names = layer_tensor_names(self.spec)
         cached = self.cache.load(f"layer{i}") if self.cache is not None else None
         if cached is not None and all(n in cached for n in names if self._converted(n)):
-            return {n: cached[n] if self._converted(n) else self.base.tensor(prefix + n) for n in names}
+            return {n: self._cached(n, cached) if self._converted(n) else self.base.tensor(prefix + n) for n in names}
         out = {n: self._convert(n, t) for n, t in self.base.layer(i).items()}
         self._save(f"layer{i}", out)
         return out
+
+    def _cached(self, name: str, cached: dict):
+        """A matrix read back from the cache (stored without its kernel), with its group's format."""
+        from dataclasses import replace
+
+        return replace(cached[name], fmt=self.spec.fmt(matrix_group(name)))
 
     def _converted(self, name: str) -> bool:
         group = matrix_group(name)
@@ -261,7 +267,7 @@ class CompressedCheckpoint(Checkpoint):
     def globals(self) -> dict:
         g = self.base.globals()
         cached = self.cache.load("globals") if self.cache is not None else None
-        out = {n: (cached or {}).get(n) if self._converted(n) and n in (cached or {}) else self._convert(n, t)
+        out = {n: self._cached(n, cached) if self._converted(n) and n in (cached or {}) else self._convert(n, t)
                for n, t in g.items() if n != "lm_head.weight"}
         head = g["lm_head.weight"]
         if self.spec.head_is_embedding:
@@ -283,8 +289,9 @@ class QuantCache:
 
     def __init__(self, root: Path, checkpoint_key: str, spec: ModelSpec):
         self.key = checkpoint_key
-        self.formats = spec.weights.describe()
-        tag = "_".join(f"{g}-{f}" for g, f in spec.weights.to_dict().items()) or "dtype"
+        stored = spec.weights.stored()  # the codes on disk are the same whichever kernel reads them
+        self.formats = stored.describe()
+        tag = "_".join(f"{g}-{f}" for g, f in stored.to_dict().items()) or "dtype"
         self.folder = Path(root) / f"{checkpoint_key[:16]}-{spec.dtype}-{tag}"
 
     def load(self, unit: str) -> dict | None:

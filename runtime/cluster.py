@@ -339,7 +339,7 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
     from specplan.hardware import HardwareProfile
     from specplan.plan import ADMISSIONS, POLICIES
     from specplan.formats import parse_weights
-    from specplan.planner.optimize import make_plan, optimize_formats, weight_candidates
+    from specplan.planner.optimize import make_plan, optimize_formats, self_draft_depth, weight_candidates
 
     from .run import resolve_model
 
@@ -357,12 +357,13 @@ def plan_per_profile(infos: list[dict], target: str, draft: str | None, workload
             prof = prof.compose(**{k: v for k, v in caps.items() if v is not None})
         say(f"planning for {prof.name} ({info['host']})")
         try:
-            pairs = weight_candidates(parse_weights(req.weights), tspec, dspec, prof)
+            name, node_draft = self_draft_depth(draft, tspec, dspec, prof, workload, req.admissions or ADMISSIONS)
+            pairs = weight_candidates(parse_weights(req.weights), tspec, node_draft, prof)
             res, t, d = optimize_formats(pairs, prof, workload, req.policies or POLICIES, req.admissions or ADMISSIONS)
         except InfeasibleError as e:
             refused[key] = f"{prof.name}: {e}"
             continue
-        plans[key] = make_plan(res.best, target, draft if d is not None else None, t, d, prof, workload)
+        plans[key] = make_plan(res.best, target, name if d is not None else None, t, d, prof, workload)
     return plans, refused
 
 

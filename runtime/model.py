@@ -23,7 +23,8 @@ from specplan.models import ModelSpec
 
 from .attention import attend, group_mask
 from .kvcache import KVCache
-from .quant import dense
+from .quant import QWeight, dense
+from .quant import linear as matmul
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -108,7 +109,7 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, dense(w[f"{name}.weight"]), w.get(f"{name}.bias"))
+    return matmul(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 # Projections that read the same input are fused when the weights are loaded (fuse_layer):
@@ -128,7 +129,7 @@ def _expert_fusions(tensors: dict) -> dict[str, tuple[str, ...]]:
 def fuse_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors with q|k|v, gate|up and each expert's w1|w3 concatenated
     along the output dimension (weights, and biases where there are any); the rest as given."""
-    from .quant import QWeight, cat
+    from .quant import cat
 
     out = dict(tensors)
     for fused, parts in (FUSED | _expert_fusions(tensors)).items():
@@ -144,11 +145,16 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     """down(silu(gate x) * up x) with gate|up fused [2F, H]: the 2F-wide product is the one
     FFN-wide intermediate, worked on in place (cost.activation_bytes)."""
     f = gate_up.shape[0] // 2
-    # one batched GEMM [2, tokens, F]: gate and up each come out contiguous, so the product
-    # is formed in gate's half and goes into down_proj without a copy. A compressed weight is
-    # dequantized right before its GEMM, gate|up's scratch reused for down.
-    gate, up = torch.matmul(x.reshape(-1, x.shape[-1]), dense(gate_up).view(2, f, -1).transpose(1, 2))
-    return F.linear(F.silu(gate, inplace=True).mul_(up), dense(down)).view(*x.shape[:-1], -1)
+    flat = x.reshape(-1, x.shape[-1])
+    if isinstance(gate_up, QWeight) and gate_up.fmt.fused:  # the kernel gives [tokens, 2F]
+        both = matmul(flat, gate_up)
+        gate, up = both[:, :f], both[:, f:]
+    else:
+        # one batched GEMM [2, tokens, F]: gate and up each come out contiguous, so the product
+        # is formed in gate's half and goes into down_proj without a copy. A compressed weight is
+        # dequantized right before its GEMM, gate|up's scratch reused for down.
+        gate, up = torch.matmul(flat, dense(gate_up).view(2, f, -1).transpose(1, 2))
+    return matmul(F.silu(gate, inplace=True).mul_(up), down).view(*x.shape[:-1], -1)
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:

@@ -9,6 +9,13 @@ that point is the uncompressed model's, operation for operation.
 
 Rows are independent in every format (scales never span rows), so fusing q|k|v or gate|up
 concatenates codes and scales row-wise and gives the same codes as quantizing each part.
+
+A format marked fused (`int8+fused`, `int4g64+fused`) skips the scratch: `linear` hands the
+codes to torch's weight-only kernel, which reads them as they are and dequantizes inside the
+matmul (int8: `_weight_int8pack_mm`, the codes and per-row scales unchanged; int4: the
+device's packed layout, repacked once at load by `fused_layout`, and the zero point moved to
+the kernel's convention, w = (q - 8) * s + (z + 8 s)). Which path a plan takes is the
+profile's measurement (the planner prices both); `fused_ok` says where a kernel runs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from specplan.formats import DEQUANT_BLOCK_ELEMS, FLOAT_FORMATS, WeightFormat
 
@@ -100,10 +108,76 @@ def dense(w: torch.Tensor | QWeight) -> torch.Tensor:
     (valid until the next dense() of the same store)."""
     if isinstance(w, torch.Tensor):
         return w
+    if w.fmt.fused:
+        raise RuntimeError(f"a {w.fmt.label} weight goes through linear(), not dense()")
     if w.scratch is None:
         raise RuntimeError("a compressed weight without a scratch buffer")  # the store always sets one
     n = w.shape[0] * w.shape[1]
     return w.dequantize(w.scratch.dtype, w.scratch[:n].view(w.shape), w.block)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias): a fused format through its kernel, any other through dense()."""
+    if not (isinstance(w, QWeight) and w.fmt.fused):
+        return F.linear(x, dense(w), bias)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if w.fmt.name == "int8":
+        y = torch._weight_int8pack_mm(flat, w.codes, w.scale.to(x.dtype))
+    else:
+        y = _int4_mm(flat, w)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _int4_mm(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    s = w.scale.float()
+    zeros = w.zero.float().add_(s, alpha=8.0)  # the kernel's zero point: w = (q - 8) * s + zeros
+    scales_and_zeros = torch.stack((s.t(), zeros.t()), dim=-1).to(x.dtype).contiguous()
+    if x.device.type == "cpu":
+        return torch._weight_int4pack_mm_for_cpu(x, w.codes, w.fmt.group_size, scales_and_zeros)
+    return torch._weight_int4pack_mm(x, w.codes, w.fmt.group_size, scales_and_zeros)
+
+
+INT4_INNER_K_TILES = 2  # the packing parameter torch's int4 kernels take (2, 4 or 8)
+
+
+def fused_layout(w: QWeight, device: torch.device) -> QWeight:
+    """A fused int4 matrix's codes in the packed layout of `device`'s kernel (same bytes);
+    any other matrix as it is."""
+    if not (w.fmt.fused and w.fmt.group_size is not None):
+        return w
+    r, c = w.shape
+    q = torch.empty(r, c, dtype=torch.int32)
+    q[:, 0::2], q[:, 1::2] = w.codes & 0xF, w.codes >> 4
+    if device.type == "cpu":
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+    else:  # the CUDA kernel takes two codes a byte, the even column in the high nibble
+        hi_lo = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+        packed = torch._convert_weight_to_int4pack(hi_lo, INT4_INNER_K_TILES).cpu()
+    return replace(w, codes=packed)
+
+
+def fused_ok(fmt: WeightFormat, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if `fmt`'s fused kernel runs on `device` in `dtype` and agrees with the
+    dequantized matmul; else why not (the profiler records a fused table only where this
+    passes, and specrun refuses a fused plan where it does not)."""
+    if not fmt.fused:
+        return None
+    r, c, t = 64, 4 * (fmt.group_size or 32), 8
+    gen = torch.Generator().manual_seed(0)
+    w = quantize(torch.randn(r, c, generator=gen), replace(fmt, fused=False))
+    x = torch.randn(t, c, generator=gen).to(dtype)
+    ref = F.linear(x.float(), w.dequantize(torch.float32)).to(dtype)
+    try:
+        got = linear(x.to(device), fused_layout(replace(w, fmt=fmt), device).to(device)).cpu()
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        return f"torch has no {fmt.label} kernel for {dtype} on {device.type} ({str(e).splitlines()[0][:80]})"
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+    if not err <= tol:
+        return f"the {fmt.label} kernel on {device.type} disagrees with dequantization (relative error {err:.2g})"
+    return None
 
 
 def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:

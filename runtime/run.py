@@ -98,12 +98,17 @@ def pick_device(device: str) -> torch.device:
 
 
 def check_device_formats(models: list[ModelSpec], device: torch.device) -> None:
-    """Refuse a format this device cannot dequantize (fp8: torch without float8, or a device
-    whose torch cannot convert it), before any weight is read."""
-    from .quant import fp8_dtype
+    """Refuse a format this device cannot run, before any weight is read: fp8 where torch has
+    no float8 or cannot convert it on the device, a fused kernel torch lacks there."""
+    from .checkpoint import TORCH_DTYPES
+    from .quant import fp8_dtype, fused_ok
 
     for m in models:
         for group in ("attention", "experts", "lm_head", "embed"):
+            why = fused_ok(m.fmt(group), device, TORCH_DTYPES[m.dtype])
+            if why is not None:
+                raise InputError("plan", f"weights.{group}", f"{m.fmt(group).label}: {why}",
+                                 f"a plan with {group}={m.fmt(group).name} (specplan optimize on this device's profile)")
             if m.fmt(group).name != "fp8":
                 continue
             dt = fp8_dtype()
@@ -295,7 +300,7 @@ class PlanRunner:
         if self_draft:  # the target's own weights, compressed: read from the target's directory
             dspec, ddir = resolve_draft(draft, tspec), tdir
             planned = plan.weights.get("draft")
-            if planned and planned != dspec.fmt("attention").name:
+            if planned and planned != dspec.fmt("attention").label:
                 raise InputError("plan", "draft", f"was made for a self-draft in {planned}, not {draft}",
                                  f"--draft self:{planned}, as the plan says")
         else:

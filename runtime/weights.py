@@ -42,7 +42,7 @@ from specplan.plan import Placement
 
 from .checkpoint import Checkpoint, tensor_group
 from .model import fuse_layer
-from .quant import PARTS, QWeight, assemble
+from .quant import PARTS, QWeight, assemble, fused_layout
 from .stats import Stats
 
 ALIGN = 256  # bytes; keeps every tensor view in a slot aligned for vectorised kernels
@@ -87,7 +87,8 @@ class WeightStore:
 
         g = checkpoint.globals()
         self.embed_weight = self._place(g["model.embed_tokens.weight"], placement.embed, dense_use=False)
-        self.units = [self._build_unit(i, fuse_layer(checkpoint.layer(i)), lambda name, i=i: self._home(placement, i, name))
+        self.units = [self._build_unit(i, self._kernel_layout(fuse_layer(checkpoint.layer(i))),
+                                       lambda name, i=i: self._home(placement, i, name))
                       for i in range(spec.layers)]
         head = {"model.norm.weight": g["model.norm.weight"], "lm_head.weight": g["lm_head.weight"]}
         # a tied LM head on the GPU beside the embedding is the embedding, as plan_memory counts it
@@ -138,12 +139,21 @@ class WeightStore:
             return placement.ffn_home(layer)
         return "gpu"  # norms and the router are small and needed to route before experts arrive
 
+    def _kernel_layout(self, tensors: dict) -> dict:
+        """A fused format's matrices in this device's kernel layout (int4: repacked once here)."""
+        return {n: fused_layout(t, self.device) if isinstance(t, QWeight) else t for n, t in tensors.items()}
+
+    def _dequantized(self, t: QWeight) -> None:
+        """`t` is dequantized before use (not a fused kernel's): the scratch buffer holds it."""
+        if not t.fmt.fused:
+            self.scratch_numel = max(self.scratch_numel, t.shape[0] * t.shape[1])
+
     def _place(self, t: torch.Tensor | QWeight, home: str, dense_use: bool = True) -> torch.Tensor | QWeight:
         """`t` at `home`; a compressed matrix used whole (not the embedding's row lookups)
         sizes the scratch buffer it is dequantized into."""
         if isinstance(t, QWeight):
             if dense_use:
-                self.scratch_numel = max(self.scratch_numel, t.shape[0] * t.shape[1])
+                self._dequantized(t)
             placed = replace(t, **{k: self._place(p, home) for k, p in t.parts().items()})
             self.resident_q.append(placed)
             return placed
@@ -164,7 +174,7 @@ class WeightStore:
                 continue
             if isinstance(t, QWeight):  # streamed as its parts, put back together by acquire
                 unit.compressed[name] = (t.fmt, t.shape)
-                self.scratch_numel = max(self.scratch_numel, t.shape[0] * t.shape[1])
+                self._dequantized(t)
                 del tensors[name]
                 for part, p in t.parts().items():
                     tensors[f"{name}#{part}"] = p

@@ -159,7 +159,7 @@ def models(
         ("heads / KV heads / head dim", f"{s.heads} / {s.kv_heads} / {s.head_dim}"),
         ("experts", f"{s.experts}, top {s.top_k}" if s.is_moe else "dense MLP"),
         ("vocab", str(s.vocab)),
-        ("weight formats", ", ".join(f"{g} {s.fmt(g).name}" for g in ("attention", "experts", "lm_head", "embed"))),
+        ("weight formats", ", ".join(f"{g} {s.fmt(g).label}" for g in ("attention", "experts", "lm_head", "embed"))),
         ("attention / layer", fmt_bytes(lb.attention)),
         ("router / layer", fmt_bytes(lb.router)),
         ("one expert" if s.is_moe else "MLP / layer", fmt_bytes(lb.expert)),

@@ -310,6 +310,36 @@ def dequant_time_s(profile: HardwareProfile, model: ModelSpec, group: str, *, de
     return total
 
 
+def fused_op_name(model: ModelSpec, group: str, device: str) -> str:
+    """Kernel-table key for a fused weight-only matmul of a group's format (the profiler writes
+    the same key, only where the kernel runs and agrees with dequantization); its axes are
+    the tokens multiplied and the weights."""
+    return fused_key(model.fmt(group), model.dtype, device)
+
+
+def fused_key(fmt, dtype: str, device: str) -> str:
+    return f"{device}_fused:{fmt.name}:{dtype}"
+
+
+def fused_time_s(profile: HardwareProfile, model: ModelSpec, group: str, tokens: float, *, device: str = "gpu") -> float:
+    """One use of a group whose format is fused: each matrix's kernel call (ModelSpec.fused_shapes)
+    for `tokens` tokens, reading the codes. Without a measured table (a format the planner
+    only weighs where the profile has one): the roofline of the compressed bytes and the flops."""
+    fmt = model.fmt(group)
+    kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
+    total = 0.0
+    for rows, cols in model.fused_shapes(group):
+        params = rows * cols
+        nbytes = fmt.matrix_bytes(rows, cols) + tokens * (rows + cols) * model.dtype_bytes
+        table = profile.kernel(fused_op_name(model, group, device))
+        if table is None:
+            total += kernel(profile, 2.0 * params * tokens, nbytes, model.dtype)
+            continue
+        top = table.grid[0][-1]  # measured up to where a call is long enough to grow with its tokens
+        total += table(min(tokens, top), params) * max(1.0, tokens / top)
+    return total
+
+
 def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, device: str = "gpu") -> float:
     """One layer's FFN for `tokens` tokens: dense MLP, or each touched expert over its share."""
     if tokens <= 0:
@@ -325,6 +355,8 @@ def ffn_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, *, dev
 
 
 def _ffn_one(profile: HardwareProfile, model: ModelSpec, tokens: float, device: str, weight_bytes: float) -> float:
+    if model.fmt("experts").fused:  # the kernel reads the codes; the activation is small beside it
+        return fused_time_s(profile, model, "experts", tokens, device=device)
     flops = 2.0 * model.expert_params * tokens
     act_bytes = tokens * (2 * model.hidden + 2 * model.ffn_inner) * model.dtype_bytes
     kernel = gpu_kernel_time_s if device == "gpu" else cpu_kernel_time_s
@@ -337,6 +369,8 @@ def attn_proj_time_s(profile: HardwareProfile, model: ModelSpec, tokens: float, 
     """Q, K, V and O projections (plus router and norms, which are small) for `tokens` tokens."""
     if tokens <= 0:
         return 0.0
+    if model.fmt("attention").fused:  # q|k|v and o through the kernel; router and norms are small
+        return fused_time_s(profile, model, "attention", tokens, device=device)
     params = model.attention_params_per_layer + model.router_params_per_layer
     flops = 2.0 * params * tokens
     nbytes = params * model.dtype_bytes + tokens * 4 * model.hidden * model.dtype_bytes

@@ -11,6 +11,10 @@ Formats (a weight matrix is [rows = output features, cols = input features]):
                       (the even column in the low nibble); s and z per group
   fp8                 float8 e4m3 codes, one scale per row: w = q * s, |q| <= 448
 
+  +fused              (int8, int4gN) the same bytes, multiplied by torch's weight-only kernel
+                      straight from the codes instead of dequantized into a scratch buffer
+                      first; the planner weighs it where the profile measured the kernel
+
 Scales and zero points are float16. Quantization is round to nearest; dequantization computes
 q * s (+ z) in float32, each product and sum rounded once, then casts to the compute dtype.
 
@@ -35,11 +39,24 @@ GROUPS = ("attention", "experts", "lm_head", "embed", "draft")
 # what a bare format (--weights int4) applies to: the layers' matrices, which are what streams
 LAYER_GROUPS = ("attention", "experts", "draft")
 FORMAT_NAMES = ("bf16", "fp16", "fp32", "int8", "int4", "int4g32", "int4g64", "int4g128", "fp8")
+FUSED_SUFFIX = "+fused"
 
 
 @dataclass(frozen=True)
 class WeightFormat:
     name: str  # canonical: bf16 | fp16 | fp32 | int8 | int4g32 | int4g64 | int4g128 | fp8
+    fused: bool = False  # multiplied by a weight-only kernel from the codes (no dequantization)
+
+    @property
+    def label(self) -> str:
+        """The name with its kernel: `int8`, `int8+fused` (what plan.json and tables say)."""
+        return self.name + (FUSED_SUFFIX if self.fused else "")
+
+    @property
+    def can_fuse(self) -> bool:
+        """torch has a weight-only kernel for this format's codes (int8, int4): fp8's
+        (_scaled_mm) rounds the activations to fp8 too, another computation than this format's."""
+        return self.name == "int8" or self.name.startswith("int4g")
 
     @property
     def compressed(self) -> bool:
@@ -78,11 +95,19 @@ class WeightFormat:
 
 def parse_format(text: str, source: str = "argument", field: str = "--weights") -> WeightFormat:
     t = text.strip().lower()
+    fused = t.endswith(FUSED_SUFFIX)
+    if fused:
+        t = t[:-len(FUSED_SUFFIX)]
     t = {"int4": "int4g64", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
          "fp8_e4m3": "fp8", "e4m3": "fp8"}.get(t, t)
     if t not in FORMAT_NAMES:
-        raise InputError(source, field, f"'{text}' is not a weight format", " | ".join(FORMAT_NAMES))
-    return WeightFormat(t)
+        raise InputError(source, field, f"'{text}' is not a weight format",
+                         " | ".join(FORMAT_NAMES) + f" (int8 and int4 also as FORMAT{FUSED_SUFFIX})")
+    fmt = WeightFormat(t, fused)
+    if fused and not fmt.can_fuse:
+        raise InputError(source, field, f"'{text}': {t} has no weight-only fused kernel (fp8's rounds the "
+                         "activations too)", f"int8{FUSED_SUFFIX} or int4gN{FUSED_SUFFIX}, or {t} dequantized")
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -105,7 +130,7 @@ class WeightFormats:
 
     def to_dict(self) -> dict[str, str]:
         """Only the groups that differ from the model's dtype (plan.json's `weights`)."""
-        return {g: getattr(self, g).name for g in GROUPS if getattr(self, g) is not None}
+        return {g: getattr(self, g).label for g in GROUPS if getattr(self, g) is not None}
 
     @classmethod
     def from_dict(cls, d: object, source: str) -> "WeightFormats":
@@ -116,7 +141,23 @@ class WeightFormats:
         for g in d:
             if g not in GROUPS:
                 raise InputError(source, f"weights.{g}", "is not a tensor group", " | ".join(GROUPS))
-        return cls(**{g: parse_format(str(v), source, f"weights.{g}") for g, v in d.items()})
+        out = cls(**{g: parse_format(str(v), source, f"weights.{g}") for g, v in d.items()})
+        out.check_fused(source, "weights")
+        return out
+
+    def check_fused(self, source: str, field: str) -> None:
+        """A fused kernel multiplies whole matrices: the embedding (a row lookup) and the LM
+        head are dequantized."""
+        for g in ("embed", "lm_head"):
+            f = getattr(self, g)
+            if f is not None and f.fused:
+                raise InputError(source, field, f"{g}={f.label}: the {g} is not multiplied by a fused kernel",
+                                 f"{g}={f.name}; +fused applies to attention, experts and draft")
+
+    def stored(self) -> "WeightFormats":
+        """The same formats without their kernels: what is kept on disk and in host memory."""
+        return WeightFormats(**{g: replace(f, fused=False) if f is not None else None
+                                for g, f in ((g, getattr(self, g)) for g in GROUPS)})
 
     def describe(self) -> str:
         d = self.to_dict()
@@ -174,4 +215,8 @@ def parse_weights(text: str | None, source: str = "argument", field: str = "--we
                 raise InputError(source, field, f"'{item}' allows no format", "auto, or auto:FORMAT+FORMAT")
         else:
             fixed[group] = parse_format(value, source, field)
-    return WeightsChoice(WeightFormats(**fixed), auto)
+    out = WeightsChoice(WeightFormats(**fixed), auto)
+    out.fixed.check_fused(source, field)
+    if any(f is not None and f.fused for g in ("embed", "lm_head") for f in auto.get(g, ())):
+        raise InputError(source, field, "the embed and lm_head groups have no fused kernel", "their plain formats")
+    return out

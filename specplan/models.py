@@ -187,15 +187,21 @@ class ModelSpec:
         fmt = self.fmt(group)
         return float(sum(fmt.matrix_bytes(r, c) for r, c in self._matrices()[group]))
 
-    def dequant_shapes(self, group: str) -> list[tuple[int, int]]:
-        """The matrices one use of a group dequantizes, one call each, as [rows, cols] (none
-        where the group is in the dtype): fused q|k|v and o; one expert's fused gate|up and
-        down; the LM head."""
-        if not self.converted(group):
-            return []
+    def call_shapes(self, group: str) -> list[tuple[int, int]]:
+        """The matrices one use of a group multiplies, one call each, as [rows, cols]: fused
+        q|k|v and o; one expert's fused gate|up and down; the LM head."""
         h, f, q, kv = self.hidden, self.ffn_inner, self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {"attention": [(q + 2 * kv, h), (h, q)], "experts": [(2 * f, h), (h, f)],
                 "lm_head": [(self.vocab, h)]}.get(group, [])
+
+    def dequant_shapes(self, group: str) -> list[tuple[int, int]]:
+        """The matrices one use of a group dequantizes (call_shapes; none where the group is in
+        the dtype, or multiplied by a fused kernel from its codes)."""
+        return self.call_shapes(group) if self.converted(group) and not self.fmt(group).fused else []
+
+    def fused_shapes(self, group: str) -> list[tuple[int, int]]:
+        """The matrices one use of a group hands to a fused kernel (none unless its format is fused)."""
+        return self.call_shapes(group) if self.fmt(group).fused else []
 
     @cached_property
     def dequant_scratch_params(self) -> int:
@@ -396,9 +402,10 @@ def resolve_draft(name: str | None, target: ModelSpec, source: str = "--draft") 
                              f"1 to {target.layers} layers ({expected})")
         layers = int(parts[1])
     cfg = dict(target.hf_config, num_hidden_layers=layers)
-    spec = replace(target, name=f"{target.name}-self-{fmt.name}" + (f"-{layers}l" if layers < target.layers else ""),
+    spec = replace(target, name=f"{target.name}-self-{fmt.label}" + (f"-{layers}l" if layers < target.layers else ""),
                    layers=layers, hf_config=cfg, self_draft=True)
-    return spec.with_weights(WeightFormats(attention=fmt, experts=fmt, lm_head=fmt, embed=fmt), source)
+    plain = replace(fmt, fused=False)  # the LM head and the embedding's lookups are dequantized
+    return spec.with_weights(WeightFormats(attention=fmt, experts=fmt, lm_head=plain, embed=plain), source)
 
 
 def pair_weights(target: ModelSpec, draft: ModelSpec | None) -> WeightFormats:

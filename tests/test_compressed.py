@@ -9,6 +9,8 @@ dequantization's error bound or the engine's tokens; both are checked."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,10 @@ def prompts_for(vocab: int) -> list[list[int]]:
 
 CASES = [("tiny-llama", {}, "int8"), ("tiny-llama", {}, "int4g32"), ("tiny-llama", {}, "fp8"),
          ("tiny-llama", {"hidden_size": 128, "intermediate_size": 256}, "int4g128,lm_head=int8,embed=int4g64"),
-         ("tiny-mixtral", {}, "int4g32"), ("tiny-mixtral", {}, "attention=fp8,experts=int8")]
+         ("tiny-mixtral", {}, "int4g32"), ("tiny-mixtral", {}, "attention=fp8,experts=int8"),
+         # torch's weight-only kernels, multiplying from the codes (no dequantization first)
+         ("tiny-llama", {}, "int8+fused"), ("tiny-llama", {}, "attention=int4g32+fused,experts=int4g64+fused"),
+         ("tiny-mixtral", {}, "attention=int8+fused,experts=int4g32+fused")]
 
 
 @pytest.mark.parametrize("name,changes,weights", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
@@ -173,7 +178,8 @@ def test_engine_equals_transformers_on_the_dequantized_model(tmp_path, name, cha
                 assert counts["h2d_bytes"] > 0
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4g32,lm_head=int8", "fp8,attention=int4g64", ""])
+@pytest.mark.parametrize("weights", ["int8", "int4g32,lm_head=int8", "fp8,attention=int4g64", "", "int8+fused",
+                                     "int4g32+fused,attention=int8"])
 @pytest.mark.parametrize("name,dtype", [("tiny-llama", "float32"), ("tiny-mixtral", "float32"), ("tiny-llama", "bfloat16")])
 def test_bytes_copied_per_pass_are_the_plans_to_the_byte(name, dtype, weights):
     from specplan.memory import streamed_bytes_per_pass, weights_memory
@@ -316,3 +322,67 @@ def test_a_sliced_prefill_pays_a_dequantization_per_slice():
     assert ffn == pytest.approx((8 * 8 - 8) * cost.dequant_time_s(prof, q, "experts"), rel=1e-3)  # every expert hit
     one = cost.target_layer_costs(prof, q, 8, q_len, 0, "cpu", prefill=True)
     assert cost.sliced_dequant_s(prof, q, 8, q_len) == (0.0, 0.0) and one.proj > 0
+
+
+@pytest.mark.parametrize("fused_s,picked", [(1e-7, True), (1.0, False)])
+def test_the_profiles_measurement_decides_between_the_fused_kernel_and_dequantization(fused_s, picked):
+    """A profile whose fused int8 kernel is far faster than dequantizing gets a fused plan; one
+    whose kernel is far slower keeps the dequantization. The tables are made up: this checks the
+    choice, not a speed."""
+    from specplan.cost import dequant_op_name, fused_op_name
+    from specplan.hardware import HardwareProfile, load_profile
+    from specplan.workload import Workload
+    from planner.optimize import optimize_formats, weight_candidates
+
+    base = load_profile("rtx4090")
+    tgt = ModelSpec.resolve("mixtral-8x7b")
+    fmts = parse_weights("int8")
+    q = tgt.with_weights(replace(fmts.fixed, draft=None))
+    shapes = sorted({r * c for g in ("attention", "experts") for r, c in q.call_shapes(g)})
+    tables = dict(base.kernels)
+    tables[dequant_op_name(q, "attention", "gpu")] = {"axes": ["params"], "grid": [shapes], "seconds": [1e-3] * len(shapes)}
+    tables[fused_op_name(replace(q, weights=parse_weights("int8+fused").fixed), "attention", "gpu")] = {
+        "axes": ["tokens", "params"], "grid": [[1.0, 4096.0], shapes], "seconds": [[fused_s] * len(shapes)] * 2}
+    prof = HardwareProfile.from_dict(base.to_dict() | {"kernels": {k: (v if isinstance(v, dict) else v.to_dict())
+                                                                     for k, v in tables.items()}}, "test")
+    assert isinstance(prof, HardwareProfile)
+    pairs = weight_candidates(fmts, tgt, None, prof)
+    assert len(pairs) == 4  # attention and experts, each dequantized or fused
+    _, t, _ = optimize_formats(pairs, prof, Workload(prompt_lens=(128,), gen_len=32, num_prompts=64), ["flexgen"], ["waves"])
+    assert (t.fmt("experts").fused and t.fmt("attention").fused) == picked
+    assert t.fmt("experts").fused or t.fmt("attention").fused or not picked
+
+
+def test_a_fused_plan_is_refused_where_torch_has_no_kernel(monkeypatch):
+    from specplan.runtime import quant
+    from specplan.runtime.run import check_device_formats
+
+    spec = ModelSpec.from_preset("tiny-llama").with_weights(parse_weights("int8+fused").fixed)
+    check_device_formats([spec], CPU)  # this torch has it on the CPU
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    with pytest.raises(InputError, match="weights.attention.*no int8\\+fused kernel"):
+        check_device_formats([spec], CPU)
+
+
+def test_a_self_draft_without_a_depth_keeps_the_deepest_half_that_fits():
+    """`self:int4` on a 24 GB card: the whole Mixtral copy does not fit beside the target; the
+    planner keeps the deepest of L/2, L/4, ... that does, and says so in the name it plans with."""
+    from planner.optimize import minimal_placement, self_draft_depth
+    from planner.shapes import enumerate_shapes
+    from specplan.hardware import load_profile
+    from specplan.models import resolve_draft
+    from specplan.workload import Workload
+
+    tgt, prof = ModelSpec.resolve("mixtral-8x7b"), load_profile("rtx4090")
+    wl = Workload(prompt_lens=(512,), gen_len=128, num_prompts=512)
+    name, drf = self_draft_depth("self:int4", tgt, resolve_draft("self:int4", tgt), prof, wl)
+    depth = drf.layers
+    assert name == f"self:int4:{depth}" and 1 <= depth < tgt.layers and drf.self_draft
+    small = min((sh for p in ("spec-serial", "specoffload") for sh in enumerate_shapes(p, wl)),
+                key=lambda sh: (sh.num_batches * sh.target_batch, sh.draft_batch, sh.gamma))
+    fits = lambda n: minimal_placement(tgt, resolve_draft(f"self:int4:{n}", tgt), small, wl, prof, explain=False)[0]  # noqa: E731
+    assert fits(depth) is not None and fits(min(2 * depth, tgt.layers)) is None
+    # a depth given outright, or a card where the whole copy fits, is left as it is
+    assert self_draft_depth("self:int4:3", tgt, resolve_draft("self:int4:3", tgt), prof, wl)[0] == "self:int4:3"
+    big = load_profile("h100-pcie")
+    assert self_draft_depth("self:int4", tgt, resolve_draft("self:int4", tgt), big, wl)[0] == "self:int4"
