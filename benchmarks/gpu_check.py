@@ -174,7 +174,8 @@ def compressed_rows(profile: dict | None, target: Path, plans: dict[str, dict | 
     compressed plan's predicted throughput against the dtype's."""
     if not profile:
         return []
-    from specplan.cost import dequant_op_name, dequant_time_s, h2d_time_s
+    from specplan.cost import (attn_proj_time_s, dequant_op_name, dequant_time_s, ffn_time_s, fused_op_name,
+                               h2d_time_s)
     from specplan.formats import parse_weights
     from specplan.hardware import HardwareProfile
     from specplan.models import ModelSpec
@@ -192,7 +193,16 @@ def compressed_rows(profile: dict | None, target: Path, plans: dict[str, dict | 
         dq = dequant_time_s(prof, m, "attention") + m.experts * dequant_time_s(prof, m, "experts")
         copy = h2d_time_s(prof, m.layer_bytes.total)
         plan = plans.get(fmt)
+        # the fused kernel, where the profile measured one: a layer's matmuls at one decode token a
+        # row for 64 rows, against dequantizing the layer and multiplying in the dtype
+        fused = m.with_weights(parse_weights(f"{fmt}+fused").fixed) if "+" not in fmt and m.fmt("experts").can_fuse else None
+        if fused is not None and prof.kernel(fused_op_name(fused, "experts", "gpu")) is not None:
+            fused_s = attn_proj_time_s(prof, fused, 64) + ffn_time_s(prof, fused, 64)
+            dense_s = attn_proj_time_s(prof, m, 64) + ffn_time_s(prof, m, 64)  # dequantization included
+        else:
+            fused_s = dense_s = None
         rows.append({"format": fmt, "measured": measured, "dequant_layer_s": dq, "stream_layer_s": copy,
+                     "fused_layer_64_s": fused_s, "dequant_matmul_layer_64_s": dense_s,
                      "ratio": dq / copy if copy else None,
                      "planned_tok_s": (plan or {}).get("prediction", {}).get("throughput_tok_s"),
                      "policy": (plan or {}).get("schedule", {}).get("policy")})
@@ -268,6 +278,10 @@ def table(results: list[dict], profile: dict | None, mode: str, steps_done: list
         row(f"[{c['format']}] dequantize one layer / stream it ({src})",
             f"{c['dequant_layer_s'] * 1e3:.2f} / {c['stream_layer_s'] * 1e3:.2f} ms",
             "", f"{c['ratio']:.2f}" if c["ratio"] is not None else "-")
+        if c.get("fused_layer_64_s") is not None:
+            row(f"[{c['format']}]   one layer at 64 tokens: fused kernel / dequantize + matmul (profiled)",
+                f"{c['fused_layer_64_s'] * 1e3:.2f} / {c['dequant_matmul_layer_64_s'] * 1e3:.2f} ms", "",
+                f"{c['fused_layer_64_s'] / c['dequant_matmul_layer_64_s']:.2f}")
         if c["planned_tok_s"] and dtype_tok_s:
             row(f"[{c['format']}]   planned tok/s ({c['policy']}) vs the dtype's plan",
                 f"{c['planned_tok_s']:.2f} vs {dtype_tok_s:.2f}", "", f"{c['planned_tok_s'] / dtype_tok_s:.2f}x")
