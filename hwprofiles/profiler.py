@@ -430,12 +430,15 @@ MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
 def _format_matrices(models: list[ModelSpec], fmt, key_of) -> tuple[dict[int, tuple[int, int]], str | None]:
     """The matrices these models multiply one call each (ModelSpec.call_shapes of attention
     and experts) with their layers in `fmt`, by size, and the kernel-table key `key_of` gives;
-    a model whose rows `fmt`'s groups do not divide is left out."""
+    a model whose rows `fmt`'s groups do not divide, or in another dtype than the first
+    model's (the one the tables are timed in), is left out."""
     from specplan.formats import WeightFormats
 
     sizes: dict[int, tuple[int, int]] = {}
     key = None
     for m in models:
+        if m.dtype != models[0].dtype:  # timed in the first model's dtype: its key says so
+            continue
         try:
             m = m.with_weights(WeightFormats(attention=fmt, experts=fmt))
         except Exception:  # noqa: BLE001 - a group size that does not divide this model's rows
@@ -452,11 +455,11 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
     one call each (ModelSpec.dequant_shapes), on fresh (uncached) codes. A format
     this device cannot run is left out, and priced by the cost model's roofline."""
     from specplan.cost import dequant_op_name
-    from specplan.formats import DEQUANT_BLOCK_ELEMS, parse_format
-    from specplan.runtime.quant import quantize
+    from specplan.formats import DEQUANT_BLOCK_ELEMS, GGML_BLOCKS, parse_format
+    from specplan.runtime.quant import sample
 
     tables: dict[str, dict] = {}
-    for fmt in MEASURED_FORMATS:
+    for fmt in MEASURED_FORMATS + tuple(GGML_BLOCKS):
         sizes, key = _format_matrices(models, parse_format(fmt), lambda m: dequant_op_name(m, "attention", "gpu"))
         if not sizes:
             continue
@@ -464,7 +467,7 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
         secs = []
         try:
             for params, (rows, cols) in sorted(sizes.items()):
-                one = quantize(_rand((rows, cols), torch.device("cpu"), torch.float32), parse_format(fmt))
+                one = sample(parse_format(fmt), rows, cols)
                 copies = _Cycle(_copies(lambda: one.to(device), one.nbytes))
                 out = torch.empty(rows, cols, dtype=dt, device=device)
                 block = torch.empty(min(params, DEQUANT_BLOCK_ELEMS), dtype=torch.float32, device=device)

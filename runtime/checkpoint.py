@@ -397,5 +397,9 @@ def open_checkpoint(spec: ModelSpec, weights_dir: Path | None, random_weights: b
     if weights_dir is None:
         raise InputError(spec.name, "weights", "none to load (a preset, or a directory without *.safetensors)",
                          "a HF model directory with *.safetensors, or --random-weights")
+    if spec.weights_file:  # a GGUF: its own formats, nothing to quantize or cache
+        from .readers.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(spec, spec.weights_file, dtype)
     ck = load_checkpoint(weights_dir, spec, dtype)
     return compress(ck, QuantCache(default_cache_root(), checkpoint_key(Path(weights_dir)), spec))

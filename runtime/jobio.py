@@ -103,15 +103,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def has_tokenizer(model_dir: Path | None) -> bool:
+    """A model directory with tokenizer files, or a GGUF file (its metadata holds one)."""
+    if model_dir is not None and model_dir.suffix.lower() == ".gguf":
+        return model_dir.is_file()
     return model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(model_dir: Path | None) -> Any:
-    """The model directory's tokenizer, or None when it has none (a preset, or weights only)."""
+    """The model directory's tokenizer (or a GGUF file's, with its chat template), or None
+    when it has none (a preset, or weights only)."""
     if not has_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 
+    if model_dir.suffix.lower() == ".gguf":
+        return AutoTokenizer.from_pretrained(str(model_dir.parent), gguf_file=model_dir.name, local_files_only=True)
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 

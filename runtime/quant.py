@@ -73,6 +73,10 @@ class QWeight:
         """The arithmetic, written straight into a float32 `out` (the codes are converted into
         it, then scaled in place): no temporary the size of the matrix."""
         r, c = self.shape
+        if self.fmt.block is not None:  # a GGUF block format (runtime/blocks.py)
+            from .blocks import dequantize_blocks
+
+            return out.view(-1).copy_(dequantize_blocks(self.fmt.name, self.codes)).view(r, c)
         if self.fmt.group_size is None:  # int8, fp8: one scale a row
             return out.copy_(self.codes).mul_(self.scale.float()[:, None])
         g = self.fmt.group_size
@@ -184,6 +188,8 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
     """Round-to-nearest quantization of a [rows, cols] matrix (computed in float32)."""
     r, c = w.shape
     x = w.float()
+    if fmt.block is not None:
+        raise ValueError(f"{fmt.name} is read from a GGUF file; specplan does not quantize into it")
     if fmt.name in FLOAT_FORMATS:
         return QWeight(fmt, (r, c), w.to(_FLOAT_DTYPES[fmt.name]).contiguous())
     if fmt.name == "int8":
@@ -206,6 +212,16 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
     q = q.view(r, c)
     codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
     return QWeight(fmt, (r, c), codes, scale=scale, zero=zero)
+
+
+def sample(fmt: WeightFormat, rows: int, cols: int, generator: torch.Generator | None = None) -> QWeight:
+    """A random [rows, cols] matrix in `fmt` (what the profiler times): normal weights
+    quantized, or valid random blocks of a GGUF format."""
+    if fmt.block is not None:
+        from .blocks import random_blocks
+
+        return QWeight(fmt, (rows, cols), random_blocks(fmt.name, rows, cols, generator))
+    return quantize(torch.randn(rows, cols, generator=generator), fmt)
 
 
 def cat(ws: list[QWeight]) -> QWeight:

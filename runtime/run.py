@@ -49,14 +49,16 @@ def resolve_model(name_or_path: str | ModelSpec) -> tuple[ModelSpec, Path | None
         return name_or_path, None
     spec = ModelSpec.resolve(str(name_or_path))
     p = Path(name_or_path)
+    if spec.weights_file:  # a GGUF file holds its weights
+        return spec, p
     folder = p if p.is_dir() else p.parent if p.is_file() else None
     has_weights = folder is not None and any(folder.glob("*.safetensors"))
     return spec, folder if has_weights else None
 
 
 def model_folder(name: str) -> Path | None:
-    """The folder a model's tokenizer and generation config are read from: the directory given,
-    or the one holding the weights of a config.json given (None for a preset)."""
+    """Where a model's tokenizer and generation config are read from: the directory given, the
+    one holding the weights of a config.json given, a GGUF file itself (None for a preset)."""
     _, weights_dir = resolve_model(name)
     return Path(name) if Path(name).is_dir() else weights_dir
 

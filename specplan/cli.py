@@ -121,7 +121,7 @@ def models(
     in its weight format with --weights)."""
     from .errors import InputError
     from .formats import parse_weights
-    from .models import ModelSpec, preset_names
+    from .models import ModelSpec, apply_weights, preset_names
 
     choice = parse_weights(weights)
     if choice.auto:
@@ -130,7 +130,7 @@ def models(
         specs = [ModelSpec.from_preset(n) for n in preset_names()]
         if dtype:
             specs = [s.with_dtype(dtype) for s in specs]
-        specs = [s.with_weights(choice.fixed) for s in specs]
+        specs = [apply_weights(s, None, choice.fixed)[0] for s in specs]
         if as_json:
             return print_json([s.to_dict() for s in specs])
         t = Table(title="Model presets")
@@ -145,7 +145,7 @@ def models(
     s = ModelSpec.resolve(name)
     if dtype:
         s = s.with_dtype(dtype)
-    s = s.with_weights(choice.fixed)
+    s = apply_weights(s, None, choice.fixed)[0]
     if as_json:
         return print_json(s.to_dict())
     t = Table(title=f"{s.name} ({s.arch}, {s.dtype})", show_header=False)

@@ -11,6 +11,9 @@ Formats (a weight matrix is [rows = output features, cols = input features]):
                       (the even column in the low nibble); s and z per group
   fp8                 float8 e4m3 codes, one scale per row: w = q * s, |q| <= 448
 
+  q8_0 q4_0 q4_1 q5_0 GGML's block formats, as a GGUF file keeps them (runtime/blocks.py has
+  q5_1 q4_k q5_k q6_k the layouts): read from the file and streamed as they are, never a
+                      target of --weights (specplan does not quantize into them)
   +fused              (int8, int4gN) the same bytes, multiplied by torch's weight-only kernel
                       straight from the codes instead of dequantized into a scratch buffer
                       first; the planner weighs it where the profile measured the kernel
@@ -40,6 +43,9 @@ GROUPS = ("attention", "experts", "lm_head", "embed", "draft")
 LAYER_GROUPS = ("attention", "experts", "draft")
 FORMAT_NAMES = ("bf16", "fp16", "fp32", "int8", "int4", "int4g32", "int4g64", "int4g128", "fp8")
 FUSED_SUFFIX = "+fused"
+# GGML block formats: name -> (weights a block, bytes a block)
+GGML_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+               "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,11 @@ class WeightFormat:
         return self.name not in FLOAT_FORMATS
 
     @property
+    def block(self) -> tuple[int, int] | None:
+        """A GGML block format's (weights, bytes) a block; None for specplan's own formats."""
+        return GGML_BLOCKS.get(self.name)
+
+    @property
     def group_size(self) -> int | None:
         """Input features that share a scale: None for float formats, the row for int8 / fp8."""
         return int(self.name[5:]) if self.name.startswith("int4g") else None
@@ -75,6 +86,9 @@ class WeightFormat:
 
     def matrix_bytes(self, rows: int, cols: int) -> int:
         """Bytes of a [rows, cols] matrix in this format: codes, scales and zero points."""
+        if self.block is not None:
+            elems, nbytes = self.block
+            return rows * (cols // elems) * nbytes
         codes = rows * cols * self.code_bits // 8
         if not self.compressed:
             return codes
@@ -84,7 +98,7 @@ class WeightFormat:
 
     def check_shape(self, rows: int, cols: int, source: str, field: str) -> None:
         """Refuse a matrix this format cannot hold (an int4 group that does not divide the row)."""
-        g = self.group_size
+        g = self.group_size or (self.block or (None,))[0]
         if g is not None and cols % g:
             raise InputError(source, field, f"{self.name} groups of {g} do not divide the {cols} input features "
                              f"of a [{rows}, {cols}] matrix", f"a group size dividing {cols} (int4g32 / int4g64 / int4g128), "
@@ -100,6 +114,8 @@ def parse_format(text: str, source: str = "argument", field: str = "--weights") 
         t = t[:-len(FUSED_SUFFIX)]
     t = {"int4": "int4g64", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
          "fp8_e4m3": "fp8", "e4m3": "fp8"}.get(t, t)
+    if t in GGML_BLOCKS and not fused:
+        return WeightFormat(t)
     if t not in FORMAT_NAMES:
         raise InputError(source, field, f"'{text}' is not a weight format",
                          " | ".join(FORMAT_NAMES) + f" (int8 and int4 also as FORMAT{FUSED_SUFFIX})")
@@ -215,6 +231,9 @@ def parse_weights(text: str | None, source: str = "argument", field: str = "--we
                 raise InputError(source, field, f"'{item}' allows no format", "auto, or auto:FORMAT+FORMAT")
         else:
             fixed[group] = parse_format(value, source, field)
+            if fixed[group].block is not None:
+                raise InputError(source, field, f"{value} is a GGUF block format: read from a .gguf file, not "
+                                 "quantized to", " | ".join(FORMAT_NAMES) + " (a GGUF target keeps its own formats)")
     out = WeightsChoice(WeightFormats(**fixed), auto)
     out.fixed.check_fused(source, field)
     if any(f is not None and f.fused for g in ("embed", "lm_head") for f in auto.get(g, ())):

@@ -68,6 +68,7 @@ class ModelSpec:
     max_positions: int = 4096
     weights: WeightFormats = WeightFormats()  # each tensor group's format (formats.py)
     self_draft: bool = False  # the target's own weights, compressed (resolve_draft): its formats are its own
+    weights_file: str = ""  # a file whose own formats the weights keep (a GGUF): --weights cannot change them
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ---- construction -------------------------------------------------------------
@@ -135,11 +136,22 @@ class ModelSpec:
 
     @classmethod
     def resolve(cls, name_or_path: str) -> "ModelSpec":
-        """A preset name, a directory with config.json, or a config.json path."""
+        """A preset name, a directory with config.json, a config.json path, or a GGUF file."""
         p = Path(name_or_path)
+        if p.suffix.lower() == ".gguf":
+            return cls.from_gguf(p)
         if p.exists():
             return cls.from_file(p)
         return cls.from_preset(name_or_path)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "ModelSpec":
+        """A GGUF file's model: its shapes from the metadata, each group in the file's format."""
+        from specplan.runtime.readers.gguf import gguf_config
+
+        cfg, weights = gguf_config(path)
+        spec = cls.from_hf_config(cfg, name=Path(path).stem, source=str(path))
+        return replace(spec.with_weights(weights, str(path)), weights_file=str(path))
 
     @staticmethod
     def files_of(name_or_path: str | None) -> Path | None:
@@ -149,7 +161,7 @@ class ModelSpec:
         if p is None:
             return None
         if p.exists():
-            return p if p.is_dir() else p.parent
+            return p if p.is_dir() or p.suffix.lower() == ".gguf" else p.parent
         key = str(name_or_path).lower()
         preset = Path(str(resources.files("specplan").joinpath(f"presets/models/{key}.json")))
         return preset if key in preset_names() and preset.is_file() else None
@@ -368,9 +380,15 @@ def apply_weights(target: ModelSpec, draft: ModelSpec | None, weights: WeightFor
     """The pair with their groups in `weights`: the target's groups, and `draft` on the draft's
     layers (refused, one line, where a matrix cannot hold its format); a self-draft keeps the
     format its name gives."""
-    if draft is not None and not draft.self_draft:
+    for m, asked in ((target, replace(weights, draft=None)), (draft, weights.for_draft())):
+        mine = {g: f for g, f in (m.weights.to_dict() if m is not None else {}).items() if g in asked.to_dict()}
+        if m is not None and m.weights_file and asked.to_dict() and asked.to_dict() != mine:
+            raise InputError(source, "--weights", f"{m.name} keeps the formats of {m.weights_file} "
+                             f"({m.weights.describe()}); {asked.describe()} cannot be applied to it",
+                             "no --weights for a GGUF model")
+    if draft is not None and not draft.self_draft and not draft.weights_file:
         draft = draft.with_weights(weights.for_draft(), source)
-    return target.with_weights(weights, source), draft
+    return (target if target.weights_file else target.with_weights(weights, source)), draft
 
 
 SELF_PREFIX = "self:"

@@ -1,0 +1,197 @@
+"""GGUF files (llama.cpp's format), read with the `gguf` package.
+
+`gguf_config` turns the file's metadata into the HF config the rest of specplan plans with;
+`GGUFCheckpoint` hands out its tensors under the runtime's names. A quantized matrix stays in
+its GGML block format (runtime/blocks.py): the file's bytes, memory-mapped, become the host
+copy the weight store packs, with no second rounding. F32 / F16 / BF16 tensors are read as
+tensors. llama.cpp's converter stores a Llama's q and k rows interleaved per head (for its
+rotary layout); their rows are put back in HF order here, which moves whole rows of blocks and
+changes no value.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specplan.errors import InputError
+from specplan.formats import GGML_BLOCKS, WeightFormat, WeightFormats
+
+from ..checkpoint import Checkpoint
+from ..quant import QWeight
+
+# GGUF architecture -> (HF architecture, model_type)
+ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
+         "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+FLOAT_TYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+# the runtime's name inside a layer -> GGUF's
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+GROUP_TENSORS = {"attention": ("attn_q", "attn_k", "attn_v", "attn_output"), "experts": ("ffn_gate", "ffn_up", "ffn_down"),
+                 "lm_head": ("output",), "embed": ("token_embd",)}
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+class GGUFFile:
+    """One GGUF file: its metadata and tensors, memory-mapped (nothing is read until used)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(str(path), "file", "does not exist", "a .gguf file")
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise InputError(str(path), "file", "needs the gguf package to be read", "pip install gguf") from None
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: the package's own words
+            raise InputError(str(path), "file", f"is not a readable GGUF file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})", "a complete .gguf file") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def meta(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    @cached_property
+    def arch(self) -> str:
+        return str(self.meta("general.architecture", ""))
+
+    def type_of(self, name: str) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.tensors[name].tensor_type).name
+
+    def fmt_of(self, name: str) -> WeightFormat:
+        t = self.type_of(name)
+        if t in FLOAT_TYPES:
+            return WeightFormat(FLOAT_TYPES[t])
+        if t.lower() in GGML_BLOCKS:
+            return WeightFormat(t.lower())
+        raise InputError(str(self.path), f"tensor {name}", f"is of GGML type {t}, which specplan cannot read",
+                         " | ".join(list(FLOAT_TYPES) + [b.upper() for b in GGML_BLOCKS]))
+
+    def check_types(self) -> None:
+        """Every tensor in a type specplan reads: refused before any weight is read."""
+        for name in self.tensors:
+            self.fmt_of(name)
+
+
+def gguf_config(path: str | Path) -> tuple[dict, WeightFormats]:
+    """The HF config a GGUF file's metadata describes, and its matrices' formats per group
+    (where a group mixes types, as Q4_K_M files do, the one with the most bytes a weight, so
+    that memory is never counted short)."""
+    f = GGUFFile(path)
+    if f.arch not in ARCHS:
+        raise InputError(str(path), "general.architecture", f"'{f.arch}' is not supported",
+                         " | ".join(ARCHS) + " (GGUF architecture names)")
+    f.check_types()
+    a = f.arch
+    hf_arch, model_type = ARCHS[a]
+
+    def need(key: str):
+        v = f.meta(f"{a}.{key}")
+        if v is None:
+            raise InputError(str(path), f"{a}.{key}", "is missing from the metadata", "a GGUF written by llama.cpp's converter")
+        return v
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    tokens = f.meta("tokenizer.ggml.tokens")
+    cfg = {
+        "architectures": [hf_arch], "model_type": model_type,
+        "num_hidden_layers": int(need("block_count")), "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")), "num_attention_heads": heads,
+        "num_key_value_heads": int(f.meta(f"{a}.attention.head_count_kv", heads)),
+        "head_dim": int(f.meta(f"{a}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(f.meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(f.meta(f"{a}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(f.meta(f"{a}.context_length", 4096)),
+        "vocab_size": int(f.meta(f"{a}.vocab_size", len(tokens) if tokens is not None else 0)),
+        "tie_word_embeddings": "output.weight" not in f.tensors,
+        # the compute dtype: float32, as transformers loads a GGUF (specrun --dtype changes it)
+        "torch_dtype": "float32",
+    }
+    for key, meta in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if f.meta(meta) is not None:
+            cfg[key] = int(f.meta(meta))
+    if a == "qwen2":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    formats = {}
+    for group, stems in GROUP_TENSORS.items():
+        fmts = [f.fmt_of(n) for n in f.tensors if n.split(".")[-2] in stems and n.endswith(".weight")]
+        if group == "lm_head" and not fmts:  # tied: the head is the embedding
+            fmts = [f.fmt_of("token_embd.weight")]
+        if fmts:
+            formats[group] = max(fmts, key=lambda w: w.matrix_bytes(1, 256 * 8))
+    return cfg, WeightFormats(**formats)
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file's tensors under the runtime's names: float tensors in the compute dtype,
+    quantized matrices as QWeights of their blocks (float matrices of a group the plan keeps
+    in another float format are cast on use, as any converted group)."""
+
+    def __init__(self, spec, path: str | Path, dtype: torch.dtype):
+        self.file = GGUFFile(path)
+        super().__init__(spec, self._read, dtype, str(path))
+        self.permute_qk = self.file.arch in ("llama", "mistral")
+
+    def _read(self, name: str):
+        gname = self._gguf_name(name)
+        if gname not in self.file.tensors:
+            raise InputError(str(self.file.path), name, f"is missing from the file (as {gname})",
+                             f"a {self.file.arch} GGUF matching its own metadata")
+        t = self.file.tensors[gname]
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        cols = int(t.shape[0])
+        fmt = self.file.fmt_of(gname)
+        data = torch.from_numpy(np.array(t.data))  # read from the memory map
+        perm = self._qk_rows(name, rows)
+        if fmt.block is None:
+            out = data.reshape(rows, cols) if len(t.shape) > 1 else data.reshape(cols)
+            out = out[perm] if perm is not None else out
+            return out if fmt.name == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+                self.dtype) or len(t.shape) == 1 else QWeight(fmt, (rows, cols), out.contiguous())
+        codes = data.view(torch.uint8).reshape(rows, -1)
+        return QWeight(fmt, (rows, cols), codes[perm] if perm is not None else codes)
+
+    def _gguf_name(self, name: str) -> str:
+        if name in GLOBAL_NAMES:
+            if name == "lm_head.weight" and self.spec.tie_embeddings:
+                return GLOBAL_NAMES["model.embed_tokens.weight"]
+            return GLOBAL_NAMES[name]
+        _, _, i, rest = name.split(".", 3)
+        return f"blk.{i}.{LAYER_NAMES.get(rest, rest)}"
+
+    def _qk_rows(self, name: str, rows: int) -> torch.Tensor | None:
+        """llama.cpp's converter orders a Llama head's q / k rows as (pair, half); HF as (half, pair)."""
+        if not self.permute_qk or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return None
+        heads = self.spec.heads if "q_proj" in name else self.spec.kv_heads
+        half = rows // heads // 2
+        return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
+
+    def tensor(self, name: str):
+        t = self._read(name)
+        return t if isinstance(t, QWeight) else t.to(self.dtype)
+
+    def globals(self) -> dict:
+        out = {n: self.tensor(n) for n in ("model.embed_tokens.weight", "model.norm.weight")}
+        out["lm_head.weight"] = out["model.embed_tokens.weight"] if self.spec.tie_embeddings else self.tensor("lm_head.weight")
+        return out
