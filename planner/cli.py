@@ -164,7 +164,9 @@ def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[st
 def optimize_cmd(
     gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name (specplan hardware) or a JSON file.")] = "rtx4090",
     target: Annotated[str, typer.Option(help="Target model: preset, directory or config.json.")] = "mixtral-8x7b",
-    draft: Annotated[str, typer.Option(help="Draft model, or 'none' for non-speculative plans only.")] = "mistral-7b-v0.2",
+    draft: Annotated[Optional[str], typer.Option(
+        help="Draft model, self:FORMAT[:LAYERS], or 'none' for non-speculative plans only. Default: the draft the "
+             "target's preset names (mixtral-8x7b: mistral-7b-v0.2; qwen3-*: qwen3-0.6b), else none.")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 512,
     gen_len: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
     num_prompts: Annotated[int, typer.Option(help="Prompts in the workload (caps the rows in flight).")] = 512,
@@ -183,6 +185,7 @@ def optimize_cmd(
 
     profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
     tgt = ModelSpec.resolve(target)
+    draft = draft if draft is not None else tgt.natural_draft or "none"
     drf = resolve_draft(draft, tgt)
     choice = parse_weights(weights)
     if drf is not None and drf.vocab != tgt.vocab:

@@ -26,6 +26,7 @@ from specplan.errors import InputError
 from specplan.models import ModelSpec
 
 GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's expert names -> Qwen3-MoE's
 
 
 def layer_tensor_names(spec: ModelSpec) -> list[str]:
@@ -36,6 +37,8 @@ def layer_tensor_names(spec: ModelSpec) -> list[str]:
         names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
     if _o_bias(spec):
         names.append("self_attn.o_proj.bias")
+    if spec.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     if spec.is_moe:
         names.append("block_sparse_moe.gate.weight")
         names += [f"block_sparse_moe.experts.{e}.w{j}.weight" for e in range(spec.experts) for j in (1, 2, 3)]
@@ -63,6 +66,8 @@ def _o_bias(spec: ModelSpec) -> bool:
 def _shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
     h, f = spec.hidden, spec.ffn_inner
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return (spec.head_dim,)
     if name.endswith("norm.weight"):
         return (h,)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -189,6 +194,8 @@ def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str],
             prefix = ".".join(parts[:3])  # model.layers.{i}
             if parts[4] == "gate" and has(f"{prefix}.mlp.gate.weight"):
                 return read(f"{prefix}.mlp.gate.weight")
+            if parts[4] == "experts" and has(f"{prefix}.mlp.experts.{parts[5]}.down_proj.weight"):  # Qwen3-MoE on disk
+                return read(f"{prefix}.mlp.experts.{parts[5]}.{EXPERT_NAMES[parts[6]]}.weight")
             if parts[4] == "experts" and has(f"{prefix}.mlp.experts.down_proj"):
                 e, w = int(parts[5]), parts[6]
                 if w == "w2":
@@ -213,7 +220,7 @@ def matrix_group(name: str) -> str | None:
         return "lm_head"
     if name == "model.embed_tokens.weight":
         return "embed"
-    if not name.endswith(".weight") or name.startswith("model."):
+    if not name.endswith(".weight") or name.startswith("model.") or name.endswith("norm.weight"):
         return None
     return MATRIX_GROUPS.get(tensor_group(name))
 

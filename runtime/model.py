@@ -1,4 +1,4 @@
-"""Forward pass of the Llama / Mistral / Qwen2 (dense) and Mixtral (MoE) families, one
+"""Forward pass of the Llama / Mistral / Qwen2 / Qwen3 (dense) and Mixtral / Qwen3-MoE (MoE) families, one
 layer at a time so that layers can be streamed.
 
 The arithmetic follows transformers operation for operation (RMSNorm in fp32, RoPE with
@@ -169,6 +169,10 @@ def qkv_proj(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope)
     B, T, _ = x.shape
     h = rms_norm(x, w["input_layernorm.weight"], spec.rms_norm_eps)
     packed = linear(h, w, "self_attn.qkv_proj").view(B, T, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    if spec.qk_norm:  # Qwen3: each head's q and k normalised before RoPE
+        for part, weight in ((slice(0, spec.heads), "self_attn.q_norm.weight"),
+                             (slice(spec.heads, spec.heads + spec.kv_heads), "self_attn.k_norm.weight")):
+            packed[:, :, part] = rms_norm(packed[:, :, part], w[weight], spec.rms_norm_eps)
     apply_rope_(packed[:, :, :spec.heads + spec.kv_heads], *rope)
     return packed
 
@@ -178,12 +182,14 @@ def split_qkv(packed: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torc
 
 
 def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
-    """Top-k softmax routing, weights renormalised over the chosen experts (Mixtral)."""
+    """Top-k softmax routing, weights renormalised over the chosen experts (Mixtral; Qwen3-MoE
+    where norm_topk_prob says so)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     probs = F.softmax(F.linear(x, w["block_sparse_moe.gate.weight"]).float(), dim=-1)
     top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
-    top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    if spec.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     out = torch.zeros_like(x)
     # One expert at a time over the tokens routed to it, in token order. Which experts are hit,
     # and by how many tokens, is known only after routing: one host sync per layer (the counts).

@@ -23,7 +23,9 @@ DTYPE_BYTES: dict[str, float] = {
     "float32": 4, "fp32": 4,
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
 }
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                   "Qwen3MoeForCausalLM")
+MOE_ARCHS = {"MixtralForCausalLM": "num_local_experts", "Qwen3MoeForCausalLM": "num_experts"}  # -> its experts key
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head's q and k before RoPE (Qwen3)
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1 (Mixtral; Qwen3-MoE's flag)
     dtype: str = "bfloat16"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -80,13 +84,22 @@ class ModelSpec:
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
             v = get(key)
             require(_positive_int(v), source, key, f"got {v!r}", "a positive integer")
-        for key in ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok"):
+        for key in ("num_key_value_heads", "head_dim", "num_local_experts", "num_experts", "num_experts_per_tok"):
             v = get(key)
             require(v is None or _positive_int(v), source, key, f"got {v!r}", "a positive integer")
         heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // heads
-        experts = get("num_local_experts", 8) if arch == "MixtralForCausalLM" else 1
-        top_k = get("num_experts_per_tok", 2) if arch == "MixtralForCausalLM" else 1
+        experts = get(MOE_ARCHS[arch], 8) if arch in MOE_ARCHS else 1
+        top_k = get("num_experts_per_tok", 2) if arch in MOE_ARCHS else 1
+        qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        if arch == "Qwen3MoeForCausalLM":
+            require(not get("mlp_only_layers") and get("decoder_sparse_step", 1) == 1, source, "mlp_only_layers",
+                    "dense layers among the sparse ones are not supported", "every layer sparse (decoder_sparse_step 1)")
+            require(_positive_int(get("moe_intermediate_size")), source, "moe_intermediate_size",
+                    f"got {get('moe_intermediate_size')!r}", "a positive integer")
+        if qwen3:
+            require(not get("use_sliding_window", False), source, "use_sliding_window", "sliding-window layers are "
+                    "not supported", "false")
         dtype = str(get("torch_dtype") or get("dtype") or "bfloat16").replace("torch.", "")
         spec = cls(
             name=name or cfg.get("_name_or_path", "") or arch,
@@ -96,15 +109,19 @@ class ModelSpec:
             heads=heads,
             kv_heads=get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            ffn_inner=get("intermediate_size"),
+            ffn_inner=get("moe_intermediate_size") if arch == "Qwen3MoeForCausalLM" else get("intermediate_size"),
             vocab=get("vocab_size"),
             experts=experts,
             top_k=top_k,
             tie_embeddings=bool(get("tie_word_embeddings", False)),
             # transformers: Qwen2 always biases q/k/v; Llama's attention_bias biases q/k/v and o,
             # and its mlp_bias the MLP; Mistral and Mixtral have neither.
-            qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "LlamaForCausalLM" and bool(get("attention_bias", False))),
-            o_bias=arch == "LlamaForCausalLM" and bool(get("attention_bias", False)),
+            # Qwen3's attention_bias, like Llama's, biases q/k/v and o.
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+                                                     and bool(get("attention_bias", False))),
+            o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and bool(get("attention_bias", False)),
+            qk_norm=qwen3,
+            norm_topk_prob=bool(get("norm_topk_prob", True)) if arch == "Qwen3MoeForCausalLM" else True,
             mlp_bias=arch == "LlamaForCausalLM" and bool(get("mlp_bias", False)),
             dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
@@ -179,6 +196,11 @@ class ModelSpec:
                 fmt.check_shape(rows, cols, source, f"--weights {group}={fmt.name} for {self.name}")
         return spec
 
+    @property
+    def natural_draft(self) -> str | None:
+        """The preset a preset names as its draft (a smaller model sharing its tokenizer), if any."""
+        return self.hf_config.get("_draft")
+
     def fmt(self, group: str) -> WeightFormat:
         """The format of a tensor group: attention, experts, lm_head or embed."""
         return self.weights.of(group, self.dtype)
@@ -248,9 +270,7 @@ class ModelSpec:
         q = self.hidden * self.heads * self.head_dim
         kv = 2 * self.hidden * self.kv_heads * self.head_dim
         o = self.heads * self.head_dim * self.hidden
-        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        bias += self.hidden if self.o_bias else 0
-        return q + kv + o + bias
+        return q + kv + o + self._attention_bias_params
 
     @cached_property
     def router_params_per_layer(self) -> int:
@@ -305,8 +325,9 @@ class ModelSpec:
 
     @cached_property
     def _attention_bias_params(self) -> int:
+        """The attention's vectors, kept in the dtype: q/k/v and o biases, and the q and k norms."""
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return bias + (self.hidden if self.o_bias else 0)
+        return bias + (self.hidden if self.o_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
 
     @cached_property
     def embed_bytes(self) -> float:
@@ -444,8 +465,8 @@ def _positive_int(v: Any) -> bool:
 
 
 def _arch_from_model_type(model_type: str | None, source: str) -> str:
-    table = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    table = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
     if model_type not in table:
         raise InputError(source, "model_type", f"'{model_type}' is not supported", ", ".join(table))
     return table[model_type]
