@@ -425,6 +425,7 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
 
 MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
+CHECKPOINT_FORMATS = ("int4zp32", "int4zp64", "int4zp128", "fp8s", "fp8b128")  # AWQ / GPTQ and FP8 checkpoints' own
 
 
 def _format_matrices(models: list[ModelSpec], fmt, key_of) -> tuple[dict[int, tuple[int, int]], str | None]:
@@ -459,7 +460,7 @@ def dequant_tables(models: list[ModelSpec], device: torch.device, grid: Grid) ->
     from specplan.runtime.quant import sample
 
     tables: dict[str, dict] = {}
-    for fmt in MEASURED_FORMATS + tuple(GGML_BLOCKS):
+    for fmt in MEASURED_FORMATS + tuple(GGML_BLOCKS) + CHECKPOINT_FORMATS:
         sizes, key = _format_matrices(models, parse_format(fmt), lambda m: dequant_op_name(m, "attention", "gpu"))
         if not sizes:
             continue

@@ -404,9 +404,13 @@ def open_checkpoint(spec: ModelSpec, weights_dir: Path | None, random_weights: b
     if weights_dir is None:
         raise InputError(spec.name, "weights", "none to load (a preset, or a directory without *.safetensors)",
                          "a HF model directory with *.safetensors, or --random-weights")
-    if spec.weights_file:  # a GGUF: its own formats, nothing to quantize or cache
-        from .readers.gguf import GGUFCheckpoint
+    if spec.weights_file:  # GGUF, AWQ, GPTQ, FP8: the file's own formats, nothing to quantize or cache
+        from .readers import QuantizedDirCheckpoint
+        from .readers.gguf import GGUFCheckpoint, is_gguf
 
-        return GGUFCheckpoint(spec, spec.weights_file, dtype)
+        if is_gguf(spec.weights_file):
+            return GGUFCheckpoint(spec, spec.weights_file, dtype)
+        method = str(spec.hf_config["quantization_config"]["quant_method"]).lower()
+        return QuantizedDirCheckpoint(spec, Path(spec.weights_file), dtype, method)
     ck = load_checkpoint(weights_dir, spec, dtype)
     return compress(ck, QuantCache(default_cache_root(), checkpoint_key(Path(weights_dir)), spec))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from specplan.formats import DEQUANT_BLOCK_ELEMS, FLOAT_FORMATS, WeightFormat
+from specplan.formats import DEQUANT_BLOCK_ELEMS, FLOAT_FORMATS, FP8_BLOCK, WeightFormat
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,13 +77,20 @@ class QWeight:
             from .blocks import dequantize_blocks
 
             return out.view(-1).copy_(dequantize_blocks(self.fmt.name, self.codes)).view(r, c)
-        if self.fmt.group_size is None:  # int8, fp8: one scale a row
+        if self.fmt.name == "fp8b128":  # a float32 scale a row per 128 columns
+            out.copy_(self.codes)
+            for j in range(self.scale.shape[1]):
+                out[:, j * FP8_BLOCK:(j + 1) * FP8_BLOCK].mul_(self.scale[:, j:j + 1].float())
+            return out
+        if self.fmt.group_size is None:  # int8, fp8, fp8s: one scale a row
             return out.copy_(self.codes).mul_(self.scale.float()[:, None])
         g = self.fmt.group_size
         pairs = out.view(r, c // 2, 2)
         pairs[:, :, 0].copy_(self.codes & 0xF)
         pairs[:, :, 1].copy_(self.codes >> 4)
         grouped = out.view(r, c // g, g)
+        if self.fmt.name.startswith("int4zp"):  # AWQ / GPTQ: an integer zero point, w = (q - z) * s
+            return grouped.sub_(self.zero.float()[:, :, None]).mul_(self.scale.float()[:, :, None]).view(r, c)
         return grouped.mul_(self.scale.float()[:, :, None]).add_(self.zero.float()[:, :, None]).view(r, c)
 
     def _dequantize_banded(self, out: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
@@ -188,8 +195,8 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
     """Round-to-nearest quantization of a [rows, cols] matrix (computed in float32)."""
     r, c = w.shape
     x = w.float()
-    if fmt.block is not None:
-        raise ValueError(f"{fmt.name} is read from a GGUF file; specplan does not quantize into it")
+    if fmt.read_only:
+        raise ValueError(f"{fmt.name} is read from a checkpoint that has it; specplan does not quantize into it")
     if fmt.name in FLOAT_FORMATS:
         return QWeight(fmt, (r, c), w.to(_FLOAT_DTYPES[fmt.name]).contiguous())
     if fmt.name == "int8":
@@ -221,6 +228,15 @@ def sample(fmt: WeightFormat, rows: int, cols: int, generator: torch.Generator |
         from .blocks import random_blocks
 
         return QWeight(fmt, (rows, cols), random_blocks(fmt.name, rows, cols, generator))
+    if fmt.name.startswith("int4zp"):
+        groups = (rows, cols // fmt.group_size)
+        return QWeight(fmt, (rows, cols), torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator),
+                       scale=(torch.rand(groups, generator=generator) * 0.01 + 1e-3).half(),
+                       zero=torch.randint(0, 16, groups, dtype=torch.uint8, generator=generator))
+    if fmt.name in ("fp8s", "fp8b128"):
+        b = FP8_BLOCK
+        scale = torch.rand((rows,) if fmt.name == "fp8s" else (rows, -(-cols // b)), generator=generator) * 1e-3
+        return QWeight(fmt, (rows, cols), torch.randn(rows, cols, generator=generator).to(fp8_dtype()), scale=scale)
     return quantize(torch.randn(rows, cols, generator=generator), fmt)
 
 

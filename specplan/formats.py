@@ -14,6 +14,13 @@ Formats (a weight matrix is [rows = output features, cols = input features]):
   q8_0 q4_0 q4_1 q5_0 GGML's block formats, as a GGUF file keeps them (runtime/blocks.py has
   q5_1 q4_k q5_k q6_k the layouts): read from the file and streamed as they are, never a
                       target of --weights (specplan does not quantize into them)
+  int4zpN             AWQ's and GPTQ's 4-bit codes: groups of N input features of a row with a
+                      float16 scale and an integer zero point, w = (q - z) * s (codes two a
+                      byte as int4gN, zero points a byte each)
+  fp8s, fp8b128       fp8 e4m3 codes with float32 scales: one a row (a per-tensor or per-channel
+                      checkpoint), or one per 128 x 128 block (DeepSeek-style), kept once per
+                      row of its block so that rows stay independent; w = q * s
+                      (these and the block formats: read from a checkpoint that has them)
   +fused              (int8, int4gN) the same bytes, multiplied by torch's weight-only kernel
                       straight from the codes instead of dequantized into a scratch buffer
                       first; the planner weighs it where the profile measured the kernel
@@ -28,6 +35,7 @@ MoE router stay in the model's dtype.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from .errors import InputError
@@ -43,6 +51,7 @@ GROUPS = ("attention", "experts", "lm_head", "embed", "draft")
 LAYER_GROUPS = ("attention", "experts", "draft")
 FORMAT_NAMES = ("bf16", "fp16", "fp32", "int8", "int4", "int4g32", "int4g64", "int4g128", "fp8")
 FUSED_SUFFIX = "+fused"
+FP8_BLOCK = 128  # fp8b128's block edge
 # GGML block formats: name -> (weights a block, bytes a block)
 GGML_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
                "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
@@ -74,8 +83,15 @@ class WeightFormat:
         return GGML_BLOCKS.get(self.name)
 
     @property
+    def read_only(self) -> bool:
+        """Read from a checkpoint that has it (GGUF, AWQ, GPTQ, FP8), never quantized into."""
+        return self.block is not None or self.name.startswith("int4zp") or self.name in ("fp8s", "fp8b128")
+
+    @property
     def group_size(self) -> int | None:
         """Input features that share a scale: None for float formats, the row for int8 / fp8."""
+        if self.name.startswith("int4zp"):
+            return int(self.name[6:])
         return int(self.name[5:]) if self.name.startswith("int4g") else None
 
     @property
@@ -92,6 +108,12 @@ class WeightFormat:
         codes = rows * cols * self.code_bits // 8
         if not self.compressed:
             return codes
+        if self.name == "fp8s":
+            return codes + rows * 4  # a float32 scale a row
+        if self.name == "fp8b128":
+            return codes + rows * -(-cols // FP8_BLOCK) * 4  # each block's scale repeated on its rows
+        if self.name.startswith("int4zp"):
+            return codes + rows * (cols // self.group_size) * (SCALE_BYTES + 1)  # float16 scale, uint8 zero point
         if self.group_size is None:
             return codes + rows * SCALE_BYTES  # one scale per row
         return codes + rows * (cols // self.group_size) * 2 * SCALE_BYTES  # scale and zero per group
@@ -114,7 +136,8 @@ def parse_format(text: str, source: str = "argument", field: str = "--weights") 
         t = t[:-len(FUSED_SUFFIX)]
     t = {"int4": "int4g64", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
          "fp8_e4m3": "fp8", "e4m3": "fp8"}.get(t, t)
-    if t in GGML_BLOCKS and not fused:
+    if (t in GGML_BLOCKS or t in ("fp8s", "fp8b128") or re.fullmatch(r"int4zp(32|64|128|256|512|1024|2048)", t)) \
+            and not fused:
         return WeightFormat(t)
     if t not in FORMAT_NAMES:
         raise InputError(source, field, f"'{text}' is not a weight format",
@@ -231,9 +254,10 @@ def parse_weights(text: str | None, source: str = "argument", field: str = "--we
                 raise InputError(source, field, f"'{item}' allows no format", "auto, or auto:FORMAT+FORMAT")
         else:
             fixed[group] = parse_format(value, source, field)
-            if fixed[group].block is not None:
-                raise InputError(source, field, f"{value} is a GGUF block format: read from a .gguf file, not "
-                                 "quantized to", " | ".join(FORMAT_NAMES) + " (a GGUF target keeps its own formats)")
+            if fixed[group].read_only:
+                raise InputError(source, field, f"{value} is a checkpoint's own format (GGUF, AWQ, GPTQ, FP8): read "
+                                 "from a checkpoint that has it, not quantized to",
+                                 " | ".join(FORMAT_NAMES) + " (such a target keeps its own formats)")
     out = WeightsChoice(WeightFormats(**fixed), auto)
     out.fixed.check_fused(source, field)
     if any(f is not None and f.fused for g in ("embed", "lm_head") for f in auto.get(g, ())):

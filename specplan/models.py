@@ -140,7 +140,13 @@ class ModelSpec:
         cfg = read_json(path)
         if not isinstance(cfg, dict):
             raise InputError(str(path), "top level", "is not a JSON object", "a HF config.json")
-        return cls.from_hf_config(cfg, name=name or path.parent.name, source=str(path))
+        spec = cls.from_hf_config(cfg, name=name or path.parent.name, source=str(path))
+        if cfg.get("quantization_config"):  # AWQ / GPTQ / FP8: the groups keep the checkpoint's formats
+            from specplan.runtime.readers import quantized_formats
+
+            weights, _ = quantized_formats(cfg, str(path))
+            spec = replace(spec.with_weights(weights, str(path)), weights_file=str(path.parent))
+        return spec
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelSpec":

@@ -155,13 +155,17 @@ def test_a_gguf_of_each_block_type_runs_as_transformers_on_its_dequantized_weigh
 
 
 def test_streamed_bytes_are_the_files_blocks_to_the_byte(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "q4_k")
+    assert_streams_the_plans_bytes(ModelSpec.resolve(str(path)).with_dtype("float32"), path)
+
+
+def assert_streams_the_plans_bytes(spec: ModelSpec, path: Path) -> None:
+    """Two passes over a streamed store: the second copies what memory.streamed_bytes_per_pass says."""
     from specplan.memory import streamed_bytes_per_pass
     from specplan.runtime.stats import Stats
     from specplan.runtime.weights import WeightStore
 
-    path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(path, "q4_k")
-    spec = ModelSpec.resolve(str(path)).with_dtype("float32")
     stats = Stats(CPU)
     store = WeightStore(open_checkpoint(spec, path, False), STREAMED, CPU, 0, stats)
     for _ in range(2):

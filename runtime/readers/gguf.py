@@ -20,8 +20,8 @@ import torch
 from specplan.errors import InputError
 from specplan.formats import GGML_BLOCKS, WeightFormat, WeightFormats
 
-from ..checkpoint import Checkpoint
 from ..quant import QWeight
+from . import FileCheckpoint
 
 # GGUF architecture -> (HF architecture, model_type)
 ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
@@ -142,7 +142,7 @@ def gguf_config(path: str | Path) -> tuple[dict, WeightFormats]:
     return cfg, WeightFormats(**formats)
 
 
-class GGUFCheckpoint(Checkpoint):
+class GGUFCheckpoint(FileCheckpoint):
     """A GGUF file's tensors under the runtime's names: float tensors in the compute dtype,
     quantized matrices as QWeights of their blocks (float matrices of a group the plan keeps
     in another float format are cast on use, as any converted group)."""
@@ -187,11 +187,3 @@ class GGUFCheckpoint(Checkpoint):
         half = rows // heads // 2
         return torch.arange(rows).view(heads, half, 2).transpose(1, 2).reshape(-1)
 
-    def tensor(self, name: str):
-        t = self._read(name)
-        return t if isinstance(t, QWeight) else t.to(self.dtype)
-
-    def globals(self) -> dict:
-        out = {n: self.tensor(n) for n in ("model.embed_tokens.weight", "model.norm.weight")}
-        out["lm_head.weight"] = out["model.embed_tokens.weight"] if self.spec.tie_embeddings else self.tensor("lm_head.weight")
-        return out
