@@ -35,6 +35,7 @@ GEN = 8
 STREAMED = Placement(attention="cpu_pinned", ffn="cpu_pageable", ffn_gpu_layers=0, embed="cpu_pinned",
                      lm_head="cpu_pageable")
 TINY = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=320)
+EXPERTS, EXPERT_FFN = 4, 256
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
@@ -68,6 +69,10 @@ def write_tiny_gguf(path: Path, block: str, arch: str = "llama", seed: int = 0) 
     w.add_rope_freq_base(10000.0)
     w.add_context_length(256)
     w.add_vocab_size(t["vocab"])
+    if arch == "qwen3moe":
+        w.add_expert_count(EXPERTS)
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(EXPERT_FFN)
     state: dict[str, torch.Tensor] = {}
 
     def matrix(gname: str, hname: str, rows: int, cols: int, kind: str, heads: int | None = None) -> None:
@@ -89,6 +94,13 @@ def write_tiny_gguf(path: Path, block: str, arch: str = "llama", seed: int = 0) 
         w.add_tensor(gname, v)
         state[hname] = torch.from_numpy(v.copy())
 
+    def experts(gname: str, rows: int, cols: int) -> torch.Tensor:
+        """A stacked [experts, rows, cols] tensor in `block`; the dequantized stack."""
+        qtype = getattr(gguf.GGMLQuantizationType, block.upper())
+        raw = np.stack([random_blocks(block, rows, cols, g).numpy() for _ in range(EXPERTS)])
+        w.add_tensor(gname, raw, raw_dtype=qtype)
+        return torch.from_numpy(np.stack([gguf.quants.dequantize(r, qtype) for r in raw]).astype(np.float32))
+
     h, f, q, kv = t["hidden"], t["ffn"], t["heads"] * head_dim, t["kv_heads"] * head_dim
     matrix("token_embd.weight", "model.embed_tokens.weight", t["vocab"], h, "f16")
     for i in range(t["layers"]):
@@ -98,7 +110,16 @@ def write_tiny_gguf(path: Path, block: str, arch: str = "llama", seed: int = 0) 
         matrix(p + "attn_k.weight", hp + "self_attn.k_proj.weight", kv, h, block, heads=t["kv_heads"])
         matrix(p + "attn_v.weight", hp + "self_attn.v_proj.weight", kv, h, block)
         matrix(p + "attn_output.weight", hp + "self_attn.o_proj.weight", h, q, block)
+        if arch.startswith("qwen3"):
+            norm(p + "attn_q_norm.weight", hp + "self_attn.q_norm.weight", head_dim)
+            norm(p + "attn_k_norm.weight", hp + "self_attn.k_norm.weight", head_dim)
         norm(p + "ffn_norm.weight", hp + "post_attention_layernorm.weight", h)
+        if arch == "qwen3moe":
+            matrix(p + "ffn_gate_inp.weight", hp + "mlp.gate.weight", EXPERTS, h, "f32")
+            gate, up = experts(p + "ffn_gate_exps.weight", EXPERT_FFN, h), experts(p + "ffn_up_exps.weight", EXPERT_FFN, h)
+            state[hp + "mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+            state[hp + "mlp.experts.down_proj"] = experts(p + "ffn_down_exps.weight", h, EXPERT_FFN)
+            continue
         matrix(p + "ffn_gate.weight", hp + "mlp.gate_proj.weight", f, h, block)
         matrix(p + "ffn_up.weight", hp + "mlp.up_proj.weight", f, h, block)
         matrix(p + "ffn_down.weight", hp + "mlp.down_proj.weight", h, f, block)
@@ -113,12 +134,17 @@ def write_tiny_gguf(path: Path, block: str, arch: str = "llama", seed: int = 0) 
 
 def reference(state: dict[str, torch.Tensor], arch: str = "llama"):
     t = TINY
-    cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](
-        hidden_size=t["hidden"], intermediate_size=t["ffn"], num_hidden_layers=t["layers"],
-        num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"], vocab_size=t["vocab"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+    extra = {"qwen3moe": dict(num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=EXPERT_FFN,
+                              norm_topk_prob=True)}.get(arch, {})
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "qwen3moe": transformers.Qwen3MoeConfig}[arch]
+    cfg = cls(hidden_size=t["hidden"], intermediate_size=t["ffn"], num_hidden_layers=t["layers"],
+              num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"], vocab_size=t["vocab"],
+              head_dim=t["hidden"] // t["heads"], rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+              tie_word_embeddings=False, **extra)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(n.endswith("rotary_emb.inv_freq") for n in missing), (missing, unexpected)
     return model
 
 
@@ -152,6 +178,17 @@ def test_a_gguf_of_each_block_type_runs_as_transformers_on_its_dequantized_weigh
     expected = reference_greedy(reference(state), prompts, GEN)
     for placement in (STREAMED, RESIDENT):
         assert run_engine(path, prompts, placement) == expected, placement
+
+
+@pytest.mark.parametrize("arch,block", [("qwen3", "q4_k"), ("qwen3moe", "q5_0"), ("qwen3moe", "q6_k")])
+def test_qwen3_and_qwen3_moe_ggufs_run_as_transformers(tmp_path, arch, block):
+    path = tmp_path / f"{arch}.gguf"
+    state = write_tiny_gguf(path, block, arch=arch)
+    spec = ModelSpec.resolve(str(path))
+    assert spec.qk_norm and spec.experts == (EXPERTS if arch == "qwen3moe" else 1)
+    prompts = prompts_for(TINY["vocab"])
+    expected = reference_greedy(reference(state, arch), prompts, GEN)
+    assert run_engine(path, prompts, STREAMED) == expected
 
 
 def test_streamed_bytes_are_the_files_blocks_to_the_byte(tmp_path):

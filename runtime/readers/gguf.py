@@ -25,7 +25,10 @@ from . import FileCheckpoint
 
 # GGUF architecture -> (HF architecture, model_type)
 ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
-         "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+         "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+         "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
+# an MoE layer's tensors: the router, and each expert's matrices stacked [experts, rows, cols]
+EXPERT_TENSORS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 FLOAT_TYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 # the runtime's name inside a layer -> GGUF's
 LAYER_NAMES = {
@@ -38,7 +41,8 @@ LAYER_NAMES = {
 }
 GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
-GROUP_TENSORS = {"attention": ("attn_q", "attn_k", "attn_v", "attn_output"), "experts": ("ffn_gate", "ffn_up", "ffn_down"),
+GROUP_TENSORS = {"attention": ("attn_q", "attn_k", "attn_v", "attn_output"),
+                 "experts": ("ffn_gate", "ffn_up", "ffn_down", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
                  "lm_head": ("output",), "embed": ("token_embd",)}
 
 
@@ -132,6 +136,10 @@ def gguf_config(path: str | Path) -> tuple[dict, WeightFormats]:
             cfg[key] = int(f.meta(meta))
     if a == "qwen2":
         cfg["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    if a == "qwen3moe":
+        cfg.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(need("expert_feed_forward_length")), norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     formats = {}
     for group, stems in GROUP_TENSORS.items():
         fmts = [f.fmt_of(n) for n in f.tensors if n.split(".")[-2] in stems and n.endswith(".weight")]
@@ -153,15 +161,16 @@ class GGUFCheckpoint(FileCheckpoint):
         self.permute_qk = self.file.arch in ("llama", "mistral")
 
     def _read(self, name: str):
-        gname = self._gguf_name(name)
+        gname, expert = self._gguf_name(name)
         if gname not in self.file.tensors:
             raise InputError(str(self.file.path), name, f"is missing from the file (as {gname})",
                              f"a {self.file.arch} GGUF matching its own metadata")
         t = self.file.tensors[gname]
-        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        rows = int(t.shape[1]) if len(t.shape) > 1 else 1
         cols = int(t.shape[0])
         fmt = self.file.fmt_of(gname)
-        data = torch.from_numpy(np.array(t.data))  # read from the memory map
+        # read from the memory map (one expert of a stacked [experts, rows, cols] tensor)
+        data = torch.from_numpy(np.array(t.data if expert is None else t.data[expert]))
         perm = self._qk_rows(name, rows)
         if fmt.block is None:
             out = data.reshape(rows, cols) if len(t.shape) > 1 else data.reshape(cols)
@@ -171,13 +180,19 @@ class GGUFCheckpoint(FileCheckpoint):
         codes = data.view(torch.uint8).reshape(rows, -1)
         return QWeight(fmt, (rows, cols), codes[perm] if perm is not None else codes)
 
-    def _gguf_name(self, name: str) -> str:
+    def _gguf_name(self, name: str) -> tuple[str, int | None]:
+        """GGUF's name of a tensor, and the expert's index where it is one of a stacked tensor."""
         if name in GLOBAL_NAMES:
             if name == "lm_head.weight" and self.spec.tie_embeddings:
-                return GLOBAL_NAMES["model.embed_tokens.weight"]
-            return GLOBAL_NAMES[name]
+                return GLOBAL_NAMES["model.embed_tokens.weight"], None
+            return GLOBAL_NAMES[name], None
         _, _, i, rest = name.split(".", 3)
-        return f"blk.{i}.{LAYER_NAMES.get(rest, rest)}"
+        parts = rest.split(".")
+        if parts[0] == "block_sparse_moe":
+            if parts[1] == "gate":
+                return f"blk.{i}.ffn_gate_inp.weight", None
+            return f"blk.{i}.{EXPERT_TENSORS[parts[3]]}", int(parts[2])
+        return f"blk.{i}.{LAYER_NAMES.get(rest, rest)}", None
 
     def _qk_rows(self, name: str, rows: int) -> torch.Tensor | None:
         """llama.cpp's converter orders a Llama head's q / k rows as (pair, half); HF as (half, pair)."""
