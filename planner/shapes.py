@@ -16,7 +16,6 @@ from specplan.cost import (
     d2h_time_s,
     draft_step_s,
     expected_accepted_tokens_table,
-    expected_experts_touched,
     expected_verify_passes,
     h2d_time_s,
     pool_pair_s,
@@ -24,6 +23,7 @@ from specplan.cost import (
     target_layer_costs,
 )
 from specplan.hardware import HardwareProfile
+from specplan.memory import streamed_expert_share
 from specplan.models import ModelSpec
 from specplan.plan import Schedule
 from specplan.workload import Workload
@@ -159,8 +159,8 @@ def useful_share(rows: int, workload: Workload) -> float:
 
 
 def _experts_frac(target: ModelSpec, tokens: float) -> float:
-    """The share of experts a pass of `tokens` tokens streams (1 for a dense model)."""
-    return expected_experts_touched(tokens, target.experts, target.top_k) / target.experts if target.is_moe else 1.0
+    """The share of experts a pass of `tokens` tokens streams (memory.streamed_expert_share)."""
+    return streamed_expert_share(target, tokens)
 
 
 def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: ModelSpec | None,

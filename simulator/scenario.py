@@ -165,7 +165,6 @@ class Scenario:
         after another would (test_simulator: the two agree), in a fraction of the events."""
         env, m, T, sch, wl = self.env, self.m, self.T, self.sch, self.wl
         kind = "prefill" if all(g.prefill for g in groups) else "verify"
-        tokens = sum(g.tokens for g in groups)
         # a ring slot ahead of the computing layer only where a copy can overlap compute
         nslots = sch.prefetch_depth + 1 if copies_overlap_compute(self.P) else 1
         # the groups go through a layer one after another: the larger working set is what is live
@@ -179,11 +178,11 @@ class Scenario:
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         if steps is not None and not steps.later and self._beside is None and m.alone():
             m.allocate("gpu", act, f"{kind} activations")
-            yield from self._layers_alone(kind, tokens, steps, nslots)
+            yield from self._layers_alone(kind, steps, nslots)
         else:
             slots = Unit(env, nslots)  # the ring's free buffers
             loaded = [env.event() for _ in range(T.layers)]
-            env.process(self._load_layers(who, kind, tokens, slots, loaded))
+            env.process(self._load_layers(who, kind, slots, loaded))
             m.allocate("gpu", act, f"{kind} activations")
             for layer in range(T.layers):
                 yield loaded[layer]
@@ -203,7 +202,7 @@ class Scenario:
         yield from m.use("gpu", self._stage(kind, "target_head"), target_head_s(self.P, T, head_tokens), who)
         m.free("gpu", act)
 
-    def _layers_alone(self, kind: str, tokens: float, steps: Chain, nslots: int):
+    def _layers_alone(self, kind: str, steps: Chain, nslots: int):
         """The layers of a pass that runs alone (Machine.alone: no other process holds, waits
         for or will take a resource, and no layer sets off a copy of its own): the loader's
         copies into the ring and each layer's chain, timed as the processes of the other path
@@ -213,7 +212,7 @@ class Scenario:
         disk_stage, h2d_stage = self._stage(kind, "disk_read"), self._stage(kind, "h2d")
         loader = compute = env.now  # when the loader may go on; when the last layer's compute ended
         holders: deque[float] = deque()  # when each loaded layer in the ring gives its slot back
-        for cost in self._layer_copies(tokens):
+        for cost in self._layer_copies():
             if cost is None:  # resident: ready when the loader gets to it
                 ready = loader
             else:
@@ -235,22 +234,22 @@ class Scenario:
         if compute > env.now:
             yield env.timeout(compute - env.now)
 
-    def _layer_copies(self, tokens: float) -> list[tuple[float, float] | None]:
-        """Each layer's (disk read s, H2D s) in a pass of `tokens` tokens, None where nothing of
-        it streams. A layer's copies depend on it only through where its FFN lives: each home
-        is costed once a pass."""
+    def _layer_copies(self) -> list[tuple[float, float] | None]:
+        """Each layer's (disk read s, H2D s) in a pass, None where nothing of it streams (a
+        layer streams whole, every expert: memory.streamed_chunks). A layer's copies depend on
+        it only through where its FFN lives: each home is costed once a pass."""
         costs: dict[str, tuple[float, float] | None] = {}
         out = []
         for layer in range(self.T.layers):
             ffn_home = self.pl.ffn_home(layer)
             if ffn_home not in costs:
-                costs[ffn_home] = self._copy_costs(streamed_chunks(self.T, self.pl, layer, tokens))
+                costs[ffn_home] = self._copy_costs(streamed_chunks(self.T, self.pl, layer))
             out.append(costs[ffn_home])
         return out
 
-    def _load_layers(self, who: str, kind: str, tokens: float, slots: Unit, loaded: list):
+    def _load_layers(self, who: str, kind: str, slots: Unit, loaded: list):
         """Copy each streamed layer into a free ring slot, as far ahead as the ring allows."""
-        for layer, cost in enumerate(self._layer_copies(tokens)):
+        for layer, cost in enumerate(self._layer_copies()):
             if cost is None:
                 loaded[layer].succeed(False)
                 continue

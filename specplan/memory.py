@@ -58,8 +58,16 @@ class MemoryNeed:
         return out
 
 
-def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
-                    tokens: float | None = None) -> list[tuple[str, str, float]]:
+def streamed_expert_share(target: ModelSpec, tokens: float | None = None, routed: bool = False) -> float:
+    """The share of a streamed MoE layer's experts one pass of `tokens` tokens copies: all of
+    them, as the runtime streams a layer whole (prefetched while the layer before computes);
+    with `routed`, the expected distinct experts the tokens are routed to. 1 for a dense model."""
+    if not target.is_moe or not routed or tokens is None:
+        return 1.0
+    return expected_experts_touched(tokens, target.experts, target.top_k) / target.experts
+
+
+def streamed_chunks(target: ModelSpec, placement: Placement, layer: int) -> list[tuple[str, str, float]]:
     """The copies one streamed layer takes, as (group, home, bytes): the attention block,
     then each expert (or the dense MLP). The runtime copies at the same granularity."""
     b = target.layer_bytes
@@ -68,11 +76,7 @@ def streamed_chunks(target: ModelSpec, placement: Placement, layer: int,
         chunks.append(("attention", placement.attention, b.attention))
     if placement.ffn_home(layer) != "gpu":
         if target.is_moe:
-            n = target.experts if tokens is None else expected_experts_touched(tokens, target.experts, target.top_k)
-            whole, frac = int(n), n - int(n)
-            chunks += [("expert", placement.ffn, b.expert)] * whole
-            if frac > 1e-9:
-                chunks.append(("expert", placement.ffn, b.expert * frac))
+            chunks += [("expert", placement.ffn, b.expert)] * target.experts
         else:
             chunks.append(("mlp", placement.ffn, b.expert))
     return chunks
