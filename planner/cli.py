@@ -30,14 +30,19 @@ def _describe(r: Ranked) -> str:
     admit = (f"continuous ({s.prefill_tokens} prompt tokens a pass)" if s.admission == "continuous"
              else f"waves (prefill chunk {s.prefill_chunk})")
     return (f"{s.policy}: {s.num_batches} x {s.target_batch} rows,{spec} {admit}, "
-            f"attention on {s.attention_device}, FFN on GPU {pl.ffn_gpu_layers} layers")
+            f"attention on {s.attention_device}, FFN on GPU {pl.ffn_gpu_layers} layers"
+            + (", routed experts" if pl.experts == "routed" else ""))
 
 
 def placement_table(plan: Plan, target: ModelSpec) -> Table:
     pl, sch = plan.placement, plan.schedule
     from specplan.memory import streamed_bytes_per_pass
 
-    t = Table(title=f"Placement ({fmt_bytes(streamed_bytes_per_pass(target, pl))} of weights streamed per pass)",
+    streamed = fmt_bytes(streamed_bytes_per_pass(target, pl))
+    routed = plan.prediction.get("experts_streamed_per_pass")
+    if routed is not None:
+        streamed += f" ahead + {routed:.0f} routed experts"
+    t = Table(title=f"Placement ({streamed} of weights streamed per pass)",
               show_header=True)
     for col in ("tensor group", "format", "where", "bytes"):
         t.add_column(col)

@@ -526,11 +526,32 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
             ranked.append(Ranked(c, res))
     if not ranked:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
+    ranked += routed_variants(ranked, target, draft, profile, workload, memo)
     for r in ranked:  # a policy with a plan is not infeasible, whatever a runner-up hit
         infeasible.pop(r.candidate.shape.policy, None)
     ranked.sort(key=lambda r: -r.tok_s)
     return OptimizeResult(ranked, infeasible, sum(s.considered for s in searches), solver_name(),
                           {s.policy: s.first for s in searches if s.skipped})
+
+
+ROUTED_TRIED = 3  # the best simulated plans also simulated with routed experts
+
+
+def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, workload, memo=None) -> list[Ranked]:
+    """The best plans that stream MoE experts, simulated once more with routed experts (only
+    the experts a layer's router picks are copied, after it has; the rest of the layer is
+    prefetched as before): the simulator, not the program, weighs the smaller stream against
+    the copy the layer now waits for. Those that fit are added for the ranking to choose."""
+    out = []
+    for r in sorted(ranked, key=lambda r: -r.tok_s)[:ROUTED_TRIED]:
+        pl = r.candidate.placement
+        if not target.is_moe or pl.ffn == "gpu" or pl.ffn_gpu_layers >= target.layers or pl.experts == "routed":
+            continue
+        c = replace(r.candidate, placement=replace(pl, experts="routed"))
+        res = _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)
+        if isinstance(res, SimResult):
+            out.append(Ranked(c, res))
+    return out
 
 
 def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: ModelSpec, draft: ModelSpec | None,
@@ -551,6 +572,7 @@ def make_plan(r: Ranked, target_name: str, draft_name: str | None, target: Model
         "peak_gpu_bytes": s.peak_gpu_bytes, "peak_pinned_bytes": s.peak_pinned_bytes,
         "memory": s.memory, "rows": s.rows, "waves": s.waves, "workload_s": s.workload_s,
         "pass_counts": s.pass_counts, "simulated_prompts": s.simulated_prompts,
+        **({"experts_streamed_per_pass": s.experts_per_pass} if s.experts_per_pass is not None else {}),
     }
     return Plan(
         target=target_name, draft=draft_name if sch.speculative else None, hardware=profile.name,

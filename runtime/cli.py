@@ -163,6 +163,7 @@ def print_table(report: dict) -> None:
             ("tokens_per_round", m["tokens_per_round"]), ("acceptance_rate", m["acceptance_rate"]),
             ("acceptance_per_token", m.get("acceptance_per_token")),
             ("h2d_bytes_per_s", m["h2d_bytes_per_s"]), ("h2d_bytes", m["h2d_bytes"]),
+            *([("experts_streamed_per_pass", m["experts_streamed_per_pass"])] if m.get("experts_streamed_per_pass") else []),
             ("peak_gpu_bytes", m["peak_gpu_bytes"])]
     stages = set(m["stage_s"]) | {k.split(".", 1)[1] for k in predicted if k.startswith("stage_s.")}
     rows += [(f"stage_s.{k}", m["stage_s"].get(k)) for k in sorted(stages)]

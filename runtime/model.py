@@ -115,6 +115,8 @@ def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tens
 # Projections that read the same input are fused when the weights are loaded (fuse_layer):
 # one GEMM where there were three (q, k, v) or two (gate, up), each of the pieces a slice of
 # the fused output. Fewer, larger kernels: less issue time per layer (docs/validation.md, 11).
+FETCH_EXPERTS = "#fetch_experts"  # runtime.weights.FETCH_EXPERTS (a routed unit's views hold it)
+
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -196,6 +198,9 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
     flat = top_i.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=spec.experts).tolist()
+    fetch = w.get(FETCH_EXPERTS)
+    if fetch is not None:  # routed streaming: only the experts picked are copied in, now
+        fetch([e for e, n in enumerate(counts) if n])
     tokens, slots = order // spec.top_k, order % spec.top_k
     end = 0
     for e, n in enumerate(counts):

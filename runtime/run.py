@@ -463,6 +463,10 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
                    if rounds and c.get("drafted") else (None, None))),
         "rounds": rounds,
         "passes": c.get("passes", 0.0),  # decode passes of the target over its weights (verify or decode steps)
+        # routed experts: the experts a target pass copied in, over every pass (prompts' too)
+        "experts_streamed_per_pass": ((c.get("experts_streamed", 0.0) + c.get("prefill.experts_streamed", 0.0))
+                                      / engine.pass_counts["passes"]
+                                      if engine.pass_counts.get("passes") and plan.placement.experts == "routed" else None),
         # the scheduler's passes as run: all of them, prompts alone, prompts beside decode rows, admissions
         "pass_composition": dict(engine.pass_counts),
         "peak_gpu_bytes": peak_gpu,
@@ -472,7 +476,7 @@ def build_report(plan: Plan, engine: Engine, stats: Stats, outputs: list[list[in
     }
     pred = plan.prediction or {}
     comparison = []
-    for key in ("throughput_tok_s", "tokens_per_round", "peak_gpu_bytes"):
+    for key in ("throughput_tok_s", "tokens_per_round", "peak_gpu_bytes", "experts_streamed_per_pass"):
         if key in pred:
             comparison.append({"metric": key, "measured": measured[key], "predicted": pred[key],
                                "error_pct": error_pct(measured[key], pred[key])})

@@ -41,11 +41,17 @@ from specplan.memory import STAGED_HOMES
 from specplan.plan import Placement
 
 from .checkpoint import Checkpoint, tensor_group
-from .model import fuse_layer
+from .model import FETCH_EXPERTS, fuse_layer
 from .quant import PARTS, QWeight, assemble, fused_layout
 from .stats import Stats
 
 ALIGN = 256  # bytes; keeps every tensor view in a slot aligned for vectorised kernels
+
+
+def _expert_of(name: str) -> int:
+    """The expert a layer tensor belongs to (block_sparse_moe.experts.E...), -1 for the rest."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 3 and parts[0] == "block_sparse_moe" and parts[1] == "experts" else -1
 RESIDENT = Placement(attention="gpu", ffn="gpu", embed="gpu", lm_head="gpu")
 
 
@@ -56,6 +62,7 @@ class _Part:
     home: str
     host: torch.Tensor  # flat uint8: pinned, pageable, or memory-mapped from a file
     offset: int
+    prefetched: int = -1  # bytes of it the ring copies ahead (-1: all; routed experts come after, on demand)
 
 
 @dataclass
@@ -66,6 +73,8 @@ class _Unit:
     parts: list[_Part] = field(default_factory=list)
     nbytes: int = 0  # the slot bytes it fills, alignment padding included
     payload: int = 0  # its tensors' own bytes: what a pass streams (memory.streamed_bytes_per_pass)
+    # routed streaming: expert -> (part index, start, end) within the part's host buffer, its payload
+    experts: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def _align(n: int) -> int:
@@ -76,6 +85,8 @@ class WeightStore:
     def __init__(self, checkpoint: Checkpoint, placement: Placement, device: torch.device,
                  prefetch_depth: int = 1, stats: Stats | None = None):
         self.device = device
+        self.routed = placement.experts == "routed" and checkpoint.spec.is_moe
+        self._fetched: dict[int, set[int]] = {}  # slot -> the experts of its unit copied in so far
         self.cuda = device.type == "cuda"
         self.stats = stats
         self.bytes = {"gpu": 0, "cpu_pinned": 0, "cpu_pageable": 0, "disk": 0}
@@ -184,20 +195,51 @@ class WeightStore:
         offset = 0
         for home, names in by_home.items():
             start = offset
+            if self.routed:  # what the ring prefetches first, then each expert's tensors together
+                names = sorted(names, key=_expert_of)
+            prefetched, spans = -1, {}
             for name in names:
+                e = _expert_of(name) if self.routed else -1
+                if e >= 0 and prefetched < 0:
+                    prefetched = offset - start
                 unit.layout[name] = (offset, tensors[name].dtype, tensors[name].shape)
+                lo = spans.get(e, (offset - start, 0))[0]
                 offset = _align(offset + tensors[name].nbytes)
                 unit.payload += tensors[name].nbytes
+                if e >= 0:
+                    spans[e] = (lo, offset - start, spans.get(e, (0, 0, 0))[2] + tensors[name].nbytes)
             flat = torch.zeros(offset - start, dtype=torch.uint8, pin_memory=home == "cpu_pinned" and self.cuda)
             for name in names:
                 off, t = unit.layout[name][0] - start, tensors[name].contiguous()
                 flat[off:off + t.nbytes].copy_(t.view(-1).view(torch.uint8))
             if home == "disk":
                 flat = self._spill_to_disk(flat, f"unit{u}")
-            unit.parts.append(_Part(home, flat, start))
+            for e, (lo, hi, payload) in spans.items():
+                unit.experts[e] = (len(unit.parts), lo, hi, payload)
+            unit.parts.append(_Part(home, flat, start, prefetched))
             self.bytes[home] += flat.nbytes
         unit.nbytes = offset
         return unit
+
+    def fetch_experts(self, u: int, experts: list[int]) -> None:
+        """Routed streaming: copy unit u's experts in `experts` that its slot does not hold yet
+        (its router has picked them), on the compute stream, before their FFN."""
+        unit, slot = self.units[u], self.inflight[u]
+        have = self._fetched.setdefault(slot, set())
+        dst = self.slots[slot]
+        nbytes, copied, t = 0, 0, time.perf_counter()
+        for e in experts:
+            if e in have or e not in unit.experts:
+                continue
+            pi, lo, hi, payload = unit.experts[e]
+            p = unit.parts[pi]
+            dst[p.offset + lo:p.offset + hi].copy_(p.host[lo:hi], non_blocking=self.cuda and p.home == "cpu_pinned")
+            have.add(e)
+            nbytes, copied = nbytes + payload, copied + 1
+        if copied and self.stats is not None:
+            self.stats.count(self.stats.prefix + "experts_streamed", copied)
+            timed = self.stats.per_layer and not self.cuda
+            self._record_copy(nbytes, seconds=time.perf_counter() - t if timed else None)
 
     def _spill_to_disk(self, flat: torch.Tensor, name: str) -> torch.Tensor:
         if self._spill is None:
@@ -231,6 +273,8 @@ class WeightStore:
             for name, (fmt, shape) in unit.compressed.items():
                 parts = {p: views.pop(f"{name}#{p}") for p in PARTS if f"{name}#{p}" in views}
                 views[name] = assemble(fmt, shape, parts, self.scratch, self.block)
+            if unit.experts:  # routed: the FFN asks for the experts its router picked
+                views[FETCH_EXPERTS] = lambda experts, u=u: self.fetch_experts(u, experts)
             self._views[(u, slot)] = views
         return views
 
@@ -263,13 +307,16 @@ class WeightStore:
         u = self.order[self._next]
         self._next = (self._next + 1) % len(self.order)
         self.inflight[u] = slot
+        self._fetched[slot] = set()
         unit, dst = self.units[u], self.slots[slot]
         timed = self.stats is not None and self.stats.per_layer  # copy times: only with per-layer timing
+        ahead = unit.payload - sum(e[3] for e in unit.experts.values())  # routed experts come on demand
         if not self.cuda:
             t = time.perf_counter()
             for p in unit.parts:
-                dst[p.offset:p.offset + p.host.numel()].copy_(p.host)
-            self._record_copy(unit.payload, seconds=time.perf_counter() - t if timed else None)
+                src = p.host if p.prefetched < 0 else p.host[:p.prefetched]
+                dst[p.offset:p.offset + src.numel()].copy_(src)
+            self._record_copy(ahead, seconds=time.perf_counter() - t if timed else None)
             return
         # Disk and pageable parts go through pinned staging first, on this thread: a copy from
         # pageable memory would block this thread until the copy stream reached it, i.e. until
@@ -278,7 +325,7 @@ class WeightStore:
             self.staged[slot].synchronize()  # the last copy out of this staging buffer is done
         srcs = []
         for p in unit.parts:
-            src = p.host
+            src = p.host if p.prefetched < 0 else p.host[:p.prefetched]
             if p.home in STAGED_HOMES:
                 t = time.perf_counter()
                 src = self.staging[slot][p.offset:p.offset + src.numel()].copy_(src)
@@ -298,7 +345,7 @@ class WeightStore:
             self.ready[slot].record()
             if self.staging:
                 self.staged[slot].record()
-        self._record_copy(unit.payload, events=events)
+        self._record_copy(ahead, events=events)
 
     def _record_copy(self, nbytes: int, seconds: float | None = None, events=None) -> None:
         if self.stats is None:

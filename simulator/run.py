@@ -11,7 +11,7 @@ import simpy
 from specplan.cost import row_acceptance_factors
 from specplan.errors import InfeasibleError
 from specplan.hardware import HardwareProfile
-from specplan.memory import plan_memory
+from specplan.memory import plan_memory, routed
 from specplan.models import ModelSpec
 from specplan.plan import Placement, Plan, Schedule
 from specplan.scheduler import Request, SchedulerConfig, StepScheduler
@@ -74,6 +74,7 @@ class SimResult:
     admission: str = "waves"
     simulated_prompts: int = 0  # continuous: prompts simulated; the rest of the workload at the steady rate
     pass_counts: dict = field(default_factory=dict)  # the scheduler's counts: passes, admissions, prompt tokens carried
+    experts_per_pass: float | None = None  # routed experts: the expected experts a target pass copies in
     passes: list | None = field(default=None, repr=False)  # the scheduler's passes, with record_spans
     marks: list | None = field(default=None, repr=False)  # per pass (start s, admitted, prompt tokens), with record_spans
 
@@ -188,6 +189,8 @@ def simulate(cfg: SimConfig, *, record_spans: bool = False, seed: int | None = N
         admission=cfg.schedule.admission,
         simulated_prompts=prompts,
         pass_counts=sched.counts.to_dict(),
+        experts_per_pass=(scenario.routed_experts / scenario.target_passes
+                          if scenario.target_passes and routed(cfg.target, cfg.placement) else None),
         passes=scenario.passes if record_spans else None,
         marks=scenario.marks if record_spans else None,
     )

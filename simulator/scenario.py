@@ -43,7 +43,7 @@ from specplan.cost import (
     target_layer_costs,
     weights_h2d_s,
 )
-from specplan.memory import streamed_chunks
+from specplan.memory import routed, routed_expert_chunks, streamed_chunks
 from specplan.scheduler import DECODE, PREFILL, VERIFY, DraftWork, Outcome, Pass, StepScheduler
 
 from .machine import Chain, Machine, Unit
@@ -85,6 +85,8 @@ class Scenario:
         self.prefill_done_s = 0.0  # when the last pass that carried only prompt tokens ended
         self.finish_s: list[float] = []  # when each finished row finished, in order
         self.marks: list[tuple[float, int, int]] = []  # per pass: start s, prompts admitted, prompt tokens carried
+        self.target_passes = 0  # the target's passes over its layers
+        self.routed_experts = 0.0  # routed streaming: the experts those passes copied in (expected)
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self):
@@ -174,7 +176,9 @@ class Scenario:
         # a K/V copy to the host that the layer waits for queues on a link others use: such
         # passes keep every step (a copy it only sets off is part of the chain)
         waits_for_copy = any(c.kv_d2h for _, c in costs) and not self._copies_overlap()
-        steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or waits_for_copy
+        # routed experts are copied after each layer's router, on the link the ring also uses
+        expert_copies = self._routed_copies(groups)
+        steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or waits_for_copy or expert_copies
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
         if steps is not None and not steps.later and self._beside is None and m.alone():
             m.allocate("gpu", act, f"{kind} activations")
@@ -190,8 +194,9 @@ class Scenario:
                 if steps is not None and (beside is None or beside.triggered) and m.idle("gpu", "cpu"):
                     yield from m.chain(steps, who)
                 else:
-                    for prefill, c in costs:
-                        yield from self._layer(who, "prefill" if prefill else "verify", c)
+                    for j, (prefill, c) in enumerate(costs):
+                        copy = expert_copies[layer][j] if expert_copies else None
+                        yield from self._layer(who, "prefill" if prefill else "verify", c, copy)
                 if loaded[layer].value:
                     slots.release()
         head_tokens = sum(g.rows if g.prefill else g.tokens for g in groups)  # a chunk keeps one position a row
@@ -235,9 +240,10 @@ class Scenario:
             yield env.timeout(compute - env.now)
 
     def _layer_copies(self) -> list[tuple[float, float] | None]:
-        """Each layer's (disk read s, H2D s) in a pass, None where nothing of it streams (a
-        layer streams whole, every expert: memory.streamed_chunks). A layer's copies depend on
-        it only through where its FFN lives: each home is costed once a pass."""
+        """Each layer's (disk read s, H2D s) the ring copies ahead in a pass, None where nothing
+        of it streams (a layer whole, every expert, unless its experts are routed:
+        memory.streamed_chunks). A layer's copies depend on it only through where its FFN
+        lives: each home is costed once a pass."""
         costs: dict[str, tuple[float, float] | None] = {}
         out = []
         for layer in range(self.T.layers):
@@ -292,7 +298,25 @@ class Scenario:
         return [("gpu", st(kind, "target_proj"), c.proj), *att, *copy, ("gpu", st(kind, "target_ffn"), c.ffn),
                 ("gpu", st(kind, "target_host"), c.host)]
 
-    def _layer(self, who: str, kind: str, c: LayerCosts):
+    def _routed_copies(self, groups: list[Group]) -> list[list[tuple[float, float] | None]]:
+        """Routed streaming: per layer and group, the (disk read s, H2D s) of the experts the
+        group's router adds to those the pass's earlier groups brought; [] when experts stream
+        with their layer."""
+        self.target_passes += 1
+        if not routed(self.T, self.pl):
+            return []
+        out, before = [[] for _ in range(self.T.layers)], 0.0
+        per_expert = self.T.layer_bytes.expert
+        for g in groups:
+            for layer in range(self.T.layers):
+                chunks = routed_expert_chunks(self.T, self.pl, layer, before, g.tokens)
+                self.routed_experts += sum(n for *_, n in chunks) / per_expert
+                out[layer].append(self._copy_costs(chunks))
+            before += g.tokens
+        return out
+
+    def _layer(self, who: str, kind: str, c: LayerCosts, experts: tuple[float, float] | None = None):
+        """One group's work in one layer; `experts`: the routed experts' copy before its FFN."""
         m, st = self.m, self._stage
         yield from m.use("gpu", st(kind, "target_proj"), c.proj, who)
         if c.attention_on_cpu:
@@ -307,6 +331,11 @@ class Scenario:
                 yield from copy
             else:
                 self.env.process(copy)
+        if experts is not None:
+            disk_s, h2d_s = experts
+            if disk_s:
+                yield from m.use("disk", st(kind, "disk_read"), disk_s, who)
+            yield from m.use("h2d", st(kind, "h2d"), h2d_s, who)
         yield from m.use("gpu", st(kind, "target_ffn"), c.ffn, who)
         # the host's issuing beyond what the layer's device work hid: the device waits for it
         yield from m.use("gpu", st(kind, "target_host"), c.host, who)

@@ -67,19 +67,37 @@ def streamed_expert_share(target: ModelSpec, tokens: float | None = None, routed
     return expected_experts_touched(tokens, target.experts, target.top_k) / target.experts
 
 
+def routed(target: ModelSpec, placement: Placement) -> bool:
+    """The plan streams a MoE layer's experts on demand, once its router has picked them."""
+    return placement.experts == "routed" and target.is_moe
+
+
 def streamed_chunks(target: ModelSpec, placement: Placement, layer: int) -> list[tuple[str, str, float]]:
-    """The copies one streamed layer takes, as (group, home, bytes): the attention block,
-    then each expert (or the dense MLP). The runtime copies at the same granularity."""
+    """The copies the ring makes of one streamed layer ahead of its compute, as (group, home,
+    bytes): the attention block, then each expert (or the dense MLP); with routed experts, the
+    experts come later (routed_expert_chunks). The runtime copies at the same granularity."""
     b = target.layer_bytes
     chunks = []
     if placement.attention != "gpu":
         chunks.append(("attention", placement.attention, b.attention))
-    if placement.ffn_home(layer) != "gpu":
+    if placement.ffn_home(layer) != "gpu" and not routed(target, placement):
         if target.is_moe:
             chunks += [("expert", placement.ffn, b.expert)] * target.experts
         else:
             chunks.append(("mlp", placement.ffn, b.expert))
     return chunks
+
+
+def routed_expert_chunks(target: ModelSpec, placement: Placement, layer: int, tokens_before: float,
+                         tokens: float) -> list[tuple[str, str, float]]:
+    """Routed streaming: the experts one layer copies for a group of `tokens` tokens after the
+    pass's earlier groups (`tokens_before`) brought theirs: the expected distinct experts of
+    all of them less those already in (cost.expected_experts_touched)."""
+    if not routed(target, placement) or placement.ffn_home(layer) == "gpu":
+        return []
+    new = (expected_experts_touched(tokens_before + tokens, target.experts, target.top_k)
+           - (expected_experts_touched(tokens_before, target.experts, target.top_k) if tokens_before else 0.0))
+    return [("expert", placement.ffn, new * target.layer_bytes.expert)] if new > 0 else []
 
 
 def _target_activation_bytes(target: ModelSpec, schedule: Schedule, workload: Workload) -> float:

@@ -66,6 +66,9 @@ class Schedule:
         return self.target_batch * self.num_batches
 
 
+EXPERT_STREAMS = ("layer", "routed")
+
+
 @dataclass(frozen=True)
 class Placement:
     attention: str = "cpu_pinned"  # target q/k/v/o weights of every layer
@@ -76,6 +79,9 @@ class Placement:
     # "cpu": each draft micro-batch's KV is swapped in and out per round; "recompute": the draft
     # keeps no KV and re-reads each row's context every round (GPU compute instead of memory)
     draft_kv: str = "gpu"
+    # a streamed MoE layer: "layer" copies every expert, prefetched while the layer before computes;
+    # "routed" prefetches the rest and copies only the experts its router picked, once it has
+    experts: str = "layer"
 
     def validate(self, source: str = "plan", layers: int | None = None) -> "Placement":
         for key in ("attention", "ffn"):
@@ -85,6 +91,8 @@ class Placement:
             v = getattr(self, key)
             require(v in WEIGHT_HOMES[:3], source, f"placement.{key}", f"got {v!r}", " | ".join(WEIGHT_HOMES[:3]))
         require(self.draft_kv in DRAFT_KV, source, "placement.draft_kv", f"got {self.draft_kv!r}", " | ".join(DRAFT_KV))
+        require(self.experts in EXPERT_STREAMS, source, "placement.experts", f"got {self.experts!r}",
+                " | ".join(EXPERT_STREAMS))
         hi = layers if layers is not None else 10**6
         require(isinstance(self.ffn_gpu_layers, int) and 0 <= self.ffn_gpu_layers <= hi, source,
                 "placement.ffn_gpu_layers", f"got {self.ffn_gpu_layers!r}", f"an integer in [0, {hi}]")

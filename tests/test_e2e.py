@@ -143,3 +143,31 @@ def test_each_policy_plans_and_runs(measured_profile, tmp_path, policy, one_thre
         assert m["gpu_bytes_by_part"]["draft KV swap buffers"] == report["planned_memory"]["gpu"]["draft KV swap buffers"]
         assert m["draft_kv_h2d_bytes"] > 0 and m["draft_kv_d2h_bytes"] > 0
         assert m["stage_s"]["draft_kv_h2d"] > 0 and m["stage_s"]["draft_kv_d2h"] > 0
+
+
+def test_a_routed_plan_reports_the_experts_it_streamed_against_the_prediction(measured_profile, tmp_path):
+    """The best plan for the tiny MoE, made to route its experts (only those its routers pick
+    are copied, once they have): specrun's report puts the experts a pass copied next to the
+    simulator's expectation."""
+    from dataclasses import replace
+
+    from specplan.hardware import load_profile
+    from specplan.planner.optimize import Ranked, make_plan, optimize, to_sim_config
+    from specplan.simulator.run import simulate
+    from specplan.workload import Workload
+
+    prof, tgt = load_profile(measured_profile), ModelSpec.from_preset(TARGET)
+    wl = Workload.make(PROMPT_LEN, GEN_LEN, NUM_PROMPTS, 0.7)
+    best = optimize(tgt, None, prof, wl, ("flexgen",)).best.candidate
+    c = replace(best, placement=replace(best.placement, experts="routed", ffn_gpu_layers=0))
+    plan = make_plan(Ranked(c, simulate(to_sim_config(c, tgt, None, prof, wl))), TARGET, None, tgt, None, prof, wl)
+    plan.save(tmp_path / "plan.json")
+    predicted = plan.prediction["experts_streamed_per_pass"]
+    assert 0 < predicted <= tgt.layers * tgt.experts
+    res = run("specplan.runtime.cli", "--plan", "plan.json", "--target", TARGET, "--random-weights", "--device", "cpu",
+              "--report", "report.json", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    row = {r["metric"]: r for r in report["comparison"]}["experts_streamed_per_pass"]
+    assert row["predicted"] == predicted and row["measured"] == report["measured"]["experts_streamed_per_pass"] > 0
+    assert abs(row["error_pct"]) < 15  # random weights route unevenly; the formula assumes even routing
