@@ -545,7 +545,9 @@ def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, wor
     out = []
     for r in sorted(ranked, key=lambda r: -r.tok_s)[:ROUTED_TRIED]:
         pl = r.candidate.placement
-        if not target.is_moe or pl.ffn == "gpu" or pl.ffn_gpu_layers >= target.layers or pl.experts == "routed":
+        # routed experts are copied straight from pinned host memory (a pageable or disk home would
+        # need staging the ring does for whole layers and the expert copies do not have)
+        if not target.is_moe or pl.ffn != "cpu_pinned" or pl.ffn_gpu_layers >= target.layers or pl.experts == "routed":
             continue
         c = replace(r.candidate, placement=replace(pl, experts="routed"))
         res = _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)

@@ -23,7 +23,6 @@ from specplan.cost import (
     target_layer_costs,
 )
 from specplan.hardware import HardwareProfile
-from specplan.memory import streamed_expert_share
 from specplan.models import ModelSpec
 from specplan.plan import Schedule
 from specplan.workload import Workload
@@ -159,8 +158,11 @@ def useful_share(rows: int, workload: Workload) -> float:
 
 
 def _experts_frac(target: ModelSpec, tokens: float) -> float:
-    """The share of experts a pass of `tokens` tokens streams (memory.streamed_expert_share)."""
-    return streamed_expert_share(target, tokens)
+    """The share of a streamed MoE layer's experts the program prices a pass of `tokens` tokens
+    at: all of them (a layer streams whole, memory.streamed_chunks). Routed experts, which copy
+    fewer but make the layer wait for them, are weighed by the simulator on the program's best
+    plans (planner.optimize.routed_variants), not by the program."""
+    return 1.0
 
 
 def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: ModelSpec | None,

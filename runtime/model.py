@@ -109,6 +109,8 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if f"{name}.weight" not in w and name in FUSED:  # left unfused: each piece, outputs side by side
+        return torch.cat([linear(x, w, p) for p in FUSED[name]], dim=-1)
     return matmul(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
@@ -135,6 +137,9 @@ def fuse_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     out = dict(tensors)
     for fused, parts in (FUSED | _expert_fusions(tensors)).items():
+        weights = [out.get(f"{p}.weight") for p in parts]
+        if len({w.fmt for w in weights if isinstance(w, QWeight)}) > 1:
+            continue  # pieces in different formats (a GGUF's Q4_K q, k and Q6_K v): multiplied one by one
         for kind in ("weight", "bias"):
             names = [f"{p}.{kind}" for p in parts]
             if all(n in out for n in names):
@@ -143,11 +148,23 @@ def fuse_layer(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def fused_weight(w: dict, fused: str):
+    """A fused projection's weight, or its pieces (a tuple) where they could not be fused."""
+    name = f"{fused}.weight"
+    if name in w:
+        return w[name]
+    parts = FUSED.get(fused) or (fused[:-len("w13")] + "w1", fused[:-len("w13")] + "w3")
+    return tuple(w[f"{p}.weight"] for p in parts)
+
+
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x) with gate|up fused [2F, H]: the 2F-wide product is the one
     FFN-wide intermediate, worked on in place (cost.activation_bytes)."""
-    f = gate_up.shape[0] // 2
     flat = x.reshape(-1, x.shape[-1])
+    if isinstance(gate_up, tuple):  # gate and up in different formats, not fused
+        gate, up = matmul(flat, gate_up[0]), matmul(flat, gate_up[1])
+        return matmul(F.silu(gate, inplace=True).mul_(up), down).view(*x.shape[:-1], -1)
+    f = gate_up.shape[0] // 2
     if isinstance(gate_up, QWeight) and gate_up.fmt.fused:  # the kernel gives [tokens, 2F]
         both = matmul(flat, gate_up)
         gate, up = both[:, :f], both[:, f:]
@@ -161,7 +178,7 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
     if not spec.is_moe:
-        return swiglu(x, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
+        return swiglu(x, fused_weight(w, "mlp.gate_up_proj"), w["mlp.down_proj.weight"])
     return moe(x, w, spec)
 
 
@@ -209,7 +226,7 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
         token, slot = tokens[end:end + n], slots[end:end + n]
         end += n
         p = f"block_sparse_moe.experts.{e}."
-        y = swiglu(x[token], w[p + "w13.weight"], w[p + "w2.weight"])
+        y = swiglu(x[token], fused_weight(w, p + "w13"), w[p + "w2.weight"])
         out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
     return out.view(shape)
 

@@ -44,8 +44,9 @@ class QWeight:
     fmt: WeightFormat
     shape: tuple[int, int]
     codes: torch.Tensor  # int8 [r, c] | uint8 [r, c/2] (int4) | float8 [r, c] | float [r, c]
-    scale: torch.Tensor | None = None  # float16 [r] (int8, fp8) or [r, c/g] (int4)
-    zero: torch.Tensor | None = None  # float16 [r, c/g] (int4)
+    scale: torch.Tensor | None = None  # float16 [r] (int8, fp8) or [r, c/g] (int4, int4zp); float32 [r] (fp8s)
+    #                                    or [r, ceil(c/128)] (fp8b128)
+    zero: torch.Tensor | None = None  # float16 [r, c/g] (int4), uint8 [r, c/g] (int4zp)
     scratch: torch.Tensor | None = None  # flat, of the compute dtype
     block: torch.Tensor | None = None  # flat float32, for a 16-bit scratch (DEQUANT_BLOCK_ELEMS)
 
@@ -65,8 +66,10 @@ class QWeight:
             return self.codes.to(dtype) if out is None else out.copy_(self.codes)
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
-        if out.dtype == torch.float32:
+        if out.dtype == torch.float32 and self.fmt.block is None:
             return self._dequantize_into(out)
+        # a 16-bit out, or GGUF blocks (whose unpacking makes temporaries the size of what it
+        # unpacks): a band of rows at a time
         return self._dequantize_banded(out, block)
 
     def _dequantize_into(self, out: torch.Tensor) -> torch.Tensor:

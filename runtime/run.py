@@ -111,7 +111,7 @@ def check_device_formats(models: list[ModelSpec], device: torch.device) -> None:
             if why is not None:
                 raise InputError("plan", f"weights.{group}", f"{m.fmt(group).label}: {why}",
                                  f"a plan with {group}={m.fmt(group).name} (specplan optimize on this device's profile)")
-            if m.fmt(group).name != "fp8":
+            if m.fmt(group).name not in ("fp8", "fp8s", "fp8b128"):
                 continue
             dt = fp8_dtype()
             try:

@@ -72,7 +72,7 @@ class _Unit:
     compressed: dict[str, tuple] = field(default_factory=dict)  # name -> (format, shape): its parts are "name#part"
     parts: list[_Part] = field(default_factory=list)
     nbytes: int = 0  # the slot bytes it fills, alignment padding included
-    payload: int = 0  # its tensors' own bytes: what a pass streams (memory.streamed_bytes_per_pass)
+    payload: int = 0  # its tensors' own bytes: a whole layer's stream (routed experts: at most this)
     # routed streaming: expert -> (part index, start, end) within the part's host buffer, its payload
     experts: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
@@ -228,6 +228,10 @@ class WeightStore:
         have = self._fetched.setdefault(slot, set())
         dst = self.slots[slot]
         nbytes, copied, t = 0, 0, time.perf_counter()
+        timed = self.stats is not None and self.stats.per_layer
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if timed and self.cuda else None
+        if events:
+            events[0].record()
         for e in experts:
             if e in have or e not in unit.experts:
                 continue
@@ -236,10 +240,11 @@ class WeightStore:
             dst[p.offset + lo:p.offset + hi].copy_(p.host[lo:hi], non_blocking=self.cuda and p.home == "cpu_pinned")
             have.add(e)
             nbytes, copied = nbytes + payload, copied + 1
+        if events:
+            events[1].record()
         if copied and self.stats is not None:
             self.stats.count(self.stats.prefix + "experts_streamed", copied)
-            timed = self.stats.per_layer and not self.cuda
-            self._record_copy(nbytes, seconds=time.perf_counter() - t if timed else None)
+            self._record_copy(nbytes, seconds=time.perf_counter() - t if timed and not self.cuda else None, events=events)
 
     def _spill_to_disk(self, flat: torch.Tensor, name: str) -> torch.Tensor:
         if self._spill is None:

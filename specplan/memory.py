@@ -58,15 +58,6 @@ class MemoryNeed:
         return out
 
 
-def streamed_expert_share(target: ModelSpec, tokens: float | None = None, routed: bool = False) -> float:
-    """The share of a streamed MoE layer's experts one pass of `tokens` tokens copies: all of
-    them, as the runtime streams a layer whole (prefetched while the layer before computes);
-    with `routed`, the expected distinct experts the tokens are routed to. 1 for a dense model."""
-    if not target.is_moe or not routed or tokens is None:
-        return 1.0
-    return expected_experts_touched(tokens, target.experts, target.top_k) / target.experts
-
-
 def routed(target: ModelSpec, placement: Placement) -> bool:
     """The plan streams a MoE layer's experts on demand, once its router has picked them."""
     return placement.experts == "routed" and target.is_moe
@@ -127,8 +118,9 @@ def _draft_activation_bytes(draft: ModelSpec, schedule: Schedule, workload: Work
 
 
 def streamed_bytes_per_pass(target: ModelSpec, placement: Placement) -> float:
-    """The weight bytes one pass of the target copies to the GPU: every streamed layer's
-    chunks (all experts: the runtime streams a layer whole) and the LM head if it streams."""
+    """The weight bytes one pass of the target copies to the GPU ahead of its compute: every
+    streamed layer's chunks (all experts, unless routed: those come as the routers pick them)
+    and the LM head if it streams."""
     layers = sum(c[2] for i in range(target.layers) for c in streamed_chunks(target, placement, i))
     return layers + (target.head_bytes if placement.lm_head != "gpu" else 0.0)
 

@@ -121,7 +121,7 @@ class ModelSpec:
                                                      and bool(get("attention_bias", False))),
             o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and bool(get("attention_bias", False)),
             qk_norm=qwen3,
-            norm_topk_prob=bool(get("norm_topk_prob", True)) if arch == "Qwen3MoeForCausalLM" else True,
+            norm_topk_prob=bool(get("norm_topk_prob", False)) if arch == "Qwen3MoeForCausalLM" else True,  # transformers' default
             mlp_bias=arch == "LlamaForCausalLM" and bool(get("mlp_bias", False)),
             dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
@@ -412,7 +412,7 @@ def apply_weights(target: ModelSpec, draft: ModelSpec | None, weights: WeightFor
         if m is not None and m.weights_file and asked.to_dict() and asked.to_dict() != mine:
             raise InputError(source, "--weights", f"{m.name} keeps the formats of {m.weights_file} "
                              f"({m.weights.describe()}); {asked.describe()} cannot be applied to it",
-                             "no --weights for a GGUF model")
+                             "no --weights for a GGUF, AWQ, GPTQ or FP8 checkpoint")
     if draft is not None and not draft.self_draft and not draft.weights_file:
         draft = draft.with_weights(weights.for_draft(), source)
     return (target if target.weights_file else target.with_weights(weights, source)), draft
@@ -433,6 +433,10 @@ def resolve_draft(name: str | None, target: ModelSpec, source: str = "--draft") 
         return None
     if not is_self_draft(name):
         return ModelSpec.resolve(name)
+    if target.weights_file:
+        raise InputError("argument", source, f"'{name}': a self-draft quantizes the target's full-precision weights, and "
+                         f"{target.name} keeps the formats of {target.weights_file}",
+                         "a separate draft model, or none")
     from .formats import parse_format
 
     parts = str(name)[len(SELF_PREFIX):].split(":")

@@ -76,6 +76,8 @@ def write_tiny_gguf(path: Path, block: str, arch: str = "llama", seed: int = 0) 
     state: dict[str, torch.Tensor] = {}
 
     def matrix(gname: str, hname: str, rows: int, cols: int, kind: str, heads: int | None = None) -> None:
+        if kind == "q4_k_m":  # as llama.cpp's Q4_K_M mixes them: v and down wider than the rest
+            kind = "q6_k" if gname.endswith(("attn_v.weight", "ffn_down.weight")) else "q4_k"
         qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
         if kind in BLOCKS:
             raw = random_blocks(kind, rows, cols, g).numpy()
@@ -166,13 +168,15 @@ def prompts_for(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
 
 
-@pytest.mark.parametrize("block", list(BLOCKS) + ["f32"])
+@pytest.mark.parametrize("block", list(BLOCKS) + ["f32", "q4_k_m"])
 def test_a_gguf_of_each_block_type_runs_as_transformers_on_its_dequantized_weights(tmp_path, block):
     path = tmp_path / f"tiny-{block}.gguf"
     state = write_tiny_gguf(path, block)
     spec = ModelSpec.resolve(str(path))
     if block in BLOCKS:
         assert spec.fmt("attention").name == block and spec.fmt("experts").name == block
+    if block == "q4_k_m":  # a group is counted at its widest type (memory never short)
+        assert spec.fmt("attention").name == spec.fmt("experts").name == "q6_k"
     assert spec.fmt("lm_head").name == "q8_0" and spec.fmt("embed").name == "fp16"
     prompts = prompts_for(TINY["vocab"])
     expected = reference_greedy(reference(state), prompts, GEN)
@@ -285,3 +289,12 @@ def test_weights_cannot_be_changed_on_a_gguf_target(tmp_path):
     assert apply_weights(spec, None, parse_weights("").fixed)[0] == spec
     with pytest.raises(InputError, match="keeps the formats of"):
         apply_weights(spec, None, parse_weights("int8").fixed)
+
+
+def test_a_self_draft_of_a_gguf_target_is_refused(tmp_path):
+    from specplan.models import resolve_draft
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "q4_0")
+    with pytest.raises(InputError, match="self-draft quantizes the target's full-precision weights"):
+        resolve_draft("self:int4", ModelSpec.resolve(str(path)))

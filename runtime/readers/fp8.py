@@ -27,7 +27,7 @@ def formats(q: dict, source: str) -> WeightFormats:
 
     method = str(q.get("quant_method")).lower()
     if method == "fp8":
-        block = q.get("weight_block_size")
+        block = q.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])  # transformers' default; null: per tensor
         if block not in (None, [FP8_BLOCK, FP8_BLOCK]):
             refuse("weight_block_size", block, f"[{FP8_BLOCK}, {FP8_BLOCK}] or none (per tensor)")
         if str(q.get("fmt", "e4m3")).lower() != "e4m3":

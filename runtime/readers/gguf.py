@@ -2,8 +2,8 @@
 
 `gguf_config` turns the file's metadata into the HF config the rest of specplan plans with;
 `GGUFCheckpoint` hands out its tensors under the runtime's names. A quantized matrix stays in
-its GGML block format (runtime/blocks.py): the file's bytes, memory-mapped, become the host
-copy the weight store packs, with no second rounding. F32 / F16 / BF16 tensors are read as
+its GGML block format (runtime/blocks.py): the file's bytes, read from the memory map, become
+the host copy the weight store packs, with no second rounding. F32 / F16 / BF16 tensors are read as
 tensors. llama.cpp's converter stores a Llama's q and k rows interleaved per head (for its
 rotary layout); their rows are put back in HF order here, which moves whole rows of blocks and
 changes no value.
@@ -145,8 +145,10 @@ def gguf_config(path: str | Path) -> tuple[dict, WeightFormats]:
         fmts = [f.fmt_of(n) for n in f.tensors if n.split(".")[-2] in stems and n.endswith(".weight")]
         if group == "lm_head" and not fmts:  # tied: the head is the embedding
             fmts = [f.fmt_of("token_embd.weight")]
-        if fmts:
-            formats[group] = max(fmts, key=lambda w: w.matrix_bytes(1, 256 * 8))
+        if fmts:  # the widest whose blocks divide every matrix of the group (a type that does not was not used there)
+            cols = {int(f.tensors[n].shape[0]) for n in f.tensors if n.split(".")[-2] in stems and n.endswith(".weight")}
+            fits = [w for w in fmts if w.block is None or all(c % w.block[0] == 0 for c in cols)] or fmts
+            formats[group] = max(fits, key=lambda w: w.matrix_bytes(1, 256 * 8))
     return cfg, WeightFormats(**formats)
 
 
@@ -171,6 +173,8 @@ class GGUFCheckpoint(FileCheckpoint):
         fmt = self.file.fmt_of(gname)
         # read from the memory map (one expert of a stacked [experts, rows, cols] tensor)
         data = torch.from_numpy(np.array(t.data if expert is None else t.data[expert]))
+        if fmt.name == "bf16":  # the gguf package hands BF16 over as its bytes
+            data = data.view(torch.uint8).view(torch.bfloat16)
         perm = self._qk_rows(name, rows)
         if fmt.block is None:
             out = data.reshape(rows, cols) if len(t.shape) > 1 else data.reshape(cols)
