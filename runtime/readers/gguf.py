@@ -105,6 +105,9 @@ def gguf_config(path: str | Path) -> tuple[dict, WeightFormats]:
         raise InputError(str(path), "general.architecture", f"'{f.arch}' is not supported",
                          " | ".join(ARCHS) + " (GGUF architecture names)")
     f.check_types()
+    if "rope_freqs.weight" in f.tensors:  # Llama 3.1's scaled RoPE, which llama.cpp keeps as a tensor
+        raise InputError(str(path), "rope_freqs.weight", "holds RoPE frequency factors, which specplan does not apply "
+                         "yet (its answers would be wrong)", "a GGUF without rope_freqs, or the HF checkpoint")
     a = f.arch
     hf_arch, model_type = ARCHS[a]
 
