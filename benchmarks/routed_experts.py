@@ -20,6 +20,8 @@ from specplan.workload import Workload
 SCENARIOS = [  # name, target, draft, weights, profile composition
     ("Qwen3-235B-A22B, int4 experts, RTX 4090, PCIe 4, 256 GB", "qwen3-235b-a22b", "qwen3-0.6b", "experts=int4",
      dict(pcie=4, host_memory_bytes=256e9)),
+    ("gpt-oss-120b, int4g32 experts (MXFP4 stand-in), RTX 4090, 128 GB", "gpt-oss-120b", "gpt-oss-20b",
+     "experts=int4g32", dict(host_memory_bytes=128e9)),
     ("Qwen3-30B-A3B, bf16, RTX 4090", "qwen3-30b-a3b", "qwen3-0.6b", "", {}),
     ("Mixtral-8x7B, bf16, RTX 4090", "mixtral-8x7b", "mistral-7b-v0.2", "", {}),
 ]

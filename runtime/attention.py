@@ -39,13 +39,15 @@ def group_mask(start: torch.Tensor, q_len: int, kv_len: int, window: int | None,
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
-           window: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+           window: int | None = None, mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, q_len, H, D]; k, v [B, kv_len, KV, D] (cache views, any strides); -> [B, q_len, H, D].
 
     Runs on k's device in k's dtype. Grouped-query attention without copying the cache:
     the H / KV query heads that share a KV head are folded into the query axis
     ([B, KV, G * q_len, D]), so SDPA sees one KV head per group and any backend applies.
-    `mask` is group_mask's for these shapes, when the caller built it already.
+    `mask` is group_mask's for these shapes, when the caller built it already. `sinks` [H]:
+    a logit per head that joins each softmax and takes its share of the weight to no value
+    (gpt-oss); computed out in full, as transformers' eager attention does.
     """
     B, q_len, H, D = q.shape
     kv_heads = k.shape[2]
@@ -53,8 +55,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tenso
     q = q.to(k.device, k.dtype).transpose(1, 2).reshape(B, kv_heads, g * q_len, D)
     if mask is None:
         mask = group_mask(start, q_len, k.shape[1], window, g, k.device)
-    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    if sinks is not None:
+        out = _attend_with_sinks(q, k.transpose(1, 2), v.transpose(1, 2), mask, sinks, g, q_len)
+    else:
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(B, H, q_len, D).transpose(1, 2)
+
+
+def _attend_with_sinks(q, k, v, mask, sinks, groups: int, q_len: int) -> torch.Tensor:
+    """q [B, KV, G * q_len, D] against k, v [B, KV, kv_len, D]: softmax over the scores and
+    each head's sink logit, the sink's share dropped."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    B, kv_heads, rows, _ = scores.shape
+    sink = sinks.to(scores.dtype).view(kv_heads, groups, 1, 1).expand(kv_heads, groups, q_len, 1).reshape(1, kv_heads, rows, 1)
+    logits = torch.cat([scores, sink.expand(B, -1, -1, -1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 @contextmanager

@@ -39,9 +39,15 @@ def layer_tensor_names(spec: ModelSpec) -> list[str]:
         names.append("self_attn.o_proj.bias")
     if spec.qk_norm:
         names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    if spec.attn_sinks:
+        names.append("self_attn.sinks")
     if spec.is_moe:
         names.append("block_sparse_moe.gate.weight")
+        if spec.router_bias:
+            names.append("block_sparse_moe.gate.bias")
         names += [f"block_sparse_moe.experts.{e}.w{j}.weight" for e in range(spec.experts) for j in (1, 2, 3)]
+        if spec.mlp_bias:
+            names += [f"block_sparse_moe.experts.{e}.w{j}.bias" for e in range(spec.experts) for j in (1, 2, 3)]
     else:
         names += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     return names
@@ -53,7 +59,7 @@ def tensor_group(name: str) -> str:
         return "attention"
     if name.endswith("layernorm.weight"):
         return "norm"
-    if name == "block_sparse_moe.gate.weight":
+    if name.startswith("block_sparse_moe.gate."):
         return "router"
     return "ffn"
 
@@ -68,6 +74,10 @@ def _shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
     q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     if name.endswith(("q_norm.weight", "k_norm.weight")):
         return (spec.head_dim,)
+    if name.endswith("sinks"):
+        return (spec.heads,)
+    if name == "block_sparse_moe.gate.bias":
+        return (spec.experts,)
     if name.endswith("norm.weight"):
         return (h,)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -80,7 +90,8 @@ def _shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
         "o_proj": (h, q) if name.endswith("weight") else (h,),
         "gate": (spec.experts, h),
         "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
-        "w1": (f, h), "w3": (f, h), "w2": (h, f),
+        "w1": (f, h) if name.endswith("weight") else (f,), "w3": (f, h) if name.endswith("weight") else (f,),
+        "w2": (h, f) if name.endswith("weight") else (h,),
     }[proj]
 
 
@@ -190,6 +201,8 @@ def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str],
         if name == "lm_head.weight" and spec.tie_embeddings:
             return read("model.embed_tokens.weight")
         parts = name.split(".")
+        if "block_sparse_moe" in parts and spec.arch == "GptOssForCausalLM":
+            return _gpt_oss(name, parts, fused)
         if "block_sparse_moe" in parts:
             prefix = ".".join(parts[:3])  # model.layers.{i}
             if parts[4] == "gate" and has(f"{prefix}.mlp.gate.weight"):
@@ -204,6 +217,20 @@ def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str],
                 f = gate_up.shape[0] // 2
                 return gate_up[:f] if w == "w1" else gate_up[f:]
         raise InputError(source, name, "is missing from the checkpoint", f"a {spec.arch} checkpoint matching config.json")
+
+    def _gpt_oss(name: str, parts: list[str], fused) -> torch.Tensor:
+        """transformers' gpt-oss layout: mlp.router; experts stacked as x @ W, [E, H, 2F] with gate
+        and up interleaved (even columns gate, odd up), and [E, F, H] down, each with a bias."""
+        prefix = ".".join(parts[:3]) + ".mlp."
+        if parts[4] == "gate":
+            return read(prefix + "router." + parts[5])
+        e, w, kind = int(parts[5]), parts[6], parts[7]
+        if w == "w2":
+            return fused(prefix + "experts.down_proj")[e].t() if kind == "weight" else read(prefix + "experts.down_proj_bias")[e]
+        half = 0 if w == "w1" else 1
+        if kind == "weight":
+            return fused(prefix + "experts.gate_up_proj")[e][:, half::2].t()
+        return read(prefix + "experts.gate_up_proj_bias")[e][half::2]
 
     return get
 

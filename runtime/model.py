@@ -26,7 +26,7 @@ from .kvcache import KVCache
 from .quant import QWeight, dense
 from .quant import linear as matmul
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 # ---- what we run -----------------------------------------------------------------------------
@@ -48,6 +48,14 @@ def sliding_window(spec: ModelSpec) -> int | None:
     return None
 
 
+def layer_windows(spec: ModelSpec) -> list[int | None]:
+    """Each layer's sliding window (None: full attention): gpt-oss alternates them (layer_types)."""
+    types = spec.hf_config.get("layer_types") if spec.arch == "GptOssForCausalLM" else None
+    if types:
+        return [spec.hf_config.get("sliding_window") if t == "sliding_attention" else None for t in types]
+    return [sliding_window(spec)] * spec.layers
+
+
 def check_supported(spec: ModelSpec, source: str = "model") -> None:
     """Refuse, before any weight is read, a config whose arithmetic this runtime does not implement."""
     cfg = spec.hf_config
@@ -66,9 +74,12 @@ def check_supported(spec: ModelSpec, source: str = "model") -> None:
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], fp32, with linear or llama3 scaling (as transformers computes them)."""
+    """Inverse frequencies [head_dim / 2], fp32, with linear, llama3 or YaRN scaling (as
+    transformers computes them; YaRN's by transformers' own function)."""
     p = rope_parameters(spec)
     dim = spec.head_dim
+    if p["rope_type"] == "yarn":
+        return _yarn(spec)[0]
     inv_freq = 1.0 / (float(p["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if p["rope_type"] == "linear":
         return inv_freq / p["factor"]
@@ -84,6 +95,20 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     return inv_freq
 
 
+def rope_scale(spec: ModelSpec) -> float:
+    """What cos and sin are multiplied by: YaRN's attention factor, else 1."""
+    return _yarn(spec)[1] if rope_parameters(spec)["rope_type"] == "yarn" else 1.0
+
+
+def _yarn(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.CONFIG_MAPPING[spec.hf_config["model_type"]].from_dict(spec.hf_config)
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, torch.device("cpu"))
+    return inv_freq.float(), float(factor)
+
+
 # ---- layer arithmetic --------------------------------------------------------------------------
 
 
@@ -93,10 +118,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, q_len, 1, head_dim] for absolute positions [B, q_len]."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, q_len, 1, head_dim] for absolute positions [B, q_len] (times `scale`: YaRN)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -109,8 +137,8 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    if f"{name}.weight" not in w and name in FUSED:  # left unfused: each piece, outputs side by side
-        return torch.cat([linear(x, w, p) for p in FUSED[name]], dim=-1)
+    if f"{name}.weight" not in w and _fused_parts(name):  # left unfused: each piece, outputs side by side
+        return torch.cat([linear(x, w, p) for p in _fused_parts(name)], dim=-1)
     return matmul(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
@@ -153,8 +181,14 @@ def fused_weight(w: dict, fused: str):
     name = f"{fused}.weight"
     if name in w:
         return w[name]
-    parts = FUSED.get(fused) or (fused[:-len("w13")] + "w1", fused[:-len("w13")] + "w3")
-    return tuple(w[f"{p}.weight"] for p in parts)
+    return tuple(w[f"{p}.weight"] for p in _fused_parts(fused))
+
+
+def _fused_parts(fused: str) -> tuple[str, ...]:
+    """The pieces a fused projection is made of (FUSED, or an expert's w1 | w3), () if none."""
+    if fused in FUSED:
+        return FUSED[fused]
+    return (fused[:-len("w13")] + "w1", fused[:-len("w13")] + "w3") if fused.endswith(".w13") else ()
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -174,6 +208,18 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
         # dequantized right before its GEMM, gate|up's scratch reused for down.
         gate, up = torch.matmul(flat, dense(gate_up).view(2, f, -1).transpose(1, 2))
     return matmul(F.silu(gate, inplace=True).mul_(up), down).view(*x.shape[:-1], -1)
+
+
+GLU_ALPHA = 1.702  # gpt-oss's gate sharpness: gate * sigmoid(alpha * gate)
+
+
+def clamped_glu(x: torch.Tensor, w: dict, p: str, limit: float) -> torch.Tensor:
+    """gpt-oss's expert: gate|up with biases, gate clamped above at `limit`, up to +-limit,
+    (up + 1) * gate * sigmoid(alpha * gate), then down with its bias."""
+    both = linear(x, w, p + "w13")
+    f = both.shape[-1] // 2
+    gate, up = both[..., :f].clamp(max=limit), both[..., f:].clamp(min=-limit, max=limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * GLU_ALPHA)), w, p + "w2")
 
 
 def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
@@ -205,10 +251,15 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
     where norm_topk_prob says so)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = F.softmax(F.linear(x, w["block_sparse_moe.gate.weight"]).float(), dim=-1)
-    top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
-    if spec.norm_topk_prob:
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    if spec.router_bias:  # gpt-oss: the top-k logits, softmax over those
+        logits = F.linear(x, w["block_sparse_moe.gate.weight"], w["block_sparse_moe.gate.bias"])
+        top_v, top_i = torch.topk(logits, spec.top_k, dim=-1)
+        top_w = F.softmax(top_v, dim=1, dtype=top_v.dtype)
+    else:
+        probs = F.softmax(F.linear(x, w["block_sparse_moe.gate.weight"]).float(), dim=-1)
+        top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
+        if spec.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     out = torch.zeros_like(x)
     # One expert at a time over the tokens routed to it, in token order. Which experts are hit,
     # and by how many tokens, is known only after routing: one host sync per layer (the counts).
@@ -226,7 +277,10 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> torch.T
         token, slot = tokens[end:end + n], slots[end:end + n]
         end += n
         p = f"block_sparse_moe.experts.{e}."
-        y = swiglu(x[token], fused_weight(w, p + "w13"), w[p + "w2.weight"])
+        if spec.swiglu_limit:
+            y = clamped_glu(x[token], w, p, spec.swiglu_limit)
+        else:
+            y = swiglu(x[token], fused_weight(w, p + "w13"), w[p + "w2.weight"])
         out.index_add_(0, token, (y * top_w[token, slot, None]).to(out.dtype))
     return out.view(shape)
 
@@ -274,7 +328,11 @@ class Model:
         self.spec, self.store, self.cache, self.device = spec, store, cache, device
         self.stats, self.name = stats, name
         self.inv_freq = rope_inv_freq(spec).to(device)
-        self.window = sliding_window(spec)
+        self.rope_scale = rope_scale(spec)
+        self.windows = layer_windows(spec)
+        # one window for every layer: a pass's mask is built once; else per layer (gpt-oss)
+        self.window = self.windows[0] if len(set(self.windows)) == 1 else None
+        self.mixed_windows = len(set(self.windows)) > 1
 
     def _timed(self, stage: str):
         if self.stats is None or not self.stats.per_layer:
@@ -305,7 +363,8 @@ class Model:
             ropes = []
             for s in steps:
                 pos = self.cache.lengths[s.rows][:, None] + torch.arange(s.tokens.shape[1])
-                ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device, non_blocking=True), xs[0].dtype))
+                ropes.append(rope_cos_sin(self.inv_freq, pos.to(self.device, non_blocking=True), xs[0].dtype,
+                                          self.rope_scale))
             geos = [self.geometry(s) for s in steps]
         for i in range(L):
             w = store.acquire(i)
@@ -327,7 +386,7 @@ class Model:
         kv_len, where = (q_len, self.device) if past == 0 else (past + q_len, self.cache.device)
         # a small mask (decode, verify) is kept for the pass; a prefill chunk's would hold
         # rows x groups x q_len x kv_len bytes beside every slice's, so it is built per layer
-        small = len(start) * groups * q_len * kv_len <= MASK_HOLD_BYTES
+        small = len(start) * groups * q_len * kv_len <= MASK_HOLD_BYTES and not self.mixed_windows
         return Geometry(start, past, self.cache.write_index(step.rows, q_len),
                         group_mask(start, q_len, kv_len, self.window, groups, where) if small else None)
 
@@ -339,7 +398,7 @@ class Model:
         with self._timed("proj"):
             packed = qkv_proj(x, w, spec, rope)
         with self._timed("attention"):
-            o = self.attention(i, step, packed, geo or self.geometry(step))
+            o = self.attention(i, step, packed, geo or self.geometry(step), w.get("self_attn.sinks"))
             del packed
         # The residual adds go into x, the pass's own hidden state: one hidden-wide tensor fewer
         # while the FFN runs.
@@ -350,20 +409,22 @@ class Model:
             x.add_(ffn(rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps), w, spec))
         return x
 
-    def attention(self, i: int, step: Step, packed: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    def attention(self, i: int, step: Step, packed: torch.Tensor, geo: Geometry,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of one layer from the packed q|k|v (qkv_proj); the output on the compute device."""
+        window = self.windows[i]
         if geo.past == 0:
             # Prefill: nothing cached before these tokens, so attend to the fresh keys where
             # they were computed instead of reading them back from a (CPU) cache.
             q, k, v = split_qkv(packed, self.spec)
             self.cache.write(i, step.rows, k, v, geo.write_index)
-            return attend(q, k, v, geo.start, self.window, geo.mask)
+            return attend(q, k, v, geo.start, window, geo.mask, sinks)
         # Decode / verify: q, k and v go to the cache's device in one copy, not three.
         cache_device = self.cache.device
         q, k, v = split_qkv(packed.to(cache_device, non_blocking=cache_device.type == "cuda"), self.spec)
         self.cache.write(i, step.rows, k, v, geo.write_index)
         kc, vc = self.cache.view(i, step.rows, geo.past + q.shape[1])
-        return attend(q, kc, vc, geo.start, self.window, geo.mask).to(packed.device, packed.dtype, non_blocking=True)
+        return attend(q, kc, vc, geo.start, window, geo.mask, sinks).to(packed.device, packed.dtype, non_blocking=True)
 
     def head(self, x: torch.Tensor, step: Step, w: dict) -> torch.Tensor:
         if step.pick is not None:

@@ -24,8 +24,9 @@ DTYPE_BYTES: dict[str, float] = {
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
 }
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                   "Qwen3MoeForCausalLM")
-MOE_ARCHS = {"MixtralForCausalLM": "num_local_experts", "Qwen3MoeForCausalLM": "num_experts"}  # -> its experts key
+                   "Qwen3MoeForCausalLM", "GptOssForCausalLM")
+MOE_ARCHS = {"MixtralForCausalLM": "num_local_experts", "Qwen3MoeForCausalLM": "num_experts",
+             "GptOssForCausalLM": "num_local_experts"}  # -> its experts key
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class ModelSpec:
     mlp_bias: bool = False
     qk_norm: bool = False  # an RMSNorm over each head's q and k before RoPE (Qwen3)
     norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1 (Mixtral; Qwen3-MoE's flag)
+    attn_sinks: bool = False  # a learned logit per head that takes a share of each softmax (gpt-oss)
+    swiglu_limit: float = 0.0  # gpt-oss's clamped GLU (gate <= limit, |up| <= limit), 0: SiLU(gate) * up
+    router_bias: bool = False  # the router's linear has a bias (gpt-oss: top-k of the logits, softmax over them)
     dtype: str = "bfloat16"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -117,12 +121,16 @@ class ModelSpec:
             # transformers: Qwen2 always biases q/k/v; Llama's attention_bias biases q/k/v and o,
             # and its mlp_bias the MLP; Mistral and Mixtral have neither.
             # Qwen3's attention_bias, like Llama's, biases q/k/v and o.
-            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-                                                     and bool(get("attention_bias", False))),
-            o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and bool(get("attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                                                              "GptOssForCausalLM") and bool(get("attention_bias", False))),
+            o_bias=(arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM")
+                    and bool(get("attention_bias", False))),
             qk_norm=qwen3,
             norm_topk_prob=bool(get("norm_topk_prob", False)) if arch == "Qwen3MoeForCausalLM" else True,  # transformers' default
-            mlp_bias=arch == "LlamaForCausalLM" and bool(get("mlp_bias", False)),
+            mlp_bias=(arch == "LlamaForCausalLM" and bool(get("mlp_bias", False))) or arch == "GptOssForCausalLM",
+            attn_sinks=arch == "GptOssForCausalLM",
+            swiglu_limit=float(get("swiglu_limit", 7.0)) if arch == "GptOssForCausalLM" else 0.0,
+            router_bias=arch == "GptOssForCausalLM",
             dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
             rope_theta=float(get("rope_theta") or (get("rope_parameters") or {}).get("rope_theta") or 10000.0),
@@ -280,7 +288,7 @@ class ModelSpec:
 
     @cached_property
     def router_params_per_layer(self) -> int:
-        return self.hidden * self.experts if self.is_moe else 0
+        return (self.hidden + self.router_bias) * self.experts if self.is_moe else 0
 
     @cached_property
     def expert_params(self) -> int:
@@ -333,7 +341,8 @@ class ModelSpec:
     def _attention_bias_params(self) -> int:
         """The attention's vectors, kept in the dtype: q/k/v and o biases, and the q and k norms."""
         bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return bias + (self.hidden if self.o_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+        return (bias + (self.hidden if self.o_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+                + (self.heads if self.attn_sinks else 0))
 
     @cached_property
     def embed_bytes(self) -> float:
@@ -476,7 +485,8 @@ def _positive_int(v: Any) -> bool:
 
 def _arch_from_model_type(model_type: str | None, source: str) -> str:
     table = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+             "gpt_oss": "GptOssForCausalLM"}
     if model_type not in table:
         raise InputError(source, "model_type", f"'{model_type}' is not supported", ", ".join(table))
     return table[model_type]
