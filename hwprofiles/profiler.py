@@ -425,7 +425,7 @@ def attention_table(model: ModelSpec, device: torch.device, grid: Grid) -> dict:
 
 
 MEASURED_FORMATS = ("int8", "int4g32", "int4g64", "int4g128", "fp8")
-CHECKPOINT_FORMATS = ("int4zp32", "int4zp64", "int4zp128", "fp8s", "fp8b128")  # AWQ / GPTQ and FP8 checkpoints' own
+CHECKPOINT_FORMATS = ("int4zp32", "int4zp64", "int4zp128", "fp8s", "fp8b128", "mxfp4")  # AWQ / GPTQ and FP8 checkpoints' own
 
 
 def _format_matrices(models: list[ModelSpec], fmt, key_of) -> tuple[dict[int, tuple[int, int]], str | None]:

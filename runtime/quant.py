@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from specplan.formats import DEQUANT_BLOCK_ELEMS, FLOAT_FORMATS, FP8_BLOCK, WeightFormat
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# the sixteen fp4 e2m1 values (sign, two exponent bits, one mantissa bit), by code (OCP MX spec)
+FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("codes", "scale", "zero")
 
@@ -47,6 +49,7 @@ class QWeight:
     scale: torch.Tensor | None = None  # float16 [r] (int8, fp8) or [r, c/g] (int4, int4zp); float32 [r] (fp8s)
     #                                    or [r, ceil(c/128)] (fp8b128)
     zero: torch.Tensor | None = None  # float16 [r, c/g] (int4), uint8 [r, c/g] (int4zp)
+    # (mxfp4: scale is uint8 e8m0 [r, c/32], no zero)
     scratch: torch.Tensor | None = None  # flat, of the compute dtype
     block: torch.Tensor | None = None  # flat float32, for a 16-bit scratch (DEQUANT_BLOCK_ELEMS)
 
@@ -89,6 +92,11 @@ class QWeight:
             return out.copy_(self.codes).mul_(self.scale.float()[:, None])
         g = self.fmt.group_size
         pairs = out.view(r, c // 2, 2)
+        if self.fmt.name == "mxfp4":  # e2m1 codes through their table, times 2^(e - 127)
+            table = FP4_E2M1.to(out.device)
+            pairs[:, :, 0].copy_(table[(self.codes & 0xF).long()])
+            pairs[:, :, 1].copy_(table[(self.codes >> 4).long()])
+            return out.view(r, c // g, g).mul_(torch.exp2(self.scale.float() - 127.0)[:, :, None]).view(r, c)
         pairs[:, :, 0].copy_(self.codes & 0xF)
         pairs[:, :, 1].copy_(self.codes >> 4)
         grouped = out.view(r, c // g, g)
@@ -236,6 +244,9 @@ def sample(fmt: WeightFormat, rows: int, cols: int, generator: torch.Generator |
         return QWeight(fmt, (rows, cols), torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator),
                        scale=(torch.rand(groups, generator=generator) * 0.01 + 1e-3).half(),
                        zero=torch.randint(0, 16, groups, dtype=torch.uint8, generator=generator))
+    if fmt.name == "mxfp4":
+        return QWeight(fmt, (rows, cols), torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator),
+                       scale=torch.randint(117, 127, (rows, cols // fmt.group_size), dtype=torch.uint8, generator=generator))
     if fmt.name in ("fp8s", "fp8b128"):
         b = FP8_BLOCK
         scale = torch.rand((rows,) if fmt.name == "fp8s" else (rows, -(-cols // b)), generator=generator) * 1e-3

@@ -17,6 +17,8 @@ Formats (a weight matrix is [rows = output features, cols = input features]):
   int4zpN             AWQ's and GPTQ's 4-bit codes: groups of N input features of a row with a
                       float16 scale and an integer zero point, w = (q - z) * s (codes two a
                       byte as int4gN, zero points a byte each)
+  mxfp4               OCP MX fp4 (e2m1) codes, two a byte as int4gN, and one power-of-two scale
+                      (e8m0, a byte) per 32 input features of a row (gpt-oss's experts)
   fp8s, fp8b128       fp8 e4m3 codes with float32 scales: one a row (a per-tensor or per-channel
                       checkpoint), or one per 128 x 128 block (DeepSeek-style), kept once per
                       row of its block so that rows stay independent; w = q * s
@@ -52,6 +54,7 @@ LAYER_GROUPS = ("attention", "experts", "draft")
 FORMAT_NAMES = ("bf16", "fp16", "fp32", "int8", "int4", "int4g32", "int4g64", "int4g128", "fp8")
 FUSED_SUFFIX = "+fused"
 FP8_BLOCK = 128  # fp8b128's block edge
+MX_BLOCK = 32  # mxfp4's weights a scale
 # GGML block formats: name -> (weights a block, bytes a block)
 GGML_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
                "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
@@ -85,20 +88,22 @@ class WeightFormat:
     @property
     def read_only(self) -> bool:
         """Read from a checkpoint that has it (GGUF, AWQ, GPTQ, FP8), never quantized into."""
-        return self.block is not None or self.name.startswith("int4zp") or self.name in ("fp8s", "fp8b128")
+        return self.block is not None or self.name.startswith("int4zp") or self.name in ("fp8s", "fp8b128", "mxfp4")
 
     @property
     def group_size(self) -> int | None:
         """Input features that share a scale: None for float formats, the row for int8 / fp8."""
         if self.name.startswith("int4zp"):
             return int(self.name[6:])
+        if self.name == "mxfp4":
+            return MX_BLOCK
         return int(self.name[5:]) if self.name.startswith("int4g") else None
 
     @property
     def code_bits(self) -> int:
         if self.name in FLOAT_FORMATS:
             return 8 * FLOAT_FORMATS[self.name]
-        return 4 if self.name.startswith("int4") else 8
+        return 4 if self.name.startswith("int4") or self.name == "mxfp4" else 8
 
     def matrix_bytes(self, rows: int, cols: int) -> int:
         """Bytes of a [rows, cols] matrix in this format: codes, scales and zero points."""
@@ -114,6 +119,8 @@ class WeightFormat:
             return codes + rows * -(-cols // FP8_BLOCK) * 4  # each block's scale repeated on its rows
         if self.name.startswith("int4zp"):
             return codes + rows * (cols // self.group_size) * (SCALE_BYTES + 1)  # float16 scale, uint8 zero point
+        if self.name == "mxfp4":
+            return codes + rows * (cols // MX_BLOCK)  # one e8m0 scale byte a block
         if self.group_size is None:
             return codes + rows * SCALE_BYTES  # one scale per row
         return codes + rows * (cols // self.group_size) * 2 * SCALE_BYTES  # scale and zero per group
@@ -136,7 +143,7 @@ def parse_format(text: str, source: str = "argument", field: str = "--weights") 
         t = t[:-len(FUSED_SUFFIX)]
     t = {"int4": "int4g64", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32",
          "fp8_e4m3": "fp8", "e4m3": "fp8"}.get(t, t)
-    if (t in GGML_BLOCKS or t in ("fp8s", "fp8b128") or re.fullmatch(r"int4zp(32|64|128|256|512|1024|2048)", t)) \
+    if (t in GGML_BLOCKS or t in ("fp8s", "fp8b128", "mxfp4") or re.fullmatch(r"int4zp(32|64|128|256|512|1024|2048)", t)) \
             and not fused:
         return WeightFormat(t)
     if t not in FORMAT_NAMES:

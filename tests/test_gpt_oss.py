@@ -7,6 +7,7 @@ so the test sees both. The presets count what transformers counts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -66,3 +67,60 @@ def test_gpt_oss_presets_count_what_transformers_counts(preset, params):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     assert spec.total_params == sum(p.numel() for p in model.parameters()) == params
     assert preset != "gpt-oss-120b" or spec.natural_draft == "gpt-oss-20b"
+
+
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
+
+
+def _mx(rng, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random MXFP4 blocks [..., rows, cols / 32, 16] and scales [..., rows, cols / 32], and their
+    values [..., rows, cols] by the OCP MX rule: e2m1 code (low nibble first) x 2^(scale - 127)."""
+    *lead, rows, cols = shape
+    blocks = rng.integers(0, 256, (*lead, rows, cols // 32, 16), dtype=np.uint8)
+    scales = rng.integers(118, 124, (*lead, rows, cols // 32), dtype=np.uint8)
+    codes = np.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(*lead, rows, cols // 32, 32)
+    values = FP4[codes] * np.exp2(scales.astype(np.float32) - 127.0)[..., None]
+    return blocks, scales, values.reshape(*lead, rows, cols).astype(np.float32)
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_runs_as_transformers_on_its_values(tmp_path, gpt_oss):
+    import json
+
+    from safetensors.torch import save_file
+
+    from test_gguf import run_engine as run_file
+
+    hf, spec, prompts, _ = gpt_oss
+    rng = np.random.default_rng(0)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    tensors = {}
+    for i in range(spec.layers):
+        p = f"model.layers.{i}.mlp.experts."
+        e, h, f = spec.experts, spec.hidden, spec.ffn_inner
+        gb, gs, gv = _mx(rng, (e, 2 * f, h))  # on disk rows = output features, gate and up alternating
+        db, ds, dv = _mx(rng, (e, h, f))
+        tensors |= {p + "gate_up_proj_blocks": torch.from_numpy(gb), p + "gate_up_proj_scales": torch.from_numpy(gs),
+                    p + "down_proj_blocks": torch.from_numpy(db), p + "down_proj_scales": torch.from_numpy(ds)}
+        state[p + "gate_up_proj"] = torch.from_numpy(gv).transpose(1, 2).contiguous()  # transformers: x @ W
+        state[p + "down_proj"] = torch.from_numpy(dv).transpose(1, 2).contiguous()
+    tensors |= {k: v for k, v in state.items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(spec.hf_config, quantization_config={"quant_method": "mxfp4"})))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    ref = type(hf)(hf.config).eval()
+    ref.load_state_dict(state)
+    mx = ModelSpec.resolve(str(folder))
+    assert mx.fmt("experts").name == "mxfp4" and mx.fmt("attention").name == "fp32"
+    assert mx.layer_bytes.expert == 3 * h * f // 2 + 3 * h * f // 32 + (2 * f + h) * 4  # codes, scales, biases
+    from test_gguf import GEN
+
+    assert run_file(folder, prompts, STREAMED) == reference_greedy(ref, prompts, GEN)
+    # a stacked tensor of another shape than the config's: one line, before any weight is read
+    from specplan.errors import InputError
+    from specplan.runtime.checkpoint import open_checkpoint
+
+    tensors["model.layers.2.mlp.experts.down_proj_scales"] = tensors["model.layers.2.mlp.experts.down_proj_scales"][:, :-1]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    with pytest.raises(InputError, match="layers.2.mlp.experts.down_proj_scales: has shape"):
+        open_checkpoint(ModelSpec.resolve(str(folder)), folder, False)

@@ -6,6 +6,7 @@ runtime's tensor names, a quantized matrix as a QWeight in the file's own format
   awq.py    a HF directory of AWQ (GEMM) safetensors          quantization_config.quant_method "awq"
   gptq.py   a HF directory of GPTQ safetensors (desc_act off)  "gptq"
   fp8.py    a HF directory of fp8 e4m3 weights with scales     "compressed-tensors", "fp8"
+  mxfp4.py  gpt-oss's MXFP4 experts                            "mxfp4"
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class SafetensorsDir:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.where[name].get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the file's header, without reading it."""
+        return tuple(self.where[name].get_slice(name).get_shape())
+
 
 class QuantizedDirCheckpoint(FileCheckpoint):
     """A HF directory whose layer matrices a quantization method stores in its own tensors
@@ -66,6 +71,8 @@ class QuantizedDirCheckpoint(FileCheckpoint):
         self.files = SafetensorsDir(path)
         self.method = method
         self.reader = reader(method)
+        if hasattr(self.reader, "check"):  # shapes against the config, before any weight is read
+            self.reader.check(self.files, spec)
         plain = _resolver(spec, self.files.__contains__, self.files.__getitem__, str(path))
         super().__init__(spec, lambda name: self._read(name, plain), dtype, str(path))
 
@@ -113,11 +120,11 @@ def quantized_formats(cfg: dict, source: str):
     return reader(method).formats(q, source), method
 
 
-METHODS = ("awq", "gptq", "compressed-tensors", "fp8")  # quantization_config.quant_method
+METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "mxfp4")  # quantization_config.quant_method
 
 
 def reader(method: str):
     """The module reading a quantization method's tensors (its `formats`, `stores`, `read`)."""
-    from . import awq, fp8, gptq
+    from . import awq, fp8, gptq, mxfp4
 
-    return {"awq": awq, "gptq": gptq, "compressed-tensors": fp8, "fp8": fp8}[method]
+    return {"awq": awq, "gptq": gptq, "compressed-tensors": fp8, "fp8": fp8, "mxfp4": mxfp4}[method]
