@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from specplan.fileio import write_json
-from specplan.formats import parse_weights
+from specplan.formats import WeightFormat, WeightFormats, parse_weights
 from specplan.hardware import load_profile
 from specplan.models import ModelSpec, apply_weights, resolve_draft
 from specplan.planner.optimize import optimize
@@ -20,8 +20,8 @@ from specplan.workload import Workload
 SCENARIOS = [  # name, target, draft, weights, profile composition
     ("Qwen3-235B-A22B, int4 experts, RTX 4090, PCIe 4, 256 GB", "qwen3-235b-a22b", "qwen3-0.6b", "experts=int4",
      dict(pcie=4, host_memory_bytes=256e9)),
-    ("gpt-oss-120b, int4g32 experts (MXFP4 stand-in), RTX 4090, 128 GB", "gpt-oss-120b", "gpt-oss-20b",
-     "experts=int4g32", dict(host_memory_bytes=128e9)),
+    ("gpt-oss-120b, MXFP4 experts, RTX 4090, 128 GB", "gpt-oss-120b", "gpt-oss-20b", "experts=mxfp4",
+     dict(host_memory_bytes=128e9)),
     ("Qwen3-30B-A3B, bf16, RTX 4090", "qwen3-30b-a3b", "qwen3-0.6b", "", {}),
     ("Mixtral-8x7B, bf16, RTX 4090", "mixtral-8x7b", "mistral-7b-v0.2", "", {}),
 ]
@@ -38,7 +38,11 @@ def main() -> None:
             prof = load_profile("rtx4090", **compose)
             tgt = ModelSpec.resolve(target)
             drf = resolve_draft(draft, tgt)
-            tgt, drf = apply_weights(tgt, drf, parse_weights(weights).fixed)
+            if weights == "experts=mxfp4":  # the checkpoint's own format (not a --weights choice): its bytes
+                mx = WeightFormats(experts=WeightFormat("mxfp4"))  # gpt-oss-20b, the draft, ships MXFP4 too
+                tgt, drf = tgt.with_weights(mx), drf.with_weights(mx) if drf is not None else None
+            else:
+                tgt, drf = apply_weights(tgt, drf, parse_weights(weights).fixed)
             print(f"\n{name}, draft {draft}: prompt 512, gen 128, acceptance 0.7")
             print(f"{'prompts':>8} {'best plan':50} {'tok/s':>8} {'whole layers':>13} {'ratio':>6}")
             for n in PROMPTS:

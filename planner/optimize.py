@@ -526,30 +526,39 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
             ranked.append(Ranked(c, res))
     if not ranked:
         raise InfeasibleError("no plan fits: " + " | ".join(f"{p}: {w}" for p, w in infeasible.items()))
-    ranked += routed_variants(ranked, target, draft, profile, workload, memo)
+    skipped = [s.first for s in searches if s.skipped and s.first is not None]
+    ranked += routed_variants(ranked, target, draft, profile, workload, memo, skipped)
     for r in ranked:  # a policy with a plan is not infeasible, whatever a runner-up hit
         infeasible.pop(r.candidate.shape.policy, None)
     ranked.sort(key=lambda r: -r.tok_s)
+    simulated = {r.candidate.shape.policy for r in ranked}
     return OptimizeResult(ranked, infeasible, sum(s.considered for s in searches), solver_name(),
-                          {s.policy: s.first for s in searches if s.skipped})
+                          {s.policy: s.first for s in searches if s.skipped and s.policy not in simulated})
 
 
-ROUTED_TRIED = 3  # the best simulated plans also simulated with routed experts
+ROUTED_TRIED = 3  # the best simulated plans (and each policy's best) also simulated with routed experts
 
 
-def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, workload, memo=None) -> list[Ranked]:
-    """The best plans that stream MoE experts, simulated once more with routed experts (only
-    the experts a layer's router picks are copied, after it has; the rest of the layer is
-    prefetched as before): the simulator, not the program, weighs the smaller stream against
-    the copy the layer now waits for. Those that fit are added for the ranking to choose."""
+def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, workload, memo=None,
+                    skipped: list[Candidate] = ()) -> list[Ranked]:
+    """The best plans that stream MoE experts (and each policy's best, simulated or skipped),
+    simulated once more with routed experts (only the experts a layer's router picks are
+    copied, after it has; the rest of the layer is prefetched as before): the simulator, not
+    the program, weighs the smaller stream against the copy the layer now waits for. Those
+    that fit are added for the ranking to choose."""
     out = []
-    for r in sorted(ranked, key=lambda r: -r.tok_s)[:ROUTED_TRIED]:
-        pl = r.candidate.placement
+    order = sorted(ranked, key=lambda r: -r.tok_s)
+    best_of = {}
+    for r in order:  # each policy's best too: routing can lift a policy the others beat whole
+        best_of.setdefault(r.candidate.shape.policy, r)
+    tried = [r.candidate for i, r in enumerate(order) if i < ROUTED_TRIED or best_of[r.candidate.shape.policy] is r]
+    for cand in tried + list(skipped):  # a policy the simulator skipped for its whole-layer estimate too
+        pl = cand.placement
         # routed experts are copied straight from pinned host memory (a pageable or disk home would
         # need staging the ring does for whole layers and the expert copies do not have)
         if not target.is_moe or pl.ffn != "cpu_pinned" or pl.ffn_gpu_layers >= target.layers or pl.experts == "routed":
             continue
-        c = replace(r.candidate, placement=replace(pl, experts="routed"))
+        c = replace(cand, placement=replace(pl, experts="routed"))
         res = _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)
         if isinstance(res, SimResult):
             out.append(Ranked(c, res))
