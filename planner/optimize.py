@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 
 from specplan import __version__
-from specplan.cost import dequant_op_name, fused_op_name
+from specplan.cost import dequant_op_name, expected_experts_touched, fused_op_name
 from specplan.errors import InfeasibleError, InputError
 from specplan.fileio import sha256_of
 from specplan.hardware import HardwareProfile
@@ -537,6 +537,7 @@ def optimize(target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfil
 
 
 ROUTED_TRIED = 3  # the best simulated plans (and each policy's best) also simulated with routed experts
+ROUTED_WORTH = 0.9  # ... where a decode pass is expected to touch at most this share of the experts
 
 
 def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, workload, memo=None,
@@ -557,6 +558,10 @@ def routed_variants(ranked: list[Ranked], target: ModelSpec, draft, profile, wor
         # routed experts are copied straight from pinned host memory (a pageable or disk home would
         # need staging the ring does for whole layers and the expert copies do not have)
         if not target.is_moe or pl.ffn != "cpu_pinned" or pl.ffn_gpu_layers >= target.layers or pl.experts == "routed":
+            continue
+        sh = cand.shape  # a decode pass's tokens touch nearly every expert: nothing to save, skip the simulation
+        tokens = sh.num_batches * sh.target_batch * (sh.gamma + 1 if sh.policy in ("specoffload", "spec-serial") else 1)
+        if expected_experts_touched(tokens, target.experts, target.top_k) > ROUTED_WORTH * target.experts:
             continue
         c = replace(cand, placement=replace(pl, experts="routed"))
         res = _simulate_or_refusal(to_sim_config(c, target, draft, profile, workload), memo)
