@@ -6,7 +6,10 @@ Homes: "gpu" (resident on the compute device), "cpu_pinned", "cpu_pageable", "di
 layers 0..L-1 and then the head (final norm + LM head), always in that order, pass after
 pass. A unit's off-GPU tensors are packed at build time into one flat host buffer per home,
 laid out exactly as in a GPU slot, so bringing a layer in is one large copy per home, not
-dozens of small ones (copies under ~1 MB are far below link bandwidth).
+dozens of small ones (copies under ~1 MB are far below link bandwidth). With routed experts
+(placement.experts = routed) the ring copies a MoE layer without its experts, and the FFN
+copies in each expert its router picked (fetch_experts, on the compute stream, after the
+ring's copy of that slot: acquire waited for it).
 
 The ring: prefetch_depth + 1 preallocated GPU slots, filled round-robin on a dedicated
 copy stream. The per-layer protocol is
