@@ -169,6 +169,9 @@ def sensitivity(best: Ranked, target, draft, profile, workload) -> list[tuple[st
 def optimize_cmd(
     gpu: Annotated[str, typer.Option(help="Hardware profile: shipped name (specplan hardware) or a JSON file.")] = "rtx4090",
     target: Annotated[str, typer.Option(help="Target model: preset, directory or config.json.")] = "mixtral-8x7b",
+    dtype: Annotated[Optional[str], typer.Option(
+        help="Compute dtype of the models: float32 | bfloat16 | float16 (default: the model's own). "
+             "The plan records it and specrun runs in it.")] = None,
     draft: Annotated[Optional[str], typer.Option(
         help="Draft model, self:FORMAT[:LAYERS], or 'none' for non-speculative plans only. Default: the draft the "
              "target's preset names (mixtral-8x7b: mistral-7b-v0.2; qwen3-*: qwen3-0.6b), else none.")] = None,
@@ -190,8 +193,12 @@ def optimize_cmd(
 
     profile = profile_from_flags(gpu, pcie, host, host_mem, gpu_mem)
     tgt = ModelSpec.resolve(target)
+    if dtype:  # the compute dtype of both models (specrun takes it from the plan)
+        tgt = tgt.with_dtype(dtype)
     draft = draft if draft is not None else tgt.natural_draft or "none"
     drf = resolve_draft(draft, tgt)
+    if dtype and drf is not None and not drf.self_draft:
+        drf = drf.with_dtype(dtype)
     choice = parse_weights(weights)
     if drf is not None and drf.vocab != tgt.vocab:
         err.print(f"[yellow]warning:[/] draft vocab {drf.vocab} != target vocab {tgt.vocab}; speculative decoding needs a shared tokenizer")

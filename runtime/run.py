@@ -296,6 +296,11 @@ class PlanRunner:
                  timing: bool = False, rows: int | None = None):
         self.plan = plan
         tspec, tdir = resolve_model(target)
+        planned = plan.inputs.get("dtype")
+        if dtype and planned and dtype != planned and not force:
+            raise InputError("argument", "--dtype", f"{dtype}, and the plan was made for {planned}",
+                             f"--dtype {planned}, or a plan made with optimize --dtype {dtype}")
+        dtype = dtype or (planned if planned != tspec.dtype else None)
         if dtype:
             tspec = tspec.with_dtype(dtype)
         self_draft = plan.schedule.speculative and is_self_draft(draft)

@@ -268,3 +268,31 @@ def test_a_plan_this_machines_memory_cannot_hold_is_refused(no_weights, monkeypa
     monkeypatch.setattr(host, "meminfo_bytes", lambda key: 1e3)  # and a machine with 1 kB free
     with pytest.raises(InfeasibleError, match=r"host memory \(on the CPU.*1.00 KB is available here"):
         run_plan(plan, "tiny-llama", "tiny-draft", random_weights=True, device="cpu")
+
+
+def test_the_plans_dtype_is_the_runs_and_another_is_refused(no_weights, monkeypatch):
+    """optimize --dtype records the compute dtype in the plan; specrun takes it from there, and
+    refuses a --dtype the plan was not made for, before any weight is read."""
+    plan = make_plan(policy="flexgen", placement=ALL_GPU, hardware="cpu", inputs={"dtype": "bfloat16"})
+    assert ModelSpec.from_preset("tiny-llama").dtype == "float32"
+    with pytest.raises(InputError, match="--dtype: float16, and the plan was made for bfloat16"):
+        run.PlanRunner(plan, "tiny-llama", None, [4, 7], device="cpu", random_weights=True, dtype="float16")
+    seen = []
+
+    def check(plan, target, *a, **k):
+        seen.append(target.dtype)
+        raise InputError("test", "stop", "here")
+    monkeypatch.setattr(run, "check_plan", check)
+    with pytest.raises(InputError, match="stop"):
+        run.PlanRunner(plan, "tiny-llama", None, [4, 7], device="cpu", random_weights=True)
+    assert seen == ["bfloat16"]
+
+
+def test_optimize_records_the_dtype_it_planned_in(tmp_path):
+    from test_cli import run as specplan
+
+    out = tmp_path / "plan.json"
+    res = specplan("optimize", "--target", "tiny-llama", "--draft", "none", "--dtype", "bfloat16", "--num-prompts", "8",
+                   "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["inputs"]["dtype"] == "bfloat16"
