@@ -177,8 +177,8 @@ def estimate(shape: Shape, co: Coeffs, profile: HardwareProfile, target: ModelSp
         if streams is not None:
             streams[placement] = parts
     ffn, rest = parts
-    rs = max(round_bounds(shape.policy, co, co.decode_expert_frac * ffn + rest, dk, k, big_m(co, worst)))
-    pre = (co.prefill_expert_frac * ffn + rest) * co.prefill_passes
+    rs = max(round_bounds(shape.policy, co, ffn + rest, dk, k, big_m(co, worst)))
+    pre = (ffn + rest) * co.prefill_passes
     ps = max(prefill_bounds(shape.policy, co, pre, k, big_m_prefill(co, worst)))
     total = co.phases * rs + ps
     return (co.tokens / total if total > 0 else 0.0), rs, ps
@@ -295,9 +295,9 @@ class ShapeProgram:
         worst = worst_stream_s(self.P, T)
         k_overlap = k if copies_overlap_compute(P) else 0  # what a prefetch buys the rounds
         for c, (shape, co) in enumerate(zip(self.shapes, self.coeffs)):
-            bounds = round_bounds(shape.policy, co, co.decode_expert_frac * ffn_c[c] + rest_c[c], v[c], k_overlap,
+            bounds = round_bounds(shape.policy, co, ffn_c[c] + rest_c[c], v[c], k_overlap,
                                   big_m(co, worst), one=x[c])
-            pre = prefill_bounds(shape.policy, co, co.prefill_passes * (co.prefill_expert_frac * ffn_c[c] + rest_c[c]),
+            pre = prefill_bounds(shape.policy, co, co.prefill_passes * (ffn_c[c] + rest_c[c]),
                                  k_overlap, big_m_prefill(co, worst), one=x[c])
             for e in bounds:
                 prob += t[c] >= e

@@ -76,9 +76,7 @@ class Coeffs(NamedTuple):  # immutable, and cheap to make: the shortlist makes t
     draft_s: float  # draft time per phase
     serial_s: float  # time per phase that overlaps with nothing else (spec-serial's draft)
     kv_swap_s: float  # draft KV in and out per phase, if the draft KV lives on the host
-    decode_expert_frac: float  # share of experts one decode pass streams (MoE)
     prefill_passes: float  # separate prefill passes per wave of rows (continuous: start-up, spread over the job)
-    prefill_expert_frac: float
     prefill_gpu_s: float  # all prefill compute, target and draft
     prefill_chain_s: float  # critical path of all prefill passes, copies excluded
 
@@ -157,14 +155,6 @@ def useful_share(rows: int, workload: Workload) -> float:
     return 1.0 if n_waves <= 1 else n_waves / math.ceil(n_waves)
 
 
-def _experts_frac(target: ModelSpec, tokens: float) -> float:
-    """The share of a streamed MoE layer's experts the program prices a pass of `tokens` tokens
-    at: all of them (a layer streams whole, memory.streamed_chunks). Routed experts, which copy
-    fewer but make the layer wait for them, are weighed by the simulator on the program's best
-    plans (planner.optimize.routed_variants), not by the program."""
-    return 1.0
-
-
 def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: ModelSpec | None,
                        profile: HardwareProfile, workload: Workload, memo: dict | None = None) -> Coeffs:
     """`co` with the prefill terms of a waves shape: passes of prefill_chunk rows each (which
@@ -180,11 +170,11 @@ def _with_wave_prefill(co: Coeffs, shape: Shape, target: ModelSpec, draft: Model
         pc = target_layer_costs(P, T, chunk_rows, p, p / 2, shape.attention_device, prefill=True)
         pre_gpu = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, chunk_rows)
         draft_pre = draft_step_s(P, draft, chunk_rows, p, p / 2) if spec else 0.0
-        terms = (n_pre, _experts_frac(T, chunk_rows * p), n_pre * (pre_gpu + draft_pre), n_pre * pre_gpu)
+        terms = (n_pre, n_pre * (pre_gpu + draft_pre), n_pre * pre_gpu)
         if memo is not None:
             memo[key] = terms
-    n_pre, frac, gpu_s, chain_s = terms
-    return co._replace(prefill_passes=n_pre, prefill_expert_frac=frac, prefill_gpu_s=gpu_s, prefill_chain_s=chain_s)
+    n_pre, gpu_s, chain_s = terms
+    return co._replace(prefill_passes=n_pre, prefill_gpu_s=gpu_s, prefill_chain_s=chain_s)
 
 
 def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, profile: HardwareProfile,
@@ -270,14 +260,12 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
             kv_swap_s = (h2d_time_s(P, b_act * ctx * D.kv_bytes_per_token)
                          + d2h_time_s(P, b_act * (g + 1) * D.kv_bytes_per_token))
 
-    pre_tokens_in_pass = 0.0
     if continuous:  # the prompt chunks riding in each pass, and the draft reading them beside it
         pc = target_layer_costs(P, T, pre_rows, p, p / 2, shape.attention_device, prefill=True)
         pre = T.layers * (pc.proj + pc.attention + pc.ffn + pc.host) + target_head_s(P, T, pre_rows)
         mult = nb if shape.policy == "flexgen" else 1
         gpu_s += mult * pre
         chain_s += mult * pre
-        pre_tokens_in_pass = mult * pre_rows * p
         if spec and not shape.recompute:
             read = draft_step(pre_rows, p, p / 2)
             if shape.policy == "specoffload":
@@ -295,7 +283,6 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
     else:
         phases, serial_s, gpu_total = (gen - 1) * (1 if shape.policy == "flexgen" else nb), 0.0, gpu_s
 
-    decode_tokens = b_act * q * (nb if shape.policy == "flexgen" else 1) + pre_tokens_in_pass
     if continuous:  # start-up: passes of prompts alone, at the budget a pass
         n_pre = startup_passes
         chunk_tokens = float(min(startup_tokens, rows * p))
@@ -306,11 +293,10 @@ def _coefficients(shape: Shape, target: ModelSpec, draft: ModelSpec | None, prof
         return _with_wave_prefill(Coeffs(
             tokens=rows * gen * useful_share(rows, workload), phases=phases, gpu_s=gpu_total, cpu_s=cpu_s,
             chain_s=chain_s, draft_s=draft_s, serial_s=serial_s, kv_swap_s=kv_swap_s,
-            decode_expert_frac=_experts_frac(T, decode_tokens), prefill_passes=0.0, prefill_expert_frac=1.0,
+            prefill_passes=0.0,
             prefill_gpu_s=0.0, prefill_chain_s=0.0), shape, target, draft, profile, workload)
     return Coeffs(  # continuous admission has no waves: its start-up and drain are spread above
         tokens=rows * gen, phases=phases, gpu_s=gpu_total, cpu_s=cpu_s, chain_s=chain_s, draft_s=draft_s,
-        serial_s=serial_s, kv_swap_s=kv_swap_s, decode_expert_frac=_experts_frac(T, decode_tokens),
-        prefill_passes=n_pre, prefill_expert_frac=_experts_frac(T, chunk_tokens),
+        serial_s=serial_s, kv_swap_s=kv_swap_s, prefill_passes=n_pre,
         prefill_gpu_s=n_pre * (pre_gpu + draft_pre), prefill_chain_s=n_pre * pre_gpu,
     )
