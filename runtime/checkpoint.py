@@ -167,21 +167,37 @@ def state_dict_checkpoint(spec: ModelSpec, tensors: Mapping[str, torch.Tensor], 
     return Checkpoint(spec, _resolver(spec, tensors.__contains__, tensors.__getitem__, "state dict"), dtype, "state dict")
 
 
+class SafetensorsDir:
+    """Every tensor of a directory's *.safetensors files by name, memory-mapped."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise InputError(str(path), "weights", "no *.safetensors files", "a HF model directory (or pass --random-weights)")
+        self.where = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            for name in handle.keys():
+                self.where[name] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the file's header, without reading it."""
+        return tuple(self.where[name].get_slice(name).get_shape())
+
+
 def load_checkpoint(path: str | Path, spec: ModelSpec, dtype: torch.dtype) -> Checkpoint:
     """A HF model directory: every *.safetensors file in it, memory-mapped."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InputError(str(path), "weights", "no *.safetensors files", "a HF model directory (or pass --random-weights)")
-    where: dict[str, object] = {}
-    for f in files:
-        handle = safe_open(str(f), framework="pt")
-        for name in handle.keys():
-            where[name] = handle
-    resolve = _resolver(spec, where.__contains__, lambda n: where[n].get_tensor(n), str(path))
-    return Checkpoint(spec, resolve, dtype, str(path))
+    files = SafetensorsDir(Path(path))
+    return Checkpoint(spec, _resolver(spec, files.__contains__, files.__getitem__, str(path)), dtype, str(path))
 
 
 def _resolver(spec: ModelSpec, has: Callable[[str], bool], read: Callable[[str], torch.Tensor],

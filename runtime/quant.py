@@ -228,7 +228,7 @@ def quantize(w: torch.Tensor, fmt: WeightFormat) -> QWeight:
     zero = lo.half()
     q = torch.round((xg - zero.float()[:, :, None]) / scale.float()[:, :, None]).clamp_(0, 15).to(torch.uint8)
     q = q.view(r, c)
-    codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    codes = pack_int4(q)
     return QWeight(fmt, (r, c), codes, scale=scale, zero=zero)
 
 
@@ -252,6 +252,11 @@ def sample(fmt: WeightFormat, rows: int, cols: int, generator: torch.Generator |
         scale = torch.rand((rows,) if fmt.name == "fp8s" else (rows, -(-cols // b)), generator=generator) * 1e-3
         return QWeight(fmt, (rows, cols), torch.randn(rows, cols, generator=generator).to(fp8_dtype()), scale=scale)
     return quantize(torch.randn(rows, cols, generator=generator), fmt)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols] 4-bit codes -> two a byte, the even column in the low nibble."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
 
 
 def cat(ws: list[QWeight]) -> QWeight:

@@ -177,6 +177,7 @@ class Scenario:
         # passes keep every step (a copy it only sets off is part of the chain)
         waits_for_copy = any(c.kv_d2h for _, c in costs) and not self._copies_overlap()
         # routed experts are copied after each layer's router, on the link the ring also uses
+        self.target_passes += 1
         expert_copies = self._routed_copies(groups)
         steps = (None if m.spans is not None or not CHAIN_UNCONTENDED or waits_for_copy or expert_copies
                  else Chain.of([st for prefill, c in costs for st in self._layer_steps("prefill" if prefill else "verify", c)]))
@@ -302,16 +303,20 @@ class Scenario:
         """Routed streaming: per layer and group, the (disk read s, H2D s) of the experts the
         group's router adds to those the pass's earlier groups brought; [] when experts stream
         with their layer."""
-        self.target_passes += 1
         if not routed(self.T, self.pl):
             return []
         out, before = [[] for _ in range(self.T.layers)], 0.0
         per_expert = self.T.layer_bytes.expert
         for g in groups:
+            by_home: dict[str, tuple] = {}  # a layer's copy depends on it only through its FFN's home
             for layer in range(self.T.layers):
-                chunks = routed_expert_chunks(self.T, self.pl, layer, before, g.tokens)
-                self.routed_experts += sum(n for *_, n in chunks) / per_expert
-                out[layer].append(self._copy_costs(chunks))
+                home = self.pl.ffn_home(layer)
+                if home not in by_home:
+                    chunks = routed_expert_chunks(self.T, self.pl, layer, before, g.tokens)
+                    by_home[home] = (sum(n for *_, n in chunks) / per_expert, self._copy_costs(chunks))
+                experts, cost = by_home[home]
+                self.routed_experts += experts
+                out[layer].append(cost)
             before += g.tokens
         return out
 

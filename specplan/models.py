@@ -25,6 +25,7 @@ DTYPE_BYTES: dict[str, float] = {
 }
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "GptOssForCausalLM")
+ATTENTION_BIAS_ARCHS = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM")
 MOE_ARCHS = {"MixtralForCausalLM": "num_local_experts", "Qwen3MoeForCausalLM": "num_experts",
              "GptOssForCausalLM": "num_local_experts"}  # -> its experts key
 
@@ -120,11 +121,9 @@ class ModelSpec:
             tie_embeddings=bool(get("tie_word_embeddings", False)),
             # transformers: Qwen2 always biases q/k/v; Llama's attention_bias biases q/k/v and o,
             # and its mlp_bias the MLP; Mistral and Mixtral have neither.
-            # Qwen3's attention_bias, like Llama's, biases q/k/v and o.
-            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                                                              "GptOssForCausalLM") and bool(get("attention_bias", False))),
-            o_bias=(arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM")
-                    and bool(get("attention_bias", False))),
+            # attention_bias biases q/k/v and o where the family has the flag (Qwen2 always q/k/v only)
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch in ATTENTION_BIAS_ARCHS and bool(get("attention_bias", False))),
+            o_bias=arch in ATTENTION_BIAS_ARCHS and bool(get("attention_bias", False)),
             qk_norm=qwen3,
             norm_topk_prob=bool(get("norm_topk_prob", False)) if arch == "Qwen3MoeForCausalLM" else True,  # transformers' default
             mlp_bias=(arch == "LlamaForCausalLM" and bool(get("mlp_bias", False))) or arch == "GptOssForCausalLM",

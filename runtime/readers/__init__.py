@@ -17,7 +17,7 @@ import torch
 
 from specplan.errors import InputError
 
-from ..checkpoint import Checkpoint, _resolver
+from ..checkpoint import Checkpoint, SafetensorsDir, _resolver
 from ..quant import QWeight
 
 
@@ -33,33 +33,6 @@ class FileCheckpoint(Checkpoint):
         out = {n: self.tensor(n) for n in ("model.embed_tokens.weight", "model.norm.weight")}
         out["lm_head.weight"] = out["model.embed_tokens.weight"] if self.spec.tie_embeddings else self.tensor("lm_head.weight")
         return out
-
-
-class SafetensorsDir:
-    """Every tensor of a directory's *.safetensors files by name, memory-mapped."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise InputError(str(path), "weights", "no *.safetensors files", "a HF model directory")
-        self.where = {}
-        for f in files:
-            handle = safe_open(str(f), framework="pt")
-            for name in handle.keys():
-                self.where[name] = handle
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """A tensor's shape from the file's header, without reading it."""
-        return tuple(self.where[name].get_slice(name).get_shape())
 
 
 class QuantizedDirCheckpoint(FileCheckpoint):

@@ -17,7 +17,7 @@ import torch
 from specplan.errors import InputError
 from specplan.formats import WeightFormat, WeightFormats
 
-from ..quant import QWeight
+from ..quant import QWeight, pack_int4
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an int32 holds output column 8 j + ORDER[i]
 GROUPS = (32, 64, 128)
@@ -60,11 +60,6 @@ def unpack_columns(packed: torch.Tensor, order=ORDER) -> torch.Tensor:
     return out.view(r, c8 * 8)
 
 
-def pack_rows_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] codes -> specplan's two a byte (the even input feature in the low nibble)."""
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-
-
 def read(files, stem: str, rows: int, cols: int, fmt: WeightFormat, q: dict) -> QWeight:
     qweight, qzeros, scales = files[f"{stem}.qweight"], files[f"{stem}.qzeros"], files[f"{stem}.scales"]
     g = fmt.group_size
@@ -74,4 +69,4 @@ def read(files, stem: str, rows: int, cols: int, fmt: WeightFormat, q: dict) -> 
                          "an AWQ GEMM checkpoint of this config")
     codes = unpack_columns(qweight).t()  # [N, K]
     zeros = unpack_columns(qzeros).t().contiguous()  # [N, K / g]
-    return QWeight(fmt, (rows, cols), pack_rows_int4(codes), scale=scales.t().contiguous().half(), zero=zeros)
+    return QWeight(fmt, (rows, cols), pack_int4(codes), scale=scales.t().contiguous().half(), zero=zeros)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specplan.errors import InputError
-from specplan.formats import GGML_BLOCKS, WeightFormat, WeightFormats
+from specplan.formats import DTYPE_FORMAT, GGML_BLOCKS, WeightFormat, WeightFormats
 
 from ..quant import QWeight
 from . import FileCheckpoint
@@ -182,8 +182,9 @@ class GGUFCheckpoint(FileCheckpoint):
         if fmt.block is None:
             out = data.reshape(rows, cols) if len(t.shape) > 1 else data.reshape(cols)
             out = out[perm] if perm is not None else out
-            return out if fmt.name == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
-                self.dtype) or len(t.shape) == 1 else QWeight(fmt, (rows, cols), out.contiguous())
+            # a matrix in another float type than the compute dtype is cast on use, as any converted group
+            same = fmt.name == DTYPE_FORMAT[str(self.dtype).removeprefix("torch.")]
+            return out if same or len(t.shape) == 1 else QWeight(fmt, (rows, cols), out.contiguous())
         codes = data.view(torch.uint8).reshape(rows, -1)
         return QWeight(fmt, (rows, cols), codes[perm] if perm is not None else codes)
 

@@ -18,8 +18,8 @@ import torch
 from specplan.errors import InputError
 from specplan.formats import WeightFormat, WeightFormats  # noqa: F401
 
-from ..quant import QWeight
-from .awq import layer_formats, pack_rows_int4, stores, unpack_columns  # noqa: F401 (stores: the same tensors)
+from ..quant import QWeight, pack_int4
+from .awq import layer_formats, stores, unpack_columns  # noqa: F401 (stores: the same tensors)
 
 SEQUENTIAL = tuple(range(8))
 
@@ -53,4 +53,4 @@ def read(files, stem: str, rows: int, cols: int, fmt: WeightFormat, q: dict) -> 
                              "a checkpoint quantized with desc_act false")
     codes = unpack_columns(qweight.t().contiguous(), SEQUENTIAL)  # [N, K]: row n's int32s unpack along k
     zeros = unpack_columns(qzeros, SEQUENTIAL).t().contiguous() + zero_offset  # [N, K / g]
-    return QWeight(fmt, (rows, cols), pack_rows_int4(codes), scale=scales.t().contiguous().half(), zero=zeros)
+    return QWeight(fmt, (rows, cols), pack_int4(codes), scale=scales.t().contiguous().half(), zero=zeros)
